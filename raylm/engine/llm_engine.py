@@ -1,0 +1,103 @@
+"""LLMEngine: prompts in, RequestOutputs out. Validates input, owns the tokenizer and
+the OutputProcessor; the offline LLM and the AsyncEngine both drive one of these."""
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Dict, List, Optional, Union
+
+from raylm.config import EngineConfig
+from raylm.engine.core import EngineCore
+from raylm.engine.output_processor import OutputProcessor
+from raylm.engine.request import Request
+from raylm.models.loader import load_hf_config, resolve_model_path
+from raylm.outputs import RequestOutput
+from raylm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PromptType = Union[str, List[int], Dict]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        from transformers import AutoTokenizer
+
+        self.config = config
+        self.model_path = resolve_model_path(config.model.model)
+        self.hf_config = load_hf_config(self.model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or self.model_path)
+        limit = getattr(self.hf_config, "max_position_embeddings", None) or 2048
+        self.max_model_len = min(config.model.max_model_len or limit, limit)
+        self.eos_token_ids = self._eos_ids()
+        self.vocab_size = self.hf_config.vocab_size
+        self.core = EngineCore(config, self.model_path, self.max_model_len)
+        self.processor = OutputProcessor(self.tokenizer)
+        self._ids = itertools.count()
+
+    def _eos_ids(self) -> List[int]:
+        ids = [self.tokenizer.eos_token_id]
+        extra = getattr(self.hf_config, "eos_token_id", None)
+        ids += extra if isinstance(extra, list) else [extra]
+        return list(dict.fromkeys(i for i in ids if i is not None))
+
+    def tokenize_prompt(self, prompt: PromptType):
+        """-> (text or None, token ids). Accepts text, token ids, or {'prompt'|'prompt_token_ids': ...}."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt.get("prompt")
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=True) if prompt else []
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise ValueError(f"prompt must be a string, a list of token ids or a dict (got {type(prompt).__name__})")
+
+    def validate(self, prompt_ids: List[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise ValueError("prompt must not be empty")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt is {len(prompt_ids)} tokens; max_model_len is {self.max_model_len} "
+                             "(the prompt must leave room for at least one generated token)")
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt_token_ids out of vocabulary (size {self.vocab_size}): {bad[:5]}")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams (got {type(params).__name__})")
+
+    def add_request(self, prompt: PromptType, params: Optional[SamplingParams] = None,
+                    request_id: Optional[str] = None) -> str:
+        params = params or SamplingParams()
+        text, prompt_ids = self.tokenize_prompt(prompt)
+        self.validate(prompt_ids, params)
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.processor.parents:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        children = [self._child_params(params, i) for i in range(params.n)]
+        ids = self.processor.add_request(request_id, text, prompt_ids, params, children)
+        for cid, cp in zip(ids, children):
+            self.core.add_request(Request(cid, prompt_ids, cp))
+        return request_id
+
+    def _child_params(self, params: SamplingParams, index: int) -> SamplingParams:
+        child = params.clone()
+        child.n = 1
+        if child.seed is not None:
+            child.seed += index  # n samples of one seeded request differ, and reproduce
+        eos = set() if child.ignore_eos else set(self.eos_token_ids)
+        child.all_stop_token_ids = eos | set(child.stop_token_ids)
+        if child.max_tokens is None:
+            child.max_tokens = self.max_model_len
+        return child
+
+    def abort_request(self, request_id: str) -> None:
+        self.core.abort_requests(self.processor.abort(request_id))
+
+    def step(self) -> List[RequestOutput]:
+        outputs, stopped = self.processor.process(self.core.step())
+        if stopped:
+            self.core.abort_requests(stopped)
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.core.has_unfinished_requests() or self.processor.has_unfinished()

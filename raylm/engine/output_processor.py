@@ -1,0 +1,107 @@
+"""Turns EngineCoreOutputs into RequestOutputs: detokenize, stop strings, logprob text,
+and fan-in of the n samples of one request (children `{i}_{request_id}`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from raylm.engine.detokenizer import IncrementalDetokenizer
+from raylm.engine.sched_output import EngineCoreOutput
+from raylm.outputs import CompletionOutput, RequestOutput
+from raylm.sampling_params import SamplingParams
+
+
+def child_id(request_id: str, index: int, n: int) -> str:
+    return request_id if n == 1 else f"{index}_{request_id}"
+
+
+@dataclass
+class _Parent:
+    output: RequestOutput
+    unfinished: int
+
+
+@dataclass
+class _Child:
+    parent_id: str
+    index: int
+    detok: IncrementalDetokenizer
+    params: SamplingParams
+    completion: CompletionOutput = field(default=None)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.parents: Dict[str, _Parent] = {}
+        self.children: Dict[str, _Child] = {}
+
+    def add_request(self, request_id: str, prompt: Optional[str], prompt_ids: List[int],
+                    params: SamplingParams, child_params: List[SamplingParams]) -> List[str]:
+        """Register a request and its n children; returns the engine-level child ids."""
+        completions = [CompletionOutput(i, "", [], 0.0 if params.logprobs is not None else None,
+                                        [] if params.logprobs is not None else None) for i in range(params.n)]
+        self.parents[request_id] = _Parent(RequestOutput(request_id, prompt, prompt_ids, completions), params.n)
+        ids = []
+        for i, cp in enumerate(child_params):
+            cid = child_id(request_id, i, params.n)
+            self.children[cid] = _Child(request_id, i, IncrementalDetokenizer(self.tokenizer, prompt_ids, cp), cp,
+                                        completions[i])
+            ids.append(cid)
+        return ids
+
+    def process(self, outputs: List[EngineCoreOutput]) -> Tuple[List[RequestOutput], List[str]]:
+        """Returns the updated RequestOutputs and the child ids that hit a stop string
+        (the engine must abort those: their tokens are done)."""
+        updated: Dict[str, RequestOutput] = {}
+        to_abort: List[str] = []
+        for out in outputs:
+            child = self.children.get(out.request_id)
+            if child is None:
+                continue
+            finish, stop_reason = out.finish_reason, out.stop_reason
+            if child.detok.update(out.new_token_ids) and finish is None:
+                finish, stop_reason = "stop", child.detok.stop_reason
+                to_abort.append(out.request_id)
+            self._update_completion(child, out, finish, stop_reason)
+            parent = self.parents[child.parent_id]
+            parent.output.num_cached_tokens = out.num_cached_tokens
+            if finish is not None:
+                self._finish_child(out.request_id, parent)
+            updated[child.parent_id] = parent.output
+        return list(updated.values()), to_abort
+
+    def _update_completion(self, child: _Child, out: EngineCoreOutput, finish, stop_reason) -> None:
+        c = child.completion
+        c.token_ids.extend(out.new_token_ids)
+        c.text = child.detok.visible_text(finished=finish is not None)
+        if out.new_logprobs and c.logprobs is not None:
+            for token, position in zip(out.new_token_ids, out.new_logprobs):
+                for tid, lp in position.items():
+                    lp.decoded_token = self.tokenizer.decode([tid])
+                c.logprobs.append(position)
+                c.cumulative_logprob += position[token].logprob
+        if finish is not None:
+            c.finish_reason, c.stop_reason = finish, stop_reason
+
+    def _finish_child(self, cid: str, parent: _Parent) -> None:
+        del self.children[cid]
+        parent.unfinished -= 1
+        if parent.unfinished == 0:
+            parent.output.finished = True
+            del self.parents[parent.output.request_id]
+
+    def abort(self, request_id: str) -> List[str]:
+        """Forget a request; returns its children's engine ids to abort."""
+        parent = self.parents.pop(request_id, None)
+        if parent is None:
+            return []
+        ids = [cid for cid, c in self.children.items() if c.parent_id == request_id]
+        for cid in ids:
+            self.children[cid].completion.finish_reason = self.children[cid].completion.finish_reason or "abort"
+            del self.children[cid]
+        parent.output.finished = True
+        return ids
+
+    def has_unfinished(self) -> bool:
+        return bool(self.parents)

@@ -1,0 +1,125 @@
+"""Token sampling for one step: penalties -> min_tokens mask -> temperature -> min-p ->
+top-k -> top-p -> draw. Logprobs come from the raw logits (vLLM's default).
+
+A seeded request draws from a generator seeded by (seed, output position), so its tokens
+do not depend on batch composition, preemption or which worker runs it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from raylm.outputs import Logprob, PositionLogprobs
+from raylm.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingInput:
+    """What the sampler needs of one request this step."""
+
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: List[int]
+    logprobs: List[Optional[PositionLogprobs]]
+
+
+def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    for i, row in enumerate(rows):
+        p = row.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.zeros(vocab, dtype=torch.bool)
+            seen[torch.tensor(list(row.prompt_token_ids) + list(row.output_token_ids), dtype=torch.long)] = True
+            x = logits[i]
+            logits[i] = torch.where(seen, torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty), x)
+        if (p.frequency_penalty or p.presence_penalty) and row.output_token_ids:
+            counts = torch.bincount(torch.tensor(row.output_token_ids, dtype=torch.long), minlength=vocab)[:vocab]
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+    return logits
+
+
+def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> torch.Tensor:
+    for i, row in enumerate(rows):
+        p = row.params
+        if len(row.output_token_ids) < p.min_tokens and p.all_stop_token_ids:
+            logits[i, list(p.all_stop_token_ids)] = float("-inf")
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """One row [V], temperature applied: mask everything outside min-p / top-k / top-p."""
+    if params.min_p > 0:
+        probs = torch.softmax(logits, -1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, -1) >= params.top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def _generator(params: SamplingParams, position: int) -> Optional[torch.Generator]:
+    if params.seed is None:
+        return None
+    return torch.Generator().manual_seed((params.seed * 1_000_003 + position) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def draw(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> List[int]:
+    """Batched draw: softmax at each row's temperature, per-row filters only where set.
+    Exponential race: argmax(p / E), E ~ Exp(1), samples from p and honours a generator."""
+    temps = torch.tensor([r.params.temperature or 1.0 for r in rows], dtype=logits.dtype).unsqueeze(1)
+    scaled = logits / temps
+    for i, row in enumerate(rows):
+        p = row.params
+        if not p.greedy and (p.min_p > 0 or p.top_k > 0 or p.top_p < 1.0):
+            scaled[i] = filter_logits(scaled[i], p)
+    probs = torch.softmax(scaled, -1)
+    noise = torch.empty_like(probs).exponential_()
+    for i, row in enumerate(rows):
+        gen = _generator(row.params, len(row.output_token_ids))
+        if gen is not None and not row.params.greedy:
+            noise[i].exponential_(generator=gen)
+    sampled = (probs / noise).argmax(-1)
+    greedy = torch.tensor([r.params.greedy for r in rows])
+    return torch.where(greedy, logits.argmax(-1), sampled).tolist()
+
+
+def compute_logprobs(raw: torch.Tensor, token: int, top_n: int) -> PositionLogprobs:
+    logprobs = torch.log_softmax(raw.float(), -1)
+    chosen = float(logprobs[token])
+    out: Dict[int, Logprob] = {token: Logprob(chosen, int((logprobs > chosen).sum()) + 1)}
+    if top_n:
+        values, ids = torch.topk(logprobs, top_n)
+        for rank, (v, t) in enumerate(zip(values.tolist(), ids.tolist()), start=1):
+            out.setdefault(t, Logprob(v, rank))
+    return out
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingInput]) -> SamplerOutput:
+        logits = logits.float()
+        if all(self._plain_greedy(r) for r in rows):
+            return SamplerOutput(logits.argmax(-1).tolist(), [None] * len(rows))
+        raw = logits.clone() if any(r.params.logprobs is not None for r in rows) else None
+        logits = apply_min_tokens(apply_penalties(logits, rows), rows)
+        tokens = draw(logits, rows)
+        logprobs = [compute_logprobs(raw[i], tokens[i], row.params.logprobs) if row.params.logprobs is not None
+                    else None for i, row in enumerate(rows)]
+        return SamplerOutput(tokens, logprobs)
+
+    @staticmethod
+    def _plain_greedy(row: SamplingInput) -> bool:
+        p = row.params
+        return (p.greedy and p.logprobs is None and p.repetition_penalty == 1.0 and not p.frequency_penalty
+                and not p.presence_penalty and len(row.output_token_ids) >= p.min_tokens)

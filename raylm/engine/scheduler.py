@@ -1,0 +1,182 @@
+"""Token-budget continuous-batching scheduler with chunked prefill and preemption by recompute.
+
+There are no phases: every request has `num_computed_tokens` and wants to reach
+`num_tokens`; a step hands out at most `max_num_batched_tokens`. Running requests go
+first (oldest first); when blocks run out the newest running request is preempted
+(its blocks freed, recomputed later, usually from the prefix cache). Waiting requests
+are admitted only in steps that preempted nothing.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Deque, Dict, Iterable, List, Optional
+
+from raylm.config import CacheConfig, SchedulerConfig
+from raylm.engine.kv_cache_manager import KVCacheManager
+from raylm.engine.request import Request, RequestStatus
+from raylm.engine.sched_output import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput,
+                                       NewRequestData, SchedulerOutput)
+
+
+class Scheduler:
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
+                 num_blocks: int, max_model_len: int) -> None:
+        self.config = scheduler_config
+        self.max_model_len = max_model_len
+        self.kv = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
+        self.requests: Dict[str, Request] = {}
+        self.waiting: Deque[Request] = deque()
+        self.running: List[Request] = []
+        self._forget: set = set()  # finished/preempted since the last SchedulerOutput
+        self._preempted_this_step = False
+        self.num_preemptions = 0
+
+    # ---- queue management --------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already running")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort_requests(self, request_ids: Iterable[str]) -> None:
+        for req_id in request_ids:
+            request = self.requests.get(req_id)
+            if request is not None:
+                self._finish(request, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    # ---- one step ----------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        num_scheduled: Dict[str, int] = {}
+        new_reqs: List[NewRequestData] = []
+        cached = CachedRequestData()
+        self._preempted_this_step = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = self._num_new_tokens(request, budget)
+            if not self._make_room(request, n):
+                break  # the request itself was preempted; everything after it too
+            block_ids = self.kv.allocate(request, n)
+            self._add_cached(cached, request, block_ids)
+            num_scheduled[request.request_id] = n
+            budget -= n
+            i += 1
+        preempted = self._preempted_this_step
+
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            computed, num_hit = self.kv.get_computed_blocks(request)
+            request.num_computed_tokens = num_hit
+            n = self._num_new_tokens(request, budget)
+            if not self.kv.can_allocate(request, n, computed):
+                request.num_computed_tokens = 0
+                break
+            block_ids = self.kv.allocate(request, n, computed)
+            self.waiting.popleft()
+            self.running.append(request)
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit
+            request.status = RequestStatus.RUNNING
+            new_reqs.append(self._new_request_data(request, block_ids))
+            num_scheduled[request.request_id] = n
+            budget -= n
+
+        forget, self._forget = self._forget, set()
+        return SchedulerOutput(new_reqs, cached, num_scheduled, sum(num_scheduled.values()), forget)
+
+    def _num_new_tokens(self, request: Request, budget: int) -> int:
+        remaining = request.num_tokens - request.num_computed_tokens
+        return min(remaining, budget, self.config.long_prefill_token_threshold)
+
+    def _make_room(self, request: Request, num_new_tokens: int) -> bool:
+        """Preempt the newest running requests until `request` fits; False if it was itself preempted."""
+        while not self.kv.can_allocate(request, num_new_tokens):
+            victim = self.running.pop()
+            self._preempt(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_synced_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self._preempted_this_step = True
+        self._forget.add(request.request_id)
+        self.waiting.appendleft(request)
+
+    def _new_request_data(self, request: Request, block_ids: List[int]) -> NewRequestData:
+        request.num_synced_tokens = request.num_tokens
+        return NewRequestData(request.request_id, request.prompt_token_ids, list(request.output_token_ids),
+                              request.sampling_params, block_ids, request.num_computed_tokens)
+
+    @staticmethod
+    def _add_cached(cached: CachedRequestData, request: Request, block_ids: List[int]) -> None:
+        cached.req_ids.append(request.request_id)
+        cached.new_token_ids.append(request.all_token_ids[request.num_synced_tokens:])
+        cached.new_block_ids.append(block_ids)
+        cached.num_computed_tokens.append(request.num_computed_tokens)
+        request.num_synced_tokens = request.num_tokens
+
+    # ---- after the forward pass --------------------------------------------------
+
+    def update_from_output(self, sched: SchedulerOutput, output: ModelRunnerOutput) -> List[EngineCoreOutput]:
+        outputs: List[EngineCoreOutput] = []
+        for req_id, n in sched.num_scheduled_tokens.items():
+            request = self.requests.get(req_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            request.num_computed_tokens += n
+            tokens = output.sampled_token_ids.get(req_id) or []
+            if not tokens:
+                continue  # mid chunked prefill
+            self.kv.cache_blocks(request)
+            for token in tokens:
+                request.append_output_token(token)
+                status = self._check_stop(request, token)
+                if status is not None:
+                    self._finish(request, status)
+                    break
+            outputs.append(EngineCoreOutput(req_id, tokens, output.logprobs.get(req_id), request.finish_reason,
+                                            request.stop_reason, max(request.num_cached_tokens, 0)))
+        return outputs
+
+    def _check_stop(self, request: Request, token: int) -> Optional[RequestStatus]:
+        params = request.sampling_params
+        # all_stop_token_ids = user stop ids + EOS ids (unless ignore_eos), filled by the engine
+        if token in params.all_stop_token_ids and request.num_output_tokens >= params.min_tokens:
+            request.stop_reason = token if token in params.stop_token_ids else None
+            return RequestStatus.FINISHED_STOPPED
+        if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        request.status = status
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv.free(request)
+        self._forget.add(request.request_id)
+        del self.requests[request.request_id]

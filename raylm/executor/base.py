@@ -1,0 +1,54 @@
+"""Executor ABC: how the engine reaches its workers. `execute_model` runs one step;
+`collective_rpc` calls a Worker method on every worker and returns their results."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, List, Sequence
+
+from raylm.config import EngineConfig
+from raylm.engine.sched_output import ModelRunnerOutput, SchedulerOutput
+
+
+class Executor(ABC):
+    def __init__(self, config: EngineConfig, model_path: str) -> None:
+        self.config = config
+        self.model_path = model_path
+
+    @abstractmethod
+    def collective_rpc(self, method: str, args: Sequence[Any] = ()) -> List[Any]:
+        """Call Worker.<method>(*args) on every worker; results in rank order."""
+
+    @abstractmethod
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one scheduled step; returns the sampled tokens."""
+
+    def initialize(self) -> int:
+        """Start the workers, load weights, size and allocate the KV cache; returns num_blocks
+        (the minimum over workers, so every rank fits the same block table)."""
+        self.collective_rpc("init_device")
+        self.collective_rpc("load_model")
+        num_blocks = min(self.collective_rpc("determine_num_blocks"))
+        self.collective_rpc("init_kv_cache", (num_blocks,))
+        return num_blocks
+
+    def kv_bytes_per_block(self) -> int:
+        return self.collective_rpc("kv_bytes_per_block")[0]
+
+    def check_health(self) -> None:
+        if not all(self.collective_rpc("check_health")):
+            raise RuntimeError("a worker reported unhealthy")
+
+    def shutdown(self) -> None:
+        pass
+
+
+def create_executor(config: EngineConfig, model_path: str) -> Executor:
+    """Pick the executor from the parallel config: in-process for one worker, Ray otherwise."""
+    backend = config.parallel.distributed_executor_backend
+    if config.parallel.world_size > 1 or backend == "ray":
+        raise ValueError("tensor/pipeline parallelism needs the Ray executor, which is not built yet "
+                         f"(tensor_parallel_size={config.parallel.tensor_parallel_size}, "
+                         f"pipeline_parallel_size={config.parallel.pipeline_parallel_size})")
+    from raylm.executor.uniproc import UniprocExecutor
+
+    return UniprocExecutor(config, model_path)

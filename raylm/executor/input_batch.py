@@ -1,0 +1,102 @@
+"""Worker-side request state, kept across steps and updated from SchedulerOutput diffs, and
+the flattening of one step into model inputs (ids, positions, slots, attention metadata)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List
+
+import torch
+
+from raylm.engine.sched_output import SchedulerOutput
+from raylm.models.attention import AttentionMetadata, PrefillSeq
+from raylm.sampling_params import SamplingParams
+
+
+@dataclass
+class CachedRequestState:
+    req_id: str
+    prompt_token_ids: List[int]
+    token_ids: List[int]  # prompt + outputs known to this worker
+    sampling_params: SamplingParams
+    block_ids: List[int]
+    num_computed_tokens: int
+
+    @property
+    def output_token_ids(self) -> List[int]:
+        return self.token_ids[len(self.prompt_token_ids):]
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    req_ids: List[str]  # batch order (decodes first)
+    logits_rows: List[int]  # hidden-state row per request that samples this step
+    sample_req_ids: List[str]
+
+
+class InputBatch:
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.requests: Dict[str, CachedRequestState] = {}
+
+    def update(self, sched: SchedulerOutput) -> None:
+        for req_id in sched.finished_req_ids:
+            self.requests.pop(req_id, None)
+        for new in sched.scheduled_new_reqs:
+            self.requests[new.req_id] = CachedRequestState(
+                new.req_id, list(new.prompt_token_ids), list(new.prompt_token_ids) + list(new.output_token_ids),
+                new.sampling_params, list(new.block_ids), new.num_computed_tokens)
+        c = sched.scheduled_cached_reqs
+        for req_id, tokens, blocks, computed in zip(c.req_ids, c.new_token_ids, c.new_block_ids,
+                                                    c.num_computed_tokens):
+            state = self.requests[req_id]
+            state.token_ids.extend(tokens)
+            state.block_ids.extend(blocks)
+            state.num_computed_tokens = computed
+
+    def prepare(self, sched: SchedulerOutput) -> StepInputs:
+        order = sorted(sched.num_scheduled_tokens, key=lambda r: sched.num_scheduled_tokens[r] != 1)
+        ids, positions, slots, logits_rows, sample_ids = [], [], [], [], []
+        prefills, decode_states = [], []
+        for req_id in order:
+            state, n = self.requests[req_id], sched.num_scheduled_tokens[req_id]
+            start, row = state.num_computed_tokens, len(ids)
+            ids.extend(state.token_ids[start:start + n])
+            positions.extend(range(start, start + n))
+            slots.extend(self._slot(state.block_ids, p) for p in range(start, start + n))
+            if n == 1:
+                decode_states.append(state)
+            else:
+                prefix = None if start == 0 else self._slots(state.block_ids, start + n)
+                prefills.append(PrefillSeq(row, n, start + n, prefix))
+            if start + n == len(state.token_ids):  # reached the end: this step samples
+                logits_rows.append(row + n - 1)
+                sample_ids.append(req_id)
+            state.num_computed_tokens = start + n
+        meta = AttentionMetadata(torch.tensor(slots, dtype=torch.long), len(decode_states), prefills=prefills)
+        if decode_states:
+            meta.decode_slots, meta.decode_mask = self._decode_gather(decode_states)
+        return StepInputs(torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
+                          meta, order, logits_rows, sample_ids)
+
+    def _slot(self, block_ids: List[int], pos: int) -> int:
+        return block_ids[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def _slots(self, block_ids: List[int], length: int) -> torch.Tensor:
+        blocks = torch.tensor(block_ids[:-(-length // self.block_size)], dtype=torch.long)
+        return (blocks.unsqueeze(1) * self.block_size + torch.arange(self.block_size)).flatten()[:length]
+
+    def _decode_gather(self, states: List[CachedRequestState]):
+        """[D, L] slot indices over each decode's whole context (padded) and a [D,1,1,L] mask.
+        num_computed_tokens already counts this step's token."""
+        lens = torch.tensor([s.num_computed_tokens for s in states])
+        max_len = int(lens.max())
+        max_blocks = -(-max_len // self.block_size)
+        table = torch.tensor([s.block_ids[:max_blocks] + [0] * (max_blocks - len(s.block_ids[:max_blocks]))
+                              for s in states], dtype=torch.long)
+        pos = torch.arange(max_len)
+        slots = table[:, pos // self.block_size] * self.block_size + pos % self.block_size
+        mask = (pos.unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]
+        return slots, mask

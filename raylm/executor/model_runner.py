@@ -1,0 +1,83 @@
+"""Owns the model and its KV cache on one device: prepare inputs, forward, sample."""
+from __future__ import annotations
+
+import logging
+from typing import List
+
+import psutil
+import torch
+
+from raylm.config import EngineConfig, parse_memory
+from raylm.engine.sampler import Sampler, SamplingInput
+from raylm.engine.sched_output import ModelRunnerOutput, SchedulerOutput
+from raylm.executor.input_batch import InputBatch
+from raylm.models.attention import PagedAttention
+from raylm.models.loader import load_hf_config, load_model
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_path: str) -> None:
+        self.config = config
+        self.model_path = model_path
+        self.hf_config = load_hf_config(model_path)
+        self.dtype = config.model.torch_dtype
+        self.block_size = config.cache.block_size
+        self.batch = InputBatch(self.block_size)
+        self.sampler = Sampler()
+        self.model = None
+        self.kv_caches: List[torch.Tensor] = []
+
+    def load_model(self) -> None:
+        self.model = load_model(self.model_path, self.hf_config, self.dtype)
+        self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
+
+    def kv_bytes_per_block(self) -> int:
+        a = self.attn_layers[0]
+        return 2 * len(self.attn_layers) * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+
+    def determine_num_blocks(self) -> int:
+        """Blocks that fit the budget: `num_blocks` if set, else `kv_cache_memory` (bytes, or a
+        fraction of currently available memory; default 0.3 of it, capped at 4 GiB)."""
+        cache = self.config.cache
+        if cache.num_blocks:
+            return cache.num_blocks
+        budget = parse_memory(cache.kv_cache_memory) if cache.kv_cache_memory is not None else None
+        available = psutil.virtual_memory().available
+        if budget is None:
+            budget = min(int(0.3 * available), 4 << 30)
+        elif isinstance(budget, float):
+            budget = int(budget * available)
+        return max(1, budget // self.kv_bytes_per_block())
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        slots = num_blocks * self.block_size
+        self.kv_caches = []
+        for layer in self.attn_layers:
+            layer.kv_cache = torch.zeros(2, slots, layer.num_kv_heads, layer.head_dim, dtype=self.dtype)
+            self.kv_caches.append(layer.kv_cache)
+
+    @torch.inference_mode()
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        self.batch.update(sched)
+        if sched.is_empty:
+            return ModelRunnerOutput({})
+        step = self.batch.prepare(sched)
+        hidden = self.model(step.input_ids, step.positions, step.meta)
+        sampled = {req_id: [] for req_id in step.req_ids}
+        if not step.sample_req_ids:
+            return ModelRunnerOutput(sampled)
+        logits = self.model.compute_logits(hidden[step.logits_rows])
+        rows = [self._sampling_input(r) for r in step.sample_req_ids]
+        result = self.sampler(logits, rows)
+        logprobs = {}
+        for req_id, token, lp in zip(step.sample_req_ids, result.token_ids, result.logprobs):
+            sampled[req_id] = [token]
+            if lp is not None:
+                logprobs[req_id] = [lp]
+        return ModelRunnerOutput(sampled, logprobs)
+
+    def _sampling_input(self, req_id: str) -> SamplingInput:
+        state = self.batch.requests[req_id]
+        return SamplingInput(state.sampling_params, state.prompt_token_ids, state.output_token_ids)

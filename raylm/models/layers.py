@@ -1,0 +1,166 @@
+"""Shared, TP-aware building blocks. Each parameter carries a `weight_loader(param, loaded,
+shard_id)` that copies this rank's slice of a checkpoint tensor into it."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raylm.models.parallel_state import get_tp_group
+
+
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    assert param.shape == loaded.shape, f"shape mismatch {tuple(param.shape)} vs {tuple(loaded.shape)}"
+    param.data.copy_(loaded)
+
+
+def _param(*shape: int, loader=default_weight_loader) -> nn.Parameter:
+    p = nn.Parameter(torch.empty(*shape), requires_grad=False)
+    p.weight_loader = loader
+    return p
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm in fp32; with `residual`, fuses the residual add: returns (normed, new_residual)."""
+
+    def __init__(self, size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = _param(size)
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        if residual is not None:
+            x = x + residual
+            residual = x
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = h.to(dtype) * self.weight
+        return out if residual is None else (out, residual)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W's output rows split across TP ranks. `output_sizes` lists the logical
+    matrices merged into W (q/k/v, gate/up); shard_id picks one of them when loading."""
+
+    def __init__(self, input_size: int, output_sizes: Sequence[int], bias: bool = False) -> None:
+        super().__init__()
+        tp = get_tp_group()
+        for size in output_sizes:
+            if size % tp.size:
+                raise ValueError(f"output size {size} is not divisible by tensor_parallel_size {tp.size}")
+        self.tp_rank, self.tp_size = tp.rank, tp.size
+        self.local_sizes = [s // tp.size for s in output_sizes]
+        self.offsets = [sum(self.local_sizes[:i]) for i in range(len(output_sizes))]
+        out = sum(self.local_sizes)
+        self.weight = _param(out, input_size, loader=self._load)
+        self.bias = _param(out, loader=self._load) if bias else None
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Optional[int] = None) -> None:
+        i = shard_id or 0
+        size = self.local_sizes[i]
+        piece = loaded.narrow(0, self.tp_rank * size, size)
+        param.data.narrow(0, self.offsets[i], size).copy_(piece)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W's input columns split across TP ranks; partial sums are all-reduced."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        super().__init__()
+        tp = get_tp_group()
+        if input_size % tp.size:
+            raise ValueError(f"input size {input_size} is not divisible by tensor_parallel_size {tp.size}")
+        self.tp = tp
+        self.local_in = input_size // tp.size
+        self.weight = _param(output_size, self.local_in, loader=self._load)
+        self.bias = _param(output_size) if bias else None
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        param.data.copy_(loaded.narrow(1, self.tp.rank * self.local_in, self.local_in))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.tp.all_reduce(F.linear(x, self.weight))
+        return out if self.bias is None else out + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding rows split across TP ranks; out-of-shard ids contribute zeros, then all-reduce."""
+
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.tp = get_tp_group()
+        self.vocab_size = vocab_size
+        self.shard = -(-vocab_size // self.tp.size)
+        self.start = self.tp.rank * self.shard
+        self.weight = _param(self.shard, hidden_size, loader=self._load)
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        piece = loaded[self.start:self.start + self.shard]
+        param.data.zero_()
+        param.data[:piece.shape[0]].copy_(piece)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        mask = (local >= 0) & (local < self.shard)
+        out = F.embedding(local.clamp(0, self.shard - 1), self.weight) * mask.unsqueeze(-1).to(self.weight.dtype)
+        return self.tp.all_reduce(out)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Vocab-parallel output projection; logits are gathered to the full vocab on every rank."""
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.weight)
+        if self.tp.size > 1:
+            logits = self.tp.all_gather(logits, dim=-1)
+        return logits[..., :self.vocab_size]
+
+
+class SiluAndMul(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style rotary (HF's rotate_half layout) from a precomputed fp32 cos/sin table."""
+
+    def __init__(self, head_dim: int, inv_freq: torch.Tensor, max_position: int, scaling: float = 1.0) -> None:
+        super().__init__()
+        t = torch.arange(max_position, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq.float())
+        self.register_buffer("cos", (freqs.cos() * scaling), persistent=False)
+        self.register_buffer("sin", (freqs.sin() * scaling), persistent=False)
+        self.half = head_dim // 2
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """q: [T, Hq, D], k: [T, Hk, D] -> rotated, same dtype."""
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x[..., :self.half].float(), x[..., self.half:].float()
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def build_rotary(config, head_dim: int, max_position: int) -> RotaryEmbedding:
+    """Rotary from an HF config, reusing transformers' rope-type table (llama3, yarn, linear, ...)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        return RotaryEmbedding(head_dim, inv_freq, max_position)
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    return RotaryEmbedding(head_dim, inv_freq, max_position, float(scaling))

@@ -1,0 +1,137 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3): attention bias and per-head q/k
+norms are config switches. The MoE family reuses everything here but the MLP."""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional, Tuple
+
+import torch
+from torch import nn
+
+from raylm.models.attention import AttentionMetadata, PagedAttention
+from raylm.models.layers import (ColumnParallelLinear, ParallelLMHead, RMSNorm, RowParallelLinear, SiluAndMul,
+                                 VocabParallelEmbedding, build_rotary, default_weight_loader)
+from raylm.models.parallel_state import get_tp_group
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        tp = get_tp_group().size
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        total_kv = config.num_key_value_heads
+        if config.num_attention_heads % tp or total_kv % tp:
+            raise ValueError(f"tensor_parallel_size {tp} must divide num_attention_heads "
+                             f"({config.num_attention_heads}) and num_key_value_heads ({total_kv})")
+        self.num_heads, self.num_kv_heads = config.num_attention_heads // tp, total_kv // tp
+        d = self.head_dim
+        bias = getattr(config, "attention_bias", False) or config.model_type == "qwen2"
+        self.qkv_proj = ColumnParallelLinear(
+            config.hidden_size, [config.num_attention_heads * d, total_kv * d, total_kv * d], bias=bias)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * d, config.hidden_size)
+        self.qk_norm = config.model_type in ("qwen3", "qwen3_moe")
+        if self.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(d, config.rms_norm_eps), RMSNorm(d, config.rms_norm_eps)
+        self.rotary = build_rotary(config, d, config.max_position_embeddings)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d, d ** -0.5)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, meta))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_up_proj = ColumnParallelLinear(hidden_size, [intermediate_size, intermediate_size])
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+def dense_mlp(config, layer_idx: int) -> nn.Module:
+    return LlamaMLP(config.hidden_size, config.intermediate_size)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx: int, make_mlp: Callable) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = make_mlp(config, layer_idx)
+
+    def forward(self, positions, x, residual, meta):
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    """Checkpoint names map onto merged parameters through `stacked_params`."""
+
+    make_mlp = staticmethod(dense_mlp)
+    # (our param, checkpoint name, shard id)
+    stacked_params = [("qkv_proj", "q_proj", 0), ("qkv_proj", "k_proj", 1), ("qkv_proj", "v_proj", 2),
+                      ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1)]
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, self.make_mlp) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.tie = getattr(config, "tie_word_embeddings", False)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.compute_logits(hidden)
+
+    def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> set:
+        """Copy checkpoint tensors into parameters; returns the names of parameters loaded."""
+        params = dict(self.named_parameters())
+        loaded = set()
+        for name, tensor in weights:
+            target = self.map_weight_name(name)
+            if target is None:
+                continue
+            param_name, shard_id = target
+            if param_name not in params:
+                continue
+            param = params[param_name]
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            loader(param, tensor.to(param.dtype), shard_id)
+            loaded.add(param_name)
+        if self.tie:
+            self.lm_head.weight = self.embed_tokens.weight
+            loaded.add("lm_head.weight")
+        return loaded
+
+    def map_weight_name(self, name: str) -> Optional[Tuple[str, Optional[int]]]:
+        name = name.removeprefix("model.")
+        if "rotary_emb.inv_freq" in name or (self.tie and name.startswith("lm_head")):
+            return None
+        for param, ckpt, shard in self.stacked_params:
+            if f".{ckpt}." in name:
+                return name.replace(ckpt, param), shard
+        return name, None

@@ -1,0 +1,63 @@
+"""Resolve a model name or path to a local HF dir, build the model class, load safetensors."""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from pathlib import Path
+from typing import Iterator, Tuple
+
+import torch
+from safetensors import safe_open
+
+from raylm.models.embedded import embedded_name, ensure_embedded
+from raylm.models.registry import get_model_class
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_model_path(model: str) -> str:
+    """An embedded model name, or a local dir holding config.json and *.safetensors."""
+    name = embedded_name(model)
+    if name is not None:
+        return str(ensure_embedded(name))
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"model {model!r} is neither an embedded model (smollm2-135m-instruct) "
+                         "nor a local directory; nothing is downloaded from a hub")
+    if not (path / "config.json").exists():
+        raise ValueError(f"model {model!r}: no config.json in {path}")
+    if not glob.glob(str(path / "*.safetensors")):
+        raise ValueError(f"model {model!r}: no *.safetensors files in {path}")
+    return str(path)
+
+
+def load_hf_config(path: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)
+
+
+def iter_safetensors(path: str) -> Iterator[Tuple[str, torch.Tensor]]:
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def load_model(path: str, hf_config, dtype: torch.dtype) -> torch.nn.Module:
+    """Build the registered class for `hf_config` in `dtype` and fill it from the checkpoint.
+    Every parameter must be loaded; a missing one is an error, not random weights."""
+    cls = get_model_class(hf_config)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = cls(hf_config)
+    finally:
+        torch.set_default_dtype(old)
+    loaded = model.load_weights(iter_safetensors(path))
+    missing = sorted(set(n for n, _ in model.named_parameters()) - loaded)
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks weights for {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    return model.eval()

@@ -1,0 +1,99 @@
+"""Mixture-of-experts decoders (Mixtral, Qwen3-MoE): the Llama decoder with a sparse MLP.
+
+Experts are stored fused in memory (w13: [E, 2I, H], w2: [E, H, I]); checkpoints keep
+them per expert on disk, and `load_weights` maps each file tensor to its expert slot.
+The TP split is along the intermediate dim, like a dense MLP.
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raylm.models.layers import _param
+from raylm.models.llama import LlamaForCausalLM, dense_mlp
+from raylm.models.parallel_state import get_tp_group
+
+# checkpoint expert-weight names -> (w13 half or w2). Mixtral: w1 gate, w3 up, w2 down.
+_EXPERT_NAMES = {"w1": ("w13", 0), "w3": ("w13", 1), "w2": ("w2", None),
+                 "gate_proj": ("w13", 0), "up_proj": ("w13", 1), "down_proj": ("w2", None)}
+_EXPERT_RE = re.compile(r"^(layers\.\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight$")
+
+
+class FusedMoE(nn.Module):
+    def __init__(self, num_experts: int, top_k: int, hidden: int, intermediate: int, renormalize: bool) -> None:
+        super().__init__()
+        self.tp = get_tp_group()
+        if intermediate % self.tp.size:
+            raise ValueError(f"moe intermediate size {intermediate} is not divisible by tp {self.tp.size}")
+        self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
+        self.local_i = intermediate // self.tp.size
+        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.gate.weight.requires_grad_(False)
+        self.w13 = _param(num_experts, 2 * self.local_i, hidden)
+        self.w2 = _param(num_experts, hidden, self.local_i)
+
+    def load_expert(self, which: str, expert: int, half: Optional[int], loaded: torch.Tensor) -> None:
+        rank, size = self.tp.rank, self.local_i
+        if which == "w13":
+            self.w13.data[expert, half * size:(half + 1) * size].copy_(loaded.narrow(0, rank * size, size))
+        else:
+            self.w2.data[expert].copy_(loaded.narrow(1, rank * size, size))
+
+    def route(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        probs = F.softmax(self.gate(x).float(), dim=-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return weights, experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, experts = self.route(x)
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
+        for e in experts.unique().tolist():  # loop over experts that got tokens
+            token_idx, slot = (experts == e).nonzero(as_tuple=True)
+            h = F.linear(x[token_idx], self.w13[e])
+            gate, up = h.chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.w2[e])
+            out.index_add_(0, token_idx, y.float() * weights[token_idx, slot].unsqueeze(-1))
+        return self.tp.all_reduce(out.to(x.dtype))
+
+
+def _moe_mlp(config, layer_idx: int) -> nn.Module:
+    if config.model_type == "mixtral":
+        return FusedMoE(config.num_local_experts, config.num_experts_per_tok, config.hidden_size,
+                        config.intermediate_size, renormalize=True)
+    sparse = (layer_idx not in (getattr(config, "mlp_only_layers", None) or [])
+              and (layer_idx + 1) % getattr(config, "decoder_sparse_step", 1) == 0)
+    if not sparse:
+        return dense_mlp(config, layer_idx)
+    return FusedMoE(config.num_experts, config.num_experts_per_tok, config.hidden_size,
+                    config.moe_intermediate_size, renormalize=getattr(config, "norm_topk_prob", False))
+
+
+class MoEForCausalLM(LlamaForCausalLM):
+    make_mlp = staticmethod(_moe_mlp)
+
+    def map_weight_name(self, name: str):
+        name = name.replace("block_sparse_moe.gate.", "mlp.gate.")
+        return super().map_weight_name(name)
+
+    def load_weights(self, weights):
+        experts_loaded = set()
+
+        def dense_only():
+            for name, tensor in weights:
+                m = _EXPERT_RE.match(name.removeprefix("model."))
+                if m is None:
+                    yield name, tensor
+                    continue
+                layer, expert, kind = m.group(1), int(m.group(2)), m.group(3)
+                which, half = _EXPERT_NAMES[kind]
+                moe = self.get_submodule(f"{layer}.mlp")
+                moe.load_expert(which, expert, half, tensor.to(moe.w13.dtype))
+                experts_loaded.add(f"{layer}.mlp.{which}")
+
+        return super().load_weights(dense_only()) | experts_loaded
