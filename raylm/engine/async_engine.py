@@ -1,0 +1,121 @@
+"""AsyncEngine: an asyncio front for one LLMEngine, with per-request output streams.
+
+The engine loop runs each `step()` in a worker thread so the event loop (HTTP, Serve)
+stays responsive. Adds and aborts from the event loop are queued and applied between
+steps, so the scheduler is only ever touched by one thread at a time.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator, Dict, List, Optional, Tuple
+
+from raylm.config import EngineConfig
+from raylm.engine.llm_engine import LLMEngine, PromptType
+from raylm.outputs import RequestOutput
+from raylm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop failed; every in-flight request ends with this error."""
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.engine = LLMEngine(config)
+        self.streams: Dict[str, asyncio.Queue] = {}
+        self._pending_adds: List[Tuple[PromptType, SamplingParams, str]] = []
+        self._pending_aborts: List[str] = []
+        self._wakeup: Optional[asyncio.Event] = None
+        self._loop_task: Optional[asyncio.Task] = None
+        self.dead: Optional[BaseException] = None
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    async def generate(self, prompt: PromptType, params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        """Stream cumulative RequestOutputs until finished. Closing the generator early
+        (client gone, task cancelled) aborts the request and frees its blocks."""
+        if self.dead is not None:
+            raise EngineDeadError(f"engine is dead: {self.dead!r}")
+        if request_id in self.streams:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        _, ids = self.engine.tokenize_prompt(prompt)
+        self.engine.validate(ids, params)  # raise in the caller, before anything is queued
+        queue: asyncio.Queue = asyncio.Queue()
+        self.streams[request_id] = queue
+        self._pending_adds.append((prompt, params, request_id))
+        self._ensure_loop()
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self.streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._pending_aborts.append(request_id)
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def _ensure_loop(self) -> None:
+        if self._wakeup is None:
+            self._wakeup = asyncio.Event()
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+        self._wakeup.set()
+
+    def _apply_pending(self) -> None:
+        adds, self._pending_adds = self._pending_adds, []
+        for prompt, params, request_id in adds:
+            try:
+                self.engine.add_request(prompt, params, request_id)
+            except Exception as exc:  # validated already; anything here is this request's error
+                self._deliver(request_id, exc)
+        aborts, self._pending_aborts = self._pending_aborts, []
+        for request_id in aborts:
+            self.engine.abort_request(request_id)
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                self._apply_pending()
+                if not self.engine.has_unfinished_requests():
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                outputs = await asyncio.to_thread(self.engine.step)
+                for out in outputs:
+                    self._deliver(out.request_id, out)
+        except Exception as exc:  # a failed step poisons the engine: fail every stream loudly
+            logger.exception("engine loop died")
+            self.dead = exc
+            for request_id in list(self.streams):
+                self._deliver(request_id, EngineDeadError(f"engine step failed: {exc!r}"))
+
+    def _deliver(self, request_id: str, item) -> None:
+        queue = self.streams.get(request_id)
+        if queue is not None:
+            queue.put_nowait(item)
+
+    # ---- introspection -----------------------------------------------------------
+
+    def stats(self):
+        return self.engine.core.stats()
+
+    def check_health(self) -> None:
+        if self.dead is not None:
+            raise EngineDeadError(f"engine is dead: {self.dead!r}")
+        self.engine.core.executor.check_health()
