@@ -65,8 +65,8 @@ class BlockPool:
         """Drop a reference; blocks reaching zero join the free queue in the order given
         (callers pass a request's blocks tail-first, so its tail is evicted first)."""
         for block in blocks:
+            assert block.ref_cnt > 0, f"block {block.block_id} freed twice"
             block.ref_cnt -= 1
-            assert block.ref_cnt >= 0, f"block {block.block_id} freed twice"
             if block.ref_cnt == 0:
                 self.free_queue[block.block_id] = None
 

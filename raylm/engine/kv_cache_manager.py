@@ -52,8 +52,6 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        self.prefix_queries += request.num_tokens
-        self.prefix_hits += len(hits) * self.block_size
         return hits, len(hits) * self.block_size
 
     def _num_new_blocks(self, request: Request, num_new_tokens: int, computed: Sequence[Block]) -> int:
@@ -69,6 +67,11 @@ class KVCacheManager:
         """Give the request room for `num_new_tokens` more tokens; returns the new block ids
         (prefix hits first). Call only after `can_allocate` said yes."""
         num_new = self._num_new_blocks(request, num_new_tokens, computed)
+        if self.pool.enable_caching and request.request_id not in self.req_to_blocks:
+            # Count the lookup once, when the request is admitted: a waiting request is looked
+            # up again every step it cannot be admitted, which would skew the hit rate.
+            self.prefix_queries += request.num_tokens
+            self.prefix_hits += len(computed) * self.block_size
         self.pool.touch(computed)
         new_blocks = list(computed) + self.pool.get_new_blocks(num_new)
         blocks = self.req_to_blocks.setdefault(request.request_id, [])

@@ -22,7 +22,7 @@ class RequestStatus(enum.Enum):
         return self.value in ("stop", "length", "abort")
 
 
-@dataclass
+@dataclass(eq=False)  # identity: running/waiting membership must not compare token lists
 class Request:
     request_id: str
     prompt_token_ids: List[int]

@@ -81,12 +81,13 @@ class Scheduler:
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             computed, num_hit = self.kv.get_computed_blocks(request)
-            request.num_computed_tokens = num_hit
-            n = self._num_new_tokens(request, budget)
+            # The KV manager counts the hits itself (request.num_computed_tokens + len(computed) *
+            # block_size), so num_computed_tokens stays 0 until the hits are allocated.
+            n = self._num_new_tokens(request, budget, num_hit)
             if not self.kv.can_allocate(request, n, computed):
-                request.num_computed_tokens = 0
                 break
             block_ids = self.kv.allocate(request, n, computed)
+            request.num_computed_tokens = num_hit
             self.waiting.popleft()
             self.running.append(request)
             if request.num_cached_tokens < 0:
@@ -99,8 +100,8 @@ class Scheduler:
         forget, self._forget = self._forget, set()
         return SchedulerOutput(new_reqs, cached, num_scheduled, sum(num_scheduled.values()), forget)
 
-    def _num_new_tokens(self, request: Request, budget: int) -> int:
-        remaining = request.num_tokens - request.num_computed_tokens
+    def _num_new_tokens(self, request: Request, budget: int, num_hit: int = 0) -> int:
+        remaining = request.num_tokens - request.num_computed_tokens - num_hit
         return min(remaining, budget, self.config.long_prefill_token_threshold)
 
     def _make_room(self, request: Request, num_new_tokens: int) -> bool:
@@ -145,10 +146,12 @@ class Scheduler:
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
             request.num_computed_tokens += n
+            # Register blocks as soon as they are full, mid chunked prefill too, so a request
+            # preempted mid-prefill (or one sharing its prefix) can reuse them.
+            self.kv.cache_blocks(request)
             tokens = output.sampled_token_ids.get(req_id) or []
             if not tokens:
                 continue  # mid chunked prefill
-            self.kv.cache_blocks(request)
             for token in tokens:
                 request.append_output_token(token)
                 status = self._check_stop(request, token)
