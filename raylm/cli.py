@@ -16,6 +16,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--kv-cache-memory", default=None,
                         help="KV cache budget: bytes ('2GiB') or a fraction of free memory (0.3)")
+    parser.add_argument("--kv-cache-dtype", default=None, help="auto (model dtype) | float32 | bfloat16")
+    parser.add_argument("--num-blocks", type=int, default=None, help="fix the KV cache size in blocks")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=128)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -25,7 +27,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     keys = ["dtype", "max_model_len", "kv_cache_memory", "block_size", "max_num_seqs",
-            "max_num_batched_tokens", "enable_prefix_caching", "seed"]
+            "max_num_batched_tokens", "enable_prefix_caching", "seed", "num_blocks", "kv_cache_dtype"]
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 

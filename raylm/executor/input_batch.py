@@ -69,34 +69,29 @@ class InputBatch:
             if n == 1:
                 decode_states.append(state)
             else:
-                prefix = None if start == 0 else self._slots(state.block_ids, start + n)
-                prefills.append(PrefillSeq(row, n, start + n, prefix))
+                blocks = None if start == 0 else self._block_ids(state.block_ids, start + n)
+                prefills.append(PrefillSeq(row, n, start + n, blocks))
             if start + n == len(state.token_ids):  # reached the end: this step samples
                 logits_rows.append(row + n - 1)
                 sample_ids.append(req_id)
             state.num_computed_tokens = start + n
         meta = AttentionMetadata(torch.tensor(slots, dtype=torch.long), len(decode_states), prefills=prefills)
         if decode_states:
-            meta.decode_slots, meta.decode_mask = self._decode_gather(decode_states)
+            meta.decode_block_ids, meta.decode_mask = self._decode_tables(decode_states)
         return StepInputs(torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
                           meta, order, logits_rows, sample_ids)
 
     def _slot(self, block_ids: List[int], pos: int) -> int:
         return block_ids[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def _slots(self, block_ids: List[int], length: int) -> torch.Tensor:
-        blocks = torch.tensor(block_ids[:-(-length // self.block_size)], dtype=torch.long)
-        return (blocks.unsqueeze(1) * self.block_size + torch.arange(self.block_size)).flatten()[:length]
+    def _block_ids(self, block_ids: List[int], length: int) -> torch.Tensor:
+        return torch.tensor(block_ids[:-(-length // self.block_size)], dtype=torch.long)
 
-    def _decode_gather(self, states: List[CachedRequestState]):
-        """[D, L] slot indices over each decode's whole context (padded) and a [D,1,1,L] mask.
-        num_computed_tokens already counts this step's token."""
-        lens = torch.tensor([s.num_computed_tokens for s in states])
-        max_len = int(lens.max())
-        max_blocks = -(-max_len // self.block_size)
-        table = torch.tensor([s.block_ids[:max_blocks] + [0] * (max_blocks - len(s.block_ids[:max_blocks]))
-                              for s in states], dtype=torch.long)
-        pos = torch.arange(max_len)
-        slots = table[:, pos // self.block_size] * self.block_size + pos % self.block_size
-        mask = (pos.unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]
-        return slots, mask
+    def _decode_tables(self, states: List[CachedRequestState]):
+        """Flattened [D * nb] block tables (padded with block 0, masked out) and a [D,1,1,L]
+        mask. num_computed_tokens already counts this step's token."""
+        lens = [s.num_computed_tokens for s in states]
+        nb = -(-max(lens) // self.block_size)
+        table = [s.block_ids[:nb] + [0] * (nb - min(nb, len(s.block_ids))) for s in states]
+        mask = torch.arange(nb * self.block_size).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)
+        return torch.tensor(table, dtype=torch.long).flatten(), mask[:, None, None, :]

@@ -23,6 +23,7 @@ class ModelRunner:
         self.model_path = model_path
         self.hf_config = load_hf_config(model_path)
         self.dtype = config.model.torch_dtype
+        self.kv_dtype = config.cache.torch_kv_dtype(self.dtype)
         self.block_size = config.cache.block_size
         self.batch = InputBatch(self.block_size)
         self.sampler = Sampler()
@@ -35,7 +36,7 @@ class ModelRunner:
 
     def kv_bytes_per_block(self) -> int:
         a = self.attn_layers[0]
-        return 2 * len(self.attn_layers) * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+        return 2 * len(self.attn_layers) * self.block_size * a.num_kv_heads * a.head_dim * self.kv_dtype.itemsize
 
     def determine_num_blocks(self) -> int:
         """Blocks that fit the budget: `num_blocks` if set, else `kv_cache_memory` (bytes, or a
@@ -52,10 +53,10 @@ class ModelRunner:
         return max(1, budget // self.kv_bytes_per_block())
 
     def init_kv_cache(self, num_blocks: int) -> None:
-        slots = num_blocks * self.block_size
         self.kv_caches = []
         for layer in self.attn_layers:
-            layer.kv_cache = torch.zeros(2, slots, layer.num_kv_heads, layer.head_dim, dtype=self.dtype)
+            shape = (2, layer.num_kv_heads, num_blocks, self.block_size, layer.head_dim)
+            layer.kv_cache = torch.zeros(shape, dtype=self.kv_dtype)
             self.kv_caches.append(layer.kv_cache)
 
     @torch.inference_mode()
