@@ -47,17 +47,25 @@ class IncrementalDetokenizer:
             return self.stream.step(self.backend, token) or ""
         self.token_ids.append(token)  # slow path for tokenizers without a Rust backend
         full = self.tokenizer.decode(self.token_ids, skip_special_tokens=self.params.skip_special_tokens)
+        if full.endswith("\ufffd"):
+            return ""  # an incomplete UTF-8 sequence: wait for the token that completes it
         return full[len(self.text):]
 
     def _check_stop(self, new_start: int) -> bool:
+        # The stop that completes first wins (ties: list order), as if the text were checked one
+        # character at a time: the kept text then never contains any stop string.
+        best = None
         for stop in self.params.stop:
             idx = self.text.find(stop, max(0, new_start - len(stop) + 1))
-            if idx != -1:
-                end = idx + len(stop) if self.params.include_stop_str_in_output else idx
-                self.text = self.text[:end]
-                self.stop_reason = stop
-                return True
-        return False
+            if idx != -1 and (best is None or idx + len(stop) < best[0] + len(best[1])):
+                best = (idx, stop)
+        if best is None:
+            return False
+        idx, stop = best
+        end = idx + len(stop) if self.params.include_stop_str_in_output else idx
+        self.text = self.text[:end]
+        self.stop_reason = stop
+        return True
 
     def visible_text(self, finished: bool) -> str:
         if finished or not self.holdback:

@@ -35,12 +35,14 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> torc
     for i, row in enumerate(rows):
         p = row.params
         if p.repetition_penalty != 1.0:
-            seen = torch.zeros(vocab, dtype=torch.bool)
-            seen[torch.tensor(list(row.prompt_token_ids) + list(row.output_token_ids), dtype=torch.long)] = True
+            seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
+            seen[torch.tensor(list(row.prompt_token_ids) + list(row.output_token_ids), dtype=torch.long,
+                              device=logits.device)] = True
             x = logits[i]
             logits[i] = torch.where(seen, torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty), x)
         if (p.frequency_penalty or p.presence_penalty) and row.output_token_ids:
-            counts = torch.bincount(torch.tensor(row.output_token_ids, dtype=torch.long), minlength=vocab)[:vocab]
+            ids = torch.tensor(row.output_token_ids, dtype=torch.long, device=logits.device)
+            counts = torch.bincount(ids, minlength=vocab)[:vocab]
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
     return logits
 
@@ -78,7 +80,8 @@ def _generator(params: SamplingParams, position: int) -> Optional[torch.Generato
 def draw(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> List[int]:
     """Batched draw: softmax at each row's temperature, per-row filters only where set.
     Exponential race: argmax(p / E), E ~ Exp(1), samples from p and honours a generator."""
-    temps = torch.tensor([r.params.temperature or 1.0 for r in rows], dtype=logits.dtype).unsqueeze(1)
+    device = logits.device  # every tensor made here lives beside the logits (CPU or GPU)
+    temps = torch.tensor([r.params.temperature or 1.0 for r in rows], dtype=logits.dtype, device=device).unsqueeze(1)
     scaled = logits / temps
     for i, row in enumerate(rows):
         p = row.params
@@ -89,9 +92,10 @@ def draw(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> List[int]:
     for i, row in enumerate(rows):
         gen = _generator(row.params, len(row.output_token_ids))
         if gen is not None and not row.params.greedy:
-            noise[i].exponential_(generator=gen)
+            # Seeded noise is drawn on the CPU generator, so a seed gives the same tokens on any device.
+            noise[i] = torch.empty(noise.shape[-1], dtype=noise.dtype).exponential_(generator=gen).to(device)
     sampled = (probs / noise).argmax(-1)
-    greedy = torch.tensor([r.params.greedy for r in rows])
+    greedy = torch.tensor([r.params.greedy for r in rows], device=device)
     return torch.where(greedy, logits.argmax(-1), sampled).tolist()
 
 
