@@ -51,6 +51,9 @@ class ModelConfig(_Config):
     dtype: str = "bfloat16"
     max_model_len: Optional[int] = Field(default=None, gt=0)
     seed: int = 0
+    # CPU GEMMs: "onednn" prepacks weights after loading (faster at decode batch sizes);
+    # "torch" keeps plain F.linear (and the unpacked weights).
+    cpu_linear: Literal["onednn", "torch"] = "onednn"
 
     @field_validator("dtype")
     @classmethod

@@ -78,25 +78,36 @@ def _generator(params: SamplingParams, position: int) -> Optional[torch.Generato
 
 
 def draw(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> List[int]:
-    """Batched draw: softmax at each row's temperature, per-row filters only where set.
-    Exponential race: argmax(p / E), E ~ Exp(1), samples from p and honours a generator."""
+    """Batched draw: argmax for greedy rows; the rest sample from softmax(logits / T) after
+    their own filters, by inverse CDF (an exponential race needs a random number per vocab
+    entry: ~40 ms per step at batch 32 on this CPU)."""
     device = logits.device  # every tensor made here lives beside the logits (CPU or GPU)
-    temps = torch.tensor([r.params.temperature or 1.0 for r in rows], dtype=logits.dtype, device=device).unsqueeze(1)
-    scaled = logits / temps
-    for i, row in enumerate(rows):
-        p = row.params
-        if not p.greedy and (p.min_p > 0 or p.top_k > 0 or p.top_p < 1.0):
-            scaled[i] = filter_logits(scaled[i], p)
-    probs = torch.softmax(scaled, -1)
-    noise = torch.empty_like(probs).exponential_()
-    for i, row in enumerate(rows):
+    tokens = logits.argmax(-1)
+    random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if not random_rows:
+        return tokens.tolist()
+    temps = torch.tensor([rows[i].params.temperature for i in random_rows], dtype=logits.dtype, device=device)
+    scaled = logits[random_rows] / temps.unsqueeze(1)
+    for j, i in enumerate(random_rows):
+        p = rows[i].params
+        if p.min_p > 0 or p.top_k > 0 or p.top_p < 1.0:
+            scaled[j] = filter_logits(scaled[j], p)
+    picks = inverse_cdf(torch.softmax(scaled, -1), [rows[i] for i in random_rows])
+    tokens[random_rows] = picks
+    return tokens.tolist()
+
+
+def inverse_cdf(probs: torch.Tensor, rows: Sequence[SamplingInput]) -> torch.Tensor:
+    """One uniform per row, located in the row's CDF (the first token whose CDF exceeds it,
+    so zero-probability tokens are never picked). torch.multinomial is ~10x slower on CPU."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(len(rows), 1, dtype=cdf.dtype, device=cdf.device)
+    for j, row in enumerate(rows):
         gen = _generator(row.params, len(row.output_token_ids))
-        if gen is not None and not row.params.greedy:
-            # Seeded noise is drawn on the CPU generator, so a seed gives the same tokens on any device.
-            noise[i] = torch.empty(noise.shape[-1], dtype=noise.dtype).exponential_(generator=gen).to(device)
-    sampled = (probs / noise).argmax(-1)
-    greedy = torch.tensor([r.params.greedy for r in rows], device=device)
-    return torch.where(greedy, logits.argmax(-1), sampled).tolist()
+        if gen is not None:  # a CPU generator, so a seed gives the same tokens on any device
+            u[j, 0] = float(torch.rand(1, generator=gen, dtype=torch.float64))
+    picks = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+    return picks.clamp_(max=probs.shape[-1] - 1)
 
 
 def compute_logprobs(raw: torch.Tensor, token: int, top_n: int) -> PositionLogprobs:

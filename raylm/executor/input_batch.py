@@ -88,10 +88,10 @@ class InputBatch:
         return torch.tensor(block_ids[:-(-length // self.block_size)], dtype=torch.long)
 
     def _decode_tables(self, states: List[CachedRequestState]):
-        """Flattened [D * nb] block tables (padded with block 0, masked out) and a [D,1,1,L]
-        mask. num_computed_tokens already counts this step's token."""
+        """Flattened [D * nb] block tables (padded with block 0, masked out) and a [D, 1, L]
+        mask (broadcast over kv heads and query groups). num_computed_tokens already counts this step's token."""
         lens = [s.num_computed_tokens for s in states]
         nb = -(-max(lens) // self.block_size)
         table = [s.block_ids[:nb] + [0] * (nb - min(nb, len(s.block_ids))) for s in states]
         mask = torch.arange(nb * self.block_size).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)
-        return torch.tensor(table, dtype=torch.long).flatten(), mask[:, None, None, :]
+        return torch.tensor(table, dtype=torch.long).flatten(), mask[:, None, :]

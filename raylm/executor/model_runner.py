@@ -12,6 +12,7 @@ from raylm.engine.sampler import Sampler, SamplingInput
 from raylm.engine.sched_output import ModelRunnerOutput, SchedulerOutput
 from raylm.executor.input_batch import InputBatch
 from raylm.models.attention import PagedAttention
+from raylm.models.layers import prepack_linears
 from raylm.models.loader import load_hf_config, load_model
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ class ModelRunner:
 
     def load_model(self) -> None:
         self.model = load_model(self.model_path, self.hf_config, self.dtype)
+        if self.config.model.cpu_linear == "onednn":
+            prepack_linears(self.model)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
 
     def kv_bytes_per_block(self) -> int:

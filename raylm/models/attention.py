@@ -6,7 +6,9 @@ Why this layout: one `index_select` over whole blocks fetches K and V for a batc
 [2, Hkv, B, L, Dh], whose per-(batch, head) [L, Dh] matrices are contiguous, so SDPA/bmm
 reads them without another copy. Gathering whole blocks moves the same bytes as gathering
 slots with block_size times fewer indices (measured ~20x faster on this CPU).
-Attention math runs in fp32: torch's CPU SDPA is several times slower in bf16 for decode.
+Softmax always runs in fp32. Prefill uses torch SDPA in fp32; decode uses two bmm's in the
+cache dtype (fp32 accumulation inside): torch's CPU SDPA is several times slower in bf16,
+and for one query token the bmm's avoid SDPA's copies of strided K/V.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where each new token's K/V goes (block_id * block_size + offset)
     num_decodes: int = 0
     decode_block_ids: Optional[torch.Tensor] = None  # [D * nb] flattened, padded block tables
-    decode_mask: Optional[torch.Tensor] = None  # [D, 1, 1, nb * block_size] bool, True = attend
+    decode_mask: Optional[torch.Tensor] = None  # [D, 1, L] bool, True = attend (L = nb * block_size)
     prefills: List[PrefillSeq] = field(default_factory=list)
 
 
@@ -61,17 +63,21 @@ class PagedAttention(nn.Module):
         flat.index_copy_(2, slots, torch.stack((k, v)).transpose(1, 2).to(cache.dtype))
 
     def _gather(self, block_ids: torch.Tensor, num_seqs: int) -> torch.Tensor:
-        """-> [2, num_seqs, Hkv, L, Dh] fp32, L = blocks per seq * block_size."""
-        cache = self.kv_cache
-        g = cache.flatten(3).index_select(2, block_ids)  # [2, Hkv, S*nb, bs*Dh]
-        g = g.view(2, self.num_kv_heads, num_seqs, -1, self.head_dim)
-        return g.float().transpose(1, 2)
+        """-> [2, Hkv, num_seqs, L, Dh] in the cache dtype, contiguous; L = blocks per seq * block_size."""
+        g = self.kv_cache.flatten(3).index_select(2, block_ids)  # [2, Hkv, S*nb, bs*Dh]
+        return g.view(2, self.num_kv_heads, num_seqs, -1, self.head_dim)
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Batched over (kv head, seq) in that order, so bmm reads the gather in place (the
+        [seq, head] order would make matmul copy K and V first). Each kv head serves
+        `group` consecutive query heads (HF's GQA layout)."""
         kv = self._gather(meta.decode_block_ids, meta.num_decodes)
-        out = F.scaled_dot_product_attention(q.float().unsqueeze(2), kv[0], kv[1], attn_mask=meta.decode_mask,
-                                             scale=self.scale, enable_gqa=True)
-        return out.squeeze(2)
+        n, group = q.shape[0], self.num_heads // self.num_kv_heads
+        query = q.view(n, self.num_kv_heads, group, self.head_dim).transpose(0, 1).to(kv.dtype)
+        scores = torch.matmul(query, kv[0].transpose(-1, -2)).float().mul_(self.scale)  # [Hkv, S, G, L]
+        probs = scores.masked_fill_(~meta.decode_mask, float("-inf")).softmax(-1).to(kv.dtype)
+        out = torch.matmul(probs, kv[1])  # [Hkv, S, G, Dh]
+        return out.transpose(0, 1).reshape(n, self.num_heads, self.head_dim).float()
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: PrefillSeq) -> torch.Tensor:
         query = q.float().transpose(0, 1).unsqueeze(0)  # [1, Hq, q_len, Dh]
@@ -80,8 +86,8 @@ class PagedAttention(nn.Module):
             values = v.float().transpose(0, 1).unsqueeze(0)
             mask, causal = None, True
         else:
-            kv = self._gather(seq.block_ids, 1)[:, :, :, :seq.ctx_len]
-            keys, values = kv[0], kv[1]
+            kv = self._gather(seq.block_ids, 1)[:, :, :, :seq.ctx_len].float().transpose(1, 2)
+            keys, values = kv[0], kv[1]  # [1, Hkv, ctx, Dh]
             # query i sits at position ctx_len - q_len + i and sees keys up to it
             rows = torch.arange(seq.q_len).unsqueeze(1) + (seq.ctx_len - seq.q_len)
             mask, causal = torch.arange(seq.ctx_len).unsqueeze(0) <= rows, False

