@@ -29,6 +29,11 @@ def log_level() -> str:
     return os.environ.get("RAYLM_LOG_LEVEL", "INFO").upper()
 
 
+def c_compiler() -> Optional[str]:
+    """$CC for building the CPU attention kernel; None picks gcc/cc from PATH."""
+    return os.environ.get("CC")
+
+
 def default_kv_cache_memory() -> Optional[str]:
     return os.environ.get("RAYLM_KV_CACHE_MEMORY")
 
@@ -54,6 +59,9 @@ class ModelConfig(_Config):
     # CPU GEMMs: "onednn" prepacks weights after loading (faster at decode batch sizes);
     # "torch" keeps plain F.linear (and the unpacked weights).
     cpu_linear: Literal["onednn", "torch"] = "onednn"
+    # CPU decode attention: "kernel" reads the paged cache in place (C, built at first use;
+    # falls back to torch if it cannot be built); "torch" gathers K/V then runs bmm's.
+    cpu_attention: Literal["kernel", "torch"] = "kernel"
 
     @field_validator("dtype")
     @classmethod

@@ -82,10 +82,13 @@ def draw(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> List[int]:
     their own filters, by inverse CDF (an exponential race needs a random number per vocab
     entry: ~40 ms per step at batch 32 on this CPU)."""
     device = logits.device  # every tensor made here lives beside the logits (CPU or GPU)
-    tokens = logits.argmax(-1)
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
-    if not random_rows:
-        return tokens.tolist()
+    if len(random_rows) < len(rows):
+        tokens = logits.argmax(-1)
+        if not random_rows:
+            return tokens.tolist()
+    else:  # all random: a full-vocab argmax would be wasted (~1.3 ms at batch 32)
+        tokens = torch.empty(len(rows), dtype=torch.long, device=device)
     temps = torch.tensor([rows[i].params.temperature for i in random_rows], dtype=logits.dtype, device=device)
     scaled = logits[random_rows] / temps.unsqueeze(1)
     for j, i in enumerate(random_rows):

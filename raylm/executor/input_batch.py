@@ -37,8 +37,9 @@ class StepInputs:
 
 
 class InputBatch:
-    def __init__(self, block_size: int) -> None:
+    def __init__(self, block_size: int, decode_kernel: bool = False) -> None:
         self.block_size = block_size
+        self.decode_kernel = decode_kernel
         self.requests: Dict[str, CachedRequestState] = {}
 
     def update(self, sched: SchedulerOutput) -> None:
@@ -77,7 +78,8 @@ class InputBatch:
             state.num_computed_tokens = start + n
         meta = AttentionMetadata(torch.tensor(slots, dtype=torch.long), len(decode_states), prefills=prefills)
         if decode_states:
-            meta.decode_block_ids, meta.decode_mask = self._decode_tables(decode_states)
+            meta.decode_block_table, meta.decode_lens, meta.decode_mask = self._decode_tables(decode_states)
+            meta.decode_kernel = self.decode_kernel
         return StepInputs(torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
                           meta, order, logits_rows, sample_ids)
 
@@ -88,10 +90,10 @@ class InputBatch:
         return torch.tensor(block_ids[:-(-length // self.block_size)], dtype=torch.long)
 
     def _decode_tables(self, states: List[CachedRequestState]):
-        """Flattened [D * nb] block tables (padded with block 0, masked out) and a [D, 1, L]
-        mask (broadcast over kv heads and query groups). num_computed_tokens already counts this step's token."""
-        lens = [s.num_computed_tokens for s in states]
-        nb = -(-max(lens) // self.block_size)
+        """[D, nb] block tables (padded with block 0, never read past each length), lengths,
+        and a [D, 1, L] mask for the torch path. num_computed_tokens already counts this step's token."""
+        lens = torch.tensor([s.num_computed_tokens for s in states], dtype=torch.long)
+        nb = -(-int(lens.max()) // self.block_size)
         table = [s.block_ids[:nb] + [0] * (nb - min(nb, len(s.block_ids))) for s in states]
-        mask = torch.arange(nb * self.block_size).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)
-        return torch.tensor(table, dtype=torch.long).flatten(), mask[:, None, :]
+        mask = None if self.decode_kernel else (torch.arange(nb * self.block_size) < lens.unsqueeze(1))[:, None, :]
+        return torch.tensor(table, dtype=torch.long), lens, mask

@@ -9,6 +9,7 @@ import torch
 
 from raylm.config import EngineConfig, parse_memory
 from raylm.engine.sampler import Sampler, SamplingInput
+from raylm.kernels import cpu_paged_attention
 from raylm.engine.sched_output import ModelRunnerOutput, SchedulerOutput
 from raylm.executor.input_batch import InputBatch
 from raylm.models.attention import PagedAttention
@@ -26,7 +27,8 @@ class ModelRunner:
         self.dtype = config.model.torch_dtype
         self.kv_dtype = config.cache.torch_kv_dtype(self.dtype)
         self.block_size = config.cache.block_size
-        self.batch = InputBatch(self.block_size)
+        use_kernel = config.model.cpu_attention == "kernel" and cpu_paged_attention.available()
+        self.batch = InputBatch(self.block_size, decode_kernel=use_kernel)
         self.sampler = Sampler()
         self.model = None
         self.kv_caches: List[torch.Tensor] = []

@@ -1,11 +1,12 @@
 """Paged attention, torch path (CPU). The runner orders a batch decodes-first: the first
 `num_decodes` tokens are one-token decodes, the rest are prefill chunks, one per request.
 
-KV cache per layer: [2, num_kv_heads, num_blocks, block_size, head_dim] (head-major).
-Why this layout: one `index_select` over whole blocks fetches K and V for a batch as
-[2, Hkv, B, L, Dh], whose per-(batch, head) [L, Dh] matrices are contiguous, so SDPA/bmm
-reads them without another copy. Gathering whole blocks moves the same bytes as gathering
-slots with block_size times fewer indices (measured ~20x faster on this CPU).
+KV cache per layer: [2, num_kv_heads, num_blocks, block_size, head_dim] (head-major), with
+K stored transposed inside each block ([head_dim, block_size]; V is [block_size, head_dim]).
+Why: the compiled decode kernel (raylm.kernels.cpu_paged_attention) then reads both in
+place with contiguous inner loops (transposing K tiles on the fly cost 3x its runtime).
+The torch reference path gathers whole blocks with one `index_select` per K/V (the same
+bytes as gathering slots with block_size times fewer indices: ~20x faster here).
 Softmax always runs in fp32. Prefill uses torch SDPA in fp32; decode uses two bmm's in the
 cache dtype (fp32 accumulation inside): torch's CPU SDPA is several times slower in bf16,
 and for one query token the bmm's avoid SDPA's copies of strided K/V.
@@ -18,6 +19,8 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from raylm.kernels import cpu_paged_attention
 
 
 @dataclass
@@ -32,7 +35,9 @@ class PrefillSeq:
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where each new token's K/V goes (block_id * block_size + offset)
     num_decodes: int = 0
-    decode_block_ids: Optional[torch.Tensor] = None  # [D * nb] flattened, padded block tables
+    decode_block_table: Optional[torch.Tensor] = None  # [D, nb] padded block tables (int64)
+    decode_lens: Optional[torch.Tensor] = None  # [D] context lengths, this step's token included
+    decode_kernel: bool = False  # use the compiled CPU kernel (reads the cache in place)
     decode_mask: Optional[torch.Tensor] = None  # [D, 1, L] bool, True = attend (L = nb * block_size)
     prefills: List[PrefillSeq] = field(default_factory=list)
 
@@ -57,26 +62,41 @@ class PagedAttention(nn.Module):
             out[rows] = self._prefill(q[rows], k[rows], v[rows], seq)
         return out.to(q.dtype).flatten(1)
 
-    def _store(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        cache = self.kv_cache
-        flat = cache.view(2, self.num_kv_heads, -1, self.head_dim)
-        flat.index_copy_(2, slots, torch.stack((k, v)).transpose(1, 2).to(cache.dtype))
+    def _k_view(self) -> torch.Tensor:
+        """[Hkv, NB, Dh, BS]: K as stored (transposed within each block)."""
+        _, h, nb, bs, d = self.kv_cache.shape
+        return self.kv_cache[0].view(h, nb, d, bs)
 
-    def _gather(self, block_ids: torch.Tensor, num_seqs: int) -> torch.Tensor:
-        """-> [2, Hkv, num_seqs, L, Dh] in the cache dtype, contiguous; L = blocks per seq * block_size."""
-        g = self.kv_cache.flatten(3).index_select(2, block_ids)  # [2, Hkv, S*nb, bs*Dh]
-        return g.view(2, self.num_kv_heads, num_seqs, -1, self.head_dim)
+    def _store(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        bs = self.kv_cache.shape[3]
+        blocks, offsets = slots // bs, slots % bs
+        dtype = self.kv_cache.dtype
+        self._k_view()[:, blocks, :, offsets] = k.to(dtype)  # indexed view is [T, Hkv, Dh]
+        self.kv_cache[1][:, blocks, offsets] = v.transpose(0, 1).to(dtype)  # [Hkv, T, Dh]
+
+    def _gather(self, block_ids: torch.Tensor, num_seqs: int):
+        """-> K, V as [Hkv, num_seqs, L, Dh] in the cache dtype; L = blocks per seq * block_size."""
+        h, d = self.num_kv_heads, self.head_dim
+        k = self._k_view().index_select(1, block_ids).view(h, num_seqs, -1, d, self.kv_cache.shape[3])
+        v = self.kv_cache[1].index_select(1, block_ids).view(h, num_seqs, -1, d)
+        return k.transpose(-1, -2).reshape(h, num_seqs, -1, d), v
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Batched over (kv head, seq) in that order, so bmm reads the gather in place (the
+        if meta.decode_kernel:
+            return cpu_paged_attention.paged_decode(q, self.kv_cache, meta.decode_block_table, meta.decode_lens,
+                                                    self.scale)
+        return self._decode_torch(q, meta)
+
+    def _decode_torch(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Reference path, batched over (kv head, seq) in that order, so bmm reads the gather in place (the
         [seq, head] order would make matmul copy K and V first). Each kv head serves
         `group` consecutive query heads (HF's GQA layout)."""
-        kv = self._gather(meta.decode_block_ids, meta.num_decodes)
+        keys, values = self._gather(meta.decode_block_table.flatten(), meta.num_decodes)
         n, group = q.shape[0], self.num_heads // self.num_kv_heads
-        query = q.view(n, self.num_kv_heads, group, self.head_dim).transpose(0, 1).to(kv.dtype)
-        scores = torch.matmul(query, kv[0].transpose(-1, -2)).float().mul_(self.scale)  # [Hkv, S, G, L]
-        probs = scores.masked_fill_(~meta.decode_mask, float("-inf")).softmax(-1).to(kv.dtype)
-        out = torch.matmul(probs, kv[1])  # [Hkv, S, G, Dh]
+        query = q.view(n, self.num_kv_heads, group, self.head_dim).transpose(0, 1).to(keys.dtype)
+        scores = torch.matmul(query, keys.transpose(-1, -2)).float().mul_(self.scale)  # [Hkv, S, G, L]
+        probs = scores.masked_fill_(~meta.decode_mask, float("-inf")).softmax(-1).to(values.dtype)
+        out = torch.matmul(probs, values)  # [Hkv, S, G, Dh]
         return out.transpose(0, 1).reshape(n, self.num_heads, self.head_dim).float()
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: PrefillSeq) -> torch.Tensor:
@@ -86,8 +106,7 @@ class PagedAttention(nn.Module):
             values = v.float().transpose(0, 1).unsqueeze(0)
             mask, causal = None, True
         else:
-            kv = self._gather(seq.block_ids, 1)[:, :, :, :seq.ctx_len].float().transpose(1, 2)
-            keys, values = kv[0], kv[1]  # [1, Hkv, ctx, Dh]
+            keys, values = (x[:, :, :seq.ctx_len].float().transpose(0, 1) for x in self._gather(seq.block_ids, 1))
             # query i sits at position ctx_len - q_len + i and sees keys up to it
             rows = torch.arange(seq.q_len).unsqueeze(1) + (seq.ctx_len - seq.q_len)
             mask, causal = torch.arange(seq.ctx_len).unsqueeze(0) <= rows, False
