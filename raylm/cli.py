@@ -1,4 +1,4 @@
-"""`raylm chat | generate | bench ...` — one entry point, subcommands in argparse."""
+"""`raylm serve | chat | generate | bench ...` — one entry point, subcommands in argparse."""
 from __future__ import annotations
 
 import argparse
@@ -85,13 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.set_defaults(func=cmd_generate)
     from raylm.bench.cli import add_bench_parser
+    from raylm.serve.launcher import add_serve_parser
 
+    add_serve_parser(sub, add_engine_args)
     add_bench_parser(sub, add_engine_args)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    logging.basicConfig(level=log_level(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=log_level(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # third-party
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

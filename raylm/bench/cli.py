@@ -1,10 +1,12 @@
-"""`raylm bench ...` subcommands (filled in by raylm.bench.throughput)."""
+"""`raylm bench ...` subcommands: throughput (offline, vs HF) and step (decode-step breakdown)."""
 from __future__ import annotations
 
 
 def add_bench_parser(sub, add_engine_args) -> None:
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    from raylm.bench import throughput
+    from raylm.bench import serve, step, throughput
 
     throughput.add_parser(bench_sub, add_engine_args)
+    step.add_parser(bench_sub, add_engine_args)
+    serve.add_parser(bench_sub, add_engine_args)

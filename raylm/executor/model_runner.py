@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import logging
-from typing import List
+import time
+from typing import Dict, List
 
 import psutil
 import torch
@@ -32,6 +33,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.model = None
         self.kv_caches: List[torch.Tensor] = []
+        self.last_step_times: Dict[str, float] = {}  # seconds per phase of the latest step (bench step)
 
     def load_model(self) -> None:
         self.model = load_model(self.model_path, self.hf_config, self.dtype)
@@ -66,24 +68,41 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        clock = _PhaseClock()
         self.batch.update(sched)
         if sched.is_empty:
             return ModelRunnerOutput({})
         step = self.batch.prepare(sched)
+        clock.mark("prepare")
         hidden = self.model(step.input_ids, step.positions, step.meta)
+        clock.mark("forward")
         sampled = {req_id: [] for req_id in step.req_ids}
-        if not step.sample_req_ids:
-            return ModelRunnerOutput(sampled)
-        logits = self.model.compute_logits(hidden[step.logits_rows])
-        rows = [self._sampling_input(r) for r in step.sample_req_ids]
-        result = self.sampler(logits, rows)
         logprobs = {}
-        for req_id, token, lp in zip(step.sample_req_ids, result.token_ids, result.logprobs):
-            sampled[req_id] = [token]
-            if lp is not None:
-                logprobs[req_id] = [lp]
+        if step.sample_req_ids:
+            logits = self.model.compute_logits(hidden[step.logits_rows])
+            clock.mark("logits")
+            result = self.sampler(logits, [self._sampling_input(r) for r in step.sample_req_ids])
+            for req_id, token, lp in zip(step.sample_req_ids, result.token_ids, result.logprobs):
+                sampled[req_id] = [token]
+                if lp is not None:
+                    logprobs[req_id] = [lp]
+            clock.mark("sample")
+        self.last_step_times = clock.times
         return ModelRunnerOutput(sampled, logprobs)
 
     def _sampling_input(self, req_id: str) -> SamplingInput:
         state = self.batch.requests[req_id]
         return SamplingInput(state.sampling_params, state.prompt_token_ids, state.output_token_ids)
+
+
+class _PhaseClock:
+    """Seconds spent in each named phase since the previous mark."""
+
+    def __init__(self) -> None:
+        self.times: Dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.times[phase] = now - self._last
+        self._last = now

@@ -1,0 +1,263 @@
+"""`raylm bench serve`: online load against any OpenAI-compatible server (like `vllm bench serve`).
+
+Sends exactly --num-prompts streaming requests of workload A (exact prompt token counts for
+the --model/--tokenizer tokenizer; EOS ignored, so each request asks for its drawn output
+length) at --request-rate requests/s (gamma arrivals, shape --burstiness; 1.0 is Poisson;
+inf sends all at once), at most --max-concurrency in flight. Sampling is greedy
+(temperature 0, as vLLM's bench does for completions) unless --temperature says otherwise.
+
+Reports completed/failed requests, throughput, and TTFT / TPOT / ITL / E2E latency
+(mean, median, percentiles, in ms); with --goodput SLOs, the rate of requests meeting all
+of them. Example:
+  raylm bench serve --base-url http://127.0.0.1:8000 --model smollm2-135m-instruct \\
+      --num-prompts 200 --request-rate 4 --output-json serve.json
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import os
+import time
+from collections import Counter
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from raylm.bench.report import machine_info, print_table, write_json
+from raylm.bench.serve_client import RequestOutput, is_chat_endpoint, request_body, send_request
+from raylm.bench.workload import BenchRequest, WorkloadSpec, build_workload, summarize
+
+SLO_METRICS = ("ttft", "tpot", "e2el")
+LATENCY_METRICS = [("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2el", "E2E latency")]
+
+
+def add_parser(sub, add_engine_args=None) -> None:
+    """Register `serve` under `raylm bench`. No engine is built here, so the engine options
+    (`add_engine_args`, kept for a uniform signature) are not added; only --model and --seed."""
+    p = sub.add_parser("serve", help="online load against an OpenAI-compatible server",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-url", default="http://127.0.0.1:8000")
+    p.add_argument("--endpoint", default="/v1/completions", help="/v1/completions or /v1/chat/completions")
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="model name sent in the body; also the tokenizer unless --tokenizer is given")
+    p.add_argument("--tokenizer", default=None, help="embedded model name or a local dir with the tokenizer")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--request-rate", type=float, default=math.inf, help="requests/s (inf: all at once)")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrivals (1.0: Poisson)")
+    p.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY if set)")
+    p.add_argument("--goodput", nargs="+", default=None, metavar="METRIC:MS",
+                   help="SLOs, e.g. ttft:500 tpot:50 e2el:10000 (ms); goodput counts requests meeting all")
+    p.add_argument("--percentiles", default="50,90,99")
+    p.add_argument("--output-json", default=None, help="write the results here (atomically)")
+    p.add_argument("--disable-tqdm", action="store_true")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    w = p.add_argument_group("workload (defaults: workload A)")
+    defaults = WorkloadSpec()
+    for name in ["input_median", "input_sigma", "output_median", "output_sigma"]:
+        w.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
+    for name in ["input_min", "input_max", "output_min", "output_max", "fixed_input_len", "fixed_output_len"]:
+        w.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    p.set_defaults(func=cmd_serve)
+
+
+def parse_goodput(items: Optional[Sequence[str]]) -> Dict[str, float]:
+    """['ttft:500', 'e2el:10000'] -> {'ttft': 500.0, 'e2el': 10000.0} (milliseconds)."""
+    slos: Dict[str, float] = {}
+    for item in items or []:
+        name, sep, value = item.partition(":")
+        if not sep or name not in SLO_METRICS:
+            raise ValueError(f"--goodput {item!r}: expected METRIC:MS with METRIC in {SLO_METRICS}")
+        slos[name] = float(value)
+        if slos[name] <= 0:
+            raise ValueError(f"--goodput {item!r}: the SLO must be > 0 ms")
+    return slos
+
+
+def parse_percentiles(text: str) -> List[float]:
+    """'50,90,99' -> [50.0, 90.0, 99.0], each in (0, 100]."""
+    values = [float(v) for v in text.split(",") if v.strip()]
+    if not values or any(not 0 < v <= 100 for v in values):
+        raise ValueError(f"--percentiles {text!r}: expected comma-separated values in (0, 100]")
+    return values
+
+
+def arrival_intervals(n: int, rate: float, burstiness: float = 1.0, seed: int = 0) -> np.ndarray:
+    """n seconds between consecutive sends: gamma(shape=burstiness, mean=1/rate), so the mean
+    rate is `rate` and the variance 1/(rate^2 * burstiness) (exponential = Poisson at 1.0);
+    all zeros for an infinite rate."""
+    if rate <= 0 or burstiness <= 0:
+        raise ValueError(f"request rate and burstiness must be > 0 (got {rate}, {burstiness})")
+    if math.isinf(rate):
+        return np.zeros(n)
+    rng = np.random.default_rng(seed)
+    return rng.gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=n)
+
+
+def send_offsets(n: int, rate: float, burstiness: float, seed: int) -> np.ndarray:
+    """Send time of each request relative to the start: the first at 0, then the intervals."""
+    gaps = arrival_intervals(n, rate, burstiness, seed)
+    return np.concatenate([[0.0], np.cumsum(gaps[:-1])])
+
+
+def tokenizer_path(args: argparse.Namespace) -> str:
+    """The tokenizer dir: --tokenizer or --model, as an embedded name or a local dir."""
+    from raylm.models.loader import resolve_model_path
+
+    source = args.tokenizer or args.model
+    try:
+        return resolve_model_path(source)
+    except ValueError:
+        if os.path.isdir(source):  # a tokenizer-only dir (no weights) is fine here
+            return source
+        raise ValueError(f"cannot load a tokenizer from {source!r}: pass --tokenizer with an "
+                         "embedded model name or a local dir holding the served model's tokenizer")
+
+
+def load_requests(args: argparse.Namespace) -> Tuple[WorkloadSpec, List[BenchRequest], str]:
+    """Workload A (with the command line's overrides) for the tokenizer."""
+    from transformers import AutoTokenizer
+
+    from raylm.bench.throughput import workload_spec
+
+    path = tokenizer_path(args)
+    spec = workload_spec(args)
+    return spec, build_workload(spec, AutoTokenizer.from_pretrained(path)), path
+
+
+async def run_requests(args: argparse.Namespace, requests: List[BenchRequest]) -> Tuple[List[RequestOutput], float]:
+    """Send every request on its arrival schedule, at most --max-concurrency at a time;
+    returns the outputs (in request order) and the wall time from first send to last reply."""
+    import aiohttp
+    from tqdm import tqdm
+
+    chat = is_chat_endpoint(args.endpoint)
+    url = args.base_url.rstrip("/") + "/" + args.endpoint.lstrip("/")
+    api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    bodies = [request_body(chat, args.model, r.prompt, r.output_len, args.temperature, args.ignore_eos)
+              for r in requests]
+    offsets = send_offsets(len(requests), args.request_rate, args.burstiness, args.seed)
+    limit = args.max_concurrency or len(requests)
+    sem = asyncio.Semaphore(limit) if args.max_concurrency else contextlib.nullcontext()
+    connector = aiohttp.TCPConnector(limit=limit)
+    timeout = aiohttp.ClientTimeout(total=args.timeout)
+    with tqdm(total=len(requests), disable=args.disable_tqdm) as pbar:
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            t0 = time.perf_counter()
+
+            async def one(i: int) -> RequestOutput:
+                await asyncio.sleep(max(0.0, t0 + offsets[i] - time.perf_counter()))
+                async with sem:
+                    out = await send_request(session, url, bodies[i], headers, chat, requests[i].prompt_len)
+                out.start -= t0
+                pbar.update(1)
+                return out
+
+            outputs = await asyncio.gather(*(one(i) for i in range(len(requests))))
+            duration = time.perf_counter() - t0
+    return list(outputs), duration
+
+
+def meets_slos(out: RequestOutput, slos: Dict[str, float]) -> bool:
+    """True if `out` succeeded and every given SLO (ms) holds (TPOT of a 1-token reply: 0)."""
+    if not out.success:
+        return False
+    values = {"ttft": out.ttft, "tpot": out.tpot or 0.0, "e2el": out.e2el}
+    return all(values[name] is not None and values[name] * 1000 <= limit for name, limit in slos.items())
+
+
+def latency_stats(values_s: Sequence[float], percentiles: Sequence[float]) -> Dict[str, Optional[float]]:
+    """mean, median, std and pXX of `values_s`, in milliseconds (None without values)."""
+    ms = np.asarray(values_s, dtype=np.float64) * 1000
+    keys = ["mean", "median", "std"] + [f"p{p:g}" for p in percentiles]
+    if ms.size == 0:
+        return {k: None for k in keys}
+    stats = [ms.mean(), np.median(ms), ms.std()] + list(np.percentile(ms, percentiles))
+    return {k: float(v) for k, v in zip(keys, stats)}
+
+
+def compute_metrics(outputs: List[RequestOutput], duration: float, percentiles: Sequence[float],
+                    slos: Dict[str, float]) -> dict:
+    """Counts, throughputs, goodput (None without SLOs) and latency stats of a run."""
+    ok = [o for o in outputs if o.success]
+    failed = Counter(o.status_key for o in outputs if not o.success)
+    out_tokens = sum(o.output_tokens for o in ok)
+    in_tokens = sum(o.prompt_tokens for o in ok)
+    good = sum(meets_slos(o, slos) for o in ok) if slos else None
+    m = {"completed": len(ok), "failed": sum(failed.values()), "failed_by_status": dict(failed),
+         "duration_s": duration, "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
+         "request_throughput": len(ok) / duration, "output_throughput": out_tokens / duration,
+         "total_token_throughput": (in_tokens + out_tokens) / duration,
+         "goodput_requests": good, "request_goodput": None if good is None else good / duration}
+    series = {"ttft": [o.ttft for o in ok], "tpot": [o.tpot for o in ok if o.tpot is not None],
+              "itl": [t for o in ok for t in o.itl], "e2el": [o.e2el for o in ok]}
+    for name, values in series.items():
+        for stat, value in latency_stats(values, percentiles).items():
+            m[f"{stat}_{name}_ms"] = value
+    return m
+
+
+def per_request(outputs: List[RequestOutput]) -> dict:
+    """Per-request arrays for the JSON report (None where a failed request has no value)."""
+    return {"start_s": [o.start for o in outputs], "prompt_lens": [o.prompt_tokens for o in outputs],
+            "output_lens": [o.output_tokens if o.success else None for o in outputs],
+            "expected_output_lens": [o.expected_output_len for o in outputs],
+            "ttfts": [o.ttft for o in outputs], "itls": [o.itl for o in outputs],
+            "e2els": [o.e2el for o in outputs], "success": [o.success for o in outputs],
+            "statuses": [o.status for o in outputs], "errors": [o.error for o in outputs]}
+
+
+def _jsonable_args(args: argparse.Namespace) -> dict:
+    out = {k: v for k, v in vars(args).items() if not callable(v) and k != "api_key"}
+    return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in out.items()}
+
+
+async def benchmark(args: argparse.Namespace) -> dict:
+    """The whole run: draw the workload, send it, measure; returns the report (the JSON object)."""
+    slos = parse_goodput(args.goodput)
+    percentiles = parse_percentiles(args.percentiles)
+    spec, requests, tok_path = load_requests(args)
+    outputs, duration = await run_requests(args, requests)
+    return {"benchmark": "serve", "base_url": args.base_url, "endpoint": args.endpoint,
+            "model": args.model, "tokenizer": tok_path, "args": _jsonable_args(args),
+            "sampling": {"temperature": args.temperature, "ignore_eos": args.ignore_eos},
+            "goodput_slos_ms": slos, "percentiles": percentiles,
+            "workload": {**spec.to_dict(), **summarize(requests)}, "machine": machine_info(),
+            "results": compute_metrics(outputs, duration, percentiles, slos),
+            "requests": per_request(outputs)}
+
+
+def print_report(report: dict) -> None:
+    """The summary table, then one latency row per metric (ms), then the first errors."""
+    r = report["results"]
+    rows = [("completed requests", r["completed"]), ("failed requests", r["failed"]),
+            ("failed by status", ", ".join(f"{k}: {v}" for k, v in r["failed_by_status"].items()) or None),
+            ("duration s", r["duration_s"]), ("total input tokens", r["total_input_tokens"]),
+            ("total output tokens", r["total_output_tokens"]), ("requests/s", r["request_throughput"]),
+            ("output tok/s", r["output_throughput"]), ("total tok/s", r["total_token_throughput"]),
+            ("goodput requests/s", r["request_goodput"])]
+    print()
+    print_table([{"metric": k, "value": v} for k, v in rows], ["metric", "value"])
+    stats = ["mean", "median"] + [f"p{p:g}" for p in report["percentiles"]]
+    print()
+    print_table([{"metric": label + " ms", **{s: r[f"{s}_{name}_ms"] for s in stats}}
+                 for name, label in LATENCY_METRICS], ["metric"] + [(s, s, ".2f") for s in stats])
+    errors = Counter(e for e in report["requests"]["errors"] if e)
+    for error, count in errors.most_common(3):
+        print(f"error x{count}: {error[:200]}")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the benchmark, print the tables, write JSON; exit status 1 if nothing completed."""
+    report = asyncio.run(benchmark(args))
+    print_report(report)
+    if args.output_json:
+        write_json(args.output_json, report)
+        print(f"wrote {args.output_json}")
+    return 0 if report["results"]["completed"] else 1
