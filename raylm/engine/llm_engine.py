@@ -6,7 +6,7 @@ import itertools
 import logging
 from typing import Dict, List, Optional, Union
 
-from raylm.config import EngineConfig
+from raylm.config import EngineConfig, ModelConfig
 from raylm.engine.core import EngineCore
 from raylm.engine.output_processor import OutputProcessor
 from raylm.engine.request import Request
@@ -19,6 +19,21 @@ logger = logging.getLogger(__name__)
 PromptType = Union[str, List[int], Dict]
 
 
+def max_model_len_for(model: ModelConfig, hf_config) -> int:
+    """The configured max_model_len, capped by (and defaulting to) the model's positions."""
+    limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+    return min(model.max_model_len or limit, limit)
+
+
+def tokenizer_and_max_len(model: Union[ModelConfig, Dict]):
+    """(HF tokenizer, max_model_len) for a model config, without building an engine."""
+    from transformers import AutoTokenizer
+
+    model = model if isinstance(model, ModelConfig) else ModelConfig(**model)
+    path = resolve_model_path(model.model)
+    return AutoTokenizer.from_pretrained(model.tokenizer or path), max_model_len_for(model, load_hf_config(path))
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         from transformers import AutoTokenizer
@@ -27,8 +42,7 @@ class LLMEngine:
         self.model_path = resolve_model_path(config.model.model)
         self.hf_config = load_hf_config(self.model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or self.model_path)
-        limit = getattr(self.hf_config, "max_position_embeddings", None) or 2048
-        self.max_model_len = min(config.model.max_model_len or limit, limit)
+        self.max_model_len = max_model_len_for(config.model, self.hf_config)
         self.eos_token_ids = self._eos_ids()
         self.vocab_size = self.hf_config.vocab_size
         self.core = EngineCore(config, self.model_path, self.max_model_len)

@@ -1,0 +1,84 @@
+"""Serve application builder for the OpenAI endpoint. All three start the same app:
+
+    raylm serve --model M --dp 2
+    serve run deployments/raylm.yaml
+    serve run raylm.deployments.openai:build_app model=M dp=2
+
+The app: OpenAIIngress (FastAPI) -> LLMServer x dp (one AsyncEngine each), routed by
+LeastLoadedRouter from the DP coordinator (a deployment-scoped actor of LLMServer).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from raylm.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+
+
+class ServeArgs(BaseModel):
+    """The builder's options (the CLI's, with underscores). Strings from `serve run k=v`
+    are coerced by pydantic."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = "smollm2-135m-instruct"
+    served_model_name: Optional[str] = None
+    dtype: str = "bfloat16"
+    max_model_len: Optional[int] = None
+    kv_cache_memory: Optional[str] = None
+    num_blocks: Optional[int] = None
+    block_size: int = 16
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    dp: int = Field(default=1, gt=0)
+    tp: int = Field(default=1, gt=0)
+    pp: int = Field(default=1, gt=0)
+    num_cpus_per_replica: float = Field(default=1.0, ge=0)
+    api_key: Optional[str] = None
+    max_body_bytes: int = 1 << 20
+    max_ongoing_requests: int = 1024
+
+    def engine_config(self) -> EngineConfig:
+        cache = {"block_size": self.block_size, "kv_cache_memory": self.kv_cache_memory,
+                 "num_blocks": self.num_blocks, "enable_prefix_caching": self.enable_prefix_caching}
+        return EngineConfig(
+            model=ModelConfig(model=self.model, dtype=self.dtype, max_model_len=self.max_model_len, seed=self.seed),
+            cache=CacheConfig(**cache),
+            scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,
+                                      max_num_batched_tokens=self.max_num_batched_tokens),
+            parallel=ParallelConfig(tensor_parallel_size=self.tp, pipeline_parallel_size=self.pp,
+                                    data_parallel_size=self.dp))
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+
+def build_app(args: Dict[str, Any]):
+    """Serve application for `args` (a dict of ServeArgs fields)."""
+    from ray import serve
+    from ray.serve.config import DeploymentActorConfig, RequestRouterConfig
+
+    from raylm.dp.coordinator import DPCoordinator
+    from raylm.dp.router import LeastLoadedRouter
+    from raylm.serve.ingress import OpenAIIngress
+    from raylm.serve.llm_server import COORDINATOR_ACTOR, LLMServer
+
+    a = args if isinstance(args, ServeArgs) else ServeArgs(**args)
+    engine = a.engine_config().model_dump()
+    llm = serve.deployment(
+        LLMServer, name="LLMServer", num_replicas=a.dp, max_ongoing_requests=a.max_ongoing_requests,
+        ray_actor_options={"num_cpus": a.num_cpus_per_replica},
+        request_router_config=RequestRouterConfig(request_router_class=LeastLoadedRouter,
+                                                  request_routing_stats_period_s=1.0),
+        deployment_actors=[DeploymentActorConfig(name=COORDINATOR_ACTOR, actor_class=DPCoordinator,
+                                                 actor_options={"num_cpus": 0})],
+        health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=5,
+    ).bind(engine, a.model_name)
+    ingress_cls = serve.ingress()(OpenAIIngress)
+    ingress = serve.deployment(ingress_cls, name="OpenAIIngress", num_replicas=1,
+                               max_ongoing_requests=a.max_ongoing_requests, ray_actor_options={"num_cpus": 0})
+    return ingress.bind(llm, engine, a.model_name, a.api_key, a.max_body_bytes)

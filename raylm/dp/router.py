@@ -1,0 +1,76 @@
+"""A Serve request router that sends each request to the least-loaded engine replica.
+
+Score = waiting * 4 + running, from the DP coordinator's table (long-polled, so it is
+fresh within ~100 ms), plus the requests this router has sent to each replica since the
+table last changed (optimistic local increments, so a burst does not all land on the
+replica that looked idle a moment ago). Replicas with the lowest score form the first
+rank; Serve picks among ties by probing queue lengths, which spreads them.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import defaultdict
+from typing import Dict, List, Optional
+
+import ray
+from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
+
+from raylm.dp.coordinator import score
+
+logger = logging.getLogger(__name__)
+
+
+class LeastLoadedRouter(FIFOMixin, RequestRouter):
+    def initialize_state(self, poll_timeout_s: float = 1.0) -> None:
+        self._poll_timeout_s = poll_timeout_s
+        self._table: Dict[str, Dict] = {}
+        self._version = -1
+        self._sent: Dict[str, int] = defaultdict(int)
+        self._poller: Optional[asyncio.Task] = None
+
+    def replica_score(self, replica: RunningReplica) -> int:
+        key = replica.replica_id.unique_id
+        stats = self._table.get(key) or replica.routing_stats  # table first; Serve's poll as fallback
+        return score(stats) + self._sent[key]
+
+    async def choose_replicas(self, candidate_replicas: List[RunningReplica],
+                              pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        self._ensure_poller(candidate_replicas)
+        scored = sorted(((self.replica_score(r), random.random(), r) for r in candidate_replicas),
+                        key=lambda t: (t[0], t[1]))
+        best = scored[0][0]
+        ranks = [[r for s, _, r in scored if s == best]]
+        rest = [r for s, _, r in scored if s != best]
+        return ranks + [rest] if rest else ranks
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
+                          result: ReplicaResult) -> None:
+        self._sent[replica_id.unique_id] += 1
+
+    # ---- coordinator table ------------------------------------------------------
+
+    def _ensure_poller(self, replicas: List[RunningReplica]) -> None:
+        if self._poller is not None and not self._poller.done():
+            return
+        identity = next((r.routing_stats.get("coordinator") for r in replicas if r.routing_stats.get("coordinator")),
+                        None)
+        if identity is not None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll(*identity))
+
+    async def _poll(self, name: str, namespace: str) -> None:
+        """Follow the coordinator's table until it goes away (then the next choose_replicas
+        starts a new poller from fresh routing stats)."""
+        coordinator = ray.get_actor(name, namespace=namespace)
+        while True:
+            try:
+                version, table = await coordinator.snapshot.remote(self._version, self._poll_timeout_s)
+            except Exception as exc:  # coordinator restarting: keep the last table
+                logger.warning("DP coordinator unreachable (%s); routing on the last table", exc)
+                return
+            if version != self._version:
+                self._table, self._version = table, version
+                self._sent = defaultdict(int)  # the new table already counts what we sent

@@ -1,0 +1,55 @@
+"""`raylm serve`: start (or join) Ray, start Serve's HTTP proxy, run the OpenAI app."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+def add_serve_parser(sub, add_engine_args) -> None:
+    p = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible HTTP endpoint on Ray Serve")
+    add_engine_args(p)
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--dp", "--data-parallel-size", dest="dp", type=int, default=1)
+    p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1)
+    p.add_argument("--pp", "--pipeline-parallel-size", dest="pp", type=int, default=1)
+    p.add_argument("--num-cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a new local one)")
+    p.set_defaults(func=cmd_serve)
+
+
+def serve_args(args: argparse.Namespace):
+    from raylm.cli import engine_kwargs
+    from raylm.deployments.openai import ServeArgs
+
+    fields = {**engine_kwargs(args), "model": args.model, "served_model_name": args.served_model_name,
+              "dp": args.dp, "tp": args.tp, "pp": args.pp, "num_cpus_per_replica": args.num_cpus_per_replica,
+              "api_key": args.api_key}
+    fields.pop("kv_cache_dtype", None)
+    return ServeArgs(**{k: v for k, v in fields.items() if v is not None})
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from raylm.deployments.openai import build_app
+
+    app_args = serve_args(args)  # validate before starting anything
+    ray.init(address=args.address)  # None: Ray joins $RAY_ADDRESS if set, else starts a local cluster
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(app_args), name="raylm", route_prefix="/", blocking=False)
+    logger.info("serving %s on http://%s:%d/v1 (dp=%d)", app_args.model_name, args.host, args.port, args.dp)
+    try:
+        import threading
+
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+    return 0

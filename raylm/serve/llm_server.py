@@ -1,0 +1,98 @@
+"""LLMServer: one data-parallel engine replica (a Serve deployment replica).
+
+Each replica owns an AsyncEngine and its executor, knows its DP rank (Serve's replica
+rank), pushes its load to the DP coordinator when it changes (at most every ~100 ms),
+and records the same metrics to the Ray dashboard. Serve calls `check_health` on a
+period; a dead engine loop or executor fails it and Serve replaces the replica.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, AsyncIterator, Dict, List, Optional
+
+from raylm.config import EngineConfig
+from raylm.engine.async_engine import AsyncEngine
+from raylm.outputs import RequestOutput
+from raylm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PUSH_INTERVAL_S = 0.1
+COORDINATOR_ACTOR = "dp_coordinator"
+
+
+class LLMServer:
+    def __init__(self, engine_config: Dict[str, Any], model_name: str) -> None:
+        from ray import serve
+
+        ctx = serve.get_replica_context()
+        self.dp_rank = ctx.rank.rank
+        self.replica_key = ctx.replica_id.unique_id
+        self.model_name = model_name
+        self.engine = AsyncEngine(EngineConfig(**engine_config))
+        self.coordinator = serve.get_deployment_actor(COORDINATOR_ACTOR)
+        import ray
+
+        self.coordinator_identity = tuple(ray.get(self.coordinator.identity.remote()))
+        self._pusher: Optional[asyncio.Task] = None
+        self._last_pushed: Optional[Dict] = None
+        self._metrics = None
+        logger.info("LLMServer dp_rank=%d ready (%s)", self.dp_rank, model_name)
+
+    async def generate(self, prompt_token_ids: List[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        """Stream cumulative outputs; cancelling the stream aborts the request."""
+        self._ensure_pusher()
+        timer = self._timer(len(prompt_token_ids))
+        async for out in self.engine.generate({"prompt_token_ids": prompt_token_ids}, params, request_id):
+            out.metrics["dp_rank"] = self.dp_rank
+            if timer is not None:
+                timer.update(out, self.dp_rank)
+            yield out
+
+    def stats(self) -> Dict[str, Any]:
+        s = self.engine.stats()
+        return {"dp_rank": self.dp_rank, "replica": self.replica_key, "num_waiting": s.num_waiting,
+                "num_running": s.num_running, "kv_cache_usage": s.kv_cache_usage,
+                "num_free_blocks": s.num_free_blocks, "num_blocks": s.num_blocks,
+                "num_preemptions": s.num_preemptions, "prefix_cache_queries": s.prefix_cache_queries,
+                "prefix_cache_hits": s.prefix_cache_hits}
+
+    def record_routing_stats(self) -> Dict[str, Any]:
+        """Serve polls this; the router uses it to find the coordinator and as a fallback."""
+        self._ensure_pusher()
+        return {**self.stats(), "coordinator": self.coordinator_identity}
+
+    async def check_health(self) -> None:
+        self.engine.check_health()
+
+    def coordinator_info(self):
+        return self.coordinator_identity
+
+    # ---- load reporting ----------------------------------------------------------
+
+    def _ensure_pusher(self) -> None:
+        if self._pusher is None or self._pusher.done():
+            self._pusher = asyncio.get_running_loop().create_task(self._push_loop())
+
+    async def _push_loop(self) -> None:
+        while True:
+            stats = self.stats()
+            load = {k: stats[k] for k in ("num_waiting", "num_running", "num_free_blocks")}
+            if load != self._last_pushed:
+                try:
+                    await self.coordinator.report.remote(self.replica_key, stats)
+                    self._last_pushed = load
+                except Exception as exc:  # coordinator being recreated: retry next tick
+                    logger.warning("cannot reach the DP coordinator: %s", exc)
+            await asyncio.sleep(PUSH_INTERVAL_S)
+
+    def _timer(self, num_prompt_tokens: int):
+        from raylm.serve.metrics import RaySink, RequestTimer
+
+        try:
+            self._metrics = self._metrics or RaySink()
+        except Exception:  # metrics must never fail a request
+            return None
+        return RequestTimer(self._metrics, self.model_name, num_prompt_tokens)
