@@ -1,0 +1,83 @@
+"""What every OpenAI route handler shares: the engine client, served model names, and
+prompt preparation (tokenization, chat template) with errors that name the field."""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+
+from raylm.serve.engine_client import EngineClient
+from raylm.serve.errors import bad_request, model_not_found
+from raylm.serve.protocol import UsageInfo
+
+# Logprobs of -inf cannot go into JSON; OpenAI-compatible servers send a large negative number.
+MIN_LOGPROB = -9999.0
+
+# apply_chat_template arguments a request's chat_template_kwargs may not override.
+_RESERVED_TEMPLATE_KWARGS = {"conversation", "tokenize", "return_dict", "add_generation_prompt", "tools",
+                             "chat_template", "return_tensors", "padding", "truncation", "max_length"}
+
+
+def clamp_logprob(value: float) -> float:
+    return MIN_LOGPROB if math.isinf(value) or math.isnan(value) else max(value, MIN_LOGPROB)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
+
+
+class ServingContext:
+    """The engine client plus the model names this server answers to."""
+
+    def __init__(self, client: EngineClient, aliases: Optional[Iterable[str]] = None) -> None:
+        self.client = client
+        self.model_names: List[str] = list(dict.fromkeys([client.model_name, *(aliases or [])]))
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.client.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.client.max_model_len
+
+    def resolve_model(self, requested: Optional[str]) -> str:
+        """The name to echo back; a name we do not serve is a 404."""
+        if requested is None:
+            return self.model_names[0]
+        if requested not in self.model_names:
+            raise model_not_found(requested)
+        return requested
+
+    def encode(self, prompt: Union[str, Sequence[int]], add_special_tokens: bool = True) -> List[int]:
+        if isinstance(prompt, str):
+            ids = list(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise bad_request("prompt must not be empty", "prompt")
+        return ids
+
+    def check_token_ids(self, ids: Sequence[int], param: str) -> None:
+        vocab = len(self.tokenizer)
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise bad_request(f"{param} contains ids outside the vocabulary (size {vocab}): {bad[:5]}", param)
+
+    def apply_chat_template(self, conversation: List[Dict[str, Any]], add_generation_prompt: bool = True,
+                            template_kwargs: Optional[Dict[str, Any]] = None) -> List[int]:
+        """Token ids of the conversation through the tokenizer's chat template (400 when the
+        model has none or the template rejects the conversation)."""
+        tok = self.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise bad_request("This model's tokenizer has no chat template; use /v1/completions.", "messages")
+        extra = {k: v for k, v in (template_kwargs or {}).items() if k not in _RESERVED_TEMPLATE_KWARGS}
+        try:
+            out = tok.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                          tokenize=True, return_dict=True, **extra)
+        except Exception as exc:  # jinja errors (e.g. raise_exception in the template) are the request's fault
+            raise bad_request(f"The chat template could not render these messages: {exc}", "messages") from exc
+        ids = list(out["input_ids"])
+        if not ids:
+            raise bad_request("messages rendered to an empty prompt", "messages")
+        return ids

@@ -1,0 +1,240 @@
+"""OpenAI request models (pydantic v2), with vLLM's sampling extras.
+
+Unknown fields are ignored (OpenAI clients send fields we have no use for), but the fields
+we read are typed strictly: a string where a number belongs is a 400, never coerced.
+Ranges mirror `SamplingParams`; `to_sampling_params` builds one and lets it do the final
+validation (its ValueError names the field; the app maps it to a 400). Response models
+live in `raylm.serve.protocol_responses` and are re-exported here.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Dict, List, Literal, Optional, Union
+
+from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
+
+from raylm.sampling_params import SamplingParams
+from raylm.serve.protocol_responses import *  # noqa: F401,F403  (one import surface for clients)
+
+# Strict scalars: JSON "5" is not an int, 1 is not a bool, NaN and Infinity are not numbers.
+SInt = Annotated[int, Strict()]
+SFloat = Annotated[float, Strict(), AllowInfNan(False)]
+SStr = Annotated[str, Strict()]
+SBool = Annotated[bool, Strict()]
+
+
+class InvalidRequestError(ValueError):
+    """A request the server understood but will not run; `param` names the field."""
+
+    def __init__(self, message: str, param: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.message, self.param = message, param
+
+
+class OpenAIModel(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+class StreamOptions(OpenAIModel):
+    include_usage: Optional[SBool] = False
+
+
+class _SamplingRequest(OpenAIModel):
+    """Fields shared by completions and chat: OpenAI's sampling options plus vLLM's extras."""
+
+    prompt_field: ClassVar[str] = "prompt"  # the field a too-long prompt error points at
+
+    model: Optional[SStr] = None
+    n: SInt = Field(default=1, ge=1, le=128)
+    temperature: Optional[SFloat] = Field(default=None, ge=0)
+    top_p: Optional[SFloat] = Field(default=None, gt=0, le=1)
+    stream: SBool = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Union[None, SStr, List[SStr]] = None
+    seed: Optional[SInt] = None
+    presence_penalty: Optional[SFloat] = Field(default=None, ge=-2, le=2)
+    frequency_penalty: Optional[SFloat] = Field(default=None, ge=-2, le=2)
+    logit_bias: Optional[Dict[str, float]] = None
+    user: Optional[SStr] = None
+    # vLLM extras
+    top_k: Optional[SInt] = Field(default=None, ge=-1)
+    min_p: Optional[SFloat] = Field(default=None, ge=0, le=1)
+    repetition_penalty: Optional[SFloat] = Field(default=None, gt=0, le=2)
+    min_tokens: SInt = Field(default=0, ge=0)
+    ignore_eos: SBool = False
+    stop_token_ids: Optional[List[SInt]] = None
+    skip_special_tokens: SBool = True
+    include_stop_str_in_output: SBool = False
+
+    @model_validator(mode="after")
+    def _check_common(self):
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError("stream_options is only allowed when stream is true", "stream_options")
+        if self.logit_bias:
+            raise InvalidRequestError("logit_bias is not supported by this server", "logit_bias")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def _requested_max_tokens(self) -> Optional[int]:
+        return getattr(self, "max_tokens", None)
+
+    def _logprobs(self) -> Optional[int]:
+        return None
+
+    def to_sampling_params(self, max_model_len: int, prompt_len: int) -> SamplingParams:
+        """SamplingParams for one prompt of `prompt_len` tokens. max_tokens defaults to the
+        rest of the context; asking for more than fits is an error (vLLM's behaviour)."""
+        remaining = max_model_len - prompt_len
+        if remaining <= 0:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {max_model_len} tokens, and the prompt has "
+                f"{prompt_len} tokens: it must leave room for at least one generated token.", self.prompt_field)
+        max_tokens = self._requested_max_tokens()
+        if max_tokens is None:
+            max_tokens = remaining
+        elif max_tokens > remaining:
+            raise InvalidRequestError(
+                f"max_tokens is too large: {max_tokens}. This model's maximum context length is "
+                f"{max_model_len} tokens and the prompt has {prompt_len} tokens, so at most {remaining} "
+                "tokens can be generated. Reduce max_tokens or the prompt.", "max_tokens")
+        return SamplingParams(**self._sampling_kwargs(max_tokens))
+
+    def _sampling_kwargs(self, max_tokens: int) -> Dict[str, Any]:
+        optional = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                    "min_p": self.min_p, "presence_penalty": self.presence_penalty,
+                    "frequency_penalty": self.frequency_penalty,
+                    "repetition_penalty": self.repetition_penalty}
+        kwargs = {k: v for k, v in optional.items() if v is not None}
+        kwargs.update(n=self.n, max_tokens=max_tokens, min_tokens=self.min_tokens, seed=self.seed,
+                      stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
+                      logprobs=self._logprobs(), skip_special_tokens=self.skip_special_tokens,
+                      include_stop_str_in_output=self.include_stop_str_in_output)
+        return kwargs
+
+
+PromptInput = Union[SStr, List[SStr], List[SInt], List[List[SInt]]]
+
+
+class CompletionRequest(_SamplingRequest):
+    """POST /v1/completions. `prompt` is text, token ids, or a batch of either."""
+
+    prompt: PromptInput
+    # None (the default) means the rest of the context, as for chat. OpenAI's legacy default is 16.
+    max_tokens: Optional[SInt] = Field(default=16, ge=1)  # OpenAI's and vLLM's default for completions
+    logprobs: Optional[SInt] = Field(default=None, ge=0, le=20)
+    echo: SBool = False
+    best_of: Optional[SInt] = Field(default=None, ge=1)
+    suffix: Optional[SStr] = None
+
+    @model_validator(mode="after")
+    def _check_completion(self):
+        if self.best_of is not None and self.best_of != self.n:
+            raise InvalidRequestError("best_of different from n is not supported", "best_of")
+        if self.suffix:
+            raise InvalidRequestError("suffix is not supported by this server", "suffix")
+        if self.echo and self.logprobs is not None:
+            raise InvalidRequestError("echo with logprobs is not supported (prompt logprobs are not computed)",
+                                      "echo")
+        return self
+
+    def prompts(self) -> List[Union[str, List[int]]]:
+        """The prompt batch: each item is text or token ids; an empty prompt is an error."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            batch = [p]
+        else:
+            batch = list(p)
+        if not batch or any(len(item) == 0 for item in batch):
+            raise InvalidRequestError("prompt must not be empty", "prompt")
+        return batch
+
+    def _logprobs(self) -> Optional[int]:
+        return self.logprobs
+
+
+class ChatMessage(OpenAIModel):
+    """One chat turn. `content` may be a string or a list of text parts (joined with newlines)."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[None, str, List[Dict[str, Any]]] = None
+    name: Optional[SStr] = None
+
+    @field_validator("content")
+    @classmethod
+    def _only_text(cls, value):
+        if isinstance(value, list):
+            parts = []
+            for part in value:
+                if part.get("type") != "text":
+                    raise InvalidRequestError(f"content part type {part.get('type')!r} is not supported "
+                                              "(only 'text')", "messages")
+                if not isinstance(part.get("text"), str):
+                    raise InvalidRequestError("a text content part needs a string 'text'", "messages")
+                parts.append(part["text"])
+            return "\n".join(parts)
+        return value
+
+    def to_template_dict(self) -> Dict[str, Any]:
+        out = {"role": self.role, "content": self.content or ""}
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """POST /v1/chat/completions. Tools and structured output are not supported (400)."""
+
+    messages: List[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[SInt] = Field(default=None, ge=1)
+    max_completion_tokens: Optional[SInt] = Field(default=None, ge=1)
+    logprobs: SBool = False
+    top_logprobs: Optional[SInt] = Field(default=None, ge=0, le=20)
+    tools: Optional[List[Dict[str, Any]]] = None
+    response_format: Optional[Dict[str, Any]] = None
+    # vLLM extras
+    add_generation_prompt: SBool = True
+    chat_template_kwargs: Optional[Dict[str, Any]] = None
+
+    prompt_field: ClassVar[str] = "messages"
+
+    @model_validator(mode="after")
+    def _check_chat(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs requires logprobs to be true", "top_logprobs")
+        if self.tools:
+            raise InvalidRequestError("tools are not supported by this server", "tools")
+        if self.response_format and self.response_format.get("type") != "text":
+            raise InvalidRequestError("response_format other than 'text' is not supported", "response_format")
+        return self
+
+    def _requested_max_tokens(self) -> Optional[int]:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def _logprobs(self) -> Optional[int]:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def conversation(self) -> List[Dict[str, Any]]:
+        return [m.to_template_dict() for m in self.messages]
+
+
+class TokenizeRequest(OpenAIModel):
+    """POST /tokenize: either `prompt` (text) or `messages` (through the chat template)."""
+
+    model: Optional[SStr] = None
+    prompt: Optional[SStr] = None
+    messages: Optional[List[ChatMessage]] = None
+    add_special_tokens: SBool = True
+    add_generation_prompt: SBool = True
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidRequestError("give exactly one of prompt or messages", "prompt")
+        return self
+
+
+class DetokenizeRequest(OpenAIModel):
+    model: Optional[SStr] = None
+    tokens: List[SInt]
