@@ -89,28 +89,33 @@ def draw(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> List[int]:
             return tokens.tolist()
     else:  # all random: a full-vocab argmax would be wasted (~1.3 ms at batch 32)
         tokens = torch.empty(len(rows), dtype=torch.long, device=device)
-    temps = torch.tensor([rows[i].params.temperature for i in random_rows], dtype=logits.dtype, device=device)
-    scaled = logits[random_rows] / temps.unsqueeze(1)
+    scaled = logits if len(random_rows) == len(rows) else logits[random_rows]
+    temps = [rows[i].params.temperature for i in random_rows]
+    if any(t != 1.0 for t in temps):
+        scaled = scaled / torch.tensor(temps, dtype=logits.dtype, device=device).unsqueeze(1)
     for j, i in enumerate(random_rows):
         p = rows[i].params
         if p.min_p > 0 or p.top_k > 0 or p.top_p < 1.0:
             scaled[j] = filter_logits(scaled[j], p)
-    picks = inverse_cdf(torch.softmax(scaled, -1), [rows[i] for i in random_rows])
+    # Unnormalized weights suffice for an inverse-CDF draw: skip softmax's sum and divide.
+    weights = (scaled - scaled.amax(-1, keepdim=True)).exp_()
+    picks = inverse_cdf(weights, [rows[i] for i in random_rows])
     tokens[random_rows] = picks
     return tokens.tolist()
 
 
-def inverse_cdf(probs: torch.Tensor, rows: Sequence[SamplingInput]) -> torch.Tensor:
-    """One uniform per row, located in the row's CDF (the first token whose CDF exceeds it,
-    so zero-probability tokens are never picked). torch.multinomial is ~10x slower on CPU."""
-    cdf = probs.cumsum(-1)
+def inverse_cdf(weights: torch.Tensor, rows: Sequence[SamplingInput]) -> torch.Tensor:
+    """One uniform per row, scaled to the row's total weight and located in its cumulative
+    sum (the first token whose sum exceeds it, so zero-weight tokens are never picked).
+    `weights` need not be normalized; it is overwritten. torch.multinomial is ~10x slower."""
+    cdf = weights.cumsum_(-1)
     u = torch.rand(len(rows), 1, dtype=cdf.dtype, device=cdf.device)
     for j, row in enumerate(rows):
         gen = _generator(row.params, len(row.output_token_ids))
         if gen is not None:  # a CPU generator, so a seed gives the same tokens on any device
             u[j, 0] = float(torch.rand(1, generator=gen, dtype=torch.float64))
     picks = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
-    return picks.clamp_(max=probs.shape[-1] - 1)
+    return picks.clamp_(max=cdf.shape[-1] - 1)
 
 
 def compute_logprobs(raw: torch.Tensor, token: int, top_n: int) -> PositionLogprobs:

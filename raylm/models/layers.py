@@ -23,7 +23,8 @@ def _param(*shape: int, loader=default_weight_loader) -> nn.Parameter:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm in fp32; with `residual`, fuses the residual add: returns (normed, new_residual)."""
+    """RMSNorm (torch's fused op: fp32 accumulation, like HF's); with `residual`, adds it
+    first and returns (normed, new_residual)."""
 
     def __init__(self, size: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -34,10 +35,7 @@ class RMSNorm(nn.Module):
         if residual is not None:
             x = x + residual
             residual = x
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = h.to(dtype) * self.weight
+        out = F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return out if residual is None else (out, residual)
 
 
@@ -172,25 +170,25 @@ class SiluAndMul(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """Neox-style rotary (HF's rotate_half layout) from a precomputed fp32 cos/sin table."""
+    """Neox-style rotary (HF's rotate_half layout). The cos/sin tables are computed in fp32
+    and applied in the activation dtype, as HF does; q and k rotate in one pass."""
 
     def __init__(self, head_dim: int, inv_freq: torch.Tensor, max_position: int, scaling: float = 1.0) -> None:
         super().__init__()
         t = torch.arange(max_position, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq.float())
-        self.register_buffer("cos", (freqs.cos() * scaling), persistent=False)
-        self.register_buffer("sin", (freqs.sin() * scaling), persistent=False)
+        self.register_buffer("cos", freqs.cos() * scaling, persistent=False)
+        self.register_buffer("sin", freqs.sin() * scaling, persistent=False)
         self.half = head_dim // 2
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q: [T, Hq, D], k: [T, Hk, D] -> rotated, same dtype."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x[..., :self.half].float(), x[..., self.half:].float()
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        x = torch.cat((q, k), dim=1)
+        x1, x2 = x[..., :self.half], x[..., self.half:]
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return out.split([q.shape[1], k.shape[1]], dim=1)
 
 
 def build_rotary(config, head_dim: int, max_position: int) -> RotaryEmbedding:
