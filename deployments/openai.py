@@ -59,6 +59,7 @@ class ServeArgs(BaseModel):
 
 def build_app(args: Dict[str, Any]):
     """Serve application for `args` (a dict of ServeArgs fields)."""
+    import ray
     from ray import serve
     from ray.serve.config import DeploymentActorConfig, RequestRouterConfig
 
@@ -74,7 +75,7 @@ def build_app(args: Dict[str, Any]):
         ray_actor_options={"num_cpus": a.num_cpus_per_replica},
         request_router_config=RequestRouterConfig(request_router_class=LeastLoadedRouter,
                                                   request_routing_stats_period_s=1.0),
-        deployment_actors=[DeploymentActorConfig(name=COORDINATOR_ACTOR, actor_class=DPCoordinator,
+        deployment_actors=[DeploymentActorConfig(name=COORDINATOR_ACTOR, actor_class=ray.remote(DPCoordinator),
                                                  actor_options={"num_cpus": 0})],
         health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=5,
     ).bind(engine, a.model_name)

@@ -21,9 +21,11 @@ class DPCoordinator:
         self._changed = asyncio.Event()
 
     def identity(self) -> Tuple[str, str]:
-        """(actor name, namespace): how routers outside the deployment find this actor."""
-        ctx = ray.get_runtime_context()
-        return ctx.get_actor_name(), ctx.namespace
+        """(actor name, namespace): how routers outside the deployment find this actor.
+        Serve registers deployment-scoped actors in its own namespace, not the job's."""
+        from ray.serve._private.constants import SERVE_NAMESPACE
+
+        return ray.get_runtime_context().get_actor_name(), SERVE_NAMESPACE
 
     async def report(self, replica_key: str, stats: Dict[str, Any]) -> None:
         self.stats[replica_key] = {**stats, "reported_at": time.time()}

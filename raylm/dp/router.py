@@ -1,9 +1,10 @@
 """A Serve request router that sends each request to the least-loaded engine replica.
 
 Score = waiting * 4 + running, from the DP coordinator's table (long-polled, so it is
-fresh within ~100 ms), plus the requests this router has sent to each replica since the
-table last changed (optimistic local increments, so a burst does not all land on the
-replica that looked idle a moment ago). Replicas with the lowest score form the first
+fresh within ~100 ms), corrected by what this router saw since that replica's last
+report: +1 per request it routed there (so a burst does not all land on the replica that
+looked idle a moment ago), -1 per request that completed there (so a replica that just
+finished is not mistaken for a busy one). Replicas with the lowest score form the first
 rank; Serve picks among ties by probing queue lengths, which spreads them.
 """
 from __future__ import annotations
@@ -27,13 +28,13 @@ class LeastLoadedRouter(FIFOMixin, RequestRouter):
         self._poll_timeout_s = poll_timeout_s
         self._table: Dict[str, Dict] = {}
         self._version = -1
-        self._sent: Dict[str, int] = defaultdict(int)
+        self._delta: Dict[str, int] = defaultdict(int)  # routed - completed since the replica's last report
         self._poller: Optional[asyncio.Task] = None
 
     def replica_score(self, replica: RunningReplica) -> int:
         key = replica.replica_id.unique_id
         stats = self._table.get(key) or replica.routing_stats  # table first; Serve's poll as fallback
-        return score(stats) + self._sent[key]
+        return max(0, score(stats) + self._delta[key])
 
     async def choose_replicas(self, candidate_replicas: List[RunningReplica],
                               pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
@@ -49,7 +50,10 @@ class LeastLoadedRouter(FIFOMixin, RequestRouter):
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: ReplicaResult) -> None:
-        self._sent[replica_id.unique_id] += 1
+        self._delta[replica_id.unique_id] += 1
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self._delta[replica_id.unique_id] -= 1
 
     # ---- coordinator table ------------------------------------------------------
 
@@ -72,5 +76,7 @@ class LeastLoadedRouter(FIFOMixin, RequestRouter):
                 logger.warning("DP coordinator unreachable (%s); routing on the last table", exc)
                 return
             if version != self._version:
+                for key, stats in table.items():  # a fresh report already counts what we saw
+                    if stats.get("reported_at") != self._table.get(key, {}).get("reported_at"):
+                        self._delta[key] = 0
                 self._table, self._version = table, version
-                self._sent = defaultdict(int)  # the new table already counts what we sent

@@ -59,7 +59,7 @@ class LLMServer:
                 "num_preemptions": s.num_preemptions, "prefix_cache_queries": s.prefix_cache_queries,
                 "prefix_cache_hits": s.prefix_cache_hits}
 
-    def record_routing_stats(self) -> Dict[str, Any]:
+    async def record_routing_stats(self) -> Dict[str, Any]:
         """Serve polls this; the router uses it to find the coordinator and as a fallback."""
         self._ensure_pusher()
         return {**self.stats(), "coordinator": self.coordinator_identity}
