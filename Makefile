@@ -6,7 +6,7 @@ MODEL  ?= smollm2-135m-instruct
 # The CPU build of torch that these machines carry; any other spec pulls CUDA wheels.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install serve test bench clean
+.PHONY: install serve chat test bench clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 serve: install
+	$(VENV)/bin/raylm serve --model $(MODEL) --dp 2 --host 127.0.0.1 --port 8000
+
+chat: install
 	$(VENV)/bin/raylm chat --model $(MODEL)
 
 test: install

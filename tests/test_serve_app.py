@@ -148,3 +148,54 @@ def test_disconnect_mid_stream_frees_blocks(server):
             return
         time.sleep(0.5)
     pytest.fail(f"blocks not freed after disconnect: usage={usage} running={running}")
+
+
+def test_python_handle_from_another_process(server, offline):
+    """A separate Python process joins the cluster and calls the app through Serve handles,
+    unary and streaming; results equal the offline API."""
+    import json
+    import subprocess
+    import sys
+
+    import ray
+
+    from raylm import SamplingParams
+
+    script = f"""
+import asyncio, json, ray
+from ray import serve
+ray.init(address={ray.get_runtime_context().gcs_address!r}, log_to_driver=False)
+async def main():
+    h = serve.get_app_handle("raylm")
+    params = {{"max_tokens": 12, "temperature": 0}}
+    out = await h.generate.remote("The capital of France is", params)
+    texts = [o.outputs[0].text async for o in h.options(stream=True).generate_stream.remote("def add(a, b):", params)]
+    print(json.dumps({{"unary": out.outputs[0].text, "stream": texts}}))
+asyncio.run(main())
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    greedy = SamplingParams(max_tokens=12, temperature=0)
+    refs = [o.outputs[0].text for o in offline.generate(["The capital of France is", "def add(a, b):"], greedy,
+                                                         use_tqdm=False)]
+    assert got["unary"] == refs[0]
+    assert got["stream"][-1] == refs[1] and len(got["stream"]) > 1
+    assert all(refs[1].startswith(t) for t in got["stream"])  # cumulative and growing
+
+
+def test_bad_requests_through_serve_get_4xx_and_serving_continues(server):
+    cases = [
+        (b"{not json", 400), (b'{"model": "%s", "prompt": "x", "temperature": -1}' % MODEL.encode(), 400),
+        (b'{"model": "nope", "prompt": "x"}', 404), (b'{"model": "%s", "prompt": "x", "n": 0}' % MODEL.encode(), 400),
+        (b'{"model": "%s", "prompt": "x", "max_tokens": 99999}' % MODEL.encode(), 400),
+        (b'{"model": "%s", "prompt": "%s"}' % (MODEL.encode(), b"word " * 2000), 400),
+    ]
+    with httpx.Client(base_url=server, timeout=60) as http:
+        for body, status in cases:
+            r = http.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+            assert r.status_code == status, (body[:60], r.status_code, r.text[:200])
+            err = r.json()["error"]
+            assert set(err) >= {"message", "type", "param", "code"}
+        ok = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2

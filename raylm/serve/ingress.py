@@ -62,7 +62,14 @@ def add_metrics_route(app: FastAPI, client: EngineClient, sink: PromSink) -> Non
 
 
 class OpenAIIngress:
-    """Serve deployment class; wrapped with serve.ingress() (app built at replica init)."""
+    """Serve deployment class; wrapped with serve.ingress() (app built at replica init).
+
+    Besides HTTP, Python callers use it through a Serve handle (see README):
+        handle = serve.get_app_handle("raylm")
+        out = await handle.generate.remote("The capital of France is", {"max_tokens": 8, "temperature": 0})
+        async for out in handle.options(stream=True).generate_stream.remote(prompt, params): ...
+    Prompts are text or token ids; params are SamplingParams fields. Outputs are RequestOutputs.
+    """
 
     def __init__(self, llm_handle, engine_config: Dict[str, Any], model_name: str,
                  api_key: Optional[str] = None, max_body_bytes: int = 1 << 20) -> None:
@@ -77,3 +84,25 @@ class OpenAIIngress:
         app = create_app(self.client, api_key=self.api_key, max_body_bytes=self.max_body_bytes)
         add_metrics_route(app, self.client, self.sink)
         return app
+
+    async def generate(self, prompt, params: Optional[Dict[str, Any]] = None, request_id: Optional[str] = None):
+        """The finished RequestOutput for one prompt (text or token ids)."""
+        last = None
+        async for last in self.generate_stream(prompt, params, request_id):
+            pass
+        return last
+
+    async def generate_stream(self, prompt, params: Optional[Dict[str, Any]] = None,
+                              request_id: Optional[str] = None):
+        """Cumulative RequestOutputs for one prompt; closing the stream aborts the request."""
+        import uuid
+
+        from raylm.sampling_params import SamplingParams
+
+        ids = self.client.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        sampling = SamplingParams(**(params or {}))
+        if not ids or len(ids) >= self.client.max_model_len:
+            raise ValueError(f"prompt must have 1..{self.client.max_model_len - 1} tokens (got {len(ids)})")
+        async for out in self.client.generate(ids, sampling, request_id or f"py-{uuid.uuid4().hex}"):
+            out.prompt = prompt if isinstance(prompt, str) else None
+            yield out
