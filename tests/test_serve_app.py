@@ -105,6 +105,9 @@ def test_busy_replica_gets_no_new_request(server):
             for _ in range(6):
                 r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
                 assert r.status_code == 200
+                # load reaches routers through the coordinator at most every ~100 ms: give the
+                # idle replica's score time to show it finished, as any later request would
+                await asyncio.sleep(0.3)
             after = _metric((await http.get("/metrics")).text, "request_success_total")
             assert not long_req.done(), "the long request finished early; the test proves nothing"
             await long_req

@@ -2,10 +2,12 @@
 
 Score = waiting * 4 + running, from the DP coordinator's table (long-polled, so it is
 fresh within ~100 ms), corrected by what this router saw since that replica's last
-report: +1 per request it routed there (so a burst does not all land on the replica that
-looked idle a moment ago), -1 per request that completed there (so a replica that just
-finished is not mistaken for a busy one). Replicas with the lowest score form the first
-rank; Serve picks among ties by probing queue lengths, which spreads them.
+report: a request it routed there counts as waiting (+4, as in vLLM's DP balancer), so a
+burst does not all land on the replica that looked idle a moment ago; a request that
+completed there takes back what it added (-4), or, if a report already counted it, the
+running slot the report most likely gave it (-1), so a replica that just finished is not
+mistaken for a busy one. The lowest-scoring replica (random among ties) is the only
+first-rank choice, so Serve's queue-length probing cannot override the score.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import asyncio
 import logging
 import random
 from collections import defaultdict
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import ray
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
@@ -22,13 +24,16 @@ from raylm.dp.coordinator import score
 
 logger = logging.getLogger(__name__)
 
+WAITING_WEIGHT = 4  # matches score(): a queued request weighs 4 running ones
+
 
 class LeastLoadedRouter(FIFOMixin, RequestRouter):
     def initialize_state(self, poll_timeout_s: float = 1.0) -> None:
         self._poll_timeout_s = poll_timeout_s
         self._table: Dict[str, Dict] = {}
         self._version = -1
-        self._delta: Dict[str, int] = defaultdict(int)  # routed - completed since the replica's last report
+        self._delta: Dict[str, int] = defaultdict(int)  # correction per replica since its last report
+        self._outstanding: Dict[str, Tuple[str, int]] = {}  # request id -> (replica key, weight in _delta)
         self._poller: Optional[asyncio.Task] = None
 
     def replica_score(self, replica: RunningReplica) -> int:
@@ -43,17 +48,19 @@ class LeastLoadedRouter(FIFOMixin, RequestRouter):
         self._ensure_poller(candidate_replicas)
         scored = sorted(((self.replica_score(r), random.random(), r) for r in candidate_replicas),
                         key=lambda t: (t[0], t[1]))
-        best = scored[0][0]
-        ranks = [[r for s, _, r in scored if s == best]]
-        rest = [r for s, _, r in scored if s != best]
-        return ranks + [rest] if rest else ranks
+        # One replica in the first rank (ties broken at random above), the rest as fallbacks
+        # should it refuse: Serve's queue-length probing must not override the score.
+        return [[scored[0][2]], [r for _, _, r in scored[1:]]] if len(scored) > 1 else [[scored[0][2]]]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: ReplicaResult) -> None:
-        self._delta[replica_id.unique_id] += 1
+        key = replica_id.unique_id
+        self._delta[key] += WAITING_WEIGHT
+        self._outstanding[pending_request.metadata.internal_request_id] = (key, WAITING_WEIGHT)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        self._delta[replica_id.unique_id] -= 1
+        key, weight = self._outstanding.pop(internal_request_id, (replica_id.unique_id, 1))
+        self._delta[key] -= weight
 
     # ---- coordinator table ------------------------------------------------------
 
@@ -79,4 +86,6 @@ class LeastLoadedRouter(FIFOMixin, RequestRouter):
                 for key, stats in table.items():  # a fresh report already counts what we saw
                     if stats.get("reported_at") != self._table.get(key, {}).get("reported_at"):
                         self._delta[key] = 0
+                        self._outstanding.update({rid: (k, 1) for rid, (k, _) in self._outstanding.items()
+                                                  if k == key})
                 self._table, self._version = table, version

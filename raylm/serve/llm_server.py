@@ -35,6 +35,7 @@ class LLMServer:
         import ray
 
         self.coordinator_identity = tuple(ray.get(self.coordinator.identity.remote()))
+        self._inflight = 0  # generate() calls in this replica, whether or not the engine has them yet
         self._pusher: Optional[asyncio.Task] = None
         self._last_pushed: Optional[Dict] = None
         self._metrics = None
@@ -45,15 +46,22 @@ class LLMServer:
         """Stream cumulative outputs; cancelling the stream aborts the request."""
         self._ensure_pusher()
         timer = self._timer(len(prompt_token_ids))
-        async for out in self.engine.generate({"prompt_token_ids": prompt_token_ids}, params, request_id):
-            out.metrics["dp_rank"] = self.dp_rank
-            if timer is not None:
-                timer.update(out, self.dp_rank)
-            yield out
+        self._inflight += 1
+        try:
+            async for out in self.engine.generate({"prompt_token_ids": prompt_token_ids}, params, request_id):
+                out.metrics["dp_rank"] = self.dp_rank
+                if timer is not None:
+                    timer.update(out, self.dp_rank)
+                yield out
+        finally:
+            self._inflight -= 1
 
     def stats(self) -> Dict[str, Any]:
         s = self.engine.stats()
-        return {"dp_rank": self.dp_rank, "replica": self.replica_key, "num_waiting": s.num_waiting,
+        # Requests accepted here but not yet in the engine's queues count as waiting: a report
+        # must not make a replica look idler than it is (the router trusts fresh reports).
+        waiting = max(s.num_waiting, self._inflight - s.num_running)
+        return {"dp_rank": self.dp_rank, "replica": self.replica_key, "num_waiting": waiting,
                 "num_running": s.num_running, "kv_cache_usage": s.kv_cache_usage,
                 "num_free_blocks": s.num_free_blocks, "num_blocks": s.num_blocks,
                 "num_preemptions": s.num_preemptions, "prefix_cache_queries": s.prefix_cache_queries,

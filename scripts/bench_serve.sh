@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Serving benchmarks for the README / issue notes: raylm serve at dp 1 and 2, loaded by
+# raylm bench serve at concurrency 1 and 32, plus the offline throughput on the same
+# workload (for the HTTP/offline ratio) and the whole app's PSS at idle and under load.
+# Usage: scripts/bench_serve.sh [dtype] [outdir]     (run on an otherwise idle machine)
+set -euo pipefail
+DTYPE=${1:-bfloat16}
+OUT=${2:-docs/bench}
+MODEL=smollm2-135m-instruct
+PORT=8011
+N32=${N32:-100}
+N1=${N1:-12}
+RAYLM=.venv/bin/raylm
+mkdir -p "$OUT"
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+
+wait_ready() {
+  for _ in $(seq 1 180); do
+    curl -sf "http://127.0.0.1:$PORT/v1/models" >/dev/null 2>&1 && return 0
+    sleep 1
+  done
+  echo "server did not come up" >&2; return 1
+}
+
+$RAYLM bench throughput --model $MODEL --dtype $DTYPE --backend raylm --num-prompts $N32 \
+  --output-json "$OUT/offline-$DTYPE-n$N32.json" --disable-tqdm
+
+for DP in 1 2; do
+  $RAYLM serve --model $MODEL --dtype $DTYPE --dp $DP --port $PORT --max-model-len 2048 &
+  SERVER=$!
+  wait_ready
+  $RAYLM bench memory --pid $SERVER > "$OUT/memory-idle-dp$DP-$DTYPE.json"
+  $RAYLM bench serve --base-url http://127.0.0.1:$PORT --model $MODEL --num-prompts $N1 \
+    --max-concurrency 1 --output-json "$OUT/serve-dp$DP-c1-$DTYPE.json" --disable-tqdm
+  ( sleep 20; $RAYLM bench memory --pid $SERVER > "$OUT/memory-load-dp$DP-$DTYPE.json" ) &
+  $RAYLM bench serve --base-url http://127.0.0.1:$PORT --model $MODEL --num-prompts $N32 \
+    --max-concurrency 32 --output-json "$OUT/serve-dp$DP-c32-$DTYPE.json" --disable-tqdm
+  wait %2 2>/dev/null || true
+  kill -INT $SERVER; wait $SERVER || true
+  sleep 3
+done
