@@ -27,7 +27,8 @@ import numpy as np
 
 from raylm.bench.report import machine_info, print_table, write_json
 from raylm.bench.serve_client import RequestOutput, is_chat_endpoint, request_body, send_request
-from raylm.bench.workload import BenchRequest, WorkloadSpec, build_workload, summarize
+from raylm.bench.workload import (BenchRequest, WorkloadSpec, add_workload_args, build_workload, summarize,
+                                  workload_spec)
 
 SLO_METRICS = ("ttft", "tpot", "e2el")
 LATENCY_METRICS = [("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2el", "E2E latency")]
@@ -57,12 +58,7 @@ def add_parser(sub, add_engine_args=None) -> None:
     p.add_argument("--output-json", default=None, help="write the results here (atomically)")
     p.add_argument("--disable-tqdm", action="store_true")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    w = p.add_argument_group("workload (defaults: workload A)")
-    defaults = WorkloadSpec()
-    for name in ["input_median", "input_sigma", "output_median", "output_sigma"]:
-        w.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
-    for name in ["input_min", "input_max", "output_min", "output_max", "fixed_input_len", "fixed_output_len"]:
-        w.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    add_workload_args(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -123,7 +119,6 @@ def load_requests(args: argparse.Namespace) -> Tuple[WorkloadSpec, List[BenchReq
     """Workload A (with the command line's overrides) for the tokenizer."""
     from transformers import AutoTokenizer
 
-    from raylm.bench.throughput import workload_spec
 
     path = tokenizer_path(args)
     spec = workload_spec(args)

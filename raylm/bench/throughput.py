@@ -12,7 +12,8 @@ import time
 from typing import List
 
 from raylm.bench.report import machine_info, plot_bars, print_table, write_json
-from raylm.bench.workload import BenchRequest, WorkloadSpec, build_workload, summarize, warmup_requests
+from raylm.bench.workload import (BenchRequest, add_workload_args, build_workload, summarize,
+                                  warmup_requests, workload_spec)
 
 COLUMNS = [("backend", "backend"), ("requests", "requests"), ("prompt_tokens", "prompt tokens"),
            ("output_tokens", "output tokens"), ("elapsed_s", "elapsed s", ".2f"),
@@ -31,19 +32,8 @@ def add_parser(sub, add_engine_args) -> None:
     p.add_argument("--hf-batch-size", type=int, default=32, help="static batch size of the HF backend")
     p.add_argument("--plot", default=None, help="bar chart of output tok/s to this PNG (needs matplotlib)")
     p.add_argument("--disable-tqdm", action="store_true")
-    w = p.add_argument_group("workload (defaults: workload A)")
-    defaults = WorkloadSpec()
-    for name in ["input_median", "input_sigma", "output_median", "output_sigma"]:
-        w.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
-    for name in ["input_min", "input_max", "output_min", "output_max", "fixed_input_len", "fixed_output_len"]:
-        w.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    add_workload_args(p)
     p.set_defaults(func=cmd_throughput)
-
-
-def workload_spec(args: argparse.Namespace) -> WorkloadSpec:
-    """The WorkloadSpec named by the command-line options (seed: --seed)."""
-    fields = WorkloadSpec.__dataclass_fields__
-    return WorkloadSpec(**{k: getattr(args, k) for k in fields if k != "seed"}, seed=args.seed)
 
 
 def dtype_name(dtype: str) -> str:

@@ -130,3 +130,19 @@ def summarize(requests: List[BenchRequest]) -> dict:
             "prompt_len_median": float(np.median(ins)),
             "output_len_min": min(outs), "output_len_max": max(outs),
             "output_len_median": float(np.median(outs))}
+
+
+def add_workload_args(parser) -> None:
+    """Workload A's knobs as command-line options (shared by every benchmark that draws it)."""
+    group = parser.add_argument_group("workload (defaults: workload A)")
+    defaults = WorkloadSpec()
+    for name in ["input_median", "input_sigma", "output_median", "output_sigma"]:
+        group.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
+    for name in ["input_min", "input_max", "output_min", "output_max", "fixed_input_len", "fixed_output_len"]:
+        group.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+
+
+def workload_spec(args) -> WorkloadSpec:
+    """The WorkloadSpec named by the command-line options (seed: --seed)."""
+    fields = WorkloadSpec.__dataclass_fields__
+    return WorkloadSpec(**{k: getattr(args, k) for k in fields if k != "seed"}, seed=args.seed)

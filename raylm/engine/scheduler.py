@@ -59,26 +59,33 @@ class Scheduler:
     # ---- one step ----------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        budget = self.config.max_num_batched_tokens
+        """Running requests first (oldest first, preempting the newest when blocks run out),
+        then waiting ones while budget, blocks and max_num_seqs allow (not after a preemption)."""
         num_scheduled: Dict[str, int] = {}
-        new_reqs: List[NewRequestData] = []
-        cached = CachedRequestData()
         self._preempted_this_step = False
+        budget = self.config.max_num_batched_tokens
+        cached, budget = self._schedule_running(budget, num_scheduled)
+        new_reqs = [] if self._preempted_this_step else self._schedule_waiting(budget, num_scheduled)
+        forget, self._forget = self._forget, set()
+        return SchedulerOutput(new_reqs, cached, num_scheduled, sum(num_scheduled.values()), forget)
 
+    def _schedule_running(self, budget: int, num_scheduled: Dict[str, int]):
+        cached = CachedRequestData()
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = self._num_new_tokens(request, budget)
             if not self._make_room(request, n):
                 break  # the request itself was preempted; everything after it too
-            block_ids = self.kv.allocate(request, n)
-            self._add_cached(cached, request, block_ids)
+            self._add_cached(cached, request, self.kv.allocate(request, n))
             num_scheduled[request.request_id] = n
             budget -= n
             i += 1
-        preempted = self._preempted_this_step
+        return cached, budget
 
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+    def _schedule_waiting(self, budget: int, num_scheduled: Dict[str, int]) -> List[NewRequestData]:
+        new_reqs: List[NewRequestData] = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             computed, num_hit = self.kv.get_computed_blocks(request)
             # The KV manager counts the hits itself (request.num_computed_tokens + len(computed) *
@@ -96,9 +103,7 @@ class Scheduler:
             new_reqs.append(self._new_request_data(request, block_ids))
             num_scheduled[request.request_id] = n
             budget -= n
-
-        forget, self._forget = self._forget, set()
-        return SchedulerOutput(new_reqs, cached, num_scheduled, sum(num_scheduled.values()), forget)
+        return new_reqs
 
     def _num_new_tokens(self, request: Request, budget: int, num_hit: int = 0) -> int:
         remaining = request.num_tokens - request.num_computed_tokens - num_hit
