@@ -22,8 +22,12 @@ wait_ready() {
   echo "server did not come up" >&2; return 1
 }
 
-$RAYLM bench throughput --model $MODEL --dtype $DTYPE --backend raylm --num-prompts $N32 \
-  --output-json "$OUT/offline-$DTYPE-n$N32.json" --disable-tqdm
+# offline reference at the same concurrency as the HTTP runs (32 in flight), same prompts
+$RAYLM bench throughput --model $MODEL --dtype $DTYPE --backend raylm --num-prompts $N32 --max-num-seqs 32 \
+  --output-json "$OUT/offline-$DTYPE-n$N32-c32.json" --disable-tqdm
+# offline single-request TTFT at workload A's median prompt: the reference for the HTTP TTFT at c=1
+$RAYLM bench latency --model $MODEL --dtype $DTYPE --input-len 150 --output-len 32 --iters 8 \
+  --output-json "$OUT/latency-$DTYPE.json"
 
 for DP in 1 2; do
   $RAYLM serve --model $MODEL --dtype $DTYPE --dp $DP --port $PORT --max-model-len 2048 &

@@ -117,3 +117,21 @@ def test_throughput_end_to_end(tiny_llama, tiny_tokenizer, tmp_path, capsys):
     assert report["workload"]["num_prompts"] == 4 and report["machine"]["cpu_count"] >= 1
     printed = capsys.readouterr().out
     assert "output tok/s" in printed and "raylm / hf" in printed
+
+
+def test_bench_latency_on_tiny_model(tiny_llama, tmp_path):
+    """Single-request latency: TTFT within E2E, E2E = TTFT + (n-1) * TPOT, JSON written."""
+    import json
+
+    from raylm.cli import main
+
+    out = tmp_path / "lat.json"
+    rc = main(["bench", "latency", "--model", str(tiny_llama), "--dtype", "float32", "--input-len", "20",
+               "--output-len", "8", "--iters", "3", "--warmup", "1", "--num-blocks", "64",
+               "--output-json", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert len(data["runs"]) == 3
+    for r in data["runs"]:
+        assert 0 < r["ttft_ms"] <= r["e2e_ms"]
+        assert abs(r["ttft_ms"] + 7 * r["tpot_ms"] - r["e2e_ms"]) < 1e-6 * r["e2e_ms"] + 1e-6

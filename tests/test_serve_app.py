@@ -30,7 +30,7 @@ def server(smollm2_path):
 
     from raylm.deployments.openai import build_app
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=_free_port())
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app({"model": MODEL, "dtype": "float32", "dp": 2, "max_model_len": 1024, "num_blocks": 256})
@@ -202,3 +202,24 @@ def test_bad_requests_through_serve_get_4xx_and_serving_continues(server):
             assert set(err) >= {"message", "type", "param", "code"}
         ok = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+def test_metrics_reach_ray_metrics_export(server):
+    """The replicas' ray.util.metrics (what the Ray dashboard shows) appear on the node's
+    Prometheus export, labelled by DP rank, after some traffic."""
+    import ray
+
+    node = ray.nodes()[0]
+    export = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 4}, timeout=60)
+    deadline = time.time() + 90  # Ray exports on a period (several seconds)
+    while time.time() < deadline:
+        try:
+            text = httpx.get(export, timeout=10).text
+        except httpx.HTTPError:
+            text = ""
+        lines = [l for l in text.splitlines() if l.startswith("ray_raylm_generation_tokens")]
+        if any('dp_rank="' in l for l in lines):
+            return
+        time.sleep(3)
+    pytest.fail(f"no raylm metrics on {export}")

@@ -5,9 +5,10 @@ from __future__ import annotations
 def add_bench_parser(sub, add_engine_args) -> None:
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    from raylm.bench import memory, serve, step, throughput
+    from raylm.bench import latency, memory, serve, step, throughput
 
     throughput.add_parser(bench_sub, add_engine_args)
     step.add_parser(bench_sub, add_engine_args)
     memory.add_parser(bench_sub, add_engine_args)
+    latency.add_parser(bench_sub, add_engine_args)
     serve.add_parser(bench_sub, add_engine_args)
