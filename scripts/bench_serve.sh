@@ -23,14 +23,19 @@ wait_ready() {
 }
 
 # offline reference at the same concurrency as the HTTP runs (32 in flight), same prompts
-$RAYLM bench throughput --model $MODEL --dtype $DTYPE --backend raylm --num-prompts $N32 --max-num-seqs 32 \
+[ -n "${SKIP_OFFLINE:-}" ] || $RAYLM bench throughput --model $MODEL --dtype $DTYPE --backend raylm --num-prompts $N32 --max-num-seqs 32 \
   --output-json "$OUT/offline-$DTYPE-n$N32-c32.json" --disable-tqdm
 # offline single-request TTFT at workload A's median prompt: the reference for the HTTP TTFT at c=1
-$RAYLM bench latency --model $MODEL --dtype $DTYPE --input-len 150 --output-len 32 --iters 8 \
+[ -n "${SKIP_OFFLINE:-}" ] || $RAYLM bench latency --model $MODEL --dtype $DTYPE --input-len 150 --output-len 32 --iters 8 \
   --output-json "$OUT/latency-$DTYPE.json"
 
-for DP in 1 2; do
-  $RAYLM serve --model $MODEL --dtype $DTYPE --dp $DP --port $PORT --max-model-len 2048 &
+CORES=${CORES:-$(nproc)}
+for DP in ${DPS:-1 2}; do
+  # each replica gets CORES/DP CPUs: Ray sets OMP_NUM_THREADS to that, so torch in a dp=1
+  # replica uses every core, as the offline reference does
+  CPUS=$(python3 -c "print($CORES / $DP)")
+  $RAYLM serve --model $MODEL --dtype $DTYPE --dp $DP --port $PORT --max-model-len 2048 \
+    --num-cpus-per-replica $CPUS &
   SERVER=$!
   wait_ready
   $RAYLM bench memory --pid $SERVER > "$OUT/memory-idle-dp$DP-$DTYPE.json"
@@ -40,6 +45,6 @@ for DP in 1 2; do
   $RAYLM bench serve --base-url http://127.0.0.1:$PORT --model $MODEL --num-prompts $N32 \
     --max-concurrency 32 --output-json "$OUT/serve-dp$DP-c32-$DTYPE.json" --disable-tqdm
   wait %2 2>/dev/null || true
-  kill -INT $SERVER; wait $SERVER || true
+  kill -TERM $SERVER; wait $SERVER || true
   sleep 3
 done

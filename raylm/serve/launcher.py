@@ -44,12 +44,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(app_args), name="raylm", route_prefix="/", blocking=False)
     logger.info("serving %s on http://%s:%d/v1 (dp=%d)", app_args.model_name, args.host, args.port, args.dp)
-    try:
-        import threading
-
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        serve.shutdown()
+    wait_for_stop_signal()
+    serve.shutdown()
     return 0
+
+
+def wait_for_stop_signal() -> None:
+    """Block until SIGINT or SIGTERM. Process managers (and shell scripts, whose background
+    jobs ignore SIGINT) stop servers with SIGTERM, so both must end `raylm serve` cleanly."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
