@@ -44,11 +44,12 @@ class AsyncEngine:
             raise EngineDeadError(f"engine is dead: {self.dead!r}")
         if request_id in self.streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        _, ids = self.engine.tokenize_prompt(prompt)
+        text, ids = self.engine.tokenize_prompt(prompt)
         self.engine.validate(ids, params)  # raise in the caller, before anything is queued
         queue: asyncio.Queue = asyncio.Queue()
         self.streams[request_id] = queue
-        self._pending_adds.append((prompt, params, request_id))
+        # queue the tokenized form: the engine loop must not tokenize the prompt a second time
+        self._pending_adds.append(({"prompt": text, "prompt_token_ids": ids}, params, request_id))
         self._ensure_loop()
         finished = False
         try:

@@ -25,23 +25,26 @@ def max_model_len_for(model: ModelConfig, hf_config) -> int:
     return min(model.max_model_len or limit, limit)
 
 
-def tokenizer_and_max_len(model: Union[ModelConfig, Dict]):
-    """(HF tokenizer, max_model_len) for a model config, without building an engine."""
+def load_tokenizer(model: ModelConfig, model_path: str):
+    """The HF tokenizer: `model.tokenizer` if set, else the one beside the weights."""
     from transformers import AutoTokenizer
 
+    return AutoTokenizer.from_pretrained(model.tokenizer or model_path)
+
+
+def tokenizer_and_max_len(model: Union[ModelConfig, Dict]):
+    """(HF tokenizer, max_model_len) for a model config, without building an engine."""
     model = model if isinstance(model, ModelConfig) else ModelConfig(**model)
     path = resolve_model_path(model.model)
-    return AutoTokenizer.from_pretrained(model.tokenizer or path), max_model_len_for(model, load_hf_config(path))
+    return load_tokenizer(model, path), max_model_len_for(model, load_hf_config(path))
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
-        from transformers import AutoTokenizer
-
         self.config = config
         self.model_path = resolve_model_path(config.model.model)
         self.hf_config = load_hf_config(self.model_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or self.model_path)
+        self.tokenizer = load_tokenizer(config.model, self.model_path)
         self.max_model_len = max_model_len_for(config.model, self.hf_config)
         self.eos_token_ids = self._eos_ids()
         self.vocab_size = self.hf_config.vocab_size
