@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 
 @dataclass
@@ -39,3 +39,59 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0
     metrics: Dict[str, float] = field(default_factory=dict)
+
+
+# ---- delta streaming ------------------------------------------------------------------
+# A stream that asks for output_kind="delta" gets, per update, only what is new in each
+# choice: the text and token ids (and logprobs) since the last update. Crossing a process
+# boundary (Serve replica -> ingress) a delta costs O(new tokens) to pickle, where the
+# cumulative form costs O(all tokens so far) every step.
+
+@dataclass
+class DeltaState:
+    """What one delta stream has sent so far."""
+    sent: Dict[int, Tuple[int, int]] = field(default_factory=dict)  # choice -> (text chars, tokens)
+    done: set = field(default_factory=set)  # choices whose finish was sent
+    started: bool = False  # the prompt ids go out with the first delta only
+
+
+def delta_output(out: RequestOutput, state: DeltaState) -> Optional[RequestOutput]:
+    """The part of cumulative `out` not yet sent (`state` is updated); None when nothing
+    changed. Choices with nothing new are left out."""
+    choices = []
+    for c in out.outputs:
+        chars, tokens = state.sent.get(c.index, (0, 0))
+        if c.index in state.done or (len(c.token_ids) == tokens and len(c.text) == chars and not c.finish_reason):
+            continue
+        choices.append(CompletionOutput(
+            c.index, c.text[chars:], c.token_ids[tokens:], c.cumulative_logprob,
+            c.logprobs[tokens:] if c.logprobs is not None else None, c.finish_reason, c.stop_reason))
+        state.sent[c.index] = (len(c.text), len(c.token_ids))
+        if c.finish_reason:
+            state.done.add(c.index)
+    if not choices and not out.finished:
+        return None
+    prompt, prompt_ids = (None, []) if state.started else (out.prompt, out.prompt_token_ids)
+    state.started = True
+    return RequestOutput(out.request_id, prompt, prompt_ids, choices, out.finished,
+                         out.num_cached_tokens, dict(out.metrics))
+
+
+def merge_delta(acc: Optional[RequestOutput], delta: RequestOutput) -> RequestOutput:
+    """Fold a delta into the cumulative output `acc` (None for the first delta)."""
+    if acc is None:
+        acc = RequestOutput(delta.request_id, delta.prompt, list(delta.prompt_token_ids), [])
+    by_index = {c.index: c for c in acc.outputs}
+    for d in delta.outputs:
+        c = by_index.get(d.index)
+        if c is None:
+            c = by_index[d.index] = CompletionOutput(d.index, "", [], None, [] if d.logprobs is not None else None)
+            acc.outputs.append(c)
+            acc.outputs.sort(key=lambda x: x.index)
+        c.text += d.text
+        c.token_ids.extend(d.token_ids)
+        if d.logprobs is not None:
+            c.logprobs.extend(d.logprobs)
+        c.cumulative_logprob, c.finish_reason, c.stop_reason = d.cumulative_logprob, d.finish_reason, d.stop_reason
+    acc.finished, acc.num_cached_tokens, acc.metrics = delta.finished, delta.num_cached_tokens, delta.metrics
+    return acc

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Union
 
 _GREEDY_EPS = 1e-5
+OUTPUT_KINDS = ("cumulative", "delta")
 
 
 @dataclass
@@ -36,6 +37,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: Optional[int] = None
     skip_special_tokens: bool = True
+    # How an AsyncEngine stream reports progress: "cumulative" (every output holds all text
+    # and tokens so far; the offline API's form) or "delta" (only what is new since the last
+    # output; what crosses the Serve boundary). vLLM's RequestOutputKind, by name.
+    output_kind: str = "cumulative"
     # Filled in by the engine from the tokenizer / generation config; not a user option.
     all_stop_token_ids: set = field(default_factory=set, repr=False)
 
@@ -70,6 +75,7 @@ class SamplingParams:
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
             ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "must be non-negative integers"),
+            ("output_kind", self.output_kind in OUTPUT_KINDS, f"must be one of {OUTPUT_KINDS}"),
             ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer"),
         ]
         for name, ok, why in checks:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Serving benchmarks for the README / issue notes: raylm serve at dp 1 and 2, loaded by
 # raylm bench serve at concurrency 1 and 32, plus the offline throughput on the same
-# workload (for the HTTP/offline ratio) and the whole app's PSS at idle and under load.
+# workload (for the HTTP/offline ratio) and the whole app's PSS at idle, under load and after.
 # Usage: scripts/bench_serve.sh [dtype] [outdir]     (run on an otherwise idle machine)
 set -euo pipefail
 DTYPE=${1:-bfloat16}
@@ -16,18 +16,23 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 
 wait_ready() {
   for _ in $(seq 1 180); do
-    curl -sf "http://127.0.0.1:$PORT/v1/models" >/dev/null 2>&1 && return 0
+    curl -sf "http://127.0.0.1:$PORT/health" >/dev/null 2>&1 && return 0
     sleep 1
   done
   echo "server did not come up" >&2; return 1
 }
 
-# offline reference at the same concurrency as the HTTP runs (32 in flight), same prompts
-[ -n "${SKIP_OFFLINE:-}" ] || $RAYLM bench throughput --model $MODEL --dtype $DTYPE --backend raylm --num-prompts $N32 --max-num-seqs 32 \
-  --output-json "$OUT/offline-$DTYPE-n$N32-c32.json" --disable-tqdm
-# offline single-request TTFT at workload A's median prompt: the reference for the HTTP TTFT at c=1
-[ -n "${SKIP_OFFLINE:-}" ] || $RAYLM bench latency --model $MODEL --dtype $DTYPE --input-len 150 --output-len 32 --iters 8 \
-  --output-json "$OUT/latency-$DTYPE.json"
+# references, without HTTP/Serve/Ray: the same workload through an in-process AsyncEngine at
+# the same concurrency (same client-side timing), and the offline LLM API's throughput
+if [ -z "${SKIP_OFFLINE:-}" ]; then
+  for C in 1 32; do
+    N=$([ $C = 1 ] && echo $N1 || echo $N32)
+    $RAYLM bench serve --backend inprocess --model $MODEL --dtype $DTYPE --max-model-len 2048 --num-prompts $N \
+      --max-concurrency $C --output-json "$OUT/inprocess-c$C-$DTYPE.json" --disable-tqdm
+  done
+  $RAYLM bench throughput --model $MODEL --dtype $DTYPE --backend raylm --num-prompts $N32 --max-num-seqs 32 \
+    --output-json "$OUT/offline-$DTYPE-n$N32-c32.json" --disable-tqdm
+fi
 
 CORES=${CORES:-$(nproc)}
 for DP in ${DPS:-1 2}; do
@@ -45,6 +50,7 @@ for DP in ${DPS:-1 2}; do
   $RAYLM bench serve --base-url http://127.0.0.1:$PORT --model $MODEL --num-prompts $N32 \
     --max-concurrency 32 --output-json "$OUT/serve-dp$DP-c32-$DTYPE.json" --disable-tqdm
   wait %2 2>/dev/null || true
+  $RAYLM bench memory --pid $SERVER > "$OUT/memory-after-dp$DP-$DTYPE.json"
   kill -TERM $SERVER; wait $SERVER || true
   sleep 3
 done

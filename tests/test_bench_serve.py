@@ -165,7 +165,8 @@ def test_request_rate_schedules_sends(fake_server, tiny_llama):
     expected = serve.send_offsets(10, 20.0, 1.0, 3)
     starts = np.asarray(report["requests"]["start_s"])
     assert expected[-1] > 0.1  # the schedule is spread out, so this checks something
-    assert np.all(starts >= expected - 1e-3) and np.all(starts <= expected + 0.05)
+    # late by at most 0.15 s (a busy 2-core box); sending serially would drift by seconds
+    assert np.all(starts >= expected - 1e-3) and np.all(starts <= expected + 0.15)
 
 
 def test_failures_are_counted_by_status(fake_server, tiny_llama):
@@ -240,3 +241,20 @@ def test_option_parsing():
             serve.parse_goodput(bad)
     with pytest.raises(ValueError):
         serve.parse_percentiles("0,50")
+
+
+def test_inprocess_backend_runs_the_same_workload(tiny_llama):
+    """--backend inprocess: the same requests through an AsyncEngine, timed the same way."""
+    from raylm.cli import build_parser
+
+    args = build_parser().parse_args([
+        "bench", "serve", "--backend", "inprocess", "--model", str(tiny_llama), "--dtype", "float32",
+        "--max-model-len", "128", "--kv-cache-memory", "4MiB", "--disable-tqdm", "--fixed-input-len", "16",
+        "--fixed-output-len", "6", "--num-prompts", "6", "--max-concurrency", "2"])
+    report = asyncio.run(serve.benchmark(args))
+    r, reqs = report["results"], report["requests"]
+    assert report["backend"] == "inprocess" and report["base_url"] is None
+    assert r["completed"] == 6 and r["failed"] == 0
+    assert reqs["output_lens"] == [6] * 6 and reqs["prompt_lens"] == [16] * 6
+    assert all(t is not None and t > 0 for t in reqs["ttfts"])
+    assert all(e >= t for e, t in zip(reqs["e2els"], reqs["ttfts"]))

@@ -27,6 +27,7 @@ import numpy as np
 
 from raylm.bench.report import machine_info, print_table, write_json
 from raylm.bench.serve_client import RequestOutput, is_chat_endpoint, request_body, send_request
+from raylm.bench.serve_local import add_inprocess_args, inprocess_sender
 from raylm.bench.workload import (BenchRequest, WorkloadSpec, add_workload_args, build_workload, summarize,
                                   workload_spec)
 
@@ -39,6 +40,9 @@ def add_parser(sub, add_engine_args=None) -> None:
     (`add_engine_args`, kept for a uniform signature) are not added; only --model and --seed."""
     p = sub.add_parser("serve", help="online load against an OpenAI-compatible server",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", choices=["http", "inprocess"], default="http",
+                   help="http: an OpenAI-compatible server at --base-url; inprocess: the same load "
+                        "through an AsyncEngine in this process (the reference for the HTTP path's cost)")
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
     p.add_argument("--endpoint", default="/v1/completions", help="/v1/completions or /v1/chat/completions")
     p.add_argument("--model", default="smollm2-135m-instruct",
@@ -59,6 +63,7 @@ def add_parser(sub, add_engine_args=None) -> None:
     p.add_argument("--disable-tqdm", action="store_true")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     add_workload_args(p)
+    add_inprocess_args(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -128,28 +133,19 @@ def load_requests(args: argparse.Namespace) -> Tuple[WorkloadSpec, List[BenchReq
 async def run_requests(args: argparse.Namespace, requests: List[BenchRequest]) -> Tuple[List[RequestOutput], float]:
     """Send every request on its arrival schedule, at most --max-concurrency at a time;
     returns the outputs (in request order) and the wall time from first send to last reply."""
-    import aiohttp
     from tqdm import tqdm
 
-    chat = is_chat_endpoint(args.endpoint)
-    url = args.base_url.rstrip("/") + "/" + args.endpoint.lstrip("/")
-    api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    bodies = [request_body(chat, args.model, r.prompt, r.output_len, args.temperature, args.ignore_eos)
-              for r in requests]
     offsets = send_offsets(len(requests), args.request_rate, args.burstiness, args.seed)
-    limit = args.max_concurrency or len(requests)
-    sem = asyncio.Semaphore(limit) if args.max_concurrency else contextlib.nullcontext()
-    connector = aiohttp.TCPConnector(limit=limit)
-    timeout = aiohttp.ClientTimeout(total=args.timeout)
+    sem = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else contextlib.nullcontext()
+    opener = inprocess_sender if args.backend == "inprocess" else http_sender
     with tqdm(total=len(requests), disable=args.disable_tqdm) as pbar:
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        async with opener(args, requests) as send:
             t0 = time.perf_counter()
 
             async def one(i: int) -> RequestOutput:
                 await asyncio.sleep(max(0.0, t0 + offsets[i] - time.perf_counter()))
                 async with sem:
-                    out = await send_request(session, url, bodies[i], headers, chat, requests[i].prompt_len)
+                    out = await send(i)
                 out.start -= t0
                 pbar.update(1)
                 return out
@@ -157,6 +153,22 @@ async def run_requests(args: argparse.Namespace, requests: List[BenchRequest]) -
             outputs = await asyncio.gather(*(one(i) for i in range(len(requests))))
             duration = time.perf_counter() - t0
     return list(outputs), duration
+
+
+@contextlib.asynccontextmanager
+async def http_sender(args: argparse.Namespace, requests: List[BenchRequest]):
+    """Yields send(i): POST request i as a streaming OpenAI request and time it."""
+    import aiohttp
+
+    chat = is_chat_endpoint(args.endpoint)
+    url = args.base_url.rstrip("/") + "/" + args.endpoint.lstrip("/")
+    api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    bodies = [request_body(chat, args.model, r.prompt, r.output_len, args.temperature, args.ignore_eos)
+              for r in requests]
+    connector = aiohttp.TCPConnector(limit=args.max_concurrency or len(requests))
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=args.timeout)) as s:
+        yield lambda i: send_request(s, url, bodies[i], headers, chat, requests[i].prompt_len)
 
 
 def meets_slos(out: RequestOutput, slos: Dict[str, float]) -> bool:
@@ -219,7 +231,8 @@ async def benchmark(args: argparse.Namespace) -> dict:
     percentiles = parse_percentiles(args.percentiles)
     spec, requests, tok_path = load_requests(args)
     outputs, duration = await run_requests(args, requests)
-    return {"benchmark": "serve", "base_url": args.base_url, "endpoint": args.endpoint,
+    return {"benchmark": "serve", "backend": args.backend,
+            "base_url": args.base_url if args.backend == "http" else None, "endpoint": args.endpoint,
             "model": args.model, "tokenizer": tok_path, "args": _jsonable_args(args),
             "sampling": {"temperature": args.temperature, "ignore_eos": args.ignore_eos},
             "goodput_slos_ms": slos, "percentiles": percentiles,

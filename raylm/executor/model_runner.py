@@ -47,14 +47,17 @@ class ModelRunner:
 
     def determine_num_blocks(self) -> int:
         """Blocks that fit the budget: `num_blocks` if set, else `kv_cache_memory` (bytes, or a
-        fraction of currently available memory; default 0.3 of it, capped at 4 GiB)."""
+        fraction of currently available memory). The default, 0.3 of available memory capped
+        at 4 GiB, is split over the DP replicas: on one node they share that memory, and each
+        replica touches its whole budget under sustained load (prefix-cache LRU), so dp
+        full budgets would add up to dp x 4 GiB. On a multi-node cluster, set it explicitly."""
         cache = self.config.cache
         if cache.num_blocks:
             return cache.num_blocks
         budget = parse_memory(cache.kv_cache_memory) if cache.kv_cache_memory is not None else None
         available = psutil.virtual_memory().available
         if budget is None:
-            budget = min(int(0.3 * available), 4 << 30)
+            budget = min(int(0.3 * available), 4 << 30) // self.config.parallel.data_parallel_size
         elif isinstance(budget, float):
             budget = int(budget * available)
         return max(1, budget // self.kv_bytes_per_block())

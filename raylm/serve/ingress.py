@@ -3,6 +3,7 @@ through a DeploymentHandle whose router is raylm.dp.router.LeastLoadedRouter."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any, Dict, List, Optional
 
 import ray
@@ -10,6 +11,7 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 
 from raylm.engine.llm_engine import tokenizer_and_max_len
+from raylm.outputs import merge_delta
 from raylm.serve.engine_client import EngineClient
 from raylm.serve.metrics import PromSink, RequestTimer, publish_engine_stats
 
@@ -27,10 +29,16 @@ class ServeEngineClient(EngineClient):
         self._coordinator = None
 
     async def generate(self, prompt_token_ids, params, request_id):
-        stream = self.handle.generate.remote(prompt_token_ids, params, request_id)
-        timer = RequestTimer(self.sink, self.model_name, len(prompt_token_ids)) if self.sink else None
+        """Cumulative outputs (what the OpenAI layer reads), rebuilt from the deltas the
+        replica streams: a step then costs each request O(new tokens) to pickle, not O(all)."""
+        wants_delta = params.output_kind == "delta"
+        stream = self.handle.generate.remote(prompt_token_ids, replace(params, output_kind="delta"), request_id)
+        timer = (RequestTimer(self.sink, self.model_name, len(prompt_token_ids), deltas=wants_delta)
+                 if self.sink else None)
+        acc = None
         try:
-            async for out in stream:
+            async for delta in stream:
+                out = delta if wants_delta else (acc := merge_delta(acc, delta))
                 if timer is not None:
                     timer.update(out, out.metrics.get("dp_rank", 0))
                 yield out

@@ -31,6 +31,7 @@ class LLMServer:
         self.replica_key = ctx.replica_id.unique_id
         self.model_name = model_name
         self.engine = AsyncEngine(EngineConfig(**engine_config))
+        self.engine.engine.warmup()  # the first request must not pay for oneDNN's JIT (~10 s)
         self.coordinator = serve.get_deployment_actor(COORDINATOR_ACTOR)
         import ray
 
@@ -43,9 +44,10 @@ class LLMServer:
 
     async def generate(self, prompt_token_ids: List[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
-        """Stream cumulative outputs; cancelling the stream aborts the request."""
+        """Stream outputs (deltas when `params.output_kind == "delta"`, as the ingress asks);
+        cancelling the stream aborts the request."""
         self._ensure_pusher()
-        timer = self._timer(len(prompt_token_ids))
+        timer = self._timer(len(prompt_token_ids), params.output_kind == "delta")
         self._inflight += 1
         try:
             async for out in self.engine.generate({"prompt_token_ids": prompt_token_ids}, params, request_id):
@@ -96,11 +98,11 @@ class LLMServer:
                     logger.warning("cannot reach the DP coordinator: %s", exc)
             await asyncio.sleep(PUSH_INTERVAL_S)
 
-    def _timer(self, num_prompt_tokens: int):
+    def _timer(self, num_prompt_tokens: int, deltas: bool):
         from raylm.serve.metrics import RaySink, RequestTimer
 
         try:
             self._metrics = self._metrics or RaySink()
         except Exception:  # metrics must never fail a request
             return None
-        return RequestTimer(self._metrics, self.model_name, num_prompt_tokens)
+        return RequestTimer(self._metrics, self.model_name, num_prompt_tokens, deltas)

@@ -89,10 +89,11 @@ class RaySink:
 
 
 class RequestTimer:
-    """Feed it each cumulative output of one request; on finish it records every metric."""
+    """Feed it each output of one request (cumulative, or deltas when `deltas`); on finish
+    it records every metric."""
 
-    def __init__(self, sink, model_name: str, num_prompt_tokens: int) -> None:
-        self.sink, self.model_name = sink, model_name
+    def __init__(self, sink, model_name: str, num_prompt_tokens: int, deltas: bool = False) -> None:
+        self.sink, self.model_name, self.deltas = sink, model_name, deltas
         self.start = time.monotonic()
         self.last: Optional[float] = None
         self.num_prompt_tokens = num_prompt_tokens
@@ -101,7 +102,7 @@ class RequestTimer:
     def update(self, output, dp_rank: int) -> None:
         now = time.monotonic()
         tags = {"model_name": self.model_name, "dp_rank": str(dp_rank)}
-        new = sum(len(c.token_ids) - self.seen.get(c.index, 0) for c in output.outputs)
+        new = sum(len(c.token_ids) - (0 if self.deltas else self.seen.get(c.index, 0)) for c in output.outputs)
         if new:
             if self.last is None:
                 self.sink.observe("time_to_first_token_seconds", now - self.start, tags)

@@ -138,7 +138,8 @@ class _Sent:
 class DeltaTracker:
     """Turns cumulative CompletionOutputs into deltas, one state per choice key.
 
-    The engine may update an output while we read it (the AsyncEngine steps in a thread), so
+    The engine keeps updating the same output object after queueing it, so a queued output
+    may already hold later steps by the time it is read; so
     the finish reason is read first: once it is set, the text and tokens are final."""
 
     def __init__(self) -> None:

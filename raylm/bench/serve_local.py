@@ -1,0 +1,72 @@
+"""`raylm bench serve --backend inprocess`: the same load, timed the same way, but sent
+straight to an AsyncEngine in this process (no HTTP, no Serve, no Ray).
+
+This is the reference for what the HTTP path costs: same prompts, same arrival schedule,
+same concurrency cap, and a "chunk" is what the HTTP client would have received (an
+update that carries new text), timed when the engine hands it over.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+import uuid
+from typing import AsyncIterator, Awaitable, Callable, List
+
+from raylm.bench.serve_client import RequestOutput
+from raylm.bench.workload import BenchRequest
+
+Sender = Callable[[int], Awaitable[RequestOutput]]
+
+
+def add_inprocess_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("--backend inprocess (engine options)")
+    g.add_argument("--dtype", default="bfloat16")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=128)
+    g.add_argument("--kv-cache-memory", default=None)
+
+
+@contextlib.asynccontextmanager
+async def inprocess_sender(args: argparse.Namespace, requests: List[BenchRequest]) -> AsyncIterator[Sender]:
+    """Yields send(i): run request i through a fresh in-process AsyncEngine (warmed up)."""
+    from raylm.engine.async_engine import AsyncEngine
+    from raylm.llm import build_engine_config
+
+    options = {"dtype": args.dtype, "max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
+               "kv_cache_memory": args.kv_cache_memory, "seed": args.seed}
+    engine = AsyncEngine(build_engine_config(model=args.model, **{k: v for k, v in options.items() if v is not None}))
+    engine.engine.warmup()
+
+    async def send(i: int) -> RequestOutput:
+        return await _send(engine, requests[i], args)
+
+    yield send
+
+
+async def _send(engine, req: BenchRequest, args: argparse.Namespace) -> RequestOutput:
+    from raylm.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=req.output_len, temperature=args.temperature,
+                            ignore_eos=args.ignore_eos, output_kind="delta")
+    out = RequestOutput(prompt_len=req.prompt_len, expected_output_len=req.output_len)
+    out.start = last = time.perf_counter()
+    tokens = 0
+    try:
+        async for delta in engine.generate(req.prompt, params, f"bench-{uuid.uuid4().hex}"):
+            now = time.perf_counter()
+            tokens += sum(len(c.token_ids) for c in delta.outputs)
+            if delta.prompt_token_ids:
+                out.usage_prompt_tokens = len(delta.prompt_token_ids)
+            if not any(c.text for c in delta.outputs):
+                continue
+            if out.ttft is None:
+                out.ttft = now - out.start
+            else:
+                out.itl.append(now - last)
+            last, out.chunks = now, out.chunks + 1
+        out.e2el = time.perf_counter() - out.start
+        out.usage_output_tokens, out.success = tokens, out.chunks > 0
+    except Exception as exc:  # same contract as the HTTP sender: failures are data
+        out.error = f"{type(exc).__name__}: {exc}"
+    return out
