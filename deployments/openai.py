@@ -37,6 +37,7 @@ class ServeArgs(BaseModel):
     tp: int = Field(default=1, gt=0)
     pp: int = Field(default=1, gt=0)
     num_cpus_per_replica: float = Field(default=1.0, ge=0)
+    worker_num_cpus: float = Field(default=1.0, gt=0)  # per TP/PP worker actor (tp * pp > 1)
     api_key: Optional[str] = None
     max_body_bytes: int = 1 << 20
     max_ongoing_requests: int = 1024
@@ -50,7 +51,19 @@ class ServeArgs(BaseModel):
             scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,
                                       max_num_batched_tokens=self.max_num_batched_tokens),
             parallel=ParallelConfig(tensor_parallel_size=self.tp, pipeline_parallel_size=self.pp,
-                                    data_parallel_size=self.dp))
+                                    data_parallel_size=self.dp, worker_num_cpus=self.worker_num_cpus))
+
+    def replica_placement(self) -> Dict[str, Any]:
+        """Deployment options placing a replica: with TP/PP, a placement group whose bundle 0
+        is the replica and bundles 1..tp*pp its workers (the RayExecutor uses them in order);
+        PACK keeps a replica's workers on one node when they fit."""
+        world = self.tp * self.pp
+        if world == 1:
+            return {"ray_actor_options": {"num_cpus": self.num_cpus_per_replica}}
+        replica = {"CPU": max(self.num_cpus_per_replica, 0.01)}  # an empty bundle is not allowed
+        return {"ray_actor_options": {"num_cpus": replica["CPU"]},
+                "placement_group_bundles": [replica] + [{"CPU": self.worker_num_cpus}] * world,
+                "placement_group_strategy": "PACK"}
 
     @property
     def model_name(self) -> str:
@@ -72,7 +85,7 @@ def build_app(args: Dict[str, Any]):
     engine = a.engine_config().model_dump()
     llm = serve.deployment(
         LLMServer, name="LLMServer", num_replicas=a.dp, max_ongoing_requests=a.max_ongoing_requests,
-        ray_actor_options={"num_cpus": a.num_cpus_per_replica},
+        **a.replica_placement(),
         request_router_config=RequestRouterConfig(request_router_class=LeastLoadedRouter,
                                                   request_routing_stats_period_s=1.0),
         deployment_actors=[DeploymentActorConfig(name=COORDINATOR_ACTOR, actor_class=ray.remote(DPCoordinator),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import List, Literal, Optional, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -118,7 +118,10 @@ class ParallelConfig(_Config):
     tensor_parallel_size: int = Field(default=1, gt=0)
     pipeline_parallel_size: int = Field(default=1, gt=0)
     data_parallel_size: int = Field(default=1, gt=0)
-    distributed_executor_backend: Literal["uni", "ray"] = "uni"
+    distributed_executor_backend: Literal["uni", "ray"] = "uni"  # world size > 1 implies "ray"
+    # decoder layers per pipeline stage (e.g. [10, 14] for 24 layers); None splits evenly
+    pipeline_layer_split: Optional[List[int]] = None
+    worker_num_cpus: float = Field(default=1.0, gt=0)  # CPUs per Ray worker actor (its bundle)
 
     @property
     def world_size(self) -> int:

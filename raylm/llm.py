@@ -32,7 +32,9 @@ class LLM:
 
     Options use vLLM's names: dtype, max_model_len, seed, block_size, kv_cache_memory
     (bytes or a fraction of free memory), num_blocks, enable_prefix_caching, max_num_seqs,
-    max_num_batched_tokens, tensor_parallel_size, pipeline_parallel_size.
+    max_num_batched_tokens, tensor_parallel_size, pipeline_parallel_size. With TP/PP the
+    model runs on Ray worker actors (`ray.init()` is called if Ray is not up; options
+    worker_num_cpus and pipeline_layer_split shape the grid); `shutdown()` stops them.
     """
 
     def __init__(self, model: str = "smollm2-135m-instruct", **kwargs: Any) -> None:
@@ -92,3 +94,7 @@ class LLM:
 
     def stats(self):
         return self.engine.core.stats()
+
+    def shutdown(self) -> None:
+        """Stop the engine's workers (Ray actors with TP/PP); the LLM is unusable after."""
+        self.engine.core.shutdown()

@@ -38,6 +38,9 @@ def _tiny_config(kind: str):
                   tie_word_embeddings=False)
     if kind == "llama":
         return tf.LlamaConfig(intermediate_size=128, **common)
+    if kind == "llama_tied3":  # tied LM head and an odd layer count: uneven pipeline stages
+        return tf.LlamaConfig(intermediate_size=128, **{**common, "num_hidden_layers": 3,
+                                                        "tie_word_embeddings": True})
     if kind == "qwen2":
         return tf.Qwen2Config(intermediate_size=128, **common)
     if kind == "qwen3":
@@ -106,12 +109,15 @@ def hf_greedy(path, prompts: List[List[int]], max_new_tokens: int) -> List[List[
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    # ignore_eos semantics: EOS may be generated but does not stop generation. (HF's
+    # min_new_tokens would instead forbid EOS, a different token when EOS is the argmax.)
+    model.generation_config.eos_token_id = None
     outs = []
     with torch.inference_mode():
         for ids in prompts:
             x = torch.tensor([ids])
             y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                               min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+                               do_sample=False, pad_token_id=0)
             outs.append(y[0, len(ids):].tolist())
     return outs
 

@@ -33,14 +33,27 @@ def one_request(llm, prompt_ids, output_len: int) -> dict:
     start = time.perf_counter()
     llm.engine.add_request({"prompt_token_ids": prompt_ids},
                            SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True))
-    first = None
+    first, decode = None, []
     while llm.engine.has_unfinished_requests():
-        for out in llm.engine.step():
+        outputs = llm.engine.step()
+        if first is not None:
+            decode.append(dict(llm.engine.core.last_step_times))
+        for out in outputs:
             if first is None and out.outputs[0].token_ids:
                 first = time.perf_counter()
     end = time.perf_counter()
     return {"ttft_ms": (first - start) * 1000, "e2e_ms": (end - start) * 1000,
-            "tpot_ms": (end - first) * 1000 / max(1, output_len - 1)}
+            "tpot_ms": (end - first) * 1000 / max(1, output_len - 1), **_decode_phases(decode)}
+
+
+def _decode_phases(steps) -> dict:
+    """Median per decode step, as the answering worker saw it: its whole step and the part
+    spent in collectives / stage transfers (with TP/PP; 0 otherwise)."""
+    steps = [s for s in steps if s]
+    if not steps:
+        return {"step_ms": None, "comm_ms": None}
+    return {"step_ms": statistics.median(sum(v for k, v in s.items() if k != "comm") for s in steps) * 1000,
+            "comm_ms": statistics.median(s.get("comm", 0.0) for s in steps) * 1000}
 
 
 def cmd_latency(args: argparse.Namespace) -> int:
@@ -59,10 +72,16 @@ def cmd_latency(args: argparse.Namespace) -> int:
         result = one_request(llm, ids, args.output_len)
         if i >= args.warmup:
             runs.append(result)
-    row = {"input_len": args.input_len, "output_len": args.output_len,
-           **{k: statistics.median(r[k] for r in runs) for k in ("ttft_ms", "tpot_ms", "e2e_ms")}}
-    print_table([row], [("input_len", "input"), ("output_len", "output"), ("ttft_ms", "TTFT ms", ".1f"),
-                        ("tpot_ms", "TPOT ms", ".2f"), ("e2e_ms", "E2E ms", ".0f")])
+    keys = ("ttft_ms", "tpot_ms", "e2e_ms", "step_ms", "comm_ms")
+    row = {"input_len": args.input_len, "output_len": args.output_len, "tp": args.tensor_parallel_size,
+           "pp": args.pipeline_parallel_size,
+           **{k: statistics.median(r[k] for r in runs) if runs[0][k] is not None else None for k in keys}}
+    row["comm_share"] = row["comm_ms"] / row["step_ms"] if row["step_ms"] else None
+    print_table([row], [("tp", "TP"), ("pp", "PP"), ("input_len", "input"), ("output_len", "output"),
+                        ("ttft_ms", "TTFT ms", ".1f"), ("tpot_ms", "TPOT ms", ".2f"), ("e2e_ms", "E2E ms", ".0f"),
+                        ("step_ms", "worker step ms", ".2f"), ("comm_ms", "comm ms", ".2f"),
+                        ("comm_share", "comm share", ".2f")])
+    llm.shutdown()
     if args.output_json:
         write_json(args.output_json, {"benchmark": "latency", "model": args.model, "dtype": args.dtype,
                                       "iters": args.iters, "machine": machine_info(), "median": row,

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterable, List
+from collections import deque
+from typing import Deque, Iterable, List, Optional
 
 from raylm.config import EngineConfig
 from raylm.engine.request import Request
@@ -41,6 +42,10 @@ class EngineCore:
                     num_blocks, block_size, capacity, gib, capacity / max_model_len, max_model_len)
         self.num_blocks = num_blocks
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, max_model_len)
+        pp = config.parallel.pipeline_parallel_size
+        self.batch_queue: Optional[Deque] = deque(maxlen=pp) if pp > 1 else None
+        self.peak_batches_in_flight = 0  # tests check that the pipeline really filled
+        self.last_step_times: dict = {}  # the answering worker's phase times (raylm bench)
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -49,14 +54,38 @@ class EngineCore:
         self.scheduler.abort_requests(request_ids)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self.batch_queue)
 
     def step(self) -> List[EngineCoreOutput]:
+        if self.batch_queue is not None:
+            return self._step_pipelined()
         if not self.scheduler.has_unfinished_requests():
             return []
         scheduler_output = self.scheduler.schedule()
         model_output = self.executor.execute_model(scheduler_output)
+        self.last_step_times = model_output.timings
         return self.scheduler.update_from_output(scheduler_output, model_output)
+
+    def _step_pipelined(self) -> List[EngineCoreOutput]:
+        """With pp stages, keep up to pp steps in flight so no stage idles through a whole
+        step: submit a new batch while there is room (and work not already in flight),
+        otherwise wait for the oldest and apply its output."""
+        queue = self.batch_queue
+        if len(queue) < queue.maxlen and self.scheduler.has_unfinished_requests():
+            # a 1/pp share of the requests per batch, so the other batches have some too
+            share = -(-len(self.scheduler.requests) // queue.maxlen)
+            sched = self.scheduler.schedule(max_requests=share)
+            if not sched.is_empty or sched.finished_req_ids:  # workers must hear of finished ones
+                queue.append((sched, self.executor.execute_model_async(sched)))
+                self.peak_batches_in_flight = max(self.peak_batches_in_flight, len(queue))
+                if len(queue) < queue.maxlen and not sched.is_empty:
+                    return []
+        if not queue:
+            return []
+        sched, future = queue.popleft()
+        model_output = future.result()
+        self.last_step_times = model_output.timings
+        return self.scheduler.update_from_output(sched, model_output)
 
     def stats(self) -> EngineStats:
         s, kv = self.scheduler, self.scheduler.kv

@@ -51,6 +51,9 @@ class ModelRunnerOutput:
 
     sampled_token_ids: Dict[str, List[int]]
     logprobs: Dict[str, List[PositionLogprobs]] = field(default_factory=dict)
+    # seconds per phase on the worker that answered (prepare, forward, logits, sample, comm:
+    # time in collectives and stage transfers, waits included); for `raylm bench`
+    timings: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

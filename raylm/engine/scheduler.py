@@ -30,6 +30,9 @@ class Scheduler:
         self._forget: set = set()  # finished/preempted since the last SchedulerOutput
         self._preempted_this_step = False
         self.num_preemptions = 0
+        # Scheduled, output not yet applied. Only non-empty with several steps in flight
+        # (pipeline parallelism): such a request is neither scheduled again nor preempted.
+        self.in_flight: set = set()
 
     # ---- queue management --------------------------------------------------------
 
@@ -58,22 +61,29 @@ class Scheduler:
 
     # ---- one step ----------------------------------------------------------------
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, max_requests: Optional[int] = None) -> SchedulerOutput:
         """Running requests first (oldest first, preempting the newest when blocks run out),
-        then waiting ones while budget, blocks and max_num_seqs allow (not after a preemption)."""
+        then waiting ones while budget, blocks and max_num_seqs allow (not after a preemption).
+        `max_requests` caps this step's batch (pipeline parallelism splits requests over the
+        batches in flight)."""
         num_scheduled: Dict[str, int] = {}
+        self._limit = max_requests or self.config.max_num_seqs
         self._preempted_this_step = False
         budget = self.config.max_num_batched_tokens
         cached, budget = self._schedule_running(budget, num_scheduled)
         new_reqs = [] if self._preempted_this_step else self._schedule_waiting(budget, num_scheduled)
         forget, self._forget = self._forget, set()
+        self.in_flight.update(num_scheduled)
         return SchedulerOutput(new_reqs, cached, num_scheduled, sum(num_scheduled.values()), forget)
 
     def _schedule_running(self, budget: int, num_scheduled: Dict[str, int]):
         cached = CachedRequestData()
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(num_scheduled) < self._limit:
             request = self.running[i]
+            if request.request_id in self.in_flight:
+                i += 1  # its last step has not come back (pipeline parallelism): nothing to run yet
+                continue
             n = self._num_new_tokens(request, budget)
             if not self._make_room(request, n):
                 break  # the request itself was preempted; everything after it too
@@ -85,7 +95,8 @@ class Scheduler:
 
     def _schedule_waiting(self, budget: int, num_scheduled: Dict[str, int]) -> List[NewRequestData]:
         new_reqs: List[NewRequestData] = []
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
+               and len(num_scheduled) < self._limit):
             request = self.waiting[0]
             computed, num_hit = self.kv.get_computed_blocks(request)
             # The KV manager counts the hits itself (request.num_computed_tokens + len(computed) *
@@ -110,9 +121,13 @@ class Scheduler:
         return min(remaining, budget, self.config.long_prefill_token_threshold)
 
     def _make_room(self, request: Request, num_new_tokens: int) -> bool:
-        """Preempt the newest running requests until `request` fits; False if it was itself preempted."""
+        """Preempt the newest running requests until `request` fits; False if it was itself
+        preempted, or if the only candidates are in flight (their blocks are being written)."""
         while not self.kv.can_allocate(request, num_new_tokens):
-            victim = self.running.pop()
+            victim = next((r for r in reversed(self.running) if r.request_id not in self.in_flight), None)
+            if victim is None:
+                return False
+            self.running.remove(victim)
             self._preempt(victim)
             if victim is request:
                 return False
@@ -146,6 +161,7 @@ class Scheduler:
 
     def update_from_output(self, sched: SchedulerOutput, output: ModelRunnerOutput) -> List[EngineCoreOutput]:
         outputs: List[EngineCoreOutput] = []
+        self.in_flight.difference_update(sched.num_scheduled_tokens)
         for req_id, n in sched.num_scheduled_tokens.items():
             request = self.requests.get(req_id)
             if request is None or request.status != RequestStatus.RUNNING:

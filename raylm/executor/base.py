@@ -9,6 +9,14 @@ from raylm.config import EngineConfig
 from raylm.engine.sched_output import ModelRunnerOutput, SchedulerOutput
 
 
+class _Done:
+    def __init__(self, output: ModelRunnerOutput) -> None:
+        self.output = output
+
+    def result(self) -> ModelRunnerOutput:
+        return self.output
+
+
 class Executor(ABC):
     def __init__(self, config: EngineConfig, model_path: str) -> None:
         self.config = config
@@ -34,6 +42,11 @@ class Executor(ABC):
     def kv_bytes_per_block(self) -> int:
         return self.collective_rpc("kv_bytes_per_block")[0]
 
+    def execute_model_async(self, sched: SchedulerOutput):
+        """Submit a step; returns an object whose `result()` is the ModelRunnerOutput.
+        Executors that cannot overlap steps run it now."""
+        return _Done(self.execute_model(sched))
+
     def check_health(self) -> None:
         if not all(self.collective_rpc("check_health")):
             raise RuntimeError("a worker reported unhealthy")
@@ -43,12 +56,11 @@ class Executor(ABC):
 
 
 def create_executor(config: EngineConfig, model_path: str) -> Executor:
-    """Pick the executor from the parallel config: in-process for one worker, Ray otherwise."""
-    backend = config.parallel.distributed_executor_backend
-    if config.parallel.world_size > 1 or backend == "ray":
-        raise ValueError("tensor/pipeline parallelism needs the Ray executor, which is not built yet "
-                         f"(tensor_parallel_size={config.parallel.tensor_parallel_size}, "
-                         f"pipeline_parallel_size={config.parallel.pipeline_parallel_size})")
+    """In-process for one worker; the Ray actor-group executor for TP/PP (or when asked)."""
+    if config.parallel.world_size > 1 or config.parallel.distributed_executor_backend == "ray":
+        from raylm.executor.ray_executor import RayExecutor
+
+        return RayExecutor(config, model_path)
     from raylm.executor.uniproc import UniprocExecutor
 
     return UniprocExecutor(config, model_path)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import psutil
 import torch
@@ -16,6 +16,7 @@ from raylm.executor.input_batch import InputBatch
 from raylm.models.attention import PagedAttention
 from raylm.models.layers import prepack_linears
 from raylm.models.loader import load_hf_config, load_model
+from raylm.models.parallel_state import CommClock, get_pp_group, get_tp_group
 
 logger = logging.getLogger(__name__)
 
@@ -66,36 +67,66 @@ class ModelRunner:
         self.kv_caches = []
         for layer in self.attn_layers:
             shape = (2, layer.num_kv_heads, num_blocks, self.block_size, layer.head_dim)
-            layer.kv_cache = torch.zeros(shape, dtype=self.kv_dtype)
+            layer.kv_cache = lazy_zeros(shape, self.kv_dtype)
             self.kv_caches.append(layer.kv_cache)
 
     @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         clock = _PhaseClock()
+        CommClock.take()  # count this step's transfers only
         self.batch.update(sched)
         if sched.is_empty:
             return ModelRunnerOutput({})
         step = self.batch.prepare(sched)
         clock.mark("prepare")
-        hidden = self.model(step.input_ids, step.positions, step.meta)
+        hidden = self._forward(step)
         clock.mark("forward")
+        if hidden is None:
+            return ModelRunnerOutput({})  # an earlier pipeline stage: its output went to the next
         sampled = {req_id: [] for req_id in step.req_ids}
         logprobs = {}
         if step.sample_req_ids:
-            logits = self.model.compute_logits(hidden[step.logits_rows])
+            logits = self.model.compute_logits(hidden[step.logits_rows])  # a TP collective: every rank
             clock.mark("logits")
+            if get_tp_group().rank != 0:
+                return ModelRunnerOutput({})  # only TP rank 0 of the last stage samples
             result = self.sampler(logits, [self._sampling_input(r) for r in step.sample_req_ids])
             for req_id, token, lp in zip(step.sample_req_ids, result.token_ids, result.logprobs):
                 sampled[req_id] = [token]
                 if lp is not None:
                     logprobs[req_id] = [lp]
             clock.mark("sample")
-        self.last_step_times = clock.times
-        return ModelRunnerOutput(sampled, logprobs)
+        self.last_step_times = {**clock.times, "comm": CommClock.take()}
+        return ModelRunnerOutput(sampled, logprobs, self.last_step_times)
+
+    def _forward(self, step) -> Optional[torch.Tensor]:
+        """The model's forward for this stage: receive (hidden, residual) from the previous
+        stage, run our layers, and send them on (returns None) or return the final hidden."""
+        pp = get_pp_group()
+        intermediate = None
+        if not pp.is_first:
+            shape = (step.input_ids.shape[0], self.hf_config.hidden_size)
+            intermediate = tuple(pp.recv_prev(shape, self.dtype, 2))
+        out = self.model(step.input_ids, step.positions, step.meta, intermediate)
+        if pp.is_last:
+            return out
+        pp.send_next(out)
+        return None
 
     def _sampling_input(self, req_id: str) -> SamplingInput:
         state = self.batch.requests[req_id]
         return SamplingInput(state.sampling_params, state.prompt_token_ids, state.output_token_ids)
+
+
+def lazy_zeros(shape, dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor whose pages the OS maps on first write: numpy's zeros is calloc, which
+    takes fresh zero pages for large sizes, where torch.zeros writes every byte at once.
+    So a replica's resident KV memory follows what it has used, not its whole budget."""
+    import numpy as np
+
+    item = torch.tensor([], dtype=dtype).element_size()
+    raw = np.zeros(shape, dtype={4: np.float32, 2: np.int16, 1: np.int8}[item])
+    return torch.from_numpy(raw).view(dtype)
 
 
 class _PhaseClock:

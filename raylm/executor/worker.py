@@ -2,25 +2,45 @@
 as a Ray actor (the Ray executor); every method is reachable by `collective_rpc` name."""
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 
 from raylm.config import EngineConfig, num_threads
 from raylm.engine.sched_output import ModelRunnerOutput, SchedulerOutput
+from raylm.executor.communicator import free_port, init_world
 from raylm.executor.model_runner import ModelRunner
+from raylm.models.parallel_state import init_parallel_groups
 
 
 class Worker:
+    """Global rank `rank` of the replica's pp x tp grid (rank = pp_rank * tp + tp_rank)."""
+
     def __init__(self, config: EngineConfig, model_path: str, rank: int = 0) -> None:
         self.config = config
         self.model_path = model_path
         self.rank = rank
         self.runner: ModelRunner = None
 
-    def init_device(self) -> None:
+    def rendezvous_address(self) -> Tuple[str, int]:
+        """Where the group's store listens: this node's IP and a port free on it (rank 0)."""
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        return host, free_port(host)
+
+    def init_device(self, rendezvous: Optional[Tuple[str, int]] = None) -> None:
+        """Threads, seed, and (world > 1) the process group and this rank's TP/PP groups; all
+        ranks must call it at once: joining the group blocks until everyone has."""
         threads = num_threads()
         if threads:
             torch.set_num_threads(threads)
         torch.manual_seed(self.config.model.seed)
+        par = self.config.parallel
+        if par.world_size > 1:
+            init_world("gloo", rendezvous, self.rank, par.world_size)
+            init_parallel_groups("cpu", par.tensor_parallel_size, par.pipeline_parallel_size,
+                                 par.pipeline_layer_split)
         self.runner = ModelRunner(self.config, self.model_path)
 
     def load_model(self) -> None:
@@ -37,6 +57,9 @@ class Worker:
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(sched)
+
+    def ping(self) -> int:
+        return self.rank
 
     def check_health(self) -> bool:
         return self.runner is not None and self.runner.model is not None

@@ -2,6 +2,7 @@
 norms are config switches. The MoE family reuses everything here but the MLP."""
 from __future__ import annotations
 
+import re
 from typing import Callable, Iterable, Optional, Tuple
 
 import torch
@@ -10,7 +11,9 @@ from torch import nn
 from raylm.models.attention import AttentionMetadata, PagedAttention
 from raylm.models.layers import (ColumnParallelLinear, ParallelLMHead, RMSNorm, RowParallelLinear, SiluAndMul,
                                  VocabParallelEmbedding, build_rotary, default_weight_loader)
-from raylm.models.parallel_state import get_tp_group
+from raylm.models.parallel_state import get_pp_group, get_tp_group
+
+_LAYER_RE = re.compile(r"^layers\.(\d+)\.")
 
 
 class LlamaAttention(nn.Module):
@@ -91,16 +94,28 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, self.make_mlp) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.pp = get_pp_group()
+        self.start, self.end = self.pp.layer_range(config.num_hidden_layers)
+        # A pipeline stage builds only its own layers (others stay placeholders, so layer
+        # indices and checkpoint names line up), the first stage the embedding, the last
+        # the final norm and LM head.
+        first, last = self.pp.is_first, self.pp.is_last
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size) if first else None
+        self.layers = nn.ModuleList(DecoderLayer(config, i, self.make_mlp) if self.start <= i < self.end
+                                    else nn.Identity() for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if last else None
         self.tie = getattr(config, "tie_word_embeddings", False)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size) if last else None
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                intermediate: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+        """Final hidden states on the last stage; (hidden, residual) for the next stage on
+        the others. Stages after the first take the previous stage's pair as `intermediate`."""
+        x, residual = (self.embed_tokens(input_ids), None) if intermediate is None else intermediate
+        for layer in self.layers[self.start:self.end]:
             x, residual = layer(positions, x, residual, meta)
+        if not self.pp.is_last:
+            return x, residual
         x, _ = self.norm(x, residual)
         return x
 
@@ -122,14 +137,26 @@ class LlamaForCausalLM(nn.Module):
             loader = getattr(param, "weight_loader", default_weight_loader)
             loader(param, tensor.to(param.dtype), shard_id)
             loaded.add(param_name)
-        if self.tie:
+        if self.tie and self.embed_tokens is not None and self.lm_head is not None:
             self.lm_head.weight = self.embed_tokens.weight
             loaded.add("lm_head.weight")
         return loaded
 
+    def wants_weight(self, name: str) -> bool:
+        """Whether checkpoint tensor `name` belongs on this pipeline stage (others are not read)."""
+        m = _LAYER_RE.match(name.removeprefix("model."))
+        if m is not None:
+            return self.start <= int(m.group(1)) < self.end
+        return self.map_weight_name(name) is not None
+
     def map_weight_name(self, name: str) -> Optional[Tuple[str, Optional[int]]]:
         name = name.removeprefix("model.")
         if "rotary_emb.inv_freq" in name or (self.tie and name.startswith("lm_head")):
+            return None
+        if name.startswith("embed_tokens") and self.embed_tokens is None:
+            # a tied LM head on a later stage loads the embedding matrix as its own weight
+            return ("lm_head.weight", None) if self.tie and self.lm_head is not None else None
+        if (name.startswith("norm.") and self.norm is None) or (name.startswith("lm_head") and self.lm_head is None):
             return None
         for param, ckpt, shard in self.stacked_params:
             if f".{ckpt}." in name:

@@ -38,12 +38,15 @@ def load_hf_config(path: str):
     return AutoConfig.from_pretrained(path)
 
 
-def iter_safetensors(path: str) -> Iterator[Tuple[str, torch.Tensor]]:
+def iter_safetensors(path: str, keep=None) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(name, tensor) for every checkpoint tensor that `keep(name)` accepts (all without
+    `keep`); the others are never read from disk (a pipeline stage skips other stages')."""
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     for file in files:
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                if keep is None or keep(name):
+                    yield name, f.get_tensor(name)
 
 
 def load_model(path: str, hf_config, dtype: torch.dtype) -> torch.nn.Module:
@@ -56,7 +59,7 @@ def load_model(path: str, hf_config, dtype: torch.dtype) -> torch.nn.Module:
         model = cls(hf_config)
     finally:
         torch.set_default_dtype(old)
-    loaded = model.load_weights(iter_safetensors(path))
+    loaded = model.load_weights(iter_safetensors(path, keep=getattr(model, "wants_weight", None)))
     missing = sorted(set(n for n, _ in model.named_parameters()) - loaded)
     if missing:
         raise ValueError(f"checkpoint {path} lacks weights for {missing[:5]}{'...' if len(missing) > 5 else ''}")

@@ -1,37 +1,144 @@
-"""Which tensor-parallel group this process belongs to. Layers ask here for rank/size and
-reduce through the group's communicator; the executor installs a real group per worker."""
+"""Which tensor- and pipeline-parallel groups this process belongs to. Layers ask here for
+rank/size and reduce through the group's communicator; a worker installs real groups
+before it builds the model (`init_parallel_groups`), and the defaults are one rank each.
+
+Global rank = pp_rank * tp_size + tp_rank: the TP ranks of a stage are contiguous.
+"""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
+
+
+class CommClock:
+    """Seconds this process spent inside collectives and stage-to-stage transfers (waiting
+    for a peer included) since the last `take()`; the model runner reports it per step."""
+
+    seconds = 0.0
+
+    @classmethod
+    def take(cls) -> float:
+        spent, cls.seconds = cls.seconds, 0.0
+        return spent
+
+
+def _timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        CommClock.seconds += time.perf_counter() - start
 
 
 @dataclass
 class TPGroup:
     rank: int = 0
     size: int = 1
-    communicator: Optional[object] = None  # a raylm.executor Communicator when size > 1
+    communicator: Optional[object] = None  # a raylm.executor BaseCommunicator when size > 1
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
             return x
-        return self.communicator.all_reduce(x)
+        return _timed(self.communicator.all_reduce, x)
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         if self.size == 1:
             return x
-        return self.communicator.all_gather(x, dim=dim)
+        return _timed(self.communicator.all_gather, x, dim=dim)
+
+
+@dataclass
+class PPGroup:
+    """This rank's pipeline stage. `communicator` covers this TP rank's column of stages
+    (group rank = stage), so send/recv go to the same TP rank of the next/previous stage."""
+
+    rank: int = 0
+    size: int = 1
+    communicator: Optional[object] = None
+    layer_split: Optional[Tuple[int, ...]] = None  # layers per stage; None = as even as possible
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.size - 1
+
+    def layer_range(self, num_layers: int) -> Tuple[int, int]:
+        """[start, end) of the decoder layers this stage runs."""
+        counts = stage_layer_counts(num_layers, self.size, self.layer_split)
+        start = sum(counts[:self.rank])
+        return start, start + counts[self.rank]
+
+    def send_next(self, tensors: Sequence[torch.Tensor]) -> None:
+        for t in tensors:
+            _timed(self.communicator.send, t, self.rank + 1)
+
+    def recv_prev(self, shape: Sequence[int], dtype: torch.dtype, count: int) -> List[torch.Tensor]:
+        return [_timed(self.communicator.recv, shape, dtype, self.rank - 1) for _ in range(count)]
+
+
+def stage_layer_counts(num_layers: int, num_stages: int, split: Optional[Sequence[int]] = None) -> List[int]:
+    """Layers per stage: `split` if given (must sum to num_layers, each >= 1), else an even
+    split with the remainder on the earlier stages."""
+    if split is not None:
+        split = list(split)
+        if len(split) != num_stages or sum(split) != num_layers or min(split) < 1:
+            raise ValueError(f"pipeline layer split {split} must have {num_stages} entries >= 1 "
+                             f"summing to num_hidden_layers ({num_layers})")
+        return split
+    if num_layers < num_stages:
+        raise ValueError(f"pipeline_parallel_size {num_stages} exceeds the model's {num_layers} layers")
+    base, extra = divmod(num_layers, num_stages)
+    return [base + (1 if s < extra else 0) for s in range(num_stages)]
 
 
 _TP = TPGroup()
+_PP = PPGroup()
 
 
 def get_tp_group() -> TPGroup:
     return _TP
 
 
+def get_pp_group() -> PPGroup:
+    return _PP
+
+
 def set_tp_group(group: TPGroup) -> None:
     global _TP
     _TP = group
+
+
+def set_pp_group(group: PPGroup) -> None:
+    global _PP
+    _PP = group
+
+
+def init_parallel_groups(device: str, tp_size: int, pp_size: int,
+                         layer_split: Optional[Sequence[int]] = None) -> None:
+    """Create this worker's TP and PP groups over the initialized torch.distributed world.
+    Every rank creates every group, in the same order (torch.distributed's rule)."""
+    import torch.distributed as dist
+
+    from raylm.executor.communicator import create_communicator
+
+    me = dist.get_rank()
+    tp_rank, pp_rank = me % tp_size, me // tp_size
+    split = tuple(layer_split) if layer_split else None
+    for stage in range(pp_size):
+        ranks = [stage * tp_size + t for t in range(tp_size)]
+        group = dist.new_group(ranks) if tp_size > 1 else None
+        if stage == pp_rank:
+            comm = create_communicator(device, ranks, group) if tp_size > 1 else None
+            set_tp_group(TPGroup(tp_rank, tp_size, comm))
+    for t in range(tp_size):
+        ranks = [s * tp_size + t for s in range(pp_size)]
+        group = dist.new_group(ranks) if pp_size > 1 else None
+        if t == tp_rank:
+            comm = create_communicator(device, ranks, group) if pp_size > 1 else None
+            set_pp_group(PPGroup(pp_rank, pp_size, comm, split))

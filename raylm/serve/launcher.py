@@ -12,8 +12,6 @@ def add_serve_parser(sub, add_engine_args) -> None:
     add_engine_args(p)
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--dp", "--data-parallel-size", dest="dp", type=int, default=1)
-    p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1)
-    p.add_argument("--pp", "--pipeline-parallel-size", dest="pp", type=int, default=1)
     p.add_argument("--num-cpus-per-replica", type=float, default=1.0)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -27,8 +25,8 @@ def serve_args(args: argparse.Namespace):
     from raylm.deployments.openai import ServeArgs
 
     fields = {**engine_kwargs(args), "model": args.model, "served_model_name": args.served_model_name,
-              "dp": args.dp, "tp": args.tp, "pp": args.pp, "num_cpus_per_replica": args.num_cpus_per_replica,
-              "api_key": args.api_key}
+              "dp": args.dp, "num_cpus_per_replica": args.num_cpus_per_replica, "api_key": args.api_key}
+    fields["tp"], fields["pp"] = fields.pop("tensor_parallel_size"), fields.pop("pipeline_parallel_size")
     fields.pop("kv_cache_dtype", None)
     return ServeArgs(**{k: v for k, v in fields.items() if v is not None})
 

@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 PUSH_INTERVAL_S = 0.1
 COORDINATOR_ACTOR = "dp_coordinator"
+DEAD_REPLICA_WAITING = 1 << 20
 
 
 class LLMServer:
@@ -63,6 +64,10 @@ class LLMServer:
         # Requests accepted here but not yet in the engine's queues count as waiting: a report
         # must not make a replica look idler than it is (the router trusts fresh reports).
         waiting = max(s.num_waiting, self._inflight - s.num_running)
+        if self.engine.dead is not None:
+            # A dead engine (e.g. a TP worker died) is idle and would win every routing
+            # decision until Serve replaces it; report it as unreachable instead.
+            waiting = DEAD_REPLICA_WAITING
         return {"dp_rank": self.dp_rank, "replica": self.replica_key, "num_waiting": waiting,
                 "num_running": s.num_running, "kv_cache_usage": s.kv_cache_usage,
                 "num_free_blocks": s.num_free_blocks, "num_blocks": s.num_blocks,

@@ -1,0 +1,32 @@
+"""GlooCommunicator between two real processes, against values computed by hand."""
+from __future__ import annotations
+
+import torch
+import torch.multiprocessing as mp
+
+from raylm.executor.communicator import free_port
+
+
+def _check(rank: int, port: int) -> None:
+    import torch.distributed as dist
+
+    from raylm.executor.communicator import create_communicator, init_world
+
+    init_world("gloo", ("127.0.0.1", port), rank, 2)
+    comm = create_communicator("cpu", [0, 1], dist.new_group([0, 1]))
+    assert (comm.rank, comm.size) == (rank, 2)
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0]) * (rank + 1)  # rank 0: [1,2,3,4], rank 1: [2,4,6,8]
+    assert comm.all_reduce(x.clone()).tolist() == [3.0, 6.0, 9.0, 12.0]
+    assert comm.all_gather(x.view(2, 2), dim=-1).tolist() == [[1, 2, 2, 4], [3, 4, 6, 8]]
+    assert comm.reduce_scatter(x.clone(), dim=0).tolist() == ([3.0, 6.0] if rank == 0 else [9.0, 12.0])
+    assert comm.broadcast(x.clone(), src=1).tolist() == [2.0, 4.0, 6.0, 8.0]
+    if rank == 0:
+        comm.send(torch.arange(6, dtype=torch.float32).view(2, 3), dst=1)
+    else:
+        assert comm.recv((2, 3), torch.float32, src=0).tolist() == [[0, 1, 2], [3, 4, 5]]
+    comm.barrier()
+    dist.destroy_process_group()
+
+
+def test_gloo_collectives_by_hand():
+    mp.spawn(_check, args=(free_port("127.0.0.1"),), nprocs=2, join=True)
