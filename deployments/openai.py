@@ -38,6 +38,7 @@ class ServeArgs(BaseModel):
     pp: int = Field(default=1, gt=0)
     num_cpus_per_replica: float = Field(default=1.0, ge=0)
     worker_num_cpus: float = Field(default=1.0, gt=0)  # per TP/PP worker actor (tp * pp > 1)
+    cpu_communicator: str = "shm"
     api_key: Optional[str] = None
     max_body_bytes: int = 1 << 20
     max_ongoing_requests: int = 1024
@@ -51,7 +52,8 @@ class ServeArgs(BaseModel):
             scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,
                                       max_num_batched_tokens=self.max_num_batched_tokens),
             parallel=ParallelConfig(tensor_parallel_size=self.tp, pipeline_parallel_size=self.pp,
-                                    data_parallel_size=self.dp, worker_num_cpus=self.worker_num_cpus))
+                                    data_parallel_size=self.dp, worker_num_cpus=self.worker_num_cpus,
+                                    cpu_communicator=self.cpu_communicator))
 
     def replica_placement(self) -> Dict[str, Any]:
         """Deployment options placing a replica: with TP/PP, a placement group whose bundle 0

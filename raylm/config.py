@@ -122,6 +122,9 @@ class ParallelConfig(_Config):
     # decoder layers per pipeline stage (e.g. [10, 14] for 24 layers); None splits evenly
     pipeline_layer_split: Optional[List[int]] = None
     worker_num_cpus: float = Field(default=1.0, gt=0)  # CPUs per Ray worker actor (its bundle)
+    # TP collectives on CPU: "shm" (shared memory when a group's workers share a host,
+    # else gloo) or "gloo" (always torch.distributed)
+    cpu_communicator: Literal["shm", "gloo"] = "shm"
 
     @property
     def world_size(self) -> int:

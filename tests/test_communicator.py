@@ -1,19 +1,22 @@
-"""GlooCommunicator between two real processes, against values computed by hand."""
+"""Gloo and shared-memory communicators between two real processes, against values
+computed by hand."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
 from raylm.executor.communicator import free_port
 
 
-def _check(rank: int, port: int) -> None:
+def _check(rank: int, port: int, kind: str) -> None:
     import torch.distributed as dist
 
     from raylm.executor.communicator import create_communicator, init_world
 
     init_world("gloo", ("127.0.0.1", port), rank, 2)
-    comm = create_communicator("cpu", [0, 1], dist.new_group([0, 1]))
+    comm = create_communicator("cpu", [0, 1], dist.new_group([0, 1]), cpu_kind=kind)
+    assert type(comm).__name__ == {"gloo": "GlooCommunicator", "shm": "ShmCommunicator"}[kind]
     assert (comm.rank, comm.size) == (rank, 2)
     x = torch.tensor([1.0, 2.0, 3.0, 4.0]) * (rank + 1)  # rank 0: [1,2,3,4], rank 1: [2,4,6,8]
     assert comm.all_reduce(x.clone()).tolist() == [3.0, 6.0, 9.0, 12.0]
@@ -24,9 +27,15 @@ def _check(rank: int, port: int) -> None:
         comm.send(torch.arange(6, dtype=torch.float32).view(2, 3), dst=1)
     else:
         assert comm.recv((2, 3), torch.float32, src=0).tolist() == [[0, 1, 2], [3, 4, 5]]
+    for i in range(50):  # many exchanges in a row: the double buffer must never hand out stale data
+        got = comm.all_reduce(torch.full((3,), float(i * 10 + rank)))
+        assert got.tolist() == [float(i * 20 + 1)] * 3, (i, got)
+    big = torch.ones(5 << 20) * (rank + 1)  # 20 MB: over a shared-memory slot, goes through gloo
+    assert comm.all_reduce(big)[:2].tolist() == [3.0, 3.0]
     comm.barrier()
     dist.destroy_process_group()
 
 
-def test_gloo_collectives_by_hand():
-    mp.spawn(_check, args=(free_port("127.0.0.1"),), nprocs=2, join=True)
+@pytest.mark.parametrize("kind", ["gloo", "shm"])
+def test_collectives_by_hand(kind):
+    mp.spawn(_check, args=(free_port("127.0.0.1"), kind), nprocs=2, join=True)

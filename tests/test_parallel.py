@@ -33,15 +33,15 @@ def _greedy(llm, prompts, n=MAX_NEW):
                                                           use_tqdm=False)]
 
 
-@pytest.mark.parametrize("kind, tp, pp", [
-    ("llama", 2, 1), ("llama", 1, 2), ("llama", 2, 2),
-    ("mixtral", 2, 1), ("mixtral", 1, 2), ("qwen3_moe", 2, 2),
-    ("llama_tied3", 1, 2),  # 3 layers over 2 stages, LM head tied to the first stage's embedding
+@pytest.mark.parametrize("kind, tp, pp, comm", [
+    ("llama", 2, 1, "shm"), ("llama", 1, 2, "shm"), ("llama", 2, 2, "shm"), ("llama", 2, 2, "gloo"),
+    ("mixtral", 2, 1, "shm"), ("mixtral", 1, 2, "shm"), ("qwen3_moe", 2, 2, "shm"),
+    ("llama_tied3", 1, 2, "shm"),  # 3 layers over 2 stages, LM head tied to the first stage's embedding
 ])
-def test_parallel_equals_hf(tiny_root, kind, tp, pp):
+def test_parallel_equals_hf(tiny_root, kind, tp, pp, comm):
     path = make_tiny_model(tiny_root, kind)
     prompts = random_prompts(6, seed=11)
-    llm = _llm(path, tp, pp)
+    llm = _llm(path, tp, pp, cpu_communicator=comm)
     try:
         assert _greedy(llm, prompts) == hf_greedy(path, prompts, MAX_NEW)
         assert_all_free(llm)

@@ -95,14 +95,31 @@ def _bind_gloo_to(host: str) -> None:
             return
 
 
-def create_communicator(device: str, ranks: List[int], group=None) -> BaseCommunicator:
-    """A communicator over global `ranks` for tensors on `device` ('cpu' or 'cuda')."""
+def create_communicator(device: str, ranks: List[int], group=None, cpu_kind: str = "gloo") -> BaseCommunicator:
+    """A communicator over global `ranks` for tensors on `device` ('cpu' or 'cuda'). On CPU,
+    `cpu_kind="shm"` uses shared memory when every rank is on this host (x86), else gloo."""
     if device == "cpu":
         from raylm.executor.gloo_communicator import GlooCommunicator
 
+        if cpu_kind == "shm" and _same_host_x86(group):
+            from raylm.executor.shm_communicator import ShmCommunicator
+
+            return ShmCommunicator(ranks, group)
         return GlooCommunicator(ranks, group)
     if device == "cuda":
         from raylm.executor.nccl_communicator import NcclCommunicator
 
         return NcclCommunicator(ranks, group)
     raise ValueError(f"no communicator for device {device!r} (use 'cpu' or 'cuda')")
+
+
+def _same_host_x86(group) -> bool:
+    """Every rank of `group` on this host, and x86 (the shm protocol relies on its store order).
+    A collective: every rank must call it."""
+    import platform
+
+    import torch.distributed as dist
+
+    hosts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(hosts, socket.gethostname(), group=group)
+    return len(set(hosts)) == 1 and platform.machine().lower() in ("x86_64", "amd64")

@@ -40,7 +40,7 @@ class Worker:
         if par.world_size > 1:
             init_world("gloo", rendezvous, self.rank, par.world_size)
             init_parallel_groups("cpu", par.tensor_parallel_size, par.pipeline_parallel_size,
-                                 par.pipeline_layer_split)
+                                 par.pipeline_layer_split, par.cpu_communicator)
         self.runner = ModelRunner(self.config, self.model_path)
 
     def load_model(self) -> None:

@@ -120,9 +120,10 @@ def set_pp_group(group: PPGroup) -> None:
 
 
 def init_parallel_groups(device: str, tp_size: int, pp_size: int,
-                         layer_split: Optional[Sequence[int]] = None) -> None:
+                         layer_split: Optional[Sequence[int]] = None, cpu_kind: str = "gloo") -> None:
     """Create this worker's TP and PP groups over the initialized torch.distributed world.
-    Every rank creates every group, in the same order (torch.distributed's rule)."""
+    Every rank creates every group, in the same order (torch.distributed's rule). TP groups
+    use `cpu_kind` on CPU ("shm" or "gloo"); stage-to-stage transfers use gloo."""
     import torch.distributed as dist
 
     from raylm.executor.communicator import create_communicator
@@ -134,7 +135,7 @@ def init_parallel_groups(device: str, tp_size: int, pp_size: int,
         ranks = [stage * tp_size + t for t in range(tp_size)]
         group = dist.new_group(ranks) if tp_size > 1 else None
         if stage == pp_rank:
-            comm = create_communicator(device, ranks, group) if tp_size > 1 else None
+            comm = create_communicator(device, ranks, group, cpu_kind) if tp_size > 1 else None
             set_tp_group(TPGroup(tp_rank, tp_size, comm))
     for t in range(tp_size):
         ranks = [s * tp_size + t for s in range(pp_size)]
