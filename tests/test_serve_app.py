@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import time
 
 import httpx
 import pytest
+
+from raylm.executor.communicator import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -18,9 +19,7 @@ MODEL = "smollm2-135m-instruct"
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port("127.0.0.1")
 
 
 @pytest.fixture(scope="module")

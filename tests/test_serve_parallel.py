@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 
 import httpx
 import pytest
+
+from raylm.executor.communicator import free_port
 
 from tests.conftest import hf_greedy, make_tiny_model, random_prompts
 
@@ -19,9 +20,7 @@ MAX_NEW = 8
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port("127.0.0.1")
 
 
 @pytest.fixture(scope="module")
