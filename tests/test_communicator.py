@@ -39,3 +39,36 @@ def _check(rank: int, port: int, kind: str) -> None:
 @pytest.mark.parametrize("kind", ["gloo", "shm"])
 def test_collectives_by_hand(kind):
     mp.spawn(_check, args=(free_port("127.0.0.1"), kind), nprocs=2, join=True)
+
+
+def _check_nccl(rank: int, port: int, world: int) -> None:
+    import torch.distributed as dist
+
+    from raylm.executor.communicator import create_communicator, init_world
+
+    torch.cuda.set_device(rank)
+    init_world("gloo", ("127.0.0.1", port), rank, world)  # gloo carries NCCL's unique id
+    comm = create_communicator("cuda", list(range(world)), dist.new_group(list(range(world))))
+    x = torch.arange(4, dtype=torch.float32, device="cuda") * (rank + 1)
+    total = sum(range(1, world + 1))
+    assert comm.all_reduce(x.clone()).tolist() == [float(i * total) for i in range(4)]
+    gathered = comm.all_gather(x.view(1, 4), dim=0)
+    assert gathered.tolist() == [[float(i * (r + 1)) for i in range(4)] for r in range(world)]
+    assert comm.broadcast(x.clone(), src=0).tolist() == [0.0, 1.0, 2.0, 3.0]
+    if world > 1:
+        if rank == 0:
+            comm.send(torch.ones(3, device="cuda"), dst=1)
+        elif rank == 1:
+            assert comm.recv((3,), torch.float32, src=0).tolist() == [1.0, 1.0, 1.0]
+    comm.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+def test_nccl_collectives_by_hand():
+    """One rank per visible GPU (NCCL does not share a GPU between ranks)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    pytest.importorskip("cupy")
+    world = min(torch.cuda.device_count(), 2)
+    mp.spawn(_check_nccl, args=(free_port("127.0.0.1"), world), nprocs=world, join=True)

@@ -31,7 +31,7 @@ def app(tiny_root):
     from raylm.deployments.openai import build_app
 
     path = make_tiny_model(tiny_root, "llama")
-    ray.init(num_cpus=12, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"model": str(path), "served_model_name": "tiny", "dtype": "float32", "dp": 2, "tp": 2,
@@ -55,6 +55,31 @@ def test_tp2_pp2_over_http_equals_hf(app):
     expected = hf_greedy(path, prompts, MAX_NEW)
     for prompt, want in zip(prompts, expected):
         assert _complete(url, prompt)["choices"][0]["text"] == _continuation(path, prompt, want)
+
+
+def test_moe_tp2_pp2_through_serve_handles_equals_hf(app, tiny_root):
+    """A second app (Qwen3-MoE, TP=2 x PP=2), called through the Python Serve handle API:
+    token ids equal HF's. The app is deleted afterwards, workers and all."""
+    from ray import serve
+
+    from raylm.deployments.openai import build_app
+
+    path = make_tiny_model(tiny_root, "qwen3_moe")
+    serve.run(build_app({"model": str(path), "dtype": "float32", "tp": 2, "pp": 2, "num_cpus_per_replica": 0.5,
+                         "worker_num_cpus": 1, "max_model_len": 256, "num_blocks": 64}),
+              name="raylm-moe", route_prefix=None)
+    try:
+        handle = serve.get_app_handle("raylm-moe")
+        prompts = random_prompts(3, seed=22)
+        params = {"max_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}
+        got = [handle.generate.remote(p, params).result(timeout_s=120).outputs[0].token_ids for p in prompts]
+        assert got == hf_greedy(path, prompts, MAX_NEW)
+    finally:
+        serve.delete("raylm-moe")
+    deadline = time.monotonic() + 60
+    while len(_alive_workers()) != 8 and time.monotonic() < deadline:  # its 4 workers die with it
+        time.sleep(1)
+    assert len(_alive_workers()) == 8
 
 
 def _continuation(path, prompt, output):

@@ -1,5 +1,6 @@
 """Shared, TP-aware building blocks. Each parameter carries a `weight_loader(param, loaded,
-shard_id)` that copies this rank's slice of a checkpoint tensor into it."""
+shard_id)` that copies this rank's slice of a checkpoint tensor into it (reading only that
+slice when `loaded` is a not-yet-read loader.CheckpointTensor)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -11,9 +12,12 @@ from torch import nn
 from raylm.models.parallel_state import get_tp_group
 
 
-def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+def default_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
+    """Copy a whole checkpoint tensor (a CheckpointTensor or a tensor; copy_ casts the dtype)."""
+    from raylm.models.loader import materialize
+
     assert param.shape == loaded.shape, f"shape mismatch {tuple(param.shape)} vs {tuple(loaded.shape)}"
-    param.data.copy_(loaded)
+    param.data.copy_(materialize(loaded))
 
 
 def _param(*shape: int, loader=default_weight_loader) -> nn.Parameter:

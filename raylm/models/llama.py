@@ -135,7 +135,7 @@ class LlamaForCausalLM(nn.Module):
                 continue
             param = params[param_name]
             loader = getattr(param, "weight_loader", default_weight_loader)
-            loader(param, tensor.to(param.dtype), shard_id)
+            loader(param, tensor, shard_id)  # the loader reads its slice; copy_ casts the dtype
             loaded.add(param_name)
         if self.tie and self.embed_tokens is not None and self.lm_head is not None:
             self.lm_head.weight = self.embed_tokens.weight

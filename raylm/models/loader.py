@@ -38,15 +38,40 @@ def load_hf_config(path: str):
     return AutoConfig.from_pretrained(path)
 
 
-def iter_safetensors(path: str, keep=None) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(name, tensor) for every checkpoint tensor that `keep(name)` accepts (all without
-    `keep`); the others are never read from disk (a pipeline stage skips other stages')."""
+class CheckpointTensor:
+    """A checkpoint tensor not read yet. Weight loaders take the part they need: `narrow`
+    and indexing read only that slice from disk (a TP rank reads its shard, not the whole
+    matrix); `full()` reads everything. Valid while its file is open (during iteration)."""
+
+    def __init__(self, handle, name: str) -> None:
+        self._handle, self._name = handle, name
+        self.shape = torch.Size(handle.get_slice(name).get_shape())
+
+    def full(self) -> torch.Tensor:
+        return self._handle.get_tensor(self._name)
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        index = (slice(None),) * dim + (slice(start, start + length),)
+        return self._handle.get_slice(self._name)[index]
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self._handle.get_slice(self._name)[index]
+
+
+def materialize(t) -> torch.Tensor:
+    """The whole tensor, whether `t` is a CheckpointTensor or already a tensor."""
+    return t.full() if isinstance(t, CheckpointTensor) else t
+
+
+def iter_safetensors(path: str, keep=None) -> Iterator[Tuple[str, CheckpointTensor]]:
+    """(name, CheckpointTensor) for every checkpoint tensor that `keep(name)` accepts (all
+    without `keep`); the others are never read (a pipeline stage skips other stages')."""
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     for file in files:
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
                 if keep is None or keep(name):
-                    yield name, f.get_tensor(name)
+                    yield name, CheckpointTensor(f, name)
 
 
 def load_model(path: str, hf_config, dtype: torch.dtype) -> torch.nn.Module:

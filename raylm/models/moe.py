@@ -93,7 +93,7 @@ class MoEForCausalLM(LlamaForCausalLM):
                 layer, expert, kind = m.group(1), int(m.group(2)), m.group(3)
                 which, half = _EXPERT_NAMES[kind]
                 moe = self.get_submodule(f"{layer}.mlp")
-                moe.load_expert(which, expert, half, tensor.to(moe.w13.dtype))
+                moe.load_expert(which, expert, half, tensor)
                 experts_loaded.add(f"{layer}.mlp.{which}")
 
         return super().load_weights(dense_only()) | experts_loaded
