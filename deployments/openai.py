@@ -9,7 +9,7 @@ LeastLoadedRouter from the DP coordinator (a deployment-scoped actor of LLMServe
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -39,6 +39,8 @@ class ServeArgs(BaseModel):
     num_cpus_per_replica: float = Field(default=1.0, ge=0)
     worker_num_cpus: float = Field(default=1.0, gt=0)  # per TP/PP worker actor (tp * pp > 1)
     cpu_communicator: str = "shm"
+    enable_expert_parallel: bool = False
+    expert_placement: Optional[List[int]] = None
     api_key: Optional[str] = None
     max_body_bytes: int = 1 << 20
     max_ongoing_requests: int = 1024
@@ -53,7 +55,9 @@ class ServeArgs(BaseModel):
                                       max_num_batched_tokens=self.max_num_batched_tokens),
             parallel=ParallelConfig(tensor_parallel_size=self.tp, pipeline_parallel_size=self.pp,
                                     data_parallel_size=self.dp, worker_num_cpus=self.worker_num_cpus,
-                                    cpu_communicator=self.cpu_communicator))
+                                    cpu_communicator=self.cpu_communicator,
+                                    enable_expert_parallel=self.enable_expert_parallel,
+                                    expert_placement=self.expert_placement))
 
     def replica_placement(self) -> Dict[str, Any]:
         """Deployment options placing a replica: with TP/PP, a placement group whose bundle 0

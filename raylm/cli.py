@@ -26,6 +26,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int, default=1)
     parser.add_argument("--pp", "--pipeline-parallel-size", dest="pipeline_parallel_size", type=int, default=1)
     parser.add_argument("--worker-num-cpus", type=float, default=None, help="CPUs per TP/PP worker actor")
+    parser.add_argument("--enable-expert-parallel", action="store_true", default=None,
+                        help="MoE: TP ranks hold whole experts instead of a slice of each")
     parser.add_argument("--cpu-communicator", choices=["shm", "gloo"], default=None,
                         help="TP collectives on CPU: shared memory on one host (default) or gloo")
 
@@ -33,7 +35,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 def engine_kwargs(args: argparse.Namespace) -> dict:
     keys = ["dtype", "max_model_len", "kv_cache_memory", "block_size", "max_num_seqs",
             "max_num_batched_tokens", "enable_prefix_caching", "seed", "num_blocks", "kv_cache_dtype",
-            "tensor_parallel_size", "pipeline_parallel_size", "worker_num_cpus", "cpu_communicator"]
+            "tensor_parallel_size", "pipeline_parallel_size", "worker_num_cpus", "cpu_communicator", "enable_expert_parallel"]
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 

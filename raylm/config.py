@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import List, Literal, Optional, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # ---- environment (read here only) -------------------------------------------------
 
@@ -125,6 +125,21 @@ class ParallelConfig(_Config):
     # TP collectives on CPU: "shm" (shared memory when a group's workers share a host,
     # else gloo) or "gloo" (always torch.distributed)
     cpu_communicator: Literal["shm", "gloo"] = "shm"
+    # MoE: TP ranks hold whole experts (placement[e] = rank of expert e; None = contiguous)
+    enable_expert_parallel: bool = False
+    expert_placement: Optional[List[int]] = None
+
+    @model_validator(mode="after")
+    def _check_expert_placement(self) -> "ParallelConfig":
+        placement = self.expert_placement
+        if placement is not None:
+            tp = self.tensor_parallel_size
+            if not self.enable_expert_parallel:
+                raise ValueError("expert_placement needs enable_expert_parallel=True")
+            if sorted(set(placement)) != list(range(tp)):
+                raise ValueError(f"expert_placement {placement} must use every rank 0..{tp - 1} "
+                                 "(tensor_parallel_size) and no other")
+        return self
 
     @property
     def world_size(self) -> int:

@@ -51,6 +51,37 @@ def test_parallel_equals_hf(tiny_root, kind, tp, pp, comm):
         llm.shutdown()
 
 
+@pytest.mark.parametrize("kind, pp, placement", [
+    ("mixtral", 1, None),  # contiguous: experts 0-1 on rank 0, 2-3 on rank 1
+    ("qwen3_moe", 2, [1, 0, 1, 1]),  # an uneven table, with pipeline stages as well
+])
+def test_expert_parallel_equals_hf(tiny_root, kind, pp, placement):
+    """EP over the 2 TP ranks: each holds whole experts (only its own read from disk)."""
+    path = make_tiny_model(tiny_root, kind)
+    prompts = random_prompts(6, seed=12)
+    llm = _llm(path, 2, pp, enable_expert_parallel=True, expert_placement=placement)
+    try:
+        held = llm.engine.core.executor.collective_rpc("local_experts")  # per global rank
+        table = placement or [0, 0, 1, 1]
+        for rank, layers in enumerate(held):
+            assert layers and all(ids == [e for e, r in enumerate(table) if r == rank % 2] for ids in layers.values())
+        assert _greedy(llm, prompts) == hf_greedy(path, prompts, MAX_NEW)
+        assert_all_free(llm)
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(tensor_parallel_size=2, enable_expert_parallel=True, expert_placement=[0, 0, 0, 0]), "every rank"),
+    (dict(tensor_parallel_size=2, expert_placement=[0, 1, 0, 1]), "enable_expert_parallel"),
+])
+def test_bad_expert_placement_is_a_clear_error(kwargs, match):
+    from raylm.llm import build_engine_config
+
+    with pytest.raises(ValueError, match=match):
+        build_engine_config(model="m", **kwargs)
+
+
 def test_pipeline_preemption_and_chunked_prefill_equal_plain(tiny_root):
     """PP=2 with a KV cache too small for the batch and a tiny token budget: preemption
     and chunked prefill with two batches in flight still give the plain tokens."""

@@ -2,7 +2,7 @@
 as a Ray actor (the Ray executor); every method is reachable by `collective_rpc` name."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -40,7 +40,8 @@ class Worker:
         if par.world_size > 1:
             init_world("gloo", rendezvous, self.rank, par.world_size)
             init_parallel_groups("cpu", par.tensor_parallel_size, par.pipeline_parallel_size,
-                                 par.pipeline_layer_split, par.cpu_communicator)
+                                 par.pipeline_layer_split, par.cpu_communicator, par.enable_expert_parallel,
+                                 par.expert_placement)
         self.runner = ModelRunner(self.config, self.model_path)
 
     def load_model(self) -> None:
@@ -57,6 +58,12 @@ class Worker:
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(sched)
+
+    def local_experts(self) -> Dict[str, List[int]]:
+        """MoE layer name -> the global ids of the experts this worker holds."""
+        from raylm.models.moe import FusedMoE
+
+        return {name: list(m.experts) for name, m in self.runner.model.named_modules() if isinstance(m, FusedMoE)}
 
     def ping(self) -> int:
         return self.rank

@@ -2,7 +2,8 @@
 
 Experts are stored fused in memory (w13: [E, 2I, H], w2: [E, H, I]); checkpoints keep
 them per expert on disk, and `load_weights` maps each file tensor to its expert slot.
-The TP split is along the intermediate dim, like a dense MLP.
+The TP split is along the intermediate dim, like a dense MLP; with expert parallelism
+(`enable_expert_parallel`) each TP rank instead holds whole experts, per a placement table.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from torch import nn
 
 from raylm.models.layers import _param
 from raylm.models.llama import LlamaForCausalLM, dense_mlp
-from raylm.models.parallel_state import get_tp_group
+from raylm.models.parallel_state import get_ep_group, get_tp_group
 
 # checkpoint expert-weight names -> (w13 half or w2). Mixtral: w1 gate, w3 up, w2 down.
 _EXPERT_NAMES = {"w1": ("w13", 0), "w3": ("w13", 1), "w2": ("w2", None),
@@ -26,22 +27,28 @@ _EXPERT_RE = re.compile(r"^(layers\.\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d
 class FusedMoE(nn.Module):
     def __init__(self, num_experts: int, top_k: int, hidden: int, intermediate: int, renormalize: bool) -> None:
         super().__init__()
-        self.tp = get_tp_group()
-        if intermediate % self.tp.size:
-            raise ValueError(f"moe intermediate size {intermediate} is not divisible by tp {self.tp.size}")
+        self.tp, ep = get_tp_group(), get_ep_group()
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
-        self.local_i = intermediate // self.tp.size
+        if ep.size > 1:  # whole experts, some of them
+            self.experts, self.local_i, self.shard = ep.local_experts(num_experts), intermediate, 0
+        else:  # a 1/tp slice of every expert
+            if intermediate % self.tp.size:
+                raise ValueError(f"moe intermediate size {intermediate} is not divisible by tp {self.tp.size}")
+            self.experts, self.local_i, self.shard = list(range(num_experts)), intermediate // self.tp.size, self.tp.rank
+        self.slot = {e: i for i, e in enumerate(self.experts)}  # global expert id -> row in w13/w2
         self.gate = nn.Linear(hidden, num_experts, bias=False)
         self.gate.weight.requires_grad_(False)
-        self.w13 = _param(num_experts, 2 * self.local_i, hidden)
-        self.w2 = _param(num_experts, hidden, self.local_i)
+        self.w13 = _param(len(self.experts), 2 * self.local_i, hidden)
+        self.w2 = _param(len(self.experts), hidden, self.local_i)
 
     def load_expert(self, which: str, expert: int, half: Optional[int], loaded: torch.Tensor) -> None:
-        rank, size = self.tp.rank, self.local_i
+        if expert not in self.slot:
+            return  # another EP rank's expert
+        i, size, start = self.slot[expert], self.local_i, self.shard * self.local_i
         if which == "w13":
-            self.w13.data[expert, half * size:(half + 1) * size].copy_(loaded.narrow(0, rank * size, size))
+            self.w13.data[i, half * size:(half + 1) * size].copy_(loaded.narrow(0, start, size))
         else:
-            self.w2.data[expert].copy_(loaded.narrow(1, rank * size, size))
+            self.w2.data[i].copy_(loaded.narrow(1, start, size))
 
     def route(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         probs = F.softmax(self.gate(x).float(), dim=-1)
@@ -53,11 +60,13 @@ class FusedMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = self.route(x)
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
-        for e in experts.unique().tolist():  # loop over experts that got tokens
+        for e in experts.unique().tolist():  # loop over experts that got tokens (ours, with EP)
+            if e not in self.slot:
+                continue
             token_idx, slot = (experts == e).nonzero(as_tuple=True)
-            h = F.linear(x[token_idx], self.w13[e])
+            h = F.linear(x[token_idx], self.w13[self.slot[e]])
             gate, up = h.chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.w2[e])
+            y = F.linear(F.silu(gate) * up, self.w2[self.slot[e]])
             out.index_add_(0, token_idx, y.float() * weights[token_idx, slot].unsqueeze(-1))
         return self.tp.all_reduce(out.to(x.dtype))
 
@@ -80,6 +89,13 @@ class MoEForCausalLM(LlamaForCausalLM):
     def map_weight_name(self, name: str):
         name = name.replace("block_sparse_moe.gate.", "mlp.gate.")
         return super().map_weight_name(name)
+
+    def wants_weight(self, name: str) -> bool:
+        """Besides other stages' layers, skip other EP ranks' experts unread."""
+        if not super().wants_weight(name):
+            return False
+        m = _EXPERT_RE.match(name.removeprefix("model."))
+        return m is None or int(m.group(2)) in self.get_submodule(f"{m.group(1)}.mlp").slot
 
     def load_weights(self, weights):
         experts_loaded = set()

@@ -82,6 +82,26 @@ class PPGroup:
         return [_timed(self.communicator.recv, shape, dtype, self.rank - 1) for _ in range(count)]
 
 
+@dataclass
+class EPGroup:
+    """Expert parallelism within a replica: the TP ranks hold whole experts instead of a
+    slice of every expert (attention stays TP-sharded). Tokens are already replicated over
+    the TP group, so a rank runs its own experts on them and the MoE layer's all-reduce sums
+    the contributions. `placement[e]` is the rank holding expert e (a table, so a rebalance
+    can move experts); None places contiguous blocks."""
+
+    rank: int = 0
+    size: int = 1
+    placement: Optional[Tuple[int, ...]] = None
+
+    def local_experts(self, num_experts: int) -> List[int]:
+        placement = self.placement or tuple(e * self.size // num_experts for e in range(num_experts))
+        if len(placement) != num_experts or sorted(set(placement)) != list(range(self.size)):
+            raise ValueError(f"expert_placement {list(placement)} must give each of the model's {num_experts} "
+                             f"experts a rank in [0, {self.size}), every rank at least one")
+        return [e for e, r in enumerate(placement) if r == self.rank]
+
+
 def stage_layer_counts(num_layers: int, num_stages: int, split: Optional[Sequence[int]] = None) -> List[int]:
     """Layers per stage: `split` if given (must sum to num_layers, each >= 1), else an even
     split with the remainder on the earlier stages."""
@@ -99,6 +119,16 @@ def stage_layer_counts(num_layers: int, num_stages: int, split: Optional[Sequenc
 
 _TP = TPGroup()
 _PP = PPGroup()
+_EP = EPGroup()
+
+
+def get_ep_group() -> EPGroup:
+    return _EP
+
+
+def set_ep_group(group: EPGroup) -> None:
+    global _EP
+    _EP = group
 
 
 def get_tp_group() -> TPGroup:
@@ -119,8 +149,9 @@ def set_pp_group(group: PPGroup) -> None:
     _PP = group
 
 
-def init_parallel_groups(device: str, tp_size: int, pp_size: int,
-                         layer_split: Optional[Sequence[int]] = None, cpu_kind: str = "gloo") -> None:
+def init_parallel_groups(device: str, tp_size: int, pp_size: int, layer_split: Optional[Sequence[int]] = None,
+                         cpu_kind: str = "gloo", expert_parallel: bool = False,
+                         expert_placement: Optional[Sequence[int]] = None) -> None:
     """Create this worker's TP and PP groups over the initialized torch.distributed world.
     Every rank creates every group, in the same order (torch.distributed's rule). TP groups
     use `cpu_kind` on CPU ("shm" or "gloo"); stage-to-stage transfers use gloo."""
@@ -137,6 +168,8 @@ def init_parallel_groups(device: str, tp_size: int, pp_size: int,
         if stage == pp_rank:
             comm = create_communicator(device, ranks, group, cpu_kind) if tp_size > 1 else None
             set_tp_group(TPGroup(tp_rank, tp_size, comm))
+            if expert_parallel:
+                set_ep_group(EPGroup(tp_rank, tp_size, tuple(expert_placement) if expert_placement else None))
     for t in range(tp_size):
         ranks = [s * tp_size + t for s in range(pp_size)]
         group = dist.new_group(ranks) if pp_size > 1 else None
