@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from raylm.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 
@@ -41,6 +41,22 @@ class ServeArgs(BaseModel):
     cpu_communicator: str = "shm"
     enable_expert_parallel: bool = False
     expert_placement: Optional[List[int]] = None
+    # Serve autoscaling of the dense DP replica set, in Serve's own shape (min_replicas,
+    # max_replicas, target_ongoing_requests, upscale_delay_s, ...); replaces a fixed dp.
+    # `raylm serve --autoscale MIN:MAX` fills it.
+    autoscaling_config: Optional[Dict[str, Any]] = None
+
+    @model_validator(mode="after")
+    def _check_autoscaling(self) -> "ServeArgs":
+        if self.autoscaling_config is not None:
+            lo, hi = self.autoscaling_config.get("min_replicas", 1), self.autoscaling_config.get("max_replicas")
+            if hi is None or not 0 <= lo <= hi or hi < 1:
+                raise ValueError(f"autoscaling_config needs 0 <= min_replicas <= max_replicas, max >= 1 "
+                                 f"(got {self.autoscaling_config})")
+            if self.enable_expert_parallel:
+                raise ValueError("autoscaling_config is for dense/TP replicas: expert-parallel replica sets "
+                                 "resize through elastic scaling")
+        return self
     api_key: Optional[str] = None
     max_body_bytes: int = 1 << 20
     max_ongoing_requests: int = 1024
@@ -54,7 +70,7 @@ class ServeArgs(BaseModel):
             scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,
                                       max_num_batched_tokens=self.max_num_batched_tokens),
             parallel=ParallelConfig(tensor_parallel_size=self.tp, pipeline_parallel_size=self.pp,
-                                    data_parallel_size=self.dp, worker_num_cpus=self.worker_num_cpus,
+                                    data_parallel_size=self.max_replicas, worker_num_cpus=self.worker_num_cpus,
                                     cpu_communicator=self.cpu_communicator,
                                     enable_expert_parallel=self.enable_expert_parallel,
                                     expert_placement=self.expert_placement))
@@ -70,6 +86,16 @@ class ServeArgs(BaseModel):
         return {"ray_actor_options": {"num_cpus": replica["CPU"]},
                 "placement_group_bundles": [replica] + [{"CPU": self.worker_num_cpus}] * world,
                 "placement_group_strategy": "PACK"}
+
+    @property
+    def max_replicas(self) -> int:
+        """The most replicas this app runs (the default KV budget is split over them)."""
+        return self.autoscaling_config["max_replicas"] if self.autoscaling_config else self.dp
+
+    def replica_count(self) -> Dict[str, Any]:
+        if self.autoscaling_config is None:
+            return {"num_replicas": self.dp}
+        return {"autoscaling_config": {"target_ongoing_requests": 16, **self.autoscaling_config}}
 
     @property
     def model_name(self) -> str:
@@ -90,8 +116,8 @@ def build_app(args: Dict[str, Any]):
     a = args if isinstance(args, ServeArgs) else ServeArgs(**args)
     engine = a.engine_config().model_dump()
     llm = serve.deployment(
-        LLMServer, name="LLMServer", num_replicas=a.dp, max_ongoing_requests=a.max_ongoing_requests,
-        **a.replica_placement(),
+        LLMServer, name="LLMServer", max_ongoing_requests=a.max_ongoing_requests,
+        **a.replica_count(), **a.replica_placement(),
         request_router_config=RequestRouterConfig(request_router_class=LeastLoadedRouter,
                                                   request_routing_stats_period_s=1.0),
         deployment_actors=[DeploymentActorConfig(name=COORDINATOR_ACTOR, actor_class=ray.remote(DPCoordinator),

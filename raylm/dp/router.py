@@ -6,14 +6,17 @@ report: a request it routed there counts as waiting (+4, as in vLLM's DP balance
 burst does not all land on the replica that looked idle a moment ago; a request that
 completed there takes back what it added (-4), or, if a report already counted it, the
 running slot the report most likely gave it (-1), so a replica that just finished is not
-mistaken for a busy one. The lowest-scoring replica (random among ties) is the only
-first-rank choice, so Serve's queue-length probing cannot override the score.
+mistaken for a busy one. Reports carry when they were computed; only requests routed well
+before that count as included in them (an engine that was mid-step when a burst arrived
+reports late, with stale counts). The lowest-scoring replica (random among ties) is the
+only first-rank choice, so Serve's queue-length probing cannot override the score.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
+import time
 from collections import defaultdict
 from typing import Dict, List, Optional, Tuple
 
@@ -25,6 +28,7 @@ from raylm.dp.coordinator import score
 logger = logging.getLogger(__name__)
 
 WAITING_WEIGHT = 4  # matches score(): a queued request weighs 4 running ones
+REPORT_LAG_S = 0.1  # a request routed this long before a report was computed is in it
 
 
 class LeastLoadedRouter(FIFOMixin, RequestRouter):
@@ -33,7 +37,8 @@ class LeastLoadedRouter(FIFOMixin, RequestRouter):
         self._table: Dict[str, Dict] = {}
         self._version = -1
         self._delta: Dict[str, int] = defaultdict(int)  # correction per replica since its last report
-        self._outstanding: Dict[str, Tuple[str, int]] = {}  # request id -> (replica key, weight in _delta)
+        # request id -> (replica key, weight in _delta, when routed)
+        self._outstanding: Dict[str, Tuple[str, int, float]] = {}
         self._poller: Optional[asyncio.Task] = None
 
     def replica_score(self, replica: RunningReplica) -> int:
@@ -56,11 +61,25 @@ class LeastLoadedRouter(FIFOMixin, RequestRouter):
                           result: ReplicaResult) -> None:
         key = replica_id.unique_id
         self._delta[key] += WAITING_WEIGHT
-        self._outstanding[pending_request.metadata.internal_request_id] = (key, WAITING_WEIGHT)
+        self._outstanding[pending_request.metadata.internal_request_id] = (key, WAITING_WEIGHT, time.time())
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        key, weight = self._outstanding.pop(internal_request_id, (replica_id.unique_id, 1))
+        key, weight, _ = self._outstanding.pop(internal_request_id, (replica_id.unique_id, 1, 0.0))
         self._delta[key] -= weight
+
+    def _absorb_report(self, key: str, computed_at: float) -> None:
+        """A fresh report from `key` counts the requests routed there well before it was
+        computed (their weight becomes the running slot it gave them); requests routed since
+        keep their +4, or a burst would pile onto a replica whose report predates it."""
+        counted_before = computed_at - REPORT_LAG_S
+        self._delta[key] = 0
+        for rid, (k, weight, routed_at) in list(self._outstanding.items()):
+            if k != key:
+                continue
+            if routed_at < counted_before:
+                self._outstanding[rid] = (k, 1, routed_at)
+            else:
+                self._delta[key] += weight
 
     # ---- coordinator table ------------------------------------------------------
 
@@ -83,9 +102,7 @@ class LeastLoadedRouter(FIFOMixin, RequestRouter):
                 logger.warning("DP coordinator unreachable (%s); routing on the last table", exc)
                 return
             if version != self._version:
-                for key, stats in table.items():  # a fresh report already counts what we saw
+                for key, stats in table.items():
                     if stats.get("reported_at") != self._table.get(key, {}).get("reported_at"):
-                        self._delta[key] = 0
-                        self._outstanding.update({rid: (k, 1) for rid, (k, _) in self._outstanding.items()
-                                                  if k == key})
+                        self._absorb_report(key, stats.get("computed_at", stats.get("reported_at", 0.0)))
                 self._table, self._version = table, version

@@ -13,6 +13,8 @@ def add_serve_parser(sub, add_engine_args) -> None:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--dp", "--data-parallel-size", dest="dp", type=int, default=1)
     p.add_argument("--num-cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--autoscale", default=None, metavar="MIN:MAX",
+                   help="let Serve scale the replica set between MIN and MAX on load (instead of --dp)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
@@ -28,7 +30,18 @@ def serve_args(args: argparse.Namespace):
               "dp": args.dp, "num_cpus_per_replica": args.num_cpus_per_replica, "api_key": args.api_key}
     fields["tp"], fields["pp"] = fields.pop("tensor_parallel_size"), fields.pop("pipeline_parallel_size")
     fields.pop("kv_cache_dtype", None)
+    if args.autoscale:
+        fields["autoscaling_config"] = parse_autoscale(args.autoscale)
     return ServeArgs(**{k: v for k, v in fields.items() if v is not None})
+
+
+def parse_autoscale(text: str) -> dict:
+    """'1:4' -> Serve's autoscaling_config with min_replicas 1, max_replicas 4."""
+    try:
+        lo, hi = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise ValueError(f"--autoscale must be MIN:MAX replicas, like 1:4 (got {text!r})") from None
+    return {"min_replicas": lo, "max_replicas": hi}
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, AsyncIterator, Dict, List, Optional
 
 from raylm.config import EngineConfig
@@ -43,6 +44,15 @@ class LLMServer:
         self._metrics = None
         logger.info("LLMServer dp_rank=%d ready (%s)", self.dp_rank, model_name)
 
+    def __del__(self) -> None:
+        """Serve's shutdown hook (scale-down, redeploy): leave the coordinator's table so
+        metrics and routers forget this replica; stop the engine's worker actors."""
+        try:
+            self.coordinator.remove.remote(self.replica_key)
+            self.engine.engine.core.shutdown()
+        except Exception:  # shutting down anyway
+            pass
+
     async def generate(self, prompt_token_ids: List[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
         """Stream outputs (deltas when `params.output_kind == "delta"`, as the ingress asks);
@@ -68,7 +78,8 @@ class LLMServer:
             # A dead engine (e.g. a TP worker died) is idle and would win every routing
             # decision until Serve replaces it; report it as unreachable instead.
             waiting = DEAD_REPLICA_WAITING
-        return {"dp_rank": self.dp_rank, "replica": self.replica_key, "num_waiting": waiting,
+        return {"dp_rank": self.dp_rank, "replica": self.replica_key, "computed_at": time.time(),
+                "num_waiting": waiting,
                 "num_running": s.num_running, "kv_cache_usage": s.kv_cache_usage,
                 "num_free_blocks": s.num_free_blocks, "num_blocks": s.num_blocks,
                 "num_preemptions": s.num_preemptions, "prefix_cache_queries": s.prefix_cache_queries,

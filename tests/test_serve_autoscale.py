@@ -1,0 +1,96 @@
+"""Dense DP autoscaling: Serve grows the LLMServer replica set under load and shrinks it
+when idle; every request succeeds across both resizes (the reference is HF greedy)."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from raylm.executor.communicator import free_port
+from tests.conftest import hf_greedy, make_tiny_model, random_prompts
+
+pytestmark = pytest.mark.slow
+
+
+def _running_replicas() -> int:
+    from ray import serve
+
+    status = serve.status().applications["raylm"].deployments["LLMServer"]
+    return status.replica_states.get("RUNNING", 0)
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(1)
+    pytest.fail(f"{what} did not happen within {timeout_s:.0f} s")
+
+
+@pytest.mark.timeout(400)
+def test_autoscaling_grows_and_shrinks_without_losing_requests(tiny_root):
+    import ray
+    from ray import serve
+
+    from raylm.deployments.openai import build_app
+
+    path = make_tiny_model(tiny_root, "llama")
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    port = free_port("127.0.0.1")
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    scaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 2,
+               "downscale_delay_s": 5, "metrics_interval_s": 1, "look_back_period_s": 2}
+    serve.run(build_app({"model": str(path), "served_model_name": "tiny", "dtype": "float32", "max_model_len": 512,
+                         "num_blocks": 128, "num_cpus_per_replica": 0.5, "autoscaling_config": scaling}),
+              name="raylm", route_prefix="/")
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    try:
+        assert _running_replicas() == 1
+        prompts = random_prompts(10, seed=31)
+        expected = hf_greedy(path, prompts, 300)
+
+        async def one(client, prompt):
+            body = {"model": "tiny", "prompt": prompt, "max_tokens": 300, "temperature": 0, "ignore_eos": True}
+            r = await client.post(url, json=body)
+            assert r.status_code == 200, r.text
+            return r.json()["usage"]["completion_tokens"], r.json()["choices"][0]["text"]
+
+        async def load():
+            """Keep 8 requests in flight until Serve has added a replica, then one more wave
+            (which the router spreads over both); returns (prompt index, result) pairs."""
+            done, pending, i, grew_at = [], set(), 0, None
+            deadline = time.monotonic() + 150
+            async with httpx.AsyncClient(timeout=300) as client:
+                while time.monotonic() < deadline and (grew_at is None or i < grew_at + 8):
+                    while len(pending) < 8:
+                        task = asyncio.create_task(one(client, prompts[i % len(prompts)]))
+                        task.index = i % len(prompts)
+                        pending.add(task)
+                        i += 1
+                    finished, pending = await asyncio.wait(pending, timeout=1, return_when=asyncio.FIRST_COMPLETED)
+                    done += finished
+                    if grew_at is None and _running_replicas() == 2:
+                        grew_at = i
+                done += await asyncio.gather(*pending) and pending
+            return grew_at is not None, [(t.index, t.result()) for t in done]
+
+        grew, results = asyncio.run(load())
+        assert grew, "Serve did not add a replica under load"
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+        assert len(results) >= 16
+        for index, (n, text) in results:  # every request succeeded, across the resize
+            prompt, want = prompts[index], expected[index]
+            full, head = tok.decode(prompt + want, skip_special_tokens=True), tok.decode(prompt, skip_special_tokens=True)
+            assert n == 300 and text == full[len(head):]
+        _wait_for(lambda: _running_replicas() == 1, 120, "scaling back to one replica")
+        r = httpx.post(url, json={"model": "tiny", "prompt": prompts[0], "max_tokens": 5, "temperature": 0,
+                                  "ignore_eos": True}, timeout=60)
+        assert r.status_code == 200, r.text
+    finally:
+        serve.shutdown()
+        ray.shutdown()
