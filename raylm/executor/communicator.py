@@ -39,6 +39,11 @@ class BaseCommunicator(ABC):
     def reduce_scatter(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """Sum over the group, then this rank's 1/size slice along `dim`."""
 
+    def _check_splits(self, x: torch.Tensor, dim: int) -> None:
+        """reduce_scatter's precondition: `dim` splits evenly over the group."""
+        if x.shape[dim] % self.size:
+            raise ValueError(f"dim {dim} of size {x.shape[dim]} does not split over {self.size} ranks")
+
     @abstractmethod
     def send(self, x: torch.Tensor, dst: int) -> None:
         """Send x to group rank `dst` (blocks until handed off)."""

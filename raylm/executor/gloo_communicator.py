@@ -34,8 +34,7 @@ class GlooCommunicator(BaseCommunicator):
 
     def reduce_scatter(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
         # gloo has no reduce_scatter: all-reduce, then keep this rank's slice
-        if x.shape[dim] % self.size:
-            raise ValueError(f"dim {dim} of size {x.shape[dim]} does not split over {self.size} ranks")
+        self._check_splits(x, dim)
         total = self.all_reduce(x.clone())
         return total.chunk(self.size, dim=dim)[self.rank].contiguous()
 

@@ -62,8 +62,7 @@ class NcclCommunicator(BaseCommunicator):
         return torch.cat(out.unbind(0), dim=dim)
 
     def reduce_scatter(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        if x.shape[dim] % self.size:
-            raise ValueError(f"dim {dim} of size {x.shape[dim]} does not split over {self.size} ranks")
+        self._check_splits(x, dim)
         parts = torch.stack(x.chunk(self.size, dim=dim)).contiguous()  # rank-major
         out = torch.empty_like(parts[0])
         self.comm.reduceScatter(parts.data_ptr(), out.data_ptr(), out.numel(), self._type(x),

@@ -114,17 +114,19 @@ class RayExecutor(Executor):
         import ray
 
         deadline = None if timeout is None else time.monotonic() + timeout
+        position = {ref: i for i, ref in enumerate(refs)}  # = worker rank when there is one ref per worker
+        values: List[Any] = [None] * len(refs)
         pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=POLL_S)
-            for ref in ready:
+            for ref in ready:  # each value is fetched once, as it arrives
                 try:
-                    ray.get(ref)
+                    values[position[ref]] = ray.get(ref)
                 except Exception as exc:
-                    self._fail(refs.index(ref) if len(refs) == self.world else 0, exc)
+                    self._fail(position[ref], exc)
             if deadline is not None and time.monotonic() > deadline and pending:
                 self._fail(-1, TimeoutError(f"workers did not answer within {timeout:.0f} s"))
-        return ray.get(list(refs))
+        return values
 
     def _fail(self, rank: int, exc: BaseException):
         self.shutdown()

@@ -107,8 +107,7 @@ class ShmCommunicator(BaseCommunicator):
         return torch.cat(self._exchange(x.contiguous()), dim=dim)  # cat copies out of the segment
 
     def reduce_scatter(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        if x.shape[dim] % self.size:
-            raise ValueError(f"dim {dim} of size {x.shape[dim]} does not split over {self.size} ranks")
+        self._check_splits(x, dim)
         return self.all_reduce(x).chunk(self.size, dim=dim)[self.rank].contiguous()
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
