@@ -9,6 +9,7 @@ from raylm.config import CacheConfig, EngineConfig, ModelConfig
 from raylm.engine.async_engine import AsyncEngine
 from raylm.outputs import CompletionOutput, DeltaState, RequestOutput, delta_output, merge_delta
 from raylm.sampling_params import SamplingParams
+from tests.conftest import hf_greedy
 
 
 def _engine(path):
@@ -35,6 +36,8 @@ def test_deltas_fold_to_the_cumulative_result(tiny_llama, params):
         return cumulative[-1], deltas
 
     final, deltas = asyncio.run(main())
+    if params["temperature"] == 0 and not params.get("stop"):  # the cumulative run itself == HF
+        assert final.outputs[0].token_ids == hf_greedy(tiny_llama, [[5, 6, 7, 8]], params["max_tokens"])[0]
     if params.get("stop"):
         assert final.outputs[0].finish_reason == "stop" and "w398 w398" not in final.outputs[0].text
     acc = None
