@@ -56,6 +56,8 @@ class ServeArgs(BaseModel):
             if self.enable_expert_parallel:
                 raise ValueError("autoscaling_config is for dense/TP replicas: expert-parallel replica sets "
                                  "resize through elastic scaling")
+        if self.enable_expert_parallel and self.dp > 1 and self.pp > 1:
+            raise ValueError("expert parallelism across DP replicas needs pp=1 (lockstep runs one batch per step)")
         return self
     api_key: Optional[str] = None
     max_body_bytes: int = 1 << 20
@@ -100,6 +102,16 @@ class ServeArgs(BaseModel):
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model
+
+
+def run_app(args: Dict[str, Any], name: str = "raylm", **kwargs):
+    """serve.run the app, with Serve's external-scaler API enabled unless Serve autoscales
+    (POST /scale_elastic_ep sets the replica count through it). Returns the app handle."""
+    from ray import serve
+
+    a = args if isinstance(args, ServeArgs) else ServeArgs(**args)
+    return serve.run(build_app(a), name=name, route_prefix="/", external_scaler_enabled=a.autoscaling_config is None,
+                     **kwargs)
 
 
 def build_app(args: Dict[str, Any]):

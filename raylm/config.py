@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Literal, Optional, Union
+from typing import List, Literal, Optional, Tuple, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -125,21 +125,32 @@ class ParallelConfig(_Config):
     # TP collectives on CPU: "shm" (shared memory when a group's workers share a host,
     # else gloo) or "gloo" (always torch.distributed)
     cpu_communicator: Literal["shm", "gloo"] = "shm"
-    # MoE: TP ranks hold whole experts (placement[e] = rank of expert e; None = contiguous)
+    # MoE expert parallelism: TP ranks hold whole experts (placement[e] = rank of expert e;
+    # None = contiguous). With data_parallel_size > 1 (raylm serve) the EP group spans every
+    # replica's TP ranks (rank = dp_rank * tp + tp_rank) and the replicas step in lockstep.
     enable_expert_parallel: bool = False
     expert_placement: Optional[List[int]] = None
+    # Set at run time by the serving layer, from the DP coordinator's group membership:
+    data_parallel_rank: int = Field(default=0, ge=0)
+    data_parallel_store: Optional[Tuple[str, int]] = None  # the coordinator's TCP store
+    data_parallel_group: str = ""  # store key prefix of this generation of the group
 
     @model_validator(mode="after")
     def _check_expert_placement(self) -> "ParallelConfig":
         placement = self.expert_placement
         if placement is not None:
-            tp = self.tensor_parallel_size
+            ranks = self.tensor_parallel_size * (self.data_parallel_size if self.expert_dp else 1)
             if not self.enable_expert_parallel:
                 raise ValueError("expert_placement needs enable_expert_parallel=True")
-            if sorted(set(placement)) != list(range(tp)):
-                raise ValueError(f"expert_placement {placement} must use every rank 0..{tp - 1} "
-                                 "(tensor_parallel_size) and no other")
+            if sorted(set(placement)) != list(range(ranks)):
+                raise ValueError(f"expert_placement {placement} must use every EP rank 0..{ranks - 1} "
+                                 "(tensor_parallel_size x data_parallel_size with expert parallelism) and no other")
         return self
+
+    @property
+    def expert_dp(self) -> bool:
+        """Expert parallelism across DP replicas: the replicas must step in lockstep."""
+        return self.enable_expert_parallel and self.data_parallel_size > 1
 
     @property
     def world_size(self) -> int:

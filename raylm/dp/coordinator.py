@@ -1,9 +1,15 @@
 """DP coordinator: a deployment-scoped actor of the LLMServer deployment.
 
-Every engine replica pushes its load (waiting, running, KV usage, counters) here when it
-changes, at most every ~100 ms. Request routers long-poll `snapshot()` and get the new
-table as soon as it changes. The coordinator never sits on the request path: if it dies,
-routers keep their last table plus their own optimistic counts until Serve recreates it.
+Load: every engine replica pushes its load (waiting, running, KV usage, counters) here
+when it changes (at most every ~100 ms, at least every second); request routers
+long-poll `snapshot()` and get the new table as soon as it changes. The coordinator never
+sits on the request path: if it dies, routers keep their last table plus their own
+optimistic counts until Serve recreates it.
+
+Expert parallelism over DP (MoE): it also hosts the TCP store where the replicas' DP
+groups rendezvous, forms the group generation by generation (`join`, raylm.dp.membership),
+relays wave starts and completions (raylm.dp.waves), and holds the elastic-scaling flag.
+Replicas and ingresses follow all of that through one long poll, `watch()`.
 """
 from __future__ import annotations
 
@@ -13,12 +19,47 @@ from typing import Any, Dict, Optional, Tuple
 
 import ray
 
+from raylm.dp.membership import Membership
+from raylm.dp.waves import WaveTable
+
+JOIN_TIMEOUT_S = 300.0  # a replica waits this long for the rest of its generation
+STALE_REPORT_S = 10.0  # a replica silent this long (it reports every second) has gone
+
+
+class _Broadcast:
+    """A version number and a way to wait for it to move past a known one."""
+
+    def __init__(self) -> None:
+        self.version = 0
+        self._changed = asyncio.Event()
+
+    def bump(self) -> None:
+        self.version += 1
+        self._changed.set()
+        self._changed = asyncio.Event()  # waiters hold the old (set) event; new waiters the new one
+
+    async def wait_past(self, known: int, timeout_s: float) -> None:
+        if known == self.version:
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+
 
 class DPCoordinator:
     def __init__(self) -> None:
         self.stats: Dict[str, Dict[str, Any]] = {}  # replica key -> latest stats
-        self.version = 0
-        self._changed = asyncio.Event()
+        self._stats = _Broadcast()
+        self._control = _Broadcast()
+        self.waves = WaveTable()
+        self.membership: Optional[Membership] = None  # expert-parallel apps only
+        self.scaling: Optional[Dict[str, Any]] = None  # the elastic scale in progress, if any
+        self._store = None
+        self._metrics = None
+
+    @property
+    def version(self) -> int:
+        return self._stats.version
 
     def identity(self) -> Tuple[str, str]:
         """(actor name, namespace): how routers outside the deployment find this actor.
@@ -27,29 +68,120 @@ class DPCoordinator:
 
         return ray.get_runtime_context().get_actor_name(), SERVE_NAMESPACE
 
+    # ---- load table ----------------------------------------------------------------
+
     async def report(self, replica_key: str, stats: Dict[str, Any]) -> None:
         self.stats[replica_key] = {**stats, "reported_at": time.time()}
-        self._bump()
+        self._stats.bump()
+        self._export()
 
     async def remove(self, replica_key: str) -> None:
+        """A replica is shutting down (scale-down, redeploy)."""
         if self.stats.pop(replica_key, None) is not None:
-            self._bump()
+            self._stats.bump()
+        if self.membership is not None:
+            self.membership.leave(replica_key)
+            self._form()
 
     async def snapshot(self, known_version: int = -1, timeout_s: float = 1.0) -> Tuple[int, Dict[str, Dict]]:
         """Long poll: returns at once if the table changed since `known_version`, else when
         it next changes or after `timeout_s`."""
-        if known_version == self.version:
-            event = self._changed
-            try:
-                await asyncio.wait_for(event.wait(), timeout_s)
-            except asyncio.TimeoutError:
-                pass
-        return self.version, dict(self.stats)
+        await self._stats.wait_past(known_version, timeout_s)
+        return self._stats.version, dict(self.stats)
 
-    def _bump(self) -> None:
-        self.version += 1
-        self._changed.set()
-        self._changed = asyncio.Event()  # waiters hold the old (set) event; new waiters the new one
+    # ---- control: group, waves, scaling ---------------------------------------------
+
+    async def watch(self, known_version: int = -1, timeout_s: float = 5.0) -> Tuple[int, Dict[str, Any]]:
+        """Long poll on the control state (see `control()`)."""
+        await self._control.wait_past(known_version, timeout_s)
+        return self._control.version, self.control()
+
+    def control(self) -> Dict[str, Any]:
+        m = self.membership
+        return {"wave": self.waves.wave, "running": self.waves.running, "waves_completed": self.waves.completed,
+                "scaling": self.scaling, "generation": m.generation if m else 0,
+                "ranks": dict(m.ranks) if m else {}, "target": m.target if m else None,
+                "formed": m.formed if m else True, "store": self._store_address() if m else None}
+
+    async def join(self, replica_key: str, target: int) -> Dict[str, Any]:
+        """An expert-parallel replica asks for its place in the DP group; returns once a
+        generation including it has formed (the other replicas must join too)."""
+        if self.membership is None:
+            self.membership = Membership(target)
+        self.membership.join(replica_key)
+        self._form()
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        while self.membership.rank_of(replica_key) is None:
+            if time.monotonic() > deadline:
+                self.membership.leave(replica_key)
+                raise TimeoutError(f"the DP group did not reach {self.membership.target} replicas "
+                                   f"in {JOIN_TIMEOUT_S:.0f} s")
+            await self._control.wait_past(self._control.version, 1.0)
+        return self.control()
+
+    async def ready(self, replica_key: str, generation: int) -> None:
+        """A replica has joined `generation`'s group (its workers connected)."""
+        if self.membership is not None:
+            self.membership.mark_ready(replica_key, generation)
+            self._control.bump()
+
+    async def wave_start(self, wave: int) -> None:
+        """START_DP_WAVE: a replica got work while paused; every replica must step."""
+        self.waves.start(wave)
+        self._control.bump()
+        self._export()
+
+    async def wave_complete(self, wave: int) -> None:
+        self.waves.complete(wave)
+        self._control.bump()
+        self._export()
+
+    async def begin_scale(self, new_size: int) -> bool:
+        """Claim the one scale allowed at a time; False if one is running."""
+        if self.scaling is not None:
+            return False
+        self.scaling = {"new_data_parallel_size": new_size, "since": time.time()}
+        self._control.bump()
+        return True
+
+    async def set_target(self, new_size: int) -> None:
+        if self.membership is not None:
+            self.membership.target = new_size
+            self._drop_silent()
+            self._form()
+
+    async def end_scale(self) -> None:
+        self.scaling = None
+        self._control.bump()
+
+    def _form(self) -> None:
+        if self.membership is not None and self.membership.maybe_form():
+            self.waves.running = False  # the new group starts paused, at the current wave
+        self._control.bump()
+
+    def _drop_silent(self) -> None:
+        """Members that stopped reporting (killed without a goodbye) leave the group."""
+        now = time.time()
+        for key in list(self.membership.ranks):
+            if now - self.stats.get(key, {}).get("reported_at", now) > STALE_REPORT_S:
+                self.membership.leave(key)
+                self.stats.pop(key, None)
+
+    def _store_address(self) -> Tuple[str, int]:
+        if self._store is None:
+            import torch.distributed as dist
+
+            host = ray.util.get_node_ip_address()
+            self._store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False)
+        return ray.util.get_node_ip_address(), self._store.port
+
+    def _export(self) -> None:
+        from raylm.dp.metrics import export_coordinator_metrics
+
+        try:
+            self._metrics = export_coordinator_metrics(self._metrics, self.waves, self.stats)
+        except Exception:  # metrics never break coordination
+            pass
 
 
 def score(stats: Optional[Dict[str, Any]]) -> int:

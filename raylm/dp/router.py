@@ -51,11 +51,23 @@ class LeastLoadedRouter(FIFOMixin, RequestRouter):
         if not candidate_replicas:
             return []
         self._ensure_poller(candidate_replicas)
+        pinned = self._pinned(candidate_replicas, pending_request)
+        if pinned:
+            return [pinned]
         scored = sorted(((self.replica_score(r), random.random(), r) for r in candidate_replicas),
                         key=lambda t: (t[0], t[1]))
         # One replica in the first rank (ties broken at random above), the rest as fallbacks
         # should it refuse: Serve's queue-length probing must not override the score.
         return [[scored[0][2]], [r for _, _, r in scored[1:]]] if len(scored) > 1 else [[scored[0][2]]]
+
+    def _pinned(self, replicas: List[RunningReplica], pending: Optional[PendingRequest]) -> List[RunningReplica]:
+        """Replicas matching the request's `data_parallel_rank` hint (vLLM's targeted DP
+        routing, HTTP header X-data-parallel-rank); empty when there is no hint."""
+        rank = pending.kwargs.get("data_parallel_rank") if pending is not None else None
+        if rank is None:
+            return []
+        return [r for r in replicas
+                if (self._table.get(r.replica_id.unique_id) or r.routing_stats or {}).get("dp_rank") == rank]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: ReplicaResult) -> None:

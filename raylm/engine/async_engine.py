@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator, Dict, List, Optional, Tuple
+from typing import AsyncIterator, Callable, Dict, List, Optional, Tuple
 
 from raylm.config import EngineConfig
 from raylm.engine.llm_engine import LLMEngine, PromptType
@@ -36,6 +36,7 @@ class AsyncEngine:
         self._deltas: Dict[str, DeltaState] = {}  # streams that asked for output_kind="delta"
         self._pending_adds: List[Tuple[PromptType, SamplingParams, str]] = []
         self._pending_aborts: List[str] = []
+        self._pending_calls: List[Callable[[], None]] = []
         self._wakeup: Optional[asyncio.Event] = None
         self._loop_task: Optional[asyncio.Task] = None
         self.dead: Optional[BaseException] = None
@@ -83,6 +84,15 @@ class AsyncEngine:
         if self._wakeup is not None:
             self._wakeup.set()
 
+    def wake(self) -> None:
+        """Make the engine loop look for work now (e.g. a lockstep wave started elsewhere)."""
+        self._ensure_loop()
+
+    def call_between_steps(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the engine loop between two steps (it may touch the engine freely)."""
+        self._pending_calls.append(fn)
+        self._ensure_loop()
+
     def _ensure_loop(self) -> None:
         if self._wakeup is None:
             self._wakeup = asyncio.Event()
@@ -100,6 +110,9 @@ class AsyncEngine:
         aborts, self._pending_aborts = self._pending_aborts, []
         for request_id in aborts:
             self.engine.abort_request(request_id)
+        calls, self._pending_calls = self._pending_calls, []
+        for fn in calls:
+            fn()
 
     async def _run(self) -> None:
         try:

@@ -7,6 +7,7 @@ from collections import deque
 from typing import Deque, Iterable, List, Optional
 
 from raylm.config import EngineConfig
+from raylm.dp.waves import EngineWaves
 from raylm.engine.request import Request
 from raylm.engine.sched_output import EngineCoreOutput
 from raylm.engine.scheduler import Scheduler
@@ -46,6 +47,8 @@ class EngineCore:
         self.batch_queue: Optional[Deque] = deque(maxlen=pp) if pp > 1 else None
         self.peak_batches_in_flight = 0  # tests check that the pipeline really filled
         self.last_step_times: dict = {}  # the answering worker's phase times (raylm bench)
+        # MoE expert parallelism across DP replicas: step in lockstep with them (raylm.dp.waves)
+        self.waves: Optional[EngineWaves] = EngineWaves() if config.parallel.expert_dp else None
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -54,11 +57,15 @@ class EngineCore:
         self.scheduler.abort_requests(request_ids)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or bool(self.batch_queue)
+        """Work here, or a lockstep wave that other replicas' work keeps running."""
+        return (self.scheduler.has_unfinished_requests() or bool(self.batch_queue)
+                or (self.waves is not None and self.waves.running))
 
     def step(self) -> List[EngineCoreOutput]:
         if self.batch_queue is not None:
             return self._step_pipelined()
+        if self.waves is not None:
+            return self._step_lockstep()
         if not self.scheduler.has_unfinished_requests():
             return []
         scheduler_output = self.scheduler.schedule()
@@ -84,6 +91,21 @@ class EngineCore:
             return []
         sched, future = queue.popleft()
         model_output = future.result()
+        self.last_step_times = model_output.timings
+        return self.scheduler.update_from_output(sched, model_output)
+
+    def _step_lockstep(self) -> List[EngineCoreOutput]:
+        """One step of a wave: real if we have work, else a dummy forward; the workers tell
+        how many replicas had work, and none ends the wave here as on every replica."""
+        waves, has_work = self.waves, self.scheduler.has_unfinished_requests()
+        if not waves.running:
+            if not has_work:
+                return []
+            waves.start_local()
+        sched = self.scheduler.schedule()
+        sched.dp_unfinished = int(has_work)
+        model_output = self.executor.execute_model(sched)
+        waves.after_step(sched.is_empty, model_output.dp_unfinished, model_output.timings.get("dummy", 0.0))
         self.last_step_times = model_output.timings
         return self.scheduler.update_from_output(sched, model_output)
 

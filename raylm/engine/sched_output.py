@@ -38,6 +38,9 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int
     # Requests the workers should forget (finished, aborted or preempted since last step).
     finished_req_ids: Set[str] = field(default_factory=set)
+    # Expert parallelism across DP replicas (lockstep): 1 if this engine has unfinished
+    # requests. Workers exchange it over the DP group; an empty step is then a dummy forward.
+    dp_unfinished: int = 0
 
     @property
     def is_empty(self) -> bool:
@@ -54,6 +57,9 @@ class ModelRunnerOutput:
     # seconds per phase on the worker that answered (prepare, forward, logits, sample, comm:
     # time in collectives and stage transfers, waits included); for `raylm bench`
     timings: Dict[str, float] = field(default_factory=dict)
+    # lockstep: how many DP ranks had unfinished work at this step (0: the wave is over);
+    # None when the engine does not run in lockstep
+    dp_unfinished: Optional[int] = None
 
 
 @dataclass

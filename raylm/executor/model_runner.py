@@ -12,11 +12,12 @@ from raylm.config import EngineConfig, parse_memory
 from raylm.engine.sampler import Sampler, SamplingInput
 from raylm.kernels import cpu_paged_attention
 from raylm.engine.sched_output import ModelRunnerOutput, SchedulerOutput
-from raylm.executor.input_batch import InputBatch
+from raylm.executor.input_batch import InputBatch, StepInputs
 from raylm.models.attention import PagedAttention
 from raylm.models.layers import prepack_linears
 from raylm.models.loader import load_hf_config, load_model
-from raylm.models.parallel_state import CommClock, get_pp_group, get_tp_group
+from raylm.models.attention import AttentionMetadata, PrefillSeq
+from raylm.models.parallel_state import CommClock, get_ep_group, get_pp_group, get_tp_group
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,15 @@ class ModelRunner:
         clock = _PhaseClock()
         CommClock.take()  # count this step's transfers only
         self.batch.update(sched)
-        if sched.is_empty:
+        ep = get_ep_group()
+        if ep.dp is not None:  # lockstep with the other DP replicas (expert parallelism over DP)
+            busy = ep.begin_step(max(1, sched.total_num_scheduled_tokens), sched.dp_unfinished)
+            if busy == 0 or sched.is_empty:
+                if busy:
+                    self._forward(dummy_step())  # join every collective of the busy ranks' step
+                return ModelRunnerOutput({}, timings={"dummy": clock.since_start(), "comm": CommClock.take()},
+                                         dp_unfinished=busy)
+        elif sched.is_empty:
             return ModelRunnerOutput({})
         step = self.batch.prepare(sched)
         clock.mark("prepare")
@@ -97,7 +106,7 @@ class ModelRunner:
                     logprobs[req_id] = [lp]
             clock.mark("sample")
         self.last_step_times = {**clock.times, "comm": CommClock.take()}
-        return ModelRunnerOutput(sampled, logprobs, self.last_step_times)
+        return ModelRunnerOutput(sampled, logprobs, self.last_step_times, busy if ep.dp is not None else None)
 
     def _forward(self, step) -> Optional[torch.Tensor]:
         """The model's forward for this stage: receive (hidden, residual) from the previous
@@ -118,6 +127,13 @@ class ModelRunner:
         return SamplingInput(state.sampling_params, state.prompt_token_ids, state.output_token_ids)
 
 
+def dummy_step() -> StepInputs:
+    """A lockstep dummy forward: one token at position 0 that attends to itself and writes
+    no KV (it owns no cache slot). It makes every collective call a real step makes."""
+    meta = AttentionMetadata(torch.zeros(1, dtype=torch.long), prefills=[PrefillSeq(0, 1, 1, None)], store_kv=False)
+    return StepInputs(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), meta, [], [], [])
+
+
 def lazy_zeros(shape, dtype: torch.dtype) -> torch.Tensor:
     """A zero tensor whose pages the OS maps on first write: numpy's zeros is calloc, which
     takes fresh zero pages for large sizes, where torch.zeros writes every byte at once.
@@ -134,7 +150,10 @@ class _PhaseClock:
 
     def __init__(self) -> None:
         self.times: Dict[str, float] = {}
-        self._last = time.perf_counter()
+        self._start = self._last = time.perf_counter()
+
+    def since_start(self) -> float:
+        return time.perf_counter() - self._start
 
     def mark(self, phase: str) -> None:
         now = time.perf_counter()

@@ -10,7 +10,7 @@ from raylm.config import EngineConfig, num_threads
 from raylm.engine.sched_output import ModelRunnerOutput, SchedulerOutput
 from raylm.executor.communicator import free_port, init_world
 from raylm.executor.model_runner import ModelRunner
-from raylm.models.parallel_state import init_parallel_groups
+from raylm.models.parallel_state import init_expert_dp, init_parallel_groups
 
 
 class Worker:
@@ -42,7 +42,29 @@ class Worker:
             init_parallel_groups("cpu", par.tensor_parallel_size, par.pipeline_parallel_size,
                                  par.pipeline_layer_split, par.cpu_communicator, par.enable_expert_parallel,
                                  par.expert_placement)
+        if par.expert_dp:
+            self._join_expert_dp(par.data_parallel_rank, par.data_parallel_size, par.data_parallel_store,
+                                 par.data_parallel_group, par.expert_placement)
         self.runner = ModelRunner(self.config, self.model_path)
+
+    def _join_expert_dp(self, dp_rank: int, dp_size: int, store, prefix: str, placement=None) -> None:
+        import ray
+
+        par = self.config.parallel
+        if store is None or par.pipeline_parallel_size > 1:
+            raise ValueError("expert parallelism across DP replicas needs the DP coordinator's group "
+                             "(raylm serve with --dp > 1) and pipeline_parallel_size 1")
+        host = ray.util.get_node_ip_address() if ray.is_initialized() else store[0]
+        init_expert_dp(self.rank % par.tensor_parallel_size, par.tensor_parallel_size, dp_rank, dp_size,
+                       tuple(store), prefix, host, placement)
+
+    def reform_expert_dp(self, dp_rank: int, dp_size: int, store, prefix: str) -> List[int]:
+        """Elastic scaling: join the group's next generation (new size, maybe a new rank) and
+        load the experts the contiguous placement now gives this rank. Runs between steps,
+        with no request in flight anywhere (the scale drained them). Returns the experts."""
+        self._join_expert_dp(dp_rank, dp_size, store, prefix)
+        self.runner.model.reload_experts(self.model_path)
+        return sorted({e for experts in self.local_experts().values() for e in experts})
 
     def load_model(self) -> None:
         self.runner.load_model()

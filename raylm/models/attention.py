@@ -40,6 +40,7 @@ class AttentionMetadata:
     decode_kernel: bool = False  # use the compiled CPU kernel (reads the cache in place)
     decode_mask: Optional[torch.Tensor] = None  # [D, 1, L] bool, True = attend (L = nb * block_size)
     prefills: List[PrefillSeq] = field(default_factory=list)
+    store_kv: bool = True  # False for a lockstep dummy forward: it owns no cache slot
 
 
 class PagedAttention(nn.Module):
@@ -51,7 +52,8 @@ class PagedAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, Hq, Dh]; k, v: [T, Hkv, Dh] -> [T, Hq * Dh]."""
-        self._store(k, v, meta.slot_mapping)
+        if meta.store_kv:
+            self._store(k, v, meta.slot_mapping)
         if not meta.prefills:
             return self._decode(q, meta).to(q.dtype).flatten(1)
         out = torch.empty(q.shape[0], self.num_heads, self.head_dim, dtype=torch.float32)

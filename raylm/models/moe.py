@@ -57,7 +57,25 @@ class FusedMoE(nn.Module):
             weights = weights / weights.sum(-1, keepdim=True)
         return weights, experts
 
+    def assign_experts(self, experts) -> None:
+        """Hold `experts` (whole, EP) from now on: fresh, unloaded storage for them (a re-formed
+        EP group moves experts; the caller reloads their weights)."""
+        dtype, hidden = self.w13.dtype, self.w13.shape[2]
+        self.experts = list(experts)
+        self.slot = {e: i for i, e in enumerate(self.experts)}
+        n = len(self.experts)
+        self.w13 = nn.Parameter(torch.empty(n, 2 * self.local_i, hidden, dtype=dtype), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(n, hidden, self.local_i, dtype=dtype), requires_grad=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ep = get_ep_group()
+        if ep.dp is None:
+            return self.tp.all_reduce(self._experts_out(x).to(x.dtype))
+        out = ep.combine(self._experts_out(ep.dispatch(x)).to(x.dtype))  # every replica's tokens
+        return self.tp.all_reduce(out)
+
+    def _experts_out(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 sum over this rank's experts of weight * expert(x), per token."""
         weights, experts = self.route(x)
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
         for e in experts.unique().tolist():  # loop over experts that got tokens (ours, with EP)
@@ -68,7 +86,7 @@ class FusedMoE(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, self.w2[self.slot[e]])
             out.index_add_(0, token_idx, y.float() * weights[token_idx, slot].unsqueeze(-1))
-        return self.tp.all_reduce(out.to(x.dtype))
+        return out
 
 
 def _moe_mlp(config, layer_idx: int) -> nn.Module:
@@ -113,3 +131,18 @@ class MoEForCausalLM(LlamaForCausalLM):
                 experts_loaded.add(f"{layer}.mlp.{which}")
 
         return super().load_weights(dense_only()) | experts_loaded
+
+    def reload_experts(self, path: str) -> None:
+        """After the EP group changed: take this rank's new experts and read only theirs."""
+        from raylm.models.loader import iter_safetensors
+
+        moes = [m for m in self.modules() if isinstance(m, FusedMoE)]
+        for m in moes:
+            m.assign_experts(get_ep_group().local_experts(m.num_experts))
+
+        def expert_weight(name: str) -> bool:
+            return _EXPERT_RE.match(name.removeprefix("model.")) is not None and self.wants_weight(name)
+
+        loaded = self.load_weights(iter_safetensors(path, keep=expert_weight))
+        if len(loaded) != 2 * len(moes):
+            raise ValueError(f"checkpoint {path}: expert weights missing after re-placement ({sorted(loaded)})")

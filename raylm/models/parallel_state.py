@@ -84,15 +84,21 @@ class PPGroup:
 
 @dataclass
 class EPGroup:
-    """Expert parallelism within a replica: the TP ranks hold whole experts instead of a
-    slice of every expert (attention stays TP-sharded). Tokens are already replicated over
-    the TP group, so a rank runs its own experts on them and the MoE layer's all-reduce sums
-    the contributions. `placement[e]` is the rank holding expert e (a table, so a rebalance
-    can move experts); None places contiguous blocks."""
+    """Which experts this rank holds. Within a replica (`dp` None) the TP ranks hold whole
+    experts instead of a slice of every expert; tokens are already replicated over the TP
+    group, so a rank runs its own experts and the MoE layer's all-reduce sums the parts.
+    Across DP replicas (`dp` set: rank = dp_rank * tp + tp_rank over dp * tp ranks) the
+    replicas' tokens differ: each MoE layer all-gathers every replica's tokens (`dispatch`),
+    runs its experts on all of them, and sums the contributions back to their owners
+    (`combine`: an all-reduce, then this replica's rows; gloo has no reduce-scatter).
+    `placement[e]` is the rank holding expert e (a table, so a rebalance can move experts);
+    None places contiguous blocks."""
 
     rank: int = 0
     size: int = 1
     placement: Optional[Tuple[int, ...]] = None
+    dp: Optional[object] = None  # a raylm.executor.dp_group.DPGroup over this TP rank's replicas
+    counts: Tuple[int, ...] = ()  # tokens per DP rank in this step's forward (from begin_step)
 
     def local_experts(self, num_experts: int) -> List[int]:
         placement = self.placement or tuple(e * self.size // num_experts for e in range(num_experts))
@@ -100,6 +106,28 @@ class EPGroup:
             raise ValueError(f"expert_placement {list(placement)} must give each of the model's {num_experts} "
                              f"experts a rank in [0, {self.size}), every rank at least one")
         return [e for e, r in enumerate(placement) if r == self.rank]
+
+    def begin_step(self, num_tokens: int, unfinished: int) -> int:
+        """The step's one exchange over the DP group, before the forward: every rank's token
+        count (the MoE layers pad to the largest) and unfinished-work flag. Returns how many
+        ranks have unfinished work; 0 means every rank skips this forward and the wave ends."""
+        mine = torch.tensor([num_tokens, unfinished], dtype=torch.long)
+        rows = _timed(self.dp.all_gather, mine)
+        self.counts = tuple(int(r[0]) for r in rows)
+        return sum(int(r[1]) for r in rows)
+
+    def dispatch(self, x: torch.Tensor) -> torch.Tensor:
+        """[n, H] local tokens -> [dp * max_n, H], every replica's tokens (zero-padded)."""
+        pad = max(self.counts) - x.shape[0]
+        if pad:
+            x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+        return torch.cat(_timed(self.dp.all_gather, x))
+
+    def combine(self, y: torch.Tensor) -> torch.Tensor:
+        """[dp * max_n, H] partial expert outputs -> [n, H]: summed over the group, our rows."""
+        width = max(self.counts)
+        total = _timed(self.dp.all_reduce, y)
+        return total[self.dp.rank * width:self.dp.rank * width + self.counts[self.dp.rank]]
 
 
 def stage_layer_counts(num_layers: int, num_stages: int, split: Optional[Sequence[int]] = None) -> List[int]:
@@ -147,6 +175,18 @@ def set_tp_group(group: TPGroup) -> None:
 def set_pp_group(group: PPGroup) -> None:
     global _PP
     _PP = group
+
+
+def init_expert_dp(tp_rank: int, tp_size: int, dp_rank: int, dp_size: int, store: Tuple[str, int],
+                   prefix: str, my_host: str, placement: Optional[Sequence[int]] = None) -> EPGroup:
+    """Join (or re-form, with a new `prefix`) expert parallelism across DP replicas: a DP
+    group for this TP rank's column of replicas, EP rank dp_rank * tp + tp_rank."""
+    from raylm.executor.dp_group import DPGroup
+
+    dp = DPGroup(store, f"{prefix}/tp{tp_rank}", dp_rank, dp_size, my_host)
+    group = EPGroup(dp_rank * tp_size + tp_rank, dp_size * tp_size, tuple(placement) if placement else None, dp)
+    set_ep_group(group)
+    return group
 
 
 def init_parallel_groups(device: str, tp_size: int, pp_size: int, layer_split: Optional[Sequence[int]] = None,

@@ -13,6 +13,8 @@ from fastapi.responses import Response
 from raylm.engine.llm_engine import tokenizer_and_max_len
 from raylm.outputs import merge_delta
 from raylm.serve.engine_client import EngineClient
+from raylm.dp.metrics import publish_lockstep
+from raylm.serve.errors import APIError
 from raylm.serve.metrics import PromSink, RequestTimer, publish_engine_stats
 
 logger = logging.getLogger(__name__)
@@ -27,12 +29,41 @@ class ServeEngineClient(EngineClient):
         self.model_name, self.tokenizer, self.max_model_len = model_name, tokenizer, max_model_len
         self.sink = sink
         self._coordinator = None
+        self.num_inflight = 0  # generate() streams open here (elastic scaling drains them)
+        self.tp_size, self.num_experts = 1, 0  # set by the ingress (the scale-size check)
 
-    async def generate(self, prompt_token_ids, params, request_id):
+    async def coordinator(self):
+        if self._coordinator is None:
+            name, namespace = await self.unary.coordinator_info.remote()
+            self._coordinator = ray.get_actor(name, namespace=namespace)
+        return self._coordinator
+
+    async def generate(self, prompt_token_ids, params, request_id, data_parallel_rank: Optional[int] = None):
         """Cumulative outputs (what the OpenAI layer reads), rebuilt from the deltas the
-        replica streams: a step then costs each request O(new tokens) to pickle, not O(all)."""
+        replica streams: a step then costs each request O(new tokens) to pickle, not O(all).
+        `data_parallel_rank` (or the request's X-data-parallel-rank) pins one replica."""
+        from raylm.serve.elastic import dp_rank_hint
+
+        rank = dp_rank_hint.get() if data_parallel_rank is None else data_parallel_rank
+        if rank is not None:
+            await self._check_rank(rank)
         wants_delta = params.output_kind == "delta"
-        stream = self.handle.generate.remote(prompt_token_ids, replace(params, output_kind="delta"), request_id)
+        self.num_inflight += 1
+        try:
+            async for out in self._stream(prompt_token_ids, replace(params, output_kind="delta"), request_id,
+                                          rank, wants_delta):
+                yield out
+        finally:
+            self.num_inflight -= 1
+
+    async def _check_rank(self, rank: int) -> None:
+        size = len(await self.stats())
+        if not 0 <= rank < size:
+            raise APIError(400, f"data_parallel_rank {rank} is out of range: the app has {size} DP replicas",
+                           param="data_parallel_rank")
+
+    async def _stream(self, prompt_token_ids, params, request_id, rank, wants_delta):
+        stream = self.handle.generate.remote(prompt_token_ids, params, request_id, data_parallel_rank=rank)
         timer = (RequestTimer(self.sink, self.model_name, len(prompt_token_ids), deltas=wants_delta)
                  if self.sink else None)
         acc = None
@@ -50,11 +81,12 @@ class ServeEngineClient(EngineClient):
 
     async def stats(self) -> List[Dict[str, Any]]:
         """Every replica's latest load, from the DP coordinator's table."""
-        if self._coordinator is None:
-            name, namespace = await self.unary.coordinator_info.remote()
-            self._coordinator = ray.get_actor(name, namespace=namespace)
-        _, table = await self._coordinator.snapshot.remote(-1, 0.0)
+        _, table = await (await self.coordinator()).snapshot.remote(-1, 0.0)
         return sorted(table.values(), key=lambda s: s.get("dp_rank", 0))
+
+    async def control(self) -> Dict[str, Any]:
+        """The coordinator's group/wave/scaling state."""
+        return await (await self.coordinator()).control.remote()
 
 
 def add_metrics_route(app: FastAPI, client: EngineClient, sink: PromSink) -> None:
@@ -63,10 +95,22 @@ def add_metrics_route(app: FastAPI, client: EngineClient, sink: PromSink) -> Non
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
         try:
-            publish_engine_stats(sink, client.model_name, await client.stats(), last)
+            stats = await client.stats()
+            publish_engine_stats(sink, client.model_name, stats, last)
+            control = await client.control()
+            if control["target"] is not None:  # an expert-parallel (lockstep) app
+                publish_lockstep(sink, control, stats)
         except Exception as exc:  # a scrape during a restart still returns the request metrics
             logger.warning("engine stats unavailable for /metrics: %s", exc)
         return Response(sink.render(), media_type="text/plain; version=0.0.4")
+
+
+def num_experts(model: str) -> int:
+    """Experts per MoE layer of `model` (0 for dense models)."""
+    from raylm.models.loader import load_hf_config, resolve_model_path
+
+    config = load_hf_config(resolve_model_path(model))
+    return int(getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0)
 
 
 class OpenAIIngress:
@@ -81,28 +125,40 @@ class OpenAIIngress:
 
     def __init__(self, llm_handle, engine_config: Dict[str, Any], model_name: str,
                  api_key: Optional[str] = None, max_body_bytes: int = 1 << 20) -> None:
+        from ray import serve
+
+        from raylm.serve.elastic import ElasticScaler
+
         tokenizer, max_len = tokenizer_and_max_len(engine_config["model"])
         self.sink = PromSink()
         self.client = ServeEngineClient(llm_handle, model_name, tokenizer, max_len, self.sink)
+        self.client.tp_size = engine_config["parallel"]["tensor_parallel_size"]
+        self.client.num_experts = num_experts(engine_config["model"]["model"])
         self.api_key, self.max_body_bytes = api_key, max_body_bytes
+        self.scaler = ElasticScaler(self.client, serve.get_replica_context().app_name)
 
     def __serve_build_asgi_app__(self):
+        from raylm.serve.elastic import ScaleGuardMiddleware, add_elastic_routes
         from raylm.serve.openai_app import create_app
 
-        app = create_app(self.client, api_key=self.api_key, max_body_bytes=self.max_body_bytes)
+        app = create_app(self.client, api_key=self.api_key, max_body_bytes=self.max_body_bytes,
+                         middleware=[(ScaleGuardMiddleware, {"scaler": self.scaler})])
         add_metrics_route(app, self.client, self.sink)
+        add_elastic_routes(app, self.scaler)
         return app
 
-    async def generate(self, prompt, params: Optional[Dict[str, Any]] = None, request_id: Optional[str] = None):
+    async def generate(self, prompt, params: Optional[Dict[str, Any]] = None, request_id: Optional[str] = None,
+                       data_parallel_rank: Optional[int] = None):
         """The finished RequestOutput for one prompt (text or token ids)."""
         last = None
-        async for last in self.generate_stream(prompt, params, request_id):
+        async for last in self.generate_stream(prompt, params, request_id, data_parallel_rank):
             pass
         return last
 
     async def generate_stream(self, prompt, params: Optional[Dict[str, Any]] = None,
-                              request_id: Optional[str] = None):
-        """Cumulative RequestOutputs for one prompt; closing the stream aborts the request."""
+                              request_id: Optional[str] = None, data_parallel_rank: Optional[int] = None):
+        """Cumulative RequestOutputs for one prompt; closing the stream aborts the request.
+        `data_parallel_rank` pins the request to one DP replica."""
         import uuid
 
         from raylm.sampling_params import SamplingParams
@@ -111,6 +167,9 @@ class OpenAIIngress:
         sampling = SamplingParams(**(params or {}))
         if not ids or len(ids) >= self.client.max_model_len:
             raise ValueError(f"prompt must have 1..{self.client.max_model_len - 1} tokens (got {len(ids)})")
-        async for out in self.client.generate(ids, sampling, request_id or f"py-{uuid.uuid4().hex}"):
+        if self.scaler.scaling:
+            raise RuntimeError("the app is scaling (POST /scale_elastic_ep); retry shortly")
+        async for out in self.client.generate(ids, sampling, request_id or f"py-{uuid.uuid4().hex}",
+                                              data_parallel_rank):
             out.prompt = prompt if isinstance(prompt, str) else None
             yield out

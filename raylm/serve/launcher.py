@@ -48,12 +48,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from raylm.deployments.openai import build_app
+    from raylm.deployments.openai import run_app
 
     app_args = serve_args(args)  # validate before starting anything
     ray.init(address=args.address)  # None: Ray joins $RAY_ADDRESS if set, else starts a local cluster
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app(app_args), name="raylm", route_prefix="/", blocking=False)
+    run_app(app_args, blocking=False)
     logger.info("serving %s on http://%s:%d/v1 (dp=%d)", app_args.model_name, args.host, args.port, args.dp)
     wait_for_stop_signal()
     serve.shutdown()

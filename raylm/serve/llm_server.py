@@ -8,6 +8,7 @@ period; a dead engine loop or executor fails it and Serve replaces the replica.
 from __future__ import annotations
 
 import asyncio
+import os
 import logging
 import time
 from typing import Any, AsyncIterator, Dict, List, Optional
@@ -16,10 +17,12 @@ from raylm.config import EngineConfig
 from raylm.engine.async_engine import AsyncEngine
 from raylm.outputs import RequestOutput
 from raylm.sampling_params import SamplingParams
+from raylm.serve.lockstep import LockstepMember
 
 logger = logging.getLogger(__name__)
 
 PUSH_INTERVAL_S = 0.1
+HEARTBEAT_S = 1.0
 COORDINATOR_ACTOR = "dp_coordinator"
 DEAD_REPLICA_WAITING = 1 << 20
 
@@ -28,16 +31,25 @@ class LLMServer:
     def __init__(self, engine_config: Dict[str, Any], model_name: str) -> None:
         from ray import serve
 
+        import ray
+
         ctx = serve.get_replica_context()
         self.dp_rank = ctx.rank.rank
         self.replica_key = ctx.replica_id.unique_id
         self.model_name = model_name
-        self.engine = AsyncEngine(EngineConfig(**engine_config))
-        self.engine.engine.warmup()  # the first request must not pay for oneDNN's JIT (~10 s)
         self.coordinator = serve.get_deployment_actor(COORDINATOR_ACTOR)
-        import ray
-
         self.coordinator_identity = tuple(ray.get(self.coordinator.identity.remote()))
+        config = EngineConfig(**engine_config)
+        self.lockstep: Optional[LockstepMember] = None
+        if config.parallel.expert_dp:  # MoE experts spread over every replica: join the group first
+            self.lockstep = LockstepMember(self.coordinator, self.replica_key, config.parallel.data_parallel_size)
+            config = config.model_copy(update={"parallel": config.parallel.model_copy(
+                update=self.lockstep.parallel_fields())})
+        self.engine = AsyncEngine(config)
+        if self.lockstep is not None:
+            self.lockstep.attach(self.engine)  # no warmup: a lone forward would wait on the others
+        else:
+            self.engine.engine.warmup()  # the first request must not pay for oneDNN's JIT (~10 s)
         self._inflight = 0  # generate() calls in this replica, whether or not the engine has them yet
         self._pusher: Optional[asyncio.Task] = None
         self._last_pushed: Optional[Dict] = None
@@ -53,18 +65,24 @@ class LLMServer:
         except Exception:  # shutting down anyway
             pass
 
-    async def generate(self, prompt_token_ids: List[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+    @property
+    def rank(self) -> int:
+        """DP rank: the group's for expert-parallel replicas (it changes on re-forming), else Serve's."""
+        return self.lockstep.rank if self.lockstep is not None else self.dp_rank
+
+    async def generate(self, prompt_token_ids: List[int], params: SamplingParams, request_id: str,
+                       data_parallel_rank: Optional[int] = None) -> AsyncIterator[RequestOutput]:
         """Stream outputs (deltas when `params.output_kind == "delta"`, as the ingress asks);
-        cancelling the stream aborts the request."""
+        cancelling the stream aborts the request. `data_parallel_rank` is a routing hint
+        the router has already acted on."""
         self._ensure_pusher()
         timer = self._timer(len(prompt_token_ids), params.output_kind == "delta")
         self._inflight += 1
         try:
             async for out in self.engine.generate({"prompt_token_ids": prompt_token_ids}, params, request_id):
-                out.metrics["dp_rank"] = self.dp_rank
+                out.metrics["dp_rank"] = self.rank
                 if timer is not None:
-                    timer.update(out, self.dp_rank)
+                    timer.update(out, self.rank)
                 yield out
         finally:
             self._inflight -= 1
@@ -78,12 +96,20 @@ class LLMServer:
             # A dead engine (e.g. a TP worker died) is idle and would win every routing
             # decision until Serve replaces it; report it as unreachable instead.
             waiting = DEAD_REPLICA_WAITING
-        return {"dp_rank": self.dp_rank, "replica": self.replica_key, "computed_at": time.time(),
+        return {"dp_rank": self.rank, "replica": self.replica_key, "computed_at": time.time(),
                 "num_waiting": waiting,
                 "num_running": s.num_running, "kv_cache_usage": s.kv_cache_usage,
                 "num_free_blocks": s.num_free_blocks, "num_blocks": s.num_blocks,
                 "num_preemptions": s.num_preemptions, "prefix_cache_queries": s.prefix_cache_queries,
-                "prefix_cache_hits": s.prefix_cache_hits}
+                "prefix_cache_hits": s.prefix_cache_hits, **self._wave_stats()}
+
+    def _wave_stats(self) -> Dict[str, Any]:
+        waves = self.engine.engine.core.waves
+        if waves is None:
+            return {}
+        return {"dp_wave": waves.wave, "dp_running": waves.running, "dp_steps": waves.steps,
+                "dp_dummy_steps": waves.dummy_steps, "dp_dummy_seconds": round(waves.dummy_seconds, 4),
+                "dp_waves_completed": waves.waves_completed, "dp_experts": self.lockstep.experts, "pid": os.getpid()}
 
     async def record_routing_stats(self) -> Dict[str, Any]:
         """Serve polls this; the router uses it to find the coordinator and as a fallback."""
@@ -101,12 +127,18 @@ class LLMServer:
     def _ensure_pusher(self) -> None:
         if self._pusher is None or self._pusher.done():
             self._pusher = asyncio.get_running_loop().create_task(self._push_loop())
+        if self.lockstep is not None:
+            self.lockstep.ensure_watching()
 
     async def _push_loop(self) -> None:
+        last_push = 0.0
         while True:
             stats = self.stats()
-            load = {k: stats[k] for k in ("num_waiting", "num_running", "num_free_blocks")}
-            if load != self._last_pushed:
+            load = {k: stats[k] for k in ("num_waiting", "num_running", "num_free_blocks", "dp_rank")}
+            load.update({k: stats.get(k) for k in ("dp_running", "dp_dummy_steps")})
+            # on change, and at least every HEARTBEAT_S: a silent replica is presumed gone
+            if load != self._last_pushed or time.monotonic() - last_push > HEARTBEAT_S:
+                last_push = time.monotonic()
                 try:
                     await self.coordinator.report.remote(self.replica_key, stats)
                     self._last_pushed = load

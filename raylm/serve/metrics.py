@@ -46,6 +46,10 @@ class PromSink:
                                     label + (["finished_reason"] if k == "request_success_total" else []),
                                     registry=self.registry) for k, d in COUNTERS.items()}
         self.gauges = {k: Gauge(f"raylm:{k}", d, label, registry=self.registry) for k, d in GAUGES.items()}
+        from raylm.dp.metrics import DESCRIPTIONS
+
+        self.lockstep = {k: Gauge(f"raylm:{k}", d, ["dp_rank"] if k == "dp_dummy_steps" else [],
+                                  registry=self.registry) for k, d in DESCRIPTIONS.items()}
 
     def observe(self, name: str, value: float, tags: Dict[str, str]) -> None:
         self.hist[name].labels(**tags).observe(value)
@@ -56,6 +60,10 @@ class PromSink:
 
     def set(self, name: str, value: float, tags: Dict[str, str]) -> None:
         self.gauges[name].labels(**tags).set(value)
+
+    def set_lockstep(self, name: str, value: float, tags: Dict[str, str]) -> None:
+        gauge = self.lockstep[name]
+        (gauge.labels(**tags) if tags else gauge).set(value)
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest

@@ -12,7 +12,7 @@ closes the engine iterators and so aborts the requests (their KV blocks are free
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -99,13 +99,14 @@ def utility_router(ctx: ServingContext) -> APIRouter:
 
 
 def create_app(client: EngineClient, *, api_key: Optional[str] = None, max_body_bytes: int = 1 << 20,
-               served_model_names: Optional[Iterable[str]] = None) -> FastAPI:
+               served_model_names: Optional[Iterable[str]] = None, middleware: Sequence = ()) -> FastAPI:
     """An OpenAI-compatible app over `client`.
 
     api_key: when set, every route but /health, /ping, /version and /metrics requires
     `Authorization: Bearer <api_key>` (401 otherwise). max_body_bytes: larger request bodies
     get 413. served_model_names: extra names (aliases) that requests may use besides
-    `client.model_name`; any other `model` gets 404.
+    `client.model_name`; any other `model` gets 404. middleware: (class, kwargs) pairs of
+    ASGI middleware to run after the API key and body checks (innermost first).
     """
     from raylm import __version__
 
@@ -116,6 +117,8 @@ def create_app(client: EngineClient, *, api_key: Optional[str] = None, max_body_
     app.include_router(openai_router(ctx))
     app.include_router(utility_router(ctx))
     # add_middleware wraps: the last added runs first.
+    for cls, kwargs in middleware:
+        app.add_middleware(cls, **kwargs)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
