@@ -27,7 +27,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pp", "--pipeline-parallel-size", dest="pipeline_parallel_size", type=int, default=1)
     parser.add_argument("--worker-num-cpus", type=float, default=None, help="CPUs per TP/PP worker actor")
     parser.add_argument("--enable-expert-parallel", action="store_true", default=None,
-                        help="MoE: TP ranks hold whole experts instead of a slice of each")
+                        help="MoE: whole experts spread over the EP ranks (the TP ranks; with "
+                             "raylm serve --dp > 1, every replica's, in lockstep) instead of a slice of each")
     parser.add_argument("--cpu-communicator", choices=["shm", "gloo"], default=None,
                         help="TP collectives on CPU: shared memory on one host (default) or gloo")
 

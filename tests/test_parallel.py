@@ -72,7 +72,7 @@ def test_expert_parallel_equals_hf(tiny_root, kind, pp, placement):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(tensor_parallel_size=2, enable_expert_parallel=True, expert_placement=[0, 0, 0, 0]), "every rank"),
+    (dict(tensor_parallel_size=2, enable_expert_parallel=True, expert_placement=[0, 0, 0, 0]), "every EP rank"),
     (dict(tensor_parallel_size=2, expert_placement=[0, 1, 0, 1]), "enable_expert_parallel"),
 ])
 def test_bad_expert_placement_is_a_clear_error(kwargs, match):

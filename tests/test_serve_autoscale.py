@@ -1,5 +1,7 @@
-"""Dense DP autoscaling: Serve grows the LLMServer replica set under load and shrinks it
-when idle; every request succeeds across both resizes (the reference is HF greedy)."""
+"""Dense DP resizing: Serve autoscaling grows the LLMServer replica set under load and
+shrinks it when idle, and POST /scale_elastic_ep resizes it on demand; every request
+succeeds across the resizes, or (elastic) gets 503 + Retry-After while the scale runs
+(the reference is HF greedy)."""
 from __future__ import annotations
 
 import asyncio
@@ -10,6 +12,7 @@ import pytest
 
 from raylm.executor.communicator import free_port
 from tests.conftest import hf_greedy, make_tiny_model, random_prompts
+from tests.serve_load import SteadyLoad, continuation, scale
 
 pytestmark = pytest.mark.slow
 
@@ -91,6 +94,48 @@ def test_autoscaling_grows_and_shrinks_without_losing_requests(tiny_root):
         r = httpx.post(url, json={"model": "tiny", "prompt": prompts[0], "max_tokens": 5, "temperature": 0,
                                   "ignore_eos": True}, timeout=60)
         assert r.status_code == 200, r.text
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.mark.timeout(400)
+def test_elastic_scale_of_a_dense_app_resizes_the_replica_set(tiny_root):
+    import ray
+    from ray import serve
+
+    from raylm.deployments.openai import run_app
+
+    path = make_tiny_model(tiny_root, "llama")
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    port = free_port("127.0.0.1")
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    run_app({"model": str(path), "served_model_name": "tiny", "dtype": "float32", "max_model_len": 512,
+             "num_blocks": 128, "num_cpus_per_replica": 0.5, "dp": 1})
+    url = f"http://127.0.0.1:{port}"
+    prompts = random_prompts(6, seed=32)
+    expected = [continuation(path, p, o) for p, o in zip(prompts, hf_greedy(path, prompts, 16))]
+
+    async def run():
+        load = SteadyLoad(url, prompts, expected, 16)
+        runner = asyncio.create_task(load.run())
+        replicas = []
+        async with httpx.AsyncClient(timeout=300) as client:
+            for n in (2, 1):
+                await asyncio.sleep(2)
+                r = await scale(client, url, n)
+                assert r.status_code == 200, r.text
+                replicas.append(_running_replicas())
+        await asyncio.sleep(2)
+        load.stop.set()
+        await asyncio.wait_for(runner, 120)
+        return load, replicas
+
+    try:
+        load, replicas = asyncio.run(run())
+        assert replicas == [2, 1]
+        assert not load.lost(), load.lost()
+        assert sum(r[0] == 200 for r in load.results) > 10
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -13,6 +13,7 @@ import pytest
 
 from raylm.executor.communicator import free_port
 from tests.conftest import hf_greedy, make_tiny_model, random_prompts
+from tests.serve_load import SteadyLoad, complete, continuation, scale
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +28,8 @@ def app(tiny_root):
     from raylm.deployments.openai import run_app
 
     path = make_tiny_model(tiny_root, "qwen3_moe")
-    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=free_port("127.0.0.1"))
     port = free_port("127.0.0.1")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     run_app({"model": str(path), "served_model_name": "tiny", "dtype": "float32", "dp": 2,
@@ -59,28 +61,14 @@ def _control():
     return ray.get(_coordinator().control.remote())
 
 
-async def _complete(client, url, prompt, max_tokens=MAX_NEW, rank=None):
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
-    headers = {} if rank is None else {"X-data-parallel-rank": str(rank)}
-    r = await client.post(url + "/v1/completions", json=body, headers=headers)
-    return r
-
-
-def _text(path, prompt, output):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    return tok.decode(prompt + output, skip_special_tokens=True)[len(tok.decode(prompt, skip_special_tokens=True)):]
-
-
 def test_dp2_ep_over_http_equals_hf(app):
     path, url = app
     prompts = random_prompts(6, seed=51)
-    expected = [_text(path, p, o) for p, o in zip(prompts, hf_greedy(path, prompts, MAX_NEW))]
+    expected = [continuation(path, p, o) for p, o in zip(prompts, hf_greedy(path, prompts, MAX_NEW))]
 
     async def run():
         async with httpx.AsyncClient(timeout=120) as client:
-            return await asyncio.gather(*[_complete(client, url, p, rank=i % 2) for i, p in enumerate(prompts)])
+            return await asyncio.gather(*[complete(client, url, p, MAX_NEW, rank=i % 2) for i, p in enumerate(prompts)])
 
     responses = asyncio.run(run())
     assert [r.status_code for r in responses] == [200] * len(prompts), [r.text for r in responses]
@@ -102,14 +90,14 @@ def test_load_on_one_rank_keeps_the_other_in_lockstep_then_both_pause(app):
     path, url = app
     prompts = random_prompts(4, seed=52)
     max_new = 150
-    expected = [_text(path, p, o) for p, o in zip(prompts, hf_greedy(path, prompts, max_new))]
+    expected = [continuation(path, p, o) for p, o in zip(prompts, hf_greedy(path, prompts, max_new))]
     before = {s["dp_rank"]: s for s in _table()}
     waves_before = _control()["waves_completed"]
 
     async def run():
         async with httpx.AsyncClient(timeout=300) as client:
-            first = await asyncio.gather(*[_complete(client, url, p, max_new, rank=0) for p in prompts[:2]])
-            second = await asyncio.gather(*[_complete(client, url, p, max_new, rank=0) for p in prompts[2:]])
+            first = await asyncio.gather(*[complete(client, url, p, max_new, rank=0) for p in prompts[:2]])
+            second = await asyncio.gather(*[complete(client, url, p, max_new, rank=0) for p in prompts[2:]])
             return first + second
 
     responses = asyncio.run(run())
@@ -131,8 +119,94 @@ def test_load_on_one_rank_keeps_the_other_in_lockstep_then_both_pause(app):
 
 
 def test_metrics_show_the_lockstep_state(app):
+    """In the app's /metrics, and from the coordinator on Ray's export (the dashboard)."""
+    import ray
+
     _, url = app
     text = httpx.get(url + "/metrics", timeout=30).text
     for name in ("raylm:dp_wave", "raylm:dp_waves_completed", "raylm:dp_ranks_running"):
         assert f"\n{name} " in text, name
-    assert 'raylm:dp_dummy_steps{dp_rank="1"}' in text
+    waves = [line for line in text.splitlines() if line.startswith("raylm:dp_waves_completed ")]
+    assert float(waves[0].split()[1]) >= 1  # the previous tests ran waves
+    assert 'raylm:dp_dummy_steps{dp_rank="1"}' in text and 'raylm:dp_dummy_step_seconds{dp_rank="1"}' in text
+    node = ray.nodes()[0]
+    export = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    deadline = time.time() + 90  # Ray exports on a period (several seconds)
+    while time.time() < deadline:
+        lines = httpx.get(export, timeout=10).text.splitlines()
+        if any(l.startswith("ray_raylm_dp_wave") for l in lines) and \
+                any(l.startswith("ray_raylm_dp_dummy_steps") and 'dp_rank="1"' in l for l in lines):
+            return
+        time.sleep(3)
+    pytest.fail(f"no lockstep metrics on {export}")
+
+
+@pytest.mark.timeout(600)
+def test_elastic_scaling_2_3_1_under_load_loses_nothing(app):
+    path, url = app
+    prompts = random_prompts(6, seed=53)
+    expected = [continuation(path, p, o) for p, o in zip(prompts, hf_greedy(path, prompts, MAX_NEW))]
+
+    async def run():
+        load = SteadyLoad(url, prompts, expected, MAX_NEW)
+        runner = asyncio.create_task(load.run())
+        sizes = []
+        async with httpx.AsyncClient(timeout=600) as client:
+            await asyncio.sleep(2)
+            for n in (3, 1):
+                scaling = asyncio.create_task(scale(client, url, n))
+                await asyncio.sleep(0.5)
+                busy = await client.post(url + "/is_scaling_elastic_ep")
+                second = await scale(client, url, 2)  # one scale at a time
+                r = await scaling
+                assert r.status_code == 200, r.text
+                assert busy.json() == {"is_scaling_elastic_ep": True} and second.status_code == 409, second.text
+                assert (await client.post(url + "/is_scaling_elastic_ep")).json() == {"is_scaling_elastic_ep": False}
+                served = len(load.results)
+                await asyncio.sleep(3)
+                assert len(load.results) > served + 2, "serving did not resume after the scale"
+                sizes.append([(s["dp_rank"], s["dp_experts"]) for s in _table()])
+        load.stop.set()
+        await asyncio.wait_for(runner, 120)
+        return load, sizes
+
+    load, sizes = asyncio.run(run())
+    results = load.results
+    assert sizes[0] == [(0, [0, 1]), (1, [2]), (2, [3])], sizes  # 4 experts over 3 ranks, contiguous
+    assert sizes[1] == [(0, [0, 1, 2, 3])], sizes
+    assert not load.lost(), load.lost()
+    assert sum(r[0] == 200 for r in results) > 10 and any(r[0] == 503 for r in results)
+
+
+def test_drain_timeout_answers_408_and_keeps_the_size(app):
+    path, url = app
+
+    async def run():
+        async with httpx.AsyncClient(timeout=300) as client:
+            long = asyncio.create_task(complete(client, url, [5, 6, 7], 400))
+            await asyncio.sleep(1.0)
+            r = await client.post(url + "/scale_elastic_ep", json={"new_data_parallel_size": 2, "drain_timeout": 0.5})
+            return r, await long
+
+    r, long = asyncio.run(run())
+    assert r.status_code == 408 and r.json()["error"]["code"] == "drain_timeout", r.text
+    assert long.status_code == 200 and long.json()["usage"]["completion_tokens"] == 400  # the in-flight one finished
+    assert len(_table()) == 1 and _control()["scaling"] is None
+
+
+def test_bad_scale_and_rank_requests_get_clear_4xx(app):
+    _, url = app
+    cases = [
+        ("/scale_elastic_ep", {"new_data_parallel_size": 0}, {}, 400, "new_data_parallel_size"),
+        ("/scale_elastic_ep", {"new_data_parallel_size": 5}, {}, 400, "experts"),  # 5 ranks, 4 experts
+        ("/scale_elastic_ep", {"new_data_parallel_size": 2, "drain_timeout": -1}, {}, 400, "drain_timeout"),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2}, {"X-data-parallel-rank": "x"},
+         400, "X-data-parallel-rank"),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2}, {"X-data-parallel-rank": "7"},
+         400, "out of range"),
+    ]
+    for path, body, headers, status, word in cases:
+        r = httpx.post(url + path, json=body, headers=headers, timeout=60)
+        assert r.status_code == status and word in r.text, (path, body, r.status_code, r.text)
+        assert r.json()["error"]["message"]
+    assert _control()["scaling"] is None  # nothing was left half-started

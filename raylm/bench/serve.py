@@ -58,6 +58,8 @@ def add_parser(sub, add_engine_args=None) -> None:
     p.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY if set)")
     p.add_argument("--goodput", nargs="+", default=None, metavar="METRIC:MS",
                    help="SLOs, e.g. ttft:500 tpot:50 e2el:10000 (ms); goodput counts requests meeting all")
+    p.add_argument("--data-parallel-rank", type=int, default=None,
+                   help="send every request to this DP replica (header X-data-parallel-rank)")
     p.add_argument("--percentiles", default="50,90,99")
     p.add_argument("--output-json", default=None, help="write the results here (atomically)")
     p.add_argument("--disable-tqdm", action="store_true")
@@ -164,6 +166,8 @@ async def http_sender(args: argparse.Namespace, requests: List[BenchRequest]):
     url = args.base_url.rstrip("/") + "/" + args.endpoint.lstrip("/")
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    if args.data_parallel_rank is not None:
+        headers["X-data-parallel-rank"] = str(args.data_parallel_rank)
     bodies = [request_body(chat, args.model, r.prompt, r.output_len, args.temperature, args.ignore_eos)
               for r in requests]
     connector = aiohttp.TCPConnector(limit=args.max_concurrency or len(requests))

@@ -5,6 +5,7 @@ raylm:dp_wave              the current wave number (the next one while paused)
 raylm:dp_waves_completed   waves completed since the app started
 raylm:dp_ranks_running     replicas stepping in the current wave
 raylm:dp_dummy_steps       dummy forwards per replica (label dp_rank), cumulative
+raylm:dp_dummy_step_seconds  time in those dummy forwards per replica, cumulative
 (On the Ray dashboard the prefix is `raylm_`, like the engine replicas' metrics.)
 """
 from __future__ import annotations
@@ -16,15 +17,19 @@ DESCRIPTIONS = {
     "dp_waves_completed": "Lockstep waves completed",
     "dp_ranks_running": "DP replicas stepping in the current wave",
     "dp_dummy_steps": "Dummy forwards run by a DP replica to keep lockstep (cumulative)",
+    "dp_dummy_step_seconds": "Seconds a DP replica spent in dummy forwards (cumulative)",
 }
+PER_RANK = {"dp_dummy_steps": "dp_dummy_steps", "dp_dummy_step_seconds": "dp_dummy_seconds"}  # metric: stats key
 
 
 def lockstep_values(waves, stats: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     """The metric values: app-wide ones, and per DP rank dummy steps."""
     lockstep = [s for s in stats.values() if "dp_dummy_steps" in s]
-    return {"dp_wave": waves.wave, "dp_waves_completed": waves.completed,
-            "dp_ranks_running": sum(1 for s in lockstep if s.get("dp_running")),
-            "dp_dummy_steps": {str(s.get("dp_rank", 0)): s["dp_dummy_steps"] for s in lockstep}}
+    values = {"dp_wave": waves.wave, "dp_waves_completed": waves.completed,
+              "dp_ranks_running": sum(1 for s in lockstep if s.get("dp_running"))}
+    for metric, key in PER_RANK.items():
+        values[metric] = {str(s.get("dp_rank", 0)): s.get(key, 0) for s in lockstep}
+    return values
 
 
 def export_coordinator_metrics(gauges, waves, stats) -> Dict[str, Any]:
@@ -32,11 +37,11 @@ def export_coordinator_metrics(gauges, waves, stats) -> Dict[str, Any]:
     from ray.util.metrics import Gauge
 
     if gauges is None:
-        gauges = {name: Gauge(f"raylm_{name}", desc, tag_keys=("dp_rank",) if name == "dp_dummy_steps" else ())
+        gauges = {name: Gauge(f"raylm_{name}", desc, tag_keys=("dp_rank",) if name in PER_RANK else ())
                   for name, desc in DESCRIPTIONS.items()}
     values = lockstep_values(waves, stats)
     for name, value in values.items():
-        if name == "dp_dummy_steps":
+        if name in PER_RANK:
             for rank, count in value.items():
                 gauges[name].set(count, tags={"dp_rank": rank})
         else:
@@ -51,4 +56,5 @@ def publish_lockstep(sink, control: Dict[str, Any], stats: List[Dict[str, Any]])
     lockstep = [s for s in stats if "dp_dummy_steps" in s]
     sink.set_lockstep("dp_ranks_running", sum(1 for s in lockstep if s.get("dp_running")), {})
     for s in lockstep:
-        sink.set_lockstep("dp_dummy_steps", s["dp_dummy_steps"], {"dp_rank": str(s.get("dp_rank", 0))})
+        for metric, key in PER_RANK.items():
+            sink.set_lockstep(metric, s.get(key, 0), {"dp_rank": str(s.get("dp_rank", 0))})

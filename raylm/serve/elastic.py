@@ -75,8 +75,8 @@ class ElasticScaler:
         start, deadline = time.time(), time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             _, table = await coordinator.snapshot.remote(-1, 0.0)
-            idle = all(s.get("num_running", 0) == 0 and s.get("num_waiting", 0) == 0
-                       and s.get("computed_at", 0) >= start for s in table.values())
+            idle = all(s.get("num_running", 0) == 0 and s.get("num_waiting", 0) == 0 and not s.get("dp_running")
+                       and s.get("computed_at", 0) >= start for s in table.values())  # lockstep: paused too
             if idle and self.client.num_inflight == 0:
                 return True
             await asyncio.sleep(POLL_S)

@@ -46,9 +46,9 @@ class PromSink:
                                     label + (["finished_reason"] if k == "request_success_total" else []),
                                     registry=self.registry) for k, d in COUNTERS.items()}
         self.gauges = {k: Gauge(f"raylm:{k}", d, label, registry=self.registry) for k, d in GAUGES.items()}
-        from raylm.dp.metrics import DESCRIPTIONS
+        from raylm.dp.metrics import DESCRIPTIONS, PER_RANK
 
-        self.lockstep = {k: Gauge(f"raylm:{k}", d, ["dp_rank"] if k == "dp_dummy_steps" else [],
+        self.lockstep = {k: Gauge(f"raylm:{k}", d, ["dp_rank"] if k in PER_RANK else [],
                                   registry=self.registry) for k, d in DESCRIPTIONS.items()}
 
     def observe(self, name: str, value: float, tags: Dict[str, str]) -> None:

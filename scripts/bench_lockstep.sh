@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The cost of lockstep (expert parallelism across DP replicas, issue 5): a random-weight
+# Qwen3-MoE (scripts/make_bench_model.py --moe) served with --dp 2 --enable-expert-parallel,
+# loaded by raylm bench serve twice: spread over both replicas by the router, then all
+# pinned to replica 0 (X-data-parallel-rank: 0) while replica 1 runs dummy steps. The
+# lockstep gauges from /metrics before and after each run give the dummy steps and their
+# time. Usage: scripts/bench_lockstep.sh [outdir]     (run on an otherwise idle machine)
+set -euo pipefail
+OUT=${1:-docs/bench}
+MODEL=${MODEL:-/tmp/qwen3-moe-bench}
+PORT=8012
+N=${N:-64}
+C=${C:-16}
+RAYLM=.venv/bin/raylm
+mkdir -p "$OUT"
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+[ -f "$MODEL/config.json" ] || .venv/bin/python scripts/make_bench_model.py "$MODEL" --moe
+
+$RAYLM serve --model "$MODEL" --dtype float32 --dp 2 --enable-expert-parallel --port $PORT --max-model-len 1024 \
+  --num-cpus-per-replica 1 &
+SERVER=$!
+trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER || true' EXIT
+for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null 2>&1 && break; sleep 1; done
+
+lockstep() { curl -s "http://127.0.0.1:$PORT/metrics" | grep '^raylm:dp_' > "$1"; }
+# warm both replicas up (no warmup request runs in lockstep mode)
+$RAYLM bench serve --base-url http://127.0.0.1:$PORT --model "$MODEL" --tokenizer "$MODEL" --num-prompts 8 \
+  --max-concurrency 8 --disable-tqdm > /dev/null
+for RUN in spread rank0; do
+  EXTRA=$([ $RUN = rank0 ] && echo "--data-parallel-rank 0" || true)
+  lockstep "$OUT/lockstep-$RUN-before.prom"
+  $RAYLM bench serve --base-url http://127.0.0.1:$PORT --model "$MODEL" --tokenizer "$MODEL" --num-prompts $N \
+    --max-concurrency $C $EXTRA --output-json "$OUT/lockstep-$RUN.json" --disable-tqdm
+  sleep 2
+  lockstep "$OUT/lockstep-$RUN-after.prom"
+done

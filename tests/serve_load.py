@@ -1,0 +1,57 @@
+"""HTTP helpers for the serving tests: one greedy completion, the text HF's tokens render
+to, and a steady load that records every answer."""
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+
+async def complete(client: httpx.AsyncClient, url: str, prompt, max_tokens: int, rank=None) -> httpx.Response:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    headers = {} if rank is None else {"X-data-parallel-rank": str(rank)}
+    return await client.post(url + "/v1/completions", json=body, headers=headers)
+
+
+def continuation(path, prompt, output) -> str:
+    """The text `output` adds after `prompt` (how an incremental detokenizer renders it)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    return tok.decode(prompt + output, skip_special_tokens=True)[len(tok.decode(prompt, skip_special_tokens=True)):]
+
+
+async def scale(client: httpx.AsyncClient, url: str, n: int, drain_timeout: float = 120) -> httpx.Response:
+    return await client.post(url + "/scale_elastic_ep", json={"new_data_parallel_size": n,
+                                                              "drain_timeout": drain_timeout})
+
+
+class SteadyLoad:
+    """`clients` loops sending short greedy requests back to back until `stop` is set. Each
+    answer is recorded as (status, text == expected for 200s else the body, Retry-After)."""
+
+    def __init__(self, url, prompts, expected, max_tokens: int, clients: int = 2) -> None:
+        self.url, self.prompts, self.expected, self.max_tokens = url, prompts, expected, max_tokens
+        self.clients = clients
+        self.results = []
+        self.stop = asyncio.Event()
+
+    async def run(self) -> None:
+        async with httpx.AsyncClient(timeout=180) as client:
+            await asyncio.gather(*[self._client(client, i) for i in range(self.clients)])
+
+    async def _client(self, client, offset: int) -> None:
+        i = offset
+        while not self.stop.is_set():
+            k = i % len(self.prompts)
+            r = await complete(client, self.url, self.prompts[k], self.max_tokens)
+            ok = r.status_code == 200
+            self.results.append((r.status_code, r.json()["choices"][0]["text"] == self.expected[k] if ok else r.text,
+                                 r.headers.get("retry-after")))
+            i += self.clients
+            if not ok:
+                await asyncio.sleep(0.2)
+
+    def lost(self):
+        """Answers that are neither correct 200s nor 503s with Retry-After (scaling)."""
+        return [r for r in self.results if not (r[0] == 200 and r[1] is True) and not (r[0] == 503 and r[2])]
