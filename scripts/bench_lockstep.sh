@@ -4,7 +4,9 @@
 # loaded by raylm bench serve twice: spread over both replicas by the router, then all
 # pinned to replica 0 (X-data-parallel-rank: 0) while replica 1 runs dummy steps. The
 # lockstep gauges from /metrics before and after each run give the dummy steps and their
-# time. Usage: scripts/bench_lockstep.sh [outdir]     (run on an otherwise idle machine)
+# own work (collective waits excluded). The reference: the same load on one replica that
+# holds every expert (--dp 1, no lockstep) with the same CPU share as each replica above.
+# Usage: scripts/bench_lockstep.sh [outdir]     (run on an otherwise idle machine)
 set -euo pipefail
 OUT=${1:-docs/bench}
 MODEL=${MODEL:-/tmp/qwen3-moe-bench}
@@ -34,3 +36,11 @@ for RUN in spread rank0; do
   sleep 2
   lockstep "$OUT/lockstep-$RUN-after.prom"
 done
+kill -TERM $SERVER; wait $SERVER || true
+sleep 3
+
+$RAYLM serve --model "$MODEL" --dtype float32 --dp 1 --port $PORT --max-model-len 1024 --num-cpus-per-replica 1 &
+SERVER=$!
+for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null 2>&1 && break; sleep 1; done
+$RAYLM bench serve --base-url http://127.0.0.1:$PORT --model "$MODEL" --tokenizer "$MODEL" --num-prompts $N \
+  --max-concurrency $C --output-json "$OUT/lockstep-dp1.json" --disable-tqdm

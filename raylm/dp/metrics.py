@@ -5,7 +5,7 @@ raylm:dp_wave              the current wave number (the next one while paused)
 raylm:dp_waves_completed   waves completed since the app started
 raylm:dp_ranks_running     replicas stepping in the current wave
 raylm:dp_dummy_steps       dummy forwards per replica (label dp_rank), cumulative
-raylm:dp_dummy_step_seconds  time in those dummy forwards per replica, cumulative
+raylm:dp_dummy_step_seconds  their own work per replica (waits in collectives excluded), cumulative
 (On the Ray dashboard the prefix is `raylm_`, like the engine replicas' metrics.)
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ DESCRIPTIONS = {
     "dp_waves_completed": "Lockstep waves completed",
     "dp_ranks_running": "DP replicas stepping in the current wave",
     "dp_dummy_steps": "Dummy forwards run by a DP replica to keep lockstep (cumulative)",
-    "dp_dummy_step_seconds": "Seconds a DP replica spent in dummy forwards (cumulative)",
+    "dp_dummy_step_seconds": "Seconds of a DP replica's own work in dummy forwards, collective waits excluded (cumulative)",
 }
 PER_RANK = {"dp_dummy_steps": "dp_dummy_steps", "dp_dummy_step_seconds": "dp_dummy_seconds"}  # metric: stats key
 

@@ -27,7 +27,7 @@ class EngineWaves:
         self.running = False
         self.steps = 0  # steps in lockstep (real and dummy)
         self.dummy_steps = 0
-        self.dummy_seconds = 0.0  # time in dummy steps (the lockstep overhead an idle rank pays)
+        self.dummy_seconds = 0.0  # own work in dummy steps, collective waits excluded (the idle rank's cost)
         self.waves_completed = 0
         self.announce = announce or (lambda event, wave: None)
 

@@ -105,7 +105,8 @@ class EngineCore:
         sched = self.scheduler.schedule()
         sched.dp_unfinished = int(has_work)
         model_output = self.executor.execute_model(sched)
-        waves.after_step(sched.is_empty, model_output.dp_unfinished, model_output.timings.get("dummy", 0.0))
+        t = model_output.timings  # a dummy step's own work: its time less the collectives' waits
+        waves.after_step(sched.is_empty, model_output.dp_unfinished, t.get("dummy", 0.0) - t.get("comm", 0.0))
         self.last_step_times = model_output.timings
         return self.scheduler.update_from_output(sched, model_output)
 
