@@ -5,6 +5,7 @@ succeeds across the resizes, or (elastic) gets 503 + Retry-After while the scale
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import httpx
@@ -33,24 +34,33 @@ def _wait_for(predicate, timeout_s: float, what: str) -> None:
     pytest.fail(f"{what} did not happen within {timeout_s:.0f} s")
 
 
-@pytest.mark.timeout(400)
-def test_autoscaling_grows_and_shrinks_without_losing_requests(tiny_root):
+@contextlib.contextmanager
+def _served(tiny_root, **app_args):
+    """A tiny-Llama app on a fresh Ray; yields (model path, base URL)."""
     import ray
     from ray import serve
 
-    from raylm.deployments.openai import build_app
+    from raylm.deployments.openai import run_app
 
     path = make_tiny_model(tiny_root, "llama")
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
     port = free_port("127.0.0.1")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        run_app({"model": str(path), "served_model_name": "tiny", "dtype": "float32", "max_model_len": 512,
+                 "num_blocks": 128, "num_cpus_per_replica": 0.5, **app_args})
+        yield path, f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.mark.timeout(400)
+def test_autoscaling_grows_and_shrinks_without_losing_requests(tiny_root):
     scaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 2,
                "downscale_delay_s": 5, "metrics_interval_s": 1, "look_back_period_s": 2}
-    serve.run(build_app({"model": str(path), "served_model_name": "tiny", "dtype": "float32", "max_model_len": 512,
-                         "num_blocks": 128, "num_cpus_per_replica": 0.5, "autoscaling_config": scaling}),
-              name="raylm", route_prefix="/")
-    url = f"http://127.0.0.1:{port}/v1/completions"
-    try:
+    with _served(tiny_root, autoscaling_config=scaling) as (path, base):
+        url = base + "/v1/completions"
         assert _running_replicas() == 1
         prompts = random_prompts(10, seed=31)
         expected = hf_greedy(path, prompts, 300)
@@ -94,25 +104,15 @@ def test_autoscaling_grows_and_shrinks_without_losing_requests(tiny_root):
         r = httpx.post(url, json={"model": "tiny", "prompt": prompts[0], "max_tokens": 5, "temperature": 0,
                                   "ignore_eos": True}, timeout=60)
         assert r.status_code == 200, r.text
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.mark.timeout(400)
 def test_elastic_scale_of_a_dense_app_resizes_the_replica_set(tiny_root):
-    import ray
-    from ray import serve
+    with _served(tiny_root, dp=1) as (path, url):
+        _elastic_round_trip(path, url)
 
-    from raylm.deployments.openai import run_app
 
-    path = make_tiny_model(tiny_root, "llama")
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
-    port = free_port("127.0.0.1")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    run_app({"model": str(path), "served_model_name": "tiny", "dtype": "float32", "max_model_len": 512,
-             "num_blocks": 128, "num_cpus_per_replica": 0.5, "dp": 1})
-    url = f"http://127.0.0.1:{port}"
+def _elastic_round_trip(path, url):
     prompts = random_prompts(6, seed=32)
     expected = [continuation(path, p, o) for p, o in zip(prompts, hf_greedy(path, prompts, 16))]
 
@@ -131,11 +131,7 @@ def test_elastic_scale_of_a_dense_app_resizes_the_replica_set(tiny_root):
         await asyncio.wait_for(runner, 120)
         return load, replicas
 
-    try:
-        load, replicas = asyncio.run(run())
-        assert replicas == [2, 1]
-        assert not load.lost(), load.lost()
-        assert sum(r[0] == 200 for r in load.results) > 10
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    load, replicas = asyncio.run(run())
+    assert replicas == [2, 1]
+    assert not load.lost(), load.lost()
+    assert sum(r[0] == 200 for r in load.results) > 10

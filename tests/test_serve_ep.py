@@ -210,3 +210,44 @@ def test_bad_scale_and_rank_requests_get_clear_4xx(app):
         assert r.status_code == status and word in r.text, (path, body, r.status_code, r.text)
         assert r.json()["error"]["message"]
     assert _control()["scaling"] is None  # nothing was left half-started
+
+
+@pytest.mark.timeout(400)
+def test_a_crashed_replica_is_replaced_and_the_group_re_forms(app):
+    """Kill one of two EP replicas (no goodbye) while idle: Serve replaces it, the coordinator
+    drops the silent member once the replacement claims a place, the survivor re-forms with
+    the newcomer, and both serve correct greedy outputs again."""
+    import ray
+
+    path, url = app
+    prompts = random_prompts(2, seed=54)
+    expected = [continuation(path, p, o) for p, o in zip(prompts, hf_greedy(path, prompts, MAX_NEW))]
+
+    async def scale_to_2():
+        async with httpx.AsyncClient(timeout=600) as client:
+            return await scale(client, url, 2)
+
+    assert asyncio.run(scale_to_2()).status_code == 200
+    generation = _control()["generation"]
+    victim = next(s for s in _table() if s["dp_rank"] == 1)
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True) if victim["replica"] in a["name"]]
+    assert len(names) == 1, names
+    ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
+
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        control = _control()
+        if control["generation"] > generation and control["formed"] and len(control["ranks"]) == 2 \
+                and victim["replica"] not in control["ranks"]:
+            break
+        time.sleep(2)
+    else:
+        pytest.fail(f"the group did not re-form without the dead replica: {_control()}")
+
+    async def run():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*[complete(client, url, p, MAX_NEW, rank=i) for i, p in enumerate(prompts)])
+
+    responses = asyncio.run(run())
+    assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
+    assert [r.json()["choices"][0]["text"] for r in responses] == expected

@@ -23,7 +23,7 @@ from raylm.dp.membership import Membership
 from raylm.dp.waves import WaveTable
 
 JOIN_TIMEOUT_S = 300.0  # a replica waits this long for the rest of its generation
-STALE_REPORT_S = 10.0  # a replica silent this long (it reports every second) has gone
+STALE_REPORT_S = 30.0  # a replica silent this long (it reports every second) has gone
 
 
 class _Broadcast:
@@ -82,6 +82,7 @@ class DPCoordinator:
         if self.membership is not None:
             self.membership.leave(replica_key)
             self._form()
+            self._control.bump()
 
     async def snapshot(self, known_version: int = -1, timeout_s: float = 1.0) -> Tuple[int, Dict[str, Dict]]:
         """Long poll: returns at once if the table changed since `known_version`, else when
@@ -105,17 +106,21 @@ class DPCoordinator:
 
     async def join(self, replica_key: str, target: int) -> Dict[str, Any]:
         """An expert-parallel replica asks for its place in the DP group; returns once a
-        generation including it has formed (the other replicas must join too)."""
+        generation including it has formed (the other replicas must join too). A member
+        that went silent (crashed, so never said goodbye) is dropped meanwhile, so its
+        replacement can take its place."""
         if self.membership is None:
             self.membership = Membership(target)
         self.membership.join(replica_key)
-        self._form()
+        self._control.bump()
         deadline = time.monotonic() + JOIN_TIMEOUT_S
         while self.membership.rank_of(replica_key) is None:
             if time.monotonic() > deadline:
                 self.membership.leave(replica_key)
                 raise TimeoutError(f"the DP group did not reach {self.membership.target} replicas "
                                    f"in {JOIN_TIMEOUT_S:.0f} s")
+            self._drop_silent()
+            self._form()
             await self._control.wait_past(self._control.version, 1.0)
         return self.control()
 
@@ -157,10 +162,15 @@ class DPCoordinator:
     def _form(self) -> None:
         if self.membership is not None and self.membership.maybe_form():
             self.waves.running = False  # the new group starts paused, at the current wave
-        self._control.bump()
+            self._control.bump()
 
     def _drop_silent(self) -> None:
-        """Members that stopped reporting (killed without a goodbye) leave the group."""
+        """While more replicas claim a place than the target allows, members that stopped
+        reporting (killed without a goodbye) leave the group. (A member blocked re-forming
+        does not report either, hence the long silence allowed.)"""
+        m = self.membership
+        if len(m.ranks) + len(m.joining) <= m.target:
+            return
         now = time.time()
         for key in list(self.membership.ranks):
             if now - self.stats.get(key, {}).get("reported_at", now) > STALE_REPORT_S:
