@@ -110,8 +110,8 @@ def run_app(args: Dict[str, Any], name: str = "raylm", **kwargs):
     from ray import serve
 
     a = args if isinstance(args, ServeArgs) else ServeArgs(**args)
-    return serve.run(build_app(a), name=name, route_prefix="/", external_scaler_enabled=a.autoscaling_config is None,
-                     **kwargs)
+    kwargs.setdefault("route_prefix", "/")
+    return serve.run(build_app(a), name=name, external_scaler_enabled=a.autoscaling_config is None, **kwargs)
 
 
 def build_app(args: Dict[str, Any]):

@@ -251,3 +251,26 @@ def test_a_crashed_replica_is_replaced_and_the_group_re_forms(app):
     responses = asyncio.run(run())
     assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
     assert [r.json()["choices"][0]["text"] for r in responses] == expected
+
+
+def test_ep_over_dp2_x_tp2_through_handles_equals_hf(app, tiny_root):
+    """EP over every replica's TP ranks (DP=2 x TP=2: four EP ranks, one expert each), called
+    through the Python handle with each request pinned to a replica: token ids equal HF's."""
+    from ray import serve
+
+    from raylm.deployments.openai import run_app
+
+    path = make_tiny_model(tiny_root, "qwen3_moe")
+    run_app({"model": str(path), "dtype": "float32", "dp": 2, "tp": 2, "enable_expert_parallel": True,
+             "num_cpus_per_replica": 0.5, "worker_num_cpus": 1, "max_model_len": 256, "num_blocks": 64},
+            name="raylm-ep-tp", route_prefix=None)
+    try:
+        handle = serve.get_app_handle("raylm-ep-tp")
+        prompts = random_prompts(4, seed=55)
+        params = {"max_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}
+        futures = [handle.generate.remote(p, params, data_parallel_rank=i % 2) for i, p in enumerate(prompts)]
+        outs = [f.result(timeout_s=180) for f in futures]
+        assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, prompts, MAX_NEW)
+        assert [o.metrics["dp_rank"] for o in outs] == [0, 1, 0, 1]  # the pins were honoured
+    finally:
+        serve.delete("raylm-ep-tp")

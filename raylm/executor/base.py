@@ -33,11 +33,15 @@ class Executor(ABC):
     def initialize(self) -> int:
         """Start the workers, load weights, size and allocate the KV cache; returns num_blocks
         (the minimum over workers, so every rank fits the same block table)."""
-        self.collective_rpc("init_device")
+        self.collective_rpc("init_device", self.init_device_args())
         self.collective_rpc("load_model")
         num_blocks = min(self.collective_rpc("determine_num_blocks"))
         self.collective_rpc("init_kv_cache", (num_blocks,))
         return num_blocks
+
+    def init_device_args(self) -> Sequence[Any]:
+        """Worker.init_device's arguments (the Ray executor's rendezvous address)."""
+        return ()
 
     def kv_bytes_per_block(self) -> int:
         return self.collective_rpc("kv_bytes_per_block")[0]

@@ -56,8 +56,10 @@ class RayExecutor(Executor):
         pg, first = self._placement_group(par.worker_num_cpus)
         self.workers = [self._start_worker(pg, first + rank, rank, par.worker_num_cpus)
                         for rank in range(self.world)]
-        address = self._wait([self.workers[0].rendezvous_address.remote()], STARTUP_TIMEOUT_S)[0]
-        self._wait([w.init_device.remote(address) for w in self.workers], STARTUP_TIMEOUT_S)
+        self.rendezvous = self._wait([self.workers[0].rendezvous_address.remote()], STARTUP_TIMEOUT_S)[0]
+
+    def init_device_args(self):
+        return (self.rendezvous,)
 
     # ---- placement ---------------------------------------------------------------
 

@@ -6,11 +6,14 @@ Global rank = pp_rank * tp_size + tp_rank: the TP ranks of a stage are contiguou
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 class CommClock:
@@ -183,6 +186,7 @@ def init_expert_dp(tp_rank: int, tp_size: int, dp_rank: int, dp_size: int, store
     group for this TP rank's column of replicas, EP rank dp_rank * tp + tp_rank."""
     from raylm.executor.dp_group import DPGroup
 
+    logger.info("joining DP group %s/tp%d at %s as rank %d of %d", prefix, tp_rank, store, dp_rank, dp_size)
     dp = DPGroup(store, f"{prefix}/tp{tp_rank}", dp_rank, dp_size, my_host)
     group = EPGroup(dp_rank * tp_size + tp_rank, dp_size * tp_size, tuple(placement) if placement else None, dp)
     set_ep_group(group)
