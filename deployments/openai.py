@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from raylm.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from raylm.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, default_api_key
 
 
 class ServeArgs(BaseModel):
@@ -59,7 +59,8 @@ class ServeArgs(BaseModel):
         if self.enable_expert_parallel and self.dp > 1 and self.pp > 1:
             raise ValueError("expert parallelism across DP replicas needs pp=1 (lockstep runs one batch per step)")
         return self
-    api_key: Optional[str] = None
+    # guards every /v1 route; defaults to $RAYLM_API_KEY; kept out of repr (and so of logs)
+    api_key: Optional[str] = Field(default_factory=default_api_key, repr=False)
     max_body_bytes: int = 1 << 20
     max_ongoing_requests: int = 1024
 

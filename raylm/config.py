@@ -34,6 +34,11 @@ def c_compiler() -> Optional[str]:
     return os.environ.get("CC")
 
 
+def default_api_key() -> Optional[str]:
+    """$RAYLM_API_KEY: the serving API key when none is given (`--api-key` wins)."""
+    return os.environ.get("RAYLM_API_KEY") or None
+
+
 def default_kv_cache_memory() -> Optional[str]:
     return os.environ.get("RAYLM_KV_CACHE_MEMORY")
 

@@ -17,7 +17,8 @@ def add_serve_parser(sub, add_engine_args) -> None:
                    help="let Serve scale the replica set between MIN and MAX on load (instead of --dp)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $RAYLM_API_KEY)")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a new local one)")
     p.set_defaults(func=cmd_serve)
 
