@@ -7,22 +7,20 @@
 # own work (collective waits excluded). The reference: the same load on one replica that
 # holds every expert (--dp 1, no lockstep) with the same CPU share as each replica above.
 # Usage: scripts/bench_lockstep.sh [outdir]     (run on an otherwise idle machine)
-set -euo pipefail
+source "$(dirname "$0")/bench_common.sh"
 OUT=${1:-docs/bench}
 MODEL=${MODEL:-/tmp/qwen3-moe-bench}
 PORT=8012
 N=${N:-64}
 C=${C:-16}
-RAYLM=.venv/bin/raylm
 mkdir -p "$OUT"
-export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 [ -f "$MODEL/config.json" ] || .venv/bin/python scripts/make_bench_model.py "$MODEL" --moe
 
 $RAYLM serve --model "$MODEL" --dtype float32 --dp 2 --enable-expert-parallel --port $PORT --max-model-len 1024 \
   --num-cpus-per-replica 1 &
 SERVER=$!
 trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER || true' EXIT
-for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null 2>&1 && break; sleep 1; done
+wait_ready $PORT 300
 
 lockstep() { curl -s "http://127.0.0.1:$PORT/metrics" | grep '^raylm:dp_' > "$1"; }
 # warm both replicas up (no warmup request runs in lockstep mode)
@@ -41,6 +39,6 @@ sleep 3
 
 $RAYLM serve --model "$MODEL" --dtype float32 --dp 1 --port $PORT --max-model-len 1024 --num-cpus-per-replica 1 &
 SERVER=$!
-for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null 2>&1 && break; sleep 1; done
+wait_ready $PORT 300
 $RAYLM bench serve --base-url http://127.0.0.1:$PORT --model "$MODEL" --tokenizer "$MODEL" --num-prompts $N \
   --max-concurrency $C --output-json "$OUT/lockstep-dp1.json" --disable-tqdm

@@ -3,24 +3,14 @@
 # raylm bench serve at concurrency 1 and 32, plus the offline throughput on the same
 # workload (for the HTTP/offline ratio) and the whole app's PSS at idle, under load and after.
 # Usage: scripts/bench_serve.sh [dtype] [outdir]     (run on an otherwise idle machine)
-set -euo pipefail
+source "$(dirname "$0")/bench_common.sh"
 DTYPE=${1:-bfloat16}
 OUT=${2:-docs/bench}
 MODEL=smollm2-135m-instruct
 PORT=8011
 N32=${N32:-100}
 N1=${N1:-12}
-RAYLM=.venv/bin/raylm
 mkdir -p "$OUT"
-export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
-
-wait_ready() {
-  for _ in $(seq 1 180); do
-    curl -sf "http://127.0.0.1:$PORT/health" >/dev/null 2>&1 && return 0
-    sleep 1
-  done
-  echo "server did not come up" >&2; return 1
-}
 
 # references, without HTTP/Serve/Ray: the same workload through an in-process AsyncEngine at
 # the same concurrency (same client-side timing), and the offline LLM API's throughput
@@ -42,7 +32,7 @@ for DP in ${DPS:-1 2}; do
   $RAYLM serve --model $MODEL --dtype $DTYPE --dp $DP --port $PORT --max-model-len 2048 \
     --num-cpus-per-replica $CPUS &
   SERVER=$!
-  wait_ready
+  wait_ready $PORT
   $RAYLM bench memory --pid $SERVER > "$OUT/memory-idle-dp$DP-$DTYPE.json"
   $RAYLM bench serve --base-url http://127.0.0.1:$PORT --model $MODEL --num-prompts $N1 \
     --max-concurrency 1 --output-json "$OUT/serve-dp$DP-c1-$DTYPE.json" --disable-tqdm

@@ -172,22 +172,27 @@ class DPCoordinator:
         if len(m.ranks) + len(m.joining) <= m.target:
             return
         now = time.time()
-        for key in list(self.membership.ranks):
+        for key in list(m.ranks):
             if now - self.stats.get(key, {}).get("reported_at", now) > STALE_REPORT_S:
-                self.membership.leave(key)
+                m.leave(key)
                 self.stats.pop(key, None)
 
     def _store_address(self) -> Tuple[str, int]:
+        """(host, port) of the TCP store the DP groups rendezvous at, started on first use."""
         if self._store is None:
             import torch.distributed as dist
 
             host = ray.util.get_node_ip_address()
-            self._store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False)
-        return ray.util.get_node_ip_address(), self._store.port
+            store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False)
+            self._store = (store, (host, store.port))  # keep the server object alive
+        return self._store[1]
 
     def _export(self) -> None:
+        """Lockstep gauges to the Ray dashboard (expert-parallel apps only)."""
         from raylm.dp.metrics import export_coordinator_metrics
 
+        if self.membership is None:
+            return
         try:
             self._metrics = export_coordinator_metrics(self._metrics, self.waves, self.stats)
         except Exception:  # metrics never break coordination

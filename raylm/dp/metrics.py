@@ -10,7 +10,7 @@ raylm:dp_dummy_step_seconds  their own work per replica (waits in collectives ex
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterable, List
 
 DESCRIPTIONS = {
     "dp_wave": "Current lockstep wave of the expert-parallel DP group",
@@ -22,39 +22,30 @@ DESCRIPTIONS = {
 PER_RANK = {"dp_dummy_steps": "dp_dummy_steps", "dp_dummy_step_seconds": "dp_dummy_seconds"}  # metric: stats key
 
 
-def lockstep_values(waves, stats: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
-    """The metric values: app-wide ones, and per DP rank dummy steps."""
-    lockstep = [s for s in stats.values() if "dp_dummy_steps" in s]
-    values = {"dp_wave": waves.wave, "dp_waves_completed": waves.completed,
-              "dp_ranks_running": sum(1 for s in lockstep if s.get("dp_running"))}
-    for metric, key in PER_RANK.items():
-        values[metric] = {str(s.get("dp_rank", 0)): s.get(key, 0) for s in lockstep}
-    return values
+def lockstep_values(wave: int, waves_completed: int, stats: Iterable[Dict[str, Any]]):
+    """(metric, value, tags) for every lockstep gauge: app-wide ones, then per DP rank."""
+    lockstep = [s for s in stats if "dp_dummy_steps" in s]
+    yield "dp_wave", wave, {}
+    yield "dp_waves_completed", waves_completed, {}
+    yield "dp_ranks_running", sum(1 for s in lockstep if s.get("dp_running")), {}
+    for s in lockstep:
+        for metric, key in PER_RANK.items():
+            yield metric, s.get(key, 0), {"dp_rank": str(s.get("dp_rank", 0))}
 
 
-def export_coordinator_metrics(gauges, waves, stats) -> Dict[str, Any]:
+def export_coordinator_metrics(gauges, waves, stats: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     """Set the Ray gauges (created on first use; returned for the next call)."""
     from ray.util.metrics import Gauge
 
     if gauges is None:
         gauges = {name: Gauge(f"raylm_{name}", desc, tag_keys=("dp_rank",) if name in PER_RANK else ())
                   for name, desc in DESCRIPTIONS.items()}
-    values = lockstep_values(waves, stats)
-    for name, value in values.items():
-        if name in PER_RANK:
-            for rank, count in value.items():
-                gauges[name].set(count, tags={"dp_rank": rank})
-        else:
-            gauges[name].set(value)
+    for name, value, tags in lockstep_values(waves.wave, waves.completed, stats.values()):
+        gauges[name].set(value, tags=tags or None)
     return gauges
 
 
 def publish_lockstep(sink, control: Dict[str, Any], stats: List[Dict[str, Any]]) -> None:
     """The same values into the ingress's prometheus registry (`sink.lockstep` gauges)."""
-    sink.set_lockstep("dp_wave", control.get("wave", 0), {})
-    sink.set_lockstep("dp_waves_completed", control.get("waves_completed", 0), {})
-    lockstep = [s for s in stats if "dp_dummy_steps" in s]
-    sink.set_lockstep("dp_ranks_running", sum(1 for s in lockstep if s.get("dp_running")), {})
-    for s in lockstep:
-        for metric, key in PER_RANK.items():
-            sink.set_lockstep(metric, s.get(key, 0), {"dp_rank": str(s.get("dp_rank", 0))})
+    for name, value, tags in lockstep_values(control.get("wave", 0), control.get("waves_completed", 0), stats):
+        sink.set_lockstep(name, value, tags)

@@ -25,10 +25,8 @@ class EngineWaves:
     def __init__(self, announce: Optional[Callable[[str, int], None]] = None) -> None:
         self.wave = 0  # the current wave if running, else the next one to start
         self.running = False
-        self.steps = 0  # steps in lockstep (real and dummy)
         self.dummy_steps = 0
         self.dummy_seconds = 0.0  # own work in dummy steps, collective waits excluded (the idle rank's cost)
-        self.waves_completed = 0
         self.announce = announce or (lambda event, wave: None)
 
     def start_local(self) -> None:
@@ -46,13 +44,11 @@ class EngineWaves:
 
     def after_step(self, dummy: bool, ranks_with_work: int, seconds: float = 0.0) -> None:
         """Book one lockstep step; when no rank had work the wave ends here, on every rank."""
-        self.steps += 1
         if dummy and ranks_with_work > 0:  # (no rank busy: no forward ran)
             self.dummy_steps += 1
             self.dummy_seconds += seconds
         if ranks_with_work == 0:
             self.running = False
-            self.waves_completed += 1
             self.announce("complete", self.wave)
             self.wave += 1
 

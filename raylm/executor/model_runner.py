@@ -13,10 +13,9 @@ from raylm.engine.sampler import Sampler, SamplingInput
 from raylm.kernels import cpu_paged_attention
 from raylm.engine.sched_output import ModelRunnerOutput, SchedulerOutput
 from raylm.executor.input_batch import InputBatch, StepInputs
-from raylm.models.attention import PagedAttention
+from raylm.models.attention import AttentionMetadata, PagedAttention, PrefillSeq
 from raylm.models.layers import prepack_linears
 from raylm.models.loader import load_hf_config, load_model
-from raylm.models.attention import AttentionMetadata, PrefillSeq
 from raylm.models.parallel_state import CommClock, get_ep_group, get_pp_group, get_tp_group
 
 logger = logging.getLogger(__name__)

@@ -58,13 +58,13 @@ class Worker:
         init_expert_dp(self.rank % par.tensor_parallel_size, par.tensor_parallel_size, dp_rank, dp_size,
                        tuple(store), prefix, host, placement)
 
-    def reform_expert_dp(self, dp_rank: int, dp_size: int, store, prefix: str) -> List[int]:
+    def reform_expert_dp(self, dp_rank: int, dp_size: int, store, prefix: str) -> Dict[str, List[int]]:
         """Elastic scaling: join the group's next generation (new size, maybe a new rank) and
         load the experts the contiguous placement now gives this rank. Runs between steps,
-        with no request in flight anywhere (the scale drained them). Returns the experts."""
+        with no request in flight anywhere (the scale drained them). Returns `local_experts()`."""
         self._join_expert_dp(dp_rank, dp_size, store, prefix)
         self.runner.model.reload_experts(self.model_path)
-        return sorted({e for experts in self.local_experts().values() for e in experts})
+        return self.local_experts()
 
     def load_model(self) -> None:
         self.runner.load_model()

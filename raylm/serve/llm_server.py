@@ -8,8 +8,8 @@ period; a dead engine loop or executor fails it and Serve replaces the replica.
 from __future__ import annotations
 
 import asyncio
-import os
 import logging
+import os
 import time
 from typing import Any, AsyncIterator, Dict, List, Optional
 
@@ -29,9 +29,8 @@ DEAD_REPLICA_WAITING = 1 << 20
 
 class LLMServer:
     def __init__(self, engine_config: Dict[str, Any], model_name: str) -> None:
-        from ray import serve
-
         import ray
+        from ray import serve
 
         ctx = serve.get_replica_context()
         self.dp_rank = ctx.rank.rank
@@ -107,9 +106,9 @@ class LLMServer:
         waves = self.engine.engine.core.waves
         if waves is None:
             return {}
-        return {"dp_wave": waves.wave, "dp_running": waves.running, "dp_steps": waves.steps,
-                "dp_dummy_steps": waves.dummy_steps, "dp_dummy_seconds": round(waves.dummy_seconds, 4),
-                "dp_waves_completed": waves.waves_completed, "dp_experts": self.lockstep.experts, "pid": os.getpid()}
+        return {"dp_wave": waves.wave, "dp_running": waves.running, "dp_dummy_steps": waves.dummy_steps,
+                "dp_dummy_seconds": round(waves.dummy_seconds, 4), "dp_experts": self.lockstep.experts,
+                "pid": os.getpid()}
 
     async def record_routing_stats(self) -> Dict[str, Any]:
         """Serve polls this; the router uses it to find the coordinator and as a fallback."""

@@ -41,8 +41,7 @@ class LockstepMember:
         waves = engine.engine.core.waves
         waves.reset(self.group["wave"])
         waves.announce = self._announce
-        self.experts = sorted({e for per_worker in engine.engine.core.executor.collective_rpc("local_experts")
-                               for experts in per_worker.values() for e in experts})
+        self.experts = _held(engine.engine.core.executor.collective_rpc("local_experts"))
         self.coordinator.ready.remote(self.key, self.generation)
 
     def _announce(self, event: str, wave: int) -> None:
@@ -88,7 +87,7 @@ class LockstepMember:
             self.rank, self.size = control["ranks"][self.key], len(control["ranks"])
             held = core.executor.collective_rpc("reform_expert_dp", (self.rank, self.size, tuple(control["store"]),
                                                                      f"g{self.generation}"))
-            self.experts = sorted({e for experts in held for e in experts})
+            self.experts = _held(held)
             core.waves.reset(control["wave"])
             self._reforming = False
             self.coordinator.ready.remote(self.key, self.generation)
@@ -96,3 +95,8 @@ class LockstepMember:
                         self.generation, self.rank, self.size)
 
         self.engine.call_between_steps(reform)
+
+
+def _held(per_worker) -> list:
+    """Expert ids held by any of the replica's workers (each answers {MoE layer: ids})."""
+    return sorted({e for layers in per_worker for experts in layers.values() for e in experts})
