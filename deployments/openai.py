@@ -14,6 +14,9 @@ from typing import Any, Dict, List, Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from raylm.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, default_api_key
+from raylm.serve.middleware import OPEN_PATHS
+
+INGRESS_HEADROOM = 64  # non-generation requests (health, metrics, tokenize) beside the admission bound
 
 
 class ServeArgs(BaseModel):
@@ -59,10 +62,18 @@ class ServeArgs(BaseModel):
         if self.enable_expert_parallel and self.dp > 1 and self.pp > 1:
             raise ValueError("expert parallelism across DP replicas needs pp=1 (lockstep runs one batch per step)")
         return self
-    # guards every /v1 route; defaults to $RAYLM_API_KEY; kept out of repr (and so of logs)
+    # guards every route but open_paths; defaults to $RAYLM_API_KEY; kept out of repr (and logs)
     api_key: Optional[str] = Field(default_factory=default_api_key, repr=False)
-    max_body_bytes: int = 1 << 20
-    max_ongoing_requests: int = 1024
+    open_paths: List[str] = Field(default_factory=lambda: list(OPEN_PATHS))
+    max_body_bytes: int = Field(default=1 << 20, gt=0)
+    # Admission (429 + Retry-After past either bound): engine requests in flight in the whole
+    # app (counted at the ingress), and sequences waiting in each replica's queue.
+    max_ongoing_requests: int = Field(default=1024, gt=0)
+    max_waiting_requests: Optional[int] = Field(default=256, gt=0)
+    request_timeout: Optional[float] = Field(default=None, gt=0)  # seconds from arrival; then 408
+    # seconds in-flight requests get to finish when the app stops (SIGTERM to `raylm serve`,
+    # or Serve replacing replicas on a redeploy); the rest end with an error
+    shutdown_timeout: float = Field(default=30.0, ge=0)
 
     def engine_config(self) -> EngineConfig:
         cache = {"block_size": self.block_size, "kv_cache_memory": self.kv_cache_memory,
@@ -70,8 +81,8 @@ class ServeArgs(BaseModel):
         return EngineConfig(
             model=ModelConfig(model=self.model, dtype=self.dtype, max_model_len=self.max_model_len, seed=self.seed),
             cache=CacheConfig(**cache),
-            scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs,
-                                      max_num_batched_tokens=self.max_num_batched_tokens),
+            scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                                      max_waiting_requests=self.max_waiting_requests),
             parallel=ParallelConfig(tensor_parallel_size=self.tp, pipeline_parallel_size=self.pp,
                                     data_parallel_size=self.max_replicas, worker_num_cpus=self.worker_num_cpus,
                                     cpu_communicator=self.cpu_communicator,
@@ -104,6 +115,11 @@ class ServeArgs(BaseModel):
     def model_name(self) -> str:
         return self.served_model_name or self.model
 
+    def ingress_options(self) -> Dict[str, Any]:
+        """OpenAIIngress keyword arguments: auth, body limit, admission."""
+        return {"api_key": self.api_key, "open_paths": self.open_paths, "max_body_bytes": self.max_body_bytes,
+                "max_ongoing_requests": self.max_ongoing_requests, "request_timeout": self.request_timeout}
+
 
 def run_app(args: Dict[str, Any], name: str = "raylm", **kwargs):
     """serve.run the app, with Serve's external-scaler API enabled unless Serve autoscales
@@ -135,9 +151,14 @@ def build_app(args: Dict[str, Any]):
                                                   request_routing_stats_period_s=1.0),
         deployment_actors=[DeploymentActorConfig(name=COORDINATOR_ACTOR, actor_class=ray.remote(DPCoordinator),
                                                  actor_options={"num_cpus": 0})],
-        health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=5,
+        health_check_period_s=5, health_check_timeout_s=30,
+        graceful_shutdown_timeout_s=a.shutdown_timeout, graceful_shutdown_wait_loop_s=1,
     ).bind(engine, a.model_name)
     ingress_cls = serve.ingress()(OpenAIIngress)
+    # Serve's own cap sits above the app's admission bound, so requests past the bound reach
+    # the ingress and get a fast 429 instead of queueing in the HTTP proxy.
     ingress = serve.deployment(ingress_cls, name="OpenAIIngress", num_replicas=1,
-                               max_ongoing_requests=a.max_ongoing_requests, ray_actor_options={"num_cpus": 0})
-    return ingress.bind(llm, engine, a.model_name, a.api_key, a.max_body_bytes)
+                               max_ongoing_requests=a.max_ongoing_requests + INGRESS_HEADROOM,
+                               graceful_shutdown_timeout_s=a.shutdown_timeout, graceful_shutdown_wait_loop_s=1,
+                               ray_actor_options={"num_cpus": 0})
+    return ingress.bind(llm, engine, a.model_name, **a.ingress_options())

@@ -117,6 +117,13 @@ class SchedulerConfig(_Config):
     max_num_batched_tokens: int = Field(default=2048, gt=0)
     # a prefill longer than this is chunked even when the budget has room, so decodes keep flowing
     long_prefill_token_threshold: int = Field(default=512, gt=0)
+    # Admission (AsyncEngine): past this many waiting sequences a new request is refused
+    # (EngineOverloadedError -> 429 + Retry-After) instead of queueing without bound.
+    # None: unbounded (the offline LLM queues all its prompts at once).
+    max_waiting_requests: Optional[int] = Field(default=None, gt=0)
+    # Watchdog: a step running longer than this is stuck. The Ray executor stops waiting for
+    # its workers and fails the engine; AsyncEngine marks itself dead and logs the stuck stack.
+    step_timeout_s: float = Field(default=300.0, gt=0)
 
 
 class ParallelConfig(_Config):

@@ -112,6 +112,32 @@ def test_dead_worker_fails_fast_with_a_clear_error(tiny_root):
     assert executor.workers == []  # the survivors were killed too: nothing left blocked in gloo
 
 
+@pytest.mark.timeout(120)
+def test_stuck_worker_fails_the_step_after_step_timeout(tiny_root):
+    """Watchdog: a worker that is alive but never answers (SIGSTOP) fails the step after
+    step_timeout_s with an error naming it, instead of hanging the engine."""
+    import os
+    import signal
+    import time
+
+    import ray
+
+    from raylm.executor.ray_executor import WorkerDiedError
+
+    llm = _llm(make_tiny_model(tiny_root, "llama"), 2, 1, step_timeout_s=3)
+    executor = llm.engine.core.executor
+    pid = ray.get(executor.workers[1].pid.remote())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        with pytest.raises(WorkerDiedError, match=r"\[0, 1\] did not answer within 3 s \(stuck\)"):
+            _greedy(llm, random_prompts(2, seed=5))
+        assert time.monotonic() - start < 3 + 10
+    finally:
+        os.kill(pid, signal.SIGCONT)  # ray.kill has already been sent; let it land
+    assert executor.workers == []
+
+
 def test_nccl_communicator_is_rejected_cleanly_on_cpu():
     import torch
 

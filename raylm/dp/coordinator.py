@@ -24,6 +24,7 @@ from raylm.dp.waves import WaveTable
 
 JOIN_TIMEOUT_S = 300.0  # a replica waits this long for the rest of its generation
 STALE_REPORT_S = 30.0  # a replica silent this long (it reports every second) has gone
+GONE_FROM_TABLE_S = 10.0  # snapshots leave out a replica silent this long (killed, no goodbye)
 
 
 class _Broadcast:
@@ -88,7 +89,9 @@ class DPCoordinator:
         """Long poll: returns at once if the table changed since `known_version`, else when
         it next changes or after `timeout_s`."""
         await self._stats.wait_past(known_version, timeout_s)
-        return self._stats.version, dict(self.stats)
+        now = time.time()
+        return self._stats.version, {k: v for k, v in self.stats.items()
+                                     if now - v["reported_at"] < GONE_FROM_TABLE_S}
 
     # ---- control: group, waves, scaling ---------------------------------------------
 

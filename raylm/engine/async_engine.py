@@ -13,20 +13,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
+import threading
+import time
+import traceback
+import weakref
 from typing import AsyncIterator, Callable, Dict, List, Optional, Tuple
 
 from raylm.config import EngineConfig
 from raylm.engine.llm_engine import LLMEngine, PromptType
+from raylm.exceptions import EngineDeadError, EngineOverloadedError
 from raylm.outputs import DeltaState, RequestOutput, delta_output
 from raylm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 STEP_YIELD_S = 0.001  # loop time between steps: enough for a request's arrival to reach the queue
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop failed; every in-flight request ends with this error."""
+WATCHDOG_POLL_S = 5.0
 
 
 class AsyncEngine:
@@ -40,6 +43,8 @@ class AsyncEngine:
         self._wakeup: Optional[asyncio.Event] = None
         self._loop_task: Optional[asyncio.Task] = None
         self.dead: Optional[BaseException] = None
+        self._step_started: Optional[float] = None  # monotonic time the running step began
+        self._watchdog: Optional[threading.Thread] = None
 
     @property
     def tokenizer(self):
@@ -54,6 +59,7 @@ class AsyncEngine:
             raise EngineDeadError(f"engine is dead: {self.dead!r}")
         if request_id in self.streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        self._admit()
         text, ids = self.engine.tokenize_prompt(prompt)
         self.engine.validate(ids, params)  # raise in the caller, before anything is queued
         queue: asyncio.Queue = asyncio.Queue()
@@ -79,6 +85,19 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
+    def num_waiting(self) -> int:
+        """Sequences accepted that will not run at the next step: those queued for the loop or
+        in the scheduler's queue, less the free running slots they will take."""
+        sched = self.engine.core.scheduler
+        free_slots = max(0, self.engine.config.scheduler.max_num_seqs - sched.num_running)
+        return max(0, len(self._pending_adds) + sched.num_waiting - free_slots)
+
+    def _admit(self) -> None:
+        bound = self.engine.config.scheduler.max_waiting_requests
+        if bound is not None and self.num_waiting() >= bound:
+            raise EngineOverloadedError(f"{self.num_waiting()} requests are waiting in this replica "
+                                        f"(max_waiting_requests={bound})")
+
     def abort(self, request_id: str) -> None:
         self._pending_aborts.append(request_id)
         if self._wakeup is not None:
@@ -98,6 +117,10 @@ class AsyncEngine:
             self._wakeup = asyncio.Event()
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
+        if self._watchdog is None:
+            self._watchdog = threading.Thread(target=_watch, args=(weakref.ref(self), threading.get_ident()),
+                                              name="raylm-step-watchdog", daemon=True)
+            self._watchdog.start()
         self._wakeup.set()
 
     def _apply_pending(self) -> None:
@@ -122,12 +145,17 @@ class AsyncEngine:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
-                for out in self.engine.step():
+                self._step_started = time.monotonic()
+                outputs = self.engine.step()
+                self._step_started = None
+                if self.dead is not None:  # the watchdog gave up on this step while it ran
+                    raise self.dead
+                for out in outputs:
                     self._deliver(out.request_id, out)
                 await asyncio.sleep(STEP_YIELD_S)
         except Exception as exc:  # a failed step poisons the engine: fail every stream loudly
             logger.exception("engine loop died")
-            self.dead = exc
+            self.dead = self.dead or exc
             for request_id in list(self.streams):
                 self._deliver(request_id, EngineDeadError(f"engine step failed: {exc!r}"))
 
@@ -149,3 +177,20 @@ class AsyncEngine:
         if self.dead is not None:
             raise EngineDeadError(f"engine is dead: {self.dead!r}")
         self.engine.core.executor.check_health()
+
+
+def _watch(engine_ref, loop_thread: int) -> None:
+    """Watchdog thread: a step that runs past `step_timeout_s` marks the engine dead (health
+    checks fail from then on, and every stream fails once the step returns, if it ever does)
+    and logs where the loop thread is stuck. Exits with the engine."""
+    while (engine := engine_ref()) is not None:
+        timeout = engine.engine.config.scheduler.step_timeout_s
+        started = engine._step_started
+        if engine.dead is None and started is not None and time.monotonic() - started > timeout:
+            engine.dead = EngineDeadError(f"a step has run for more than step_timeout_s={timeout:g} s (stuck)")
+            frame = sys._current_frames().get(loop_thread)
+            stack = "".join(traceback.format_stack(frame)) if frame is not None else "(unknown)"
+            logger.error("engine step stuck for over %g s; the engine is marked dead. Loop thread:\n%s",
+                         timeout, stack)
+        del engine
+        time.sleep(min(timeout / 4, WATCHDOG_POLL_S))

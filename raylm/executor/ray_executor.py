@@ -8,7 +8,8 @@ store once and read by every worker. Only the last stage's TP rank 0 returns tok
 
 A dead worker must not hang the engine: every wait watches all of the step's workers and
 raises WorkerDiedError as soon as any of them fails (a survivor blocked in a collective
-would otherwise wait for the gloo timeout), then the executor kills the rest.
+would otherwise wait for the gloo timeout), then the executor kills the rest. A stuck one
+(alive, never answering) fails the step after `step_timeout_s` the same way.
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ class StepFuture:
         self.executor, self.refs = executor, refs
 
     def result(self) -> ModelRunnerOutput:
-        return self.executor._wait(self.refs)[self.executor.driver_rank]
+        ex = self.executor
+        return ex._wait(self.refs, ex.config.scheduler.step_timeout_s)[ex.driver_rank]
 
 
 class RayExecutor(Executor):
@@ -127,7 +129,8 @@ class RayExecutor(Executor):
                 except Exception as exc:
                     self._fail(position[ref], exc)
             if deadline is not None and time.monotonic() > deadline and pending:
-                self._fail(-1, TimeoutError(f"workers did not answer within {timeout:.0f} s"))
+                late = sorted(position[r] for r in pending)
+                self._fail(-1, TimeoutError(f"worker(s) {late} did not answer within {timeout:g} s (stuck)"))
         return values
 
     def _fail(self, rank: int, exc: BaseException):

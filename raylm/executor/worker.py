@@ -90,5 +90,11 @@ class Worker:
     def ping(self) -> int:
         return self.rank
 
+    def pid(self) -> int:
+        """This worker's process id (fault tests stop or kill the process)."""
+        import os
+
+        return os.getpid()
+
     def check_health(self) -> bool:
         return self.runner is not None and self.runner.model is not None

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from raylm.exceptions import EngineOverloadedError, EngineUnavailableError, RequestTimeoutError
 from raylm.serve.protocol_responses import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
@@ -40,14 +41,6 @@ class APIError(Exception):
         return ErrorResponse(error=info).model_dump()
 
 
-class EngineOverloadedError(RuntimeError):
-    """Raised by an EngineClient that sheds load; answered 429 with Retry-After."""
-
-
-class EngineUnavailableError(RuntimeError):
-    """Raised by an EngineClient with no live engine to serve; answered 503."""
-
-
 def bad_request(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
@@ -65,9 +58,14 @@ def body_too_large(limit: int) -> APIError:
     return APIError(413, f"Request body is larger than the limit of {limit} bytes.", code="request_too_large")
 
 
-def overloaded(retry_after: int = 1) -> APIError:
-    return APIError(429, "The server is overloaded; retry later.", type="rate_limit_error",
-                    code="rate_limit_exceeded", headers={"Retry-After": str(retry_after)})
+def overloaded(message: str = "The server is overloaded; retry later.", retry_after: int = 1) -> APIError:
+    return APIError(429, message, type="rate_limit_error", code="rate_limit_exceeded",
+                    headers={"Retry-After": str(retry_after)})
+
+
+def request_timeout(message: str) -> APIError:
+    """408, as Ray Serve answers a request past its `request_timeout_s`."""
+    return APIError(408, message, type="timeout_error", code="request_timeout")
 
 
 def unavailable(message: str = "The engine is unavailable.", retry_after: int = 5) -> APIError:
@@ -133,7 +131,10 @@ def api_error_for(exc: BaseException) -> Optional[APIError]:
     if names & _UNAVAILABLE:
         return unavailable(f"The engine is unavailable: {exc}")
     if names & _OVERLOADED:
-        return overloaded()
+        return overloaded(f"The server is overloaded: {exc}; retry later." if str(exc) else
+                          "The server is overloaded; retry later.")
+    if "RequestTimeoutError" in names:
+        return request_timeout(str(exc) or "The request timed out.")
     if isinstance(exc, ValueError):
         message = str(exc) or type(exc).__name__
         return bad_request(message, getattr(exc, "param", None) or _param_from_message(message))
@@ -160,5 +161,5 @@ def install_exception_handlers(app: FastAPI) -> None:
         return error_response(to_api_error(exc))
 
     for exc_type in (APIError, RequestValidationError, ValidationError, ValueError, StarletteHTTPException,
-                     EngineOverloadedError, EngineUnavailableError):
+                     EngineOverloadedError, EngineUnavailableError, RequestTimeoutError):
         app.add_exception_handler(exc_type, handle)

@@ -3,8 +3,9 @@ through a DeploymentHandle whose router is raylm.dp.router.LeastLoadedRouter."""
 from __future__ import annotations
 
 import logging
+from contextlib import aclosing
 from dataclasses import replace
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import ray
 from fastapi import FastAPI
@@ -14,8 +15,11 @@ from raylm.engine.llm_engine import tokenizer_and_max_len
 from raylm.outputs import merge_delta
 from raylm.serve.engine_client import EngineClient
 from raylm.dp.metrics import publish_lockstep
+from raylm.exceptions import EngineUnavailableError
+from raylm.serve.admission import Admission
 from raylm.serve.errors import APIError
 from raylm.serve.metrics import PromSink, RequestTimer, publish_engine_stats
+from raylm.serve.middleware import OPEN_PATHS
 
 logger = logging.getLogger(__name__)
 
@@ -23,14 +27,21 @@ logger = logging.getLogger(__name__)
 class ServeEngineClient(EngineClient):
     """EngineClient over Serve: streams from whichever replica the router picks."""
 
-    def __init__(self, handle, model_name: str, tokenizer, max_model_len: int, sink: Optional[PromSink]) -> None:
+    def __init__(self, handle, model_name: str, tokenizer, max_model_len: int, sink: Optional[PromSink],
+                 admission: Optional[Admission] = None) -> None:
         self.handle = handle.options(stream=True)
         self.unary = handle
         self.model_name, self.tokenizer, self.max_model_len = model_name, tokenizer, max_model_len
         self.sink = sink
+        self.admission = admission or Admission(max_ongoing_requests=1 << 30)
         self._coordinator = None
-        self.num_inflight = 0  # generate() streams open here (elastic scaling drains them)
         self.tp_size, self.num_experts = 1, 0  # set by the ingress (the scale-size check)
+        self.max_dp_size = 1  # replicas the app may run (data_parallel_size), set by the ingress
+
+    @property
+    def num_inflight(self) -> int:
+        """generate() streams open here (elastic scaling and shutdown drain them)."""
+        return self.admission.ongoing
 
     async def coordinator(self):
         if self._coordinator is None:
@@ -48,19 +59,20 @@ class ServeEngineClient(EngineClient):
         if rank is not None:
             await self._check_rank(rank)
         wants_delta = params.output_kind == "delta"
-        self.num_inflight += 1
-        try:
-            async for out in self._stream(prompt_token_ids, replace(params, output_kind="delta"), request_id,
-                                          rank, wants_delta):
+        stream = self._stream(prompt_token_ids, replace(params, output_kind="delta"), request_id, rank, wants_delta)
+        async with aclosing(self.admission.guard(stream)) as guarded:
+            async for out in guarded:
                 yield out
-        finally:
-            self.num_inflight -= 1
 
     async def _check_rank(self, rank: int) -> None:
-        size = len(await self.stats())
-        if not 0 <= rank < size:
-            raise APIError(400, f"data_parallel_rank {rank} is out of range: the app has {size} DP replicas",
-                           param="data_parallel_rank")
+        """400 for a rank the app cannot have; 503 for one that is not serving now (its replica
+        crashed and is being replaced, or the app is scaled below it)."""
+        ranks = {s.get("dp_rank") for s in await self.stats()}
+        if rank < 0 or rank >= max(self.max_dp_size, len(ranks)):
+            raise APIError(400, f"data_parallel_rank {rank} is out of range: the app has at most "
+                                f"{max(self.max_dp_size, len(ranks))} DP replicas", param="data_parallel_rank")
+        if rank not in ranks:
+            raise EngineUnavailableError(f"DP rank {rank} is not serving right now (live ranks: {sorted(ranks)})")
 
     async def _stream(self, prompt_token_ids, params, request_id, rank, wants_delta):
         stream = self.handle.generate.remote(prompt_token_ids, params, request_id, data_parallel_rank=rank)
@@ -77,6 +89,8 @@ class ServeEngineClient(EngineClient):
             stream.cancel()  # client gone or error: the replica aborts the request and frees its blocks
 
     async def check_health(self) -> None:
+        if self.admission.draining:
+            raise EngineUnavailableError("The server is shutting down.")
         await self.unary.check_health.remote()
 
     async def stats(self) -> List[Dict[str, Any]]:
@@ -123,18 +137,21 @@ class OpenAIIngress:
     Prompts are text or token ids; params are SamplingParams fields. Outputs are RequestOutputs.
     """
 
-    def __init__(self, llm_handle, engine_config: Dict[str, Any], model_name: str,
-                 api_key: Optional[str] = None, max_body_bytes: int = 1 << 20) -> None:
+    def __init__(self, llm_handle, engine_config: Dict[str, Any], model_name: str, *,
+                 api_key: Optional[str] = None, max_body_bytes: int = 1 << 20, max_ongoing_requests: int = 1024,
+                 request_timeout: Optional[float] = None, open_paths: Sequence[str] = OPEN_PATHS) -> None:
         from ray import serve
 
         from raylm.serve.elastic import ElasticScaler
 
         tokenizer, max_len = tokenizer_and_max_len(engine_config["model"])
         self.sink = PromSink()
-        self.client = ServeEngineClient(llm_handle, model_name, tokenizer, max_len, self.sink)
+        admission = Admission(max_ongoing_requests, request_timeout)
+        self.client = ServeEngineClient(llm_handle, model_name, tokenizer, max_len, self.sink, admission)
         self.client.tp_size = engine_config["parallel"]["tensor_parallel_size"]
+        self.client.max_dp_size = engine_config["parallel"]["data_parallel_size"]
         self.client.num_experts = num_experts(engine_config["model"]["model"])
-        self.api_key, self.max_body_bytes = api_key, max_body_bytes
+        self.api_key, self.max_body_bytes, self.open_paths = api_key, max_body_bytes, open_paths
         self.scaler = ElasticScaler(self.client, serve.get_replica_context().app_name)
 
     def __serve_build_asgi_app__(self):
@@ -142,10 +159,17 @@ class OpenAIIngress:
         from raylm.serve.openai_app import create_app
 
         app = create_app(self.client, api_key=self.api_key, max_body_bytes=self.max_body_bytes,
-                         middleware=[(ScaleGuardMiddleware, {"scaler": self.scaler})])
+                         open_paths=self.open_paths, middleware=[(ScaleGuardMiddleware, {"scaler": self.scaler})])
         add_metrics_route(app, self.client, self.sink)
         add_elastic_routes(app, self.scaler)
         return app
+
+    async def drain(self, timeout_s: float) -> int:
+        """Graceful shutdown: new requests get 503, those in flight may finish for up to
+        `timeout_s`; the rest are then cut off with an error. Returns how many were cut off."""
+        cut = await self.client.admission.drain(timeout_s)
+        logger.info("drained for shutdown: %d request(s) cut off after %.0f s", cut, timeout_s)
+        return cut
 
     async def generate(self, prompt, params: Optional[Dict[str, Any]] = None, request_id: Optional[str] = None,
                        data_parallel_rank: Optional[int] = None):

@@ -12,8 +12,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from raylm.serve.errors import body_too_large, error_response, to_api_error, unauthorized
 
-# Paths that never need the API key (probes and the metrics scrape).
-OPEN_PATHS = frozenset({"/health", "/ping", "/version", "/metrics"})
+# Paths that need no API key by default: probes, which reveal nothing. /metrics (load, model
+# names, request counts) is guarded unless configured open (`--open-paths ... /metrics`).
+OPEN_PATHS = ("/health", "/ping", "/version")
 
 
 class ApiKeyMiddleware:

@@ -5,7 +5,7 @@ GET /version, POST /tokenize, POST /detokenize. More routers (e.g. /metrics) can
 with `app.include_router(...)`; `app.state.serving` holds the shared ServingContext.
 
 Every non-2xx answer has OpenAI's error shape. Request order: catch-all errors -> API key
-(if set; /health, /ping, /version and /metrics stay open) -> body size limit -> FastAPI
+(if set; /health, /ping and /version stay open unless configured otherwise) -> body size limit -> FastAPI
 (validation) -> handler. A client that disconnects cancels its handler or stream, which
 closes the engine iterators and so aborts the requests (their KV blocks are freed).
 """
@@ -22,7 +22,7 @@ from raylm.serve.completions import create_completion
 from raylm.serve.context import ServingContext
 from raylm.serve.engine_client import EngineClient
 from raylm.serve.errors import error_response, install_exception_handlers, unavailable
-from raylm.serve.middleware import ApiKeyMiddleware, BodyLimitMiddleware, CatchAllMiddleware
+from raylm.serve.middleware import OPEN_PATHS, ApiKeyMiddleware, BodyLimitMiddleware, CatchAllMiddleware
 from raylm.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                   DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
 from raylm.serve.streaming import run_until_disconnect
@@ -99,11 +99,12 @@ def utility_router(ctx: ServingContext) -> APIRouter:
 
 
 def create_app(client: EngineClient, *, api_key: Optional[str] = None, max_body_bytes: int = 1 << 20,
-               served_model_names: Optional[Iterable[str]] = None, middleware: Sequence = ()) -> FastAPI:
+               served_model_names: Optional[Iterable[str]] = None, middleware: Sequence = (),
+               open_paths: Iterable[str] = OPEN_PATHS) -> FastAPI:
     """An OpenAI-compatible app over `client`.
 
-    api_key: when set, every route but /health, /ping, /version and /metrics requires
-    `Authorization: Bearer <api_key>` (401 otherwise). max_body_bytes: larger request bodies
+    api_key: when set, every route but `open_paths` (default /health, /ping, /version)
+    requires `Authorization: Bearer <api_key>` (401 otherwise). max_body_bytes: larger request bodies
     get 413. served_model_names: extra names (aliases) that requests may use besides
     `client.model_name`; any other `model` gets 404. middleware: (class, kwargs) pairs of
     ASGI middleware to run after the API key and body checks (innermost first).
@@ -121,6 +122,6 @@ def create_app(client: EngineClient, *, api_key: Optional[str] = None, max_body_
         app.add_middleware(cls, **kwargs)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     if api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key, open_paths=open_paths)
     app.add_middleware(CatchAllMiddleware)
     return app

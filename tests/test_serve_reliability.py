@@ -1,0 +1,335 @@
+"""`raylm serve --dp 2` (the CLI, as users start it) under load, faults, bursts and bad keys.
+
+One server process for the module (tiny llama, fp32, API key from $RAYLM_API_KEY), tests in
+order: auth; two identical load rounds of 64 streaming clients with disconnects (nothing
+lost, every block free, RSS steady); a burst far past the admission bounds (429 + Retry-After
+for the excess, correct text for the rest); kill -9 of one engine replica under load (its
+requests error within seconds, the other replica's all succeed, full DP resumes); the key in
+no log line; SIGTERM drains (new requests 503, late ones cut off with an error). References:
+the offline LLM's greedy text, Prometheus counters per DP rank, the engines' KV accounting.
+Figures print with `pytest -s`."""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+
+from raylm.executor.communicator import free_port
+from tests.conftest import random_prompts
+from tests.soak import Workload, soak
+
+pytestmark = pytest.mark.slow
+
+KEY = "sk-reliability-5f3a9c1e7b2d4680"
+MAX_ONGOING, MAX_NUM_SEQS, MAX_WAITING = 72, 16, 48
+SERVER_ARGS = ["--dtype", "float32", "--dp", "2", "--max-model-len", "128", "--num-blocks", "256",
+               "--max-num-seqs", str(MAX_NUM_SEQS), "--max-waiting-requests", str(MAX_WAITING),
+               "--max-ongoing-requests", str(MAX_ONGOING), "--shutdown-timeout", "2",
+               "--num-cpus-per-replica", "0.5"]
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def _get(url: str, path: str, **kw) -> httpx.Response:
+    return httpx.get(url + path, timeout=30, **kw)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    port = free_port("127.0.0.1")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAYLM_API_KEY=KEY, RAY_AUTH_MODE="disabled")
+    cmd = [sys.executable, "-m", "raylm.cli", "serve", "--model", str(tiny_llama), "--port", str(port), *SERVER_ARGS]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc, 240)
+        yield SimpleNamespace(url=url, proc=proc, log=log, session=Path(os.path.realpath("/tmp/ray/session_latest")))
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(90)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _wait_healthy(url: str, proc, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "raylm serve exited during startup"
+        try:
+            if _get(url, "/health").status_code == 200 and len(_ranks(url)) == 2:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    pytest.fail(f"raylm serve did not become healthy within {timeout_s} s")
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_llama):
+    from raylm import LLM
+
+    return LLM(str(tiny_llama), dtype="float32", max_model_len=128, num_blocks=64)
+
+
+def _workload(llm, max_tokens: int, disconnect_every: int = 5) -> Workload:
+    """40 prompts and their greedy continuations from the offline LLM (same weights, fp32)."""
+    from raylm import SamplingParams
+
+    prompts = random_prompts(40, seed=11, lo=3, hi=12)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return Workload(prompts, [o.outputs[0].text for o in outs], max_tokens, AUTH, disconnect_every)
+
+
+@pytest.fixture(scope="module")
+def work(offline):
+    return _workload(offline, 24)
+
+
+@pytest.fixture(scope="module")
+def long_work(offline):
+    return _workload(offline, 100, disconnect_every=0)
+
+
+# ---- metrics and processes ------------------------------------------------------------
+
+def _metric(url: str, name: str) -> dict:
+    return _parse_metric(_get(url, "/metrics", headers=AUTH).text, name)
+
+
+def _parse_metric(text: str, name: str) -> dict:
+    """{dp_rank: value summed over other labels} for the raylm:<name> lines."""
+    out: dict = {}
+    for line in text.splitlines():
+        m = re.match(rf'^raylm:{name}\{{(.*)\}} ([0-9.e+-]+)$', line)
+        if m:
+            rank = int(re.search(r'dp_rank="(\d+)"', m.group(1)).group(1))
+            out[rank] = out.get(rank, 0.0) + float(m.group(2))
+    return out
+
+
+def _ranks(url: str) -> dict:
+    return _metric(url, "num_requests_running")
+
+
+def _wait_all_free(url: str, timeout_s: float = 30) -> None:
+    """Every engine idle with every KV block back in the free pool (kv usage exactly 0)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        busy = [_metric(url, n) for n in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")]
+        if all(v == 0 for m in busy for v in m.values()):
+            return
+        assert time.monotonic() < deadline, f"engines not idle / blocks not free: {busy}"
+        time.sleep(0.5)
+
+
+def _replicas():
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "ServeReplica:raylm:" in cmd:
+            found.append(p)
+    return found
+
+
+def _rss_mib() -> float:
+    """RSS of the app's Serve replica processes (both engines and the ingress)."""
+    return sum(p.memory_info().rss for p in _replicas()) / 2**20
+
+
+# ---- tests ------------------------------------------------------------------------------
+
+def test_auth_refuses_wrong_missing_and_probed_keys(server):
+    url, body = server.url, {"prompt": [5, 6, 7], "max_tokens": 2}
+    bad = [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"},
+           {"Authorization": f"Bearer {KEY.upper()}"}, {"Authorization": f"Bearer {KEY}x"},
+           {"X-API-Key": KEY}, {"api-key": KEY}]
+    # a timing attacker's probe: every prefix of the key, padded to its length
+    bad += [{"Authorization": f"Bearer {KEY[:n]}{'#' * (len(KEY) - n)}"} for n in range(len(KEY))]
+    for headers in bad:
+        for method, path in (("POST", "/v1/completions"), ("GET", "/v1/models"), ("GET", "/metrics")):
+            r = httpx.request(method, url + path, json=body if method == "POST" else None, headers=headers,
+                              params={"api_key": KEY}, timeout=30)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (headers, path, r.text)
+            assert KEY not in r.text
+    assert _get(url, "/health").status_code == 200  # probes stay open
+    ok = httpx.post(url + "/v1/completions", json=body, headers=AUTH, timeout=60)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"] is not None
+
+
+def test_two_load_rounds_lose_nothing_free_every_block_and_keep_rss_steady(server, work):
+    rss, figures = [_rss_mib()], []
+    for _ in range(2):
+        report = asyncio.run(soak(server.url, work, clients=64, duration_s=15))
+        figures.append(report.counts())
+        assert not report.lost(), report.lost()[:5]
+        assert report.counts().get("ok", 0) > 64 and report.counts().get("disconnected", 0) > 8, report.counts()
+        assert set(report.counts()) <= {"ok", "disconnected"}, report.counts()  # under the bounds: no errors
+        _wait_all_free(server.url)
+        rss.append(_rss_mib())
+    growth = (rss[2] - rss[1]) / rss[1]
+    print(f"\nload rounds (64 clients x 15 s): {figures}; replica RSS MiB before/after round 1/2: "
+          f"{[round(x) for x in rss]}; growth over round 2: {growth:+.1%}")
+    assert growth < 0.10
+
+
+def _burst(url: str, work: Workload, n: int, rank=None):
+    headers = {**AUTH, **({"X-data-parallel-rank": str(rank)} if rank is not None else {})}
+
+    async def one(http, i):
+        body = {"prompt": list(work.prompts[i % len(work.prompts)]), "max_tokens": work.max_tokens,
+                "temperature": 0, "ignore_eos": True}
+        return i, await http.post("/v1/completions", json=body, headers=headers)
+
+    async def main():
+        limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+        async with httpx.AsyncClient(base_url=url, timeout=180, limits=limits) as http:
+            return await asyncio.gather(*(one(http, i) for i in range(n)))
+
+    return asyncio.run(main())
+
+
+def test_burst_past_the_bounds_gets_429s_and_correct_completions(server, long_work):
+    rss_before = _rss_mib()
+    kinds = {}
+    for n, rank in ((300, None), (120, 0)):  # the app's bound, then one replica's queue bound
+        results = _burst(server.url, long_work, n, rank)
+        for i, r in results:
+            if r.status_code == 200:
+                assert r.json()["choices"][0]["text"] == long_work.expected[i % len(long_work.prompts)]
+                kinds["ok"] = kinds.get("ok", 0) + 1
+                continue
+            assert r.status_code == 429, r.text
+            assert int(r.headers["Retry-After"]) >= 1 and r.json()["error"]["type"] == "rate_limit_error"
+            bound = re.search(r"max_\w+_requests", r.json()["error"]["message"]).group(0)
+            kinds[bound] = kinds.get(bound, 0) + 1
+    print(f"\nbursts of 300 (unpinned) and 120 (pinned to rank 0): {kinds}; "
+          f"replica RSS {rss_before:.0f} -> {_rss_mib():.0f} MiB")
+    assert kinds.get("ok", 0) >= MAX_ONGOING and kinds.get("max_ongoing_requests", 0) >= 100
+    assert kinds.get("max_waiting_requests", 0) >= 1
+    _wait_all_free(server.url)
+    assert _get(server.url, "/health").status_code == 200
+
+
+def test_killing_an_engine_replica_under_load(server, work):
+    """kill -9 of one LLMServer process while 64 clients stream (48 pinned to a rank, half
+    each; 16 unpinned): the survivor's pinned requests all succeed, the killed replica's
+    in-flight ones get errors within seconds, and the replacement serves its rank again."""
+    url = server.url
+    victim = _replicas_by_kind("LLMServer")[0]
+    state = {}
+
+    samples = []  # (time, successes per rank), every 0.5 s while the load runs
+
+    async def kill_and_watch():
+        await asyncio.sleep(4)
+        state["kill"] = time.monotonic()
+        os.kill(victim.pid, signal.SIGKILL)
+        async with httpx.AsyncClient(base_url=url, timeout=30, headers=AUTH) as http:
+            while not state.get("done"):
+                await asyncio.sleep(0.5)
+                samples.append((time.monotonic(), _parse_metric((await http.get("/metrics")).text,
+                                                                "request_success_total")))
+
+    async def main():
+        pin = (lambda c: c % 2 if c < 48 else None)
+        watcher = asyncio.ensure_future(kill_and_watch())
+        report = await soak(url, work, clients=64, duration_s=45, pin=pin)
+        state["done"] = True
+        await watcher
+        return report
+
+    report = asyncio.run(main())
+    kill = state["kill"]
+    by_rank = {r: [x for x in report.records if x.rank == r] for r in (0, 1)}
+    errored = [r for r, recs in by_rank.items() if any(x.outcome.startswith("error") for x in recs)]
+    assert len(errored) == 1, {r: _counts(v) for r, v in by_rank.items()}
+    killed, survivor = errored[0], 1 - errored[0]
+    assert _counts(by_rank[survivor]).keys() <= {"ok", "disconnected"}, _counts(by_rank[survivor])
+    assert not report.lost(), report.lost()[:5]
+    inflight = [x for x in by_rank[killed] if x.start < kill and x.outcome.startswith("error")]
+    latency = max(x.end - kill for x in inflight)
+    assert inflight and latency < 10, inflight[:3]  # its in-flight requests fail fast, none hangs
+    recovery = _recovery_s(samples, killed, kill) or _wait_rank_serves(url, killed, kill)
+    print(f"\nkill -9 of rank {killed}'s engine under 64 clients: outcomes {report.counts()}; "
+          f"{len(inflight)} in flight on it, errors after <= {latency:.1f} s; "
+          f"rank {killed} serving again {recovery:.1f} s after the kill")
+    _wait_all_free(url)
+
+
+def _counts(records):
+    out = {}
+    for x in records:
+        out[x.outcome] = out.get(x.outcome, 0) + 1
+    return out
+
+
+def _replicas_by_kind(kind: str):
+    return [p for p in _replicas() if f"ServeReplica:raylm:{kind}" in " ".join(p.cmdline())]
+
+
+def _recovery_s(samples, rank: int, kill: float):
+    """Seconds from the kill until `rank` completed a request again (from the load's samples;
+    by 2 s after the kill every request the dead engine finished has been counted)."""
+    base = next((s.get(rank, 0) for t, s in samples if t > kill + 2), None)
+    return next((t - kill for t, s in samples if t > kill + 2 and s.get(rank, 0) > base), None)
+
+
+def _wait_rank_serves(url: str, rank: int, kill: float, timeout_s: float = 180) -> float:
+    """Seconds from the kill until a request pinned to `rank` is served (counted) by that rank."""
+    body = {"prompt": [5, 6, 7], "max_tokens": 2}
+    before = _metric(url, "request_success_total").get(rank, 0)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        httpx.post(url + "/v1/completions", json=body, headers={**AUTH, "X-data-parallel-rank": str(rank)},
+                   timeout=60)
+        if _metric(url, "request_success_total").get(rank, 0) > before:
+            return time.monotonic() - kill
+        time.sleep(0.5)
+    pytest.fail(f"rank {rank} did not serve again within {timeout_s} s")
+
+
+def test_the_key_is_in_no_log_line(server):
+    logs = [server.log] + [p for p in server.session.rglob("*") if p.is_file() and p.stat().st_size < 200 << 20]
+    leaks = [str(p) for p in logs if KEY.encode() in p.read_bytes()]
+    assert len(logs) > 10 and not leaks, leaks
+
+
+def test_sigterm_drains_then_cuts_off_with_an_error(server, long_work):
+    """Streams running at SIGTERM finish or end with an in-band error naming the shutdown;
+    requests arriving after it get 503; the server exits cleanly."""
+    url = server.url
+    async def main():
+        task = asyncio.ensure_future(soak(url, long_work, clients=60, duration_s=0.5))
+        await asyncio.sleep(1.5)
+        server.proc.send_signal(signal.SIGTERM)  # the CLI only: Ray's processes are in its group
+        await asyncio.sleep(0.5)
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            late = await http.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 2}, headers=AUTH)
+        return await task, late
+
+    report, late = asyncio.run(main())
+    assert late.status_code == 503 and "shutting down" in late.json()["error"]["message"], late.text
+    counts = report.counts()
+    cut = [x for x in report.records if x.outcome.startswith("error")]
+    # an in-band SSE error once the stream has started, a 503 before that; both name the shutdown
+    assert all(x.outcome in ("error:engine_unavailable", "error:503") and "shut down" in x.detail
+               for x in cut), {(x.outcome, x.detail) for x in cut}
+    assert not [x for x in report.records if x.outcome in ("lost", "mismatch")], counts
+    assert server.proc.wait(60) == 0
+    print(f"\nSIGTERM with 60 streams in flight (--shutdown-timeout 2): {counts}")
