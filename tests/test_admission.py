@@ -142,3 +142,46 @@ def test_watchdog_marks_a_stuck_step_dead_and_fails_its_streams(tiny_llama):
             engine.check_health()
 
     asyncio.run(main())
+
+
+def test_http_answers_408_and_429_in_openai_shape_and_frees_blocks(tiny_llama):
+    """The OpenAI app over an in-process engine with admission: a request past its deadline
+    gets 408 (before streaming) or an in-band SSE error (once streaming); one past the
+    in-flight bound gets 429 with Retry-After; every block is free afterwards."""
+    import json
+    import time
+
+    import httpx
+
+    from raylm.config import CacheConfig, EngineConfig, ModelConfig
+    from raylm.engine.async_engine import AsyncEngine
+    from raylm.serve.engine_client import LocalEngineClient
+    from raylm.serve.openai_app import create_app
+
+    engine = AsyncEngine(EngineConfig(model=ModelConfig(model=str(tiny_llama), dtype="float32", max_model_len=128),
+                                      cache=CacheConfig(num_blocks=32)))
+    real_step = engine.engine.step
+    engine.engine.step = lambda: (time.sleep(0.05), real_step())[1]  # ~20 tokens/s: slow enough to time out
+    app = create_app(LocalEngineClient(engine, "tiny", Admission(max_ongoing_requests=1, request_timeout_s=0.5)))
+    body = {"prompt": [5, 6, 7], "max_tokens": 60, "ignore_eos": True}
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app", timeout=30) as http:
+            slow = await http.post("/v1/completions", json=body)
+            assert slow.status_code == 408 and slow.json()["error"]["code"] == "request_timeout", slow.text
+            events = []
+            async with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                assert r.status_code == 200
+                events = [line[6:] async for line in r.aiter_lines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "request_timeout"
+            first = asyncio.ensure_future(http.post("/v1/completions", json={**body, "max_tokens": 4}))
+            await asyncio.sleep(0.1)
+            busy = await http.post("/v1/completions", json=body)
+            assert busy.status_code == 429 and busy.headers["Retry-After"] == "1", busy.text
+            assert busy.json()["error"]["type"] == "rate_limit_error"
+            assert (await first).status_code == 200
+
+    asyncio.run(main())
+    stats = engine.stats()
+    assert stats.num_free_blocks == stats.num_blocks and stats.num_running == stats.num_waiting == 0

@@ -35,14 +35,19 @@ class EngineClient(ABC):
 
 
 class LocalEngineClient(EngineClient):
-    def __init__(self, engine, model_name: str) -> None:
+    """`admission` (optional, raylm.serve.admission.Admission): the in-flight bound, request
+    deadline and shutdown drain the Serve ingress applies, here for one in-process engine."""
+
+    def __init__(self, engine, model_name: str, admission=None) -> None:
         self.engine = engine  # raylm.engine.async_engine.AsyncEngine
         self.model_name = model_name
         self.max_model_len = engine.engine.max_model_len
         self.tokenizer = engine.tokenizer
+        self.admission = admission
 
     def generate(self, prompt_token_ids, params, request_id):
-        return self.engine.generate({"prompt_token_ids": prompt_token_ids}, params, request_id)
+        stream = self.engine.generate({"prompt_token_ids": prompt_token_ids}, params, request_id)
+        return stream if self.admission is None else self.admission.guard(stream)
 
     async def check_health(self) -> None:
         self.engine.check_health()
