@@ -37,6 +37,13 @@ BAD_REQUESTS = [  # (id, path, body (dict or raw bytes), status, param)
     ("empty-prompt-in-batch", C, {**OK, "prompt": ["w5", ""]}, 400, "prompt"),
     ("token-out-of-vocab", C, {**OK, "prompt": [3, 99999]}, 400, "prompt"),
     ("token-out-of-vocab-stream", C, {**OK, "prompt": [3, 99999], "stream": True}, 400, "prompt"),
+    # found by the fuzz (tests/fuzz_http.py): each was a 500, or killed the engine
+    ("lone-surrogate", C, b'{"model": "tiny", "prompt": "w5 \\ud800", "max_tokens": 2}', 400, "prompt"),
+    ("tokenize-lone-surrogate", "/tokenize", b'{"model": "tiny", "prompt": "\\udfff"}', 400, "prompt"),
+    ("echo-negative-token", C, {**OK, "prompt": [5, -1], "echo": True}, 400, "prompt"),
+    ("echo-huge-token", C, {**OK, "prompt": [5, 2 ** 63], "echo": True}, 400, "prompt"),
+    ("batch-stream-late-bad-prompt", C, {**OK, "prompt": [[5, 6], [5, 99999]], "stream": True}, 400, "prompt"),
+    ("stop-token-out-of-vocab", C, {**OK, "stop_token_ids": [99999], "min_tokens": 1}, 400, "stop_token_ids"),
     ("logprobs-50", C, {**OK, "logprobs": 50}, 400, "logprobs"),
     ("stop-empty", C, {**OK, "stop": [""]}, 400, "stop"),
     ("min-over-max", C, {**OK, "min_tokens": 5}, 400, "min_tokens"),

@@ -26,6 +26,15 @@ def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
                      total_tokens=prompt_tokens + completion_tokens)
 
 
+def check_text(text: str, param: str) -> str:
+    """`text` if it is valid Unicode; a lone surrogate (JSON "\\ud800") cannot be encoded or tokenized."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad_request(f"{param} is not valid Unicode: {exc.reason} at position {exc.start}", param) from None
+    return text
+
+
 class ServingContext:
     """The engine client plus the model names this server answers to."""
 
@@ -50,10 +59,13 @@ class ServingContext:
         return requested
 
     def encode(self, prompt: Union[str, Sequence[int]], add_special_tokens: bool = True) -> List[int]:
+        """Token ids of a text or token-id prompt; every id checked against the vocabulary here,
+        so a bad prompt anywhere in a batch is a 400 before any of it runs or is echoed."""
         if isinstance(prompt, str):
-            ids = list(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
+            ids = list(self.tokenizer.encode(check_text(prompt, "prompt"), add_special_tokens=add_special_tokens))
         else:
             ids = list(prompt)
+            self.check_token_ids(ids, "prompt")
         if not ids:
             raise bad_request("prompt must not be empty", "prompt")
         return ids

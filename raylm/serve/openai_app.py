@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 
 from raylm.serve.chat import create_chat_completion
 from raylm.serve.completions import create_completion
-from raylm.serve.context import ServingContext
+from raylm.serve.context import ServingContext, check_text
 from raylm.serve.engine_client import EngineClient
 from raylm.serve.errors import error_response, install_exception_handlers, unavailable
 from raylm.serve.middleware import OPEN_PATHS, ApiKeyMiddleware, BodyLimitMiddleware, CatchAllMiddleware
@@ -86,7 +86,7 @@ def utility_router(ctx: ServingContext) -> APIRouter:
         if body.messages is not None:
             ids = ctx.apply_chat_template([m.to_template_dict() for m in body.messages], body.add_generation_prompt)
         else:
-            ids = list(ctx.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens))
+            ids = list(ctx.tokenizer.encode(check_text(body.prompt, "prompt"), add_special_tokens=body.add_special_tokens))
         return _json(TokenizeResponse(tokens=ids, count=len(ids), max_model_len=ctx.max_model_len))
 
     @router.post("/detokenize")
