@@ -36,7 +36,7 @@ class Admission:
         self.ongoing = 0  # guarded streams open now
         self.draining = False
         self.shutdown_timeout_s: Optional[float] = None
-        self._cutoff: Optional[asyncio.Event] = None
+        self._cutoff: Optional[asyncio.Future] = None
 
     def admit(self) -> None:
         """Raise if a new request may not start now."""
@@ -60,18 +60,16 @@ class Admission:
 
     async def _next(self, stream: AsyncIterator[T], deadline: Optional[float]):
         step = asyncio.ensure_future(anext(stream, _END))
-        cut = asyncio.ensure_future(self._cutoff_event().wait())
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            await asyncio.wait({step, cut}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({step, self._cutoff_future()}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            cut.cancel()
             if not step.done():
                 step.cancel()
                 await asyncio.wait({step})  # let the stream settle before anyone closes it
         if not step.cancelled():
             return step.result()
-        if self._cutoff_event().is_set():
+        if self._cutoff_future().done():
             raise EngineUnavailableError(f"The server shut down before this request finished "
                                          f"(shutdown timeout {self.shutdown_timeout_s:g} s).")
         if deadline is not None and time.monotonic() >= deadline:
@@ -79,9 +77,10 @@ class Admission:
                                       f"{self.request_timeout_s:g} s and was aborted.")
         raise asyncio.CancelledError()  # the stream itself was cancelled
 
-    def _cutoff_event(self) -> asyncio.Event:
+    def _cutoff_future(self) -> asyncio.Future:
+        """Done at the shutdown cut-off; one future every stream waits on (no task per item)."""
         if self._cutoff is None:
-            self._cutoff = asyncio.Event()
+            self._cutoff = asyncio.get_running_loop().create_future()
         return self._cutoff
 
     async def drain(self, timeout_s: float) -> int:
@@ -93,7 +92,7 @@ class Admission:
             await asyncio.sleep(0.05)
         cut = self.ongoing
         if cut:
-            self._cutoff_event().set()
+            self._cutoff_future().set_result(None)
             end = time.monotonic() + 5.0
             while self.ongoing and time.monotonic() < end:
                 await asyncio.sleep(0.05)
