@@ -25,7 +25,13 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("paged_attention_cpu.c")
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# Compiled with -ffast-math but linked without it: linking with -ffast-math pulls in
+# crtfastmath.o (GCC < 13 does so even for -shared), whose constructor turns on flush-to-zero
+# and denormals-are-zero for the whole process when the library loads, and every float op in
+# the server (torch, request validation: 5e-324 == 0.0) would change behaviour.
+_COMPILE = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c11"]
+_LINK = ["-shared", "-fopenmp"]
+_FLAGS = _COMPILE + ["|"] + _LINK  # both go into the cache tag
 _lib: Optional[ctypes.CDLL] = None
 _failed = False
 _lock = threading.Lock()
@@ -44,8 +50,9 @@ def _build(out_dir: Path) -> Path:
         raise RuntimeError("no C compiler (gcc/cc) on PATH")
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        tmp_so = Path(tmp) / target.name
-        subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", str(tmp_so), "-lm"], check=True, capture_output=True)
+        tmp_o, tmp_so = Path(tmp) / "kernel.o", Path(tmp) / target.name
+        subprocess.run([cc, *_COMPILE, "-c", str(_SOURCE), "-o", str(tmp_o)], check=True, capture_output=True)
+        subprocess.run([cc, *_LINK, str(tmp_o), "-o", str(tmp_so), "-lm"], check=True, capture_output=True)
         os.replace(tmp_so, target)  # atomic: concurrent builders race harmlessly
     return target
 

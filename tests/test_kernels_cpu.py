@@ -53,3 +53,11 @@ def test_kernel_equals_torch_and_dense(dtype, num_seqs, hq, hkv, d, bs):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got, dense, atol=tol, rtol=tol)
     torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
+
+
+def test_loading_the_kernel_keeps_subnormal_floats():
+    """The library must not switch the process to flush-to-zero / denormals-are-zero (what
+    linking with -ffast-math does): request validation and torch would both change."""
+    assert cpu_paged_attention.load() is not None
+    tiny = torch.tensor([5e-324], dtype=torch.float64)
+    assert 5e-324 != 0.0 and float(tiny * 1.0) != 0.0 and 1e-310 / 2 > 0
