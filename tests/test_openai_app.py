@@ -27,6 +27,7 @@ def test_models_health_version(srv):
     assert [m["id"] for m in models["data"]] == ["tiny", "tiny-alias"]
     assert models["data"][0]["max_model_len"] == 128
     assert srv.http.get("/health").status_code == 200
+    assert all(srv.http.head(p).status_code == 200 for p in ("/health", "/version", "/v1/models"))  # LB probes
     assert srv.http.get("/version").json()["version"]
 
 

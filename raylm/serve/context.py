@@ -14,7 +14,9 @@ MIN_LOGPROB = -9999.0
 
 # apply_chat_template arguments a request's chat_template_kwargs may not override.
 _RESERVED_TEMPLATE_KWARGS = {"conversation", "tokenize", "return_dict", "add_generation_prompt", "tools",
-                             "chat_template", "return_tensors", "padding", "truncation", "max_length"}
+                             "chat_template", "return_tensors", "padding", "truncation", "max_length",
+                             "tokenizer_kwargs", "documents", "continue_final_message",
+                             "return_assistant_tokens_mask"}
 
 
 def clamp_logprob(value: float) -> float:
@@ -88,7 +90,9 @@ class ServingContext:
             out = tok.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
                                           tokenize=True, return_dict=True, **extra)
         except Exception as exc:  # jinja errors (e.g. raise_exception in the template) are the request's fault
-            raise bad_request(f"The chat template could not render these messages: {exc}", "messages") from exc
+            # the first line only: some errors carry the tokenizer's repr (and its files' paths)
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise bad_request(f"The chat template could not render these messages: {reason}", "messages") from exc
         ids = list(out["input_ids"])
         if not ids:
             raise bad_request("messages rendered to an empty prompt", "messages")

@@ -44,7 +44,7 @@ def openai_router(ctx: ServingContext) -> APIRouter:
     """/v1/models, /v1/completions, /v1/chat/completions."""
     router = APIRouter(prefix="/v1")
 
-    @router.get("/models")
+    @router.api_route("/models", methods=["GET", "HEAD"])
     async def list_models() -> JSONResponse:
         cards = [ModelCard(id=name, root=ctx.client.model_name, max_model_len=ctx.max_model_len)
                  for name in ctx.model_names]
@@ -65,7 +65,7 @@ def utility_router(ctx: ServingContext) -> APIRouter:
     """/health, /version, /tokenize, /detokenize (vLLM's paths)."""
     router = APIRouter()
 
-    @router.get("/health")
+    @router.api_route("/health", methods=["GET", "HEAD"])  # load balancers probe with HEAD too
     async def health() -> Response:
         try:
             await ctx.client.check_health()
@@ -74,7 +74,7 @@ def utility_router(ctx: ServingContext) -> APIRouter:
             return error_response(unavailable(f"The engine is unhealthy: {exc}"))
         return Response(status_code=200)
 
-    @router.get("/version")
+    @router.api_route("/version", methods=["GET", "HEAD"])
     async def version() -> JSONResponse:
         from raylm import __version__
 
