@@ -17,6 +17,7 @@ from raylm.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig,
 from raylm.serve.middleware import OPEN_PATHS
 
 INGRESS_HEADROOM = 64  # non-generation requests (health, metrics, tokenize) beside the admission bound
+INGRESS_SHUTDOWN_MARGIN_S = 10.0
 
 
 class ServeArgs(BaseModel):
@@ -156,9 +157,12 @@ def build_app(args: Dict[str, Any]):
     ).bind(engine, a.model_name)
     ingress_cls = serve.ingress()(OpenAIIngress)
     # Serve's own cap sits above the app's admission bound, so requests past the bound reach
-    # the ingress and get a fast 429 instead of queueing in the HTTP proxy.
+    # the ingress and get a fast 429 instead of queueing in the HTTP proxy. On a redeploy the
+    # ingress outlives the engines' drain by a margin: requests the engines' deadline cuts off
+    # still get their error out through it.
     ingress = serve.deployment(ingress_cls, name="OpenAIIngress", num_replicas=1,
                                max_ongoing_requests=a.max_ongoing_requests + INGRESS_HEADROOM,
-                               graceful_shutdown_timeout_s=a.shutdown_timeout, graceful_shutdown_wait_loop_s=1,
+                               graceful_shutdown_timeout_s=a.shutdown_timeout + INGRESS_SHUTDOWN_MARGIN_S,
+                               graceful_shutdown_wait_loop_s=1,
                                ray_actor_options={"num_cpus": 0})
     return ingress.bind(llm, engine, a.model_name, **a.ingress_options())
