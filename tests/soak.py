@@ -45,13 +45,13 @@ class Workload:
 
     prompts: Sequence[List[int]]
     expected: Sequence[str]
-    max_tokens: int
+    max_tokens: Sequence[int]  # per prompt: varied lengths keep completions from lining up
     headers: Dict[str, str]
     disconnect_every: int = 5  # every k-th request of a client leaves after its first chunk
 
 
 async def _one(http: httpx.AsyncClient, work: Workload, rec: Record, i: int, leave: bool) -> None:
-    body = {"prompt": list(work.prompts[i]), "max_tokens": work.max_tokens, "temperature": 0,
+    body = {"prompt": list(work.prompts[i]), "max_tokens": work.max_tokens[i], "temperature": 0,
             "ignore_eos": True, "stream": True}
     headers = dict(work.headers)
     if rec.rank is not None:
