@@ -1,5 +1,6 @@
 """A load driver for reliability tests: N concurrent streaming clients against an OpenAI
-endpoint for a bounded time, some disconnecting mid-stream, each request classified.
+endpoint for a bounded time, some disconnecting mid-stream, each request classified; and
+probes of a running server (Prometheus metrics per DP rank, replica processes and RSS).
 
 Outcomes: "ok" (streamed to [DONE] with the expected text), "mismatch" (finished, wrong
 text), "disconnected" (the client left on purpose), "error:<status or code>" (an explicit
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,7 +35,7 @@ class SoakReport:
     records: List[Record] = field(default_factory=list)
 
     def counts(self) -> Dict[str, int]:
-        return dict(Counter(r.outcome for r in self.records))
+        return counts(self.records)
 
     def lost(self) -> List[Record]:
         return [r for r in self.records if r.outcome in ("lost", "mismatch")]
@@ -112,3 +114,49 @@ async def soak(url: str, work: Workload, clients: int, duration_s: float,
     async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as http:
         await asyncio.gather(*(client(c, http) for c in range(clients)))
     return report
+
+
+def counts(records: Sequence[Record]) -> Dict[str, int]:
+    return dict(Counter(r.outcome for r in records))
+
+
+# ---- probes of a running server ------------------------------------------------------
+
+def parse_metric(text: str, name: str) -> Dict[int, float]:
+    """{dp_rank: value summed over other labels} for the raylm:<name> lines of /metrics."""
+    out: Dict[int, float] = {}
+    for line in text.splitlines():
+        m = re.match(rf'^raylm:{name}\{{(.*)\}} ([0-9.e+-]+)$', line)
+        if m:
+            rank = int(re.search(r'dp_rank="(\d+)"', m.group(1)).group(1))
+            out[rank] = out.get(rank, 0.0) + float(m.group(2))
+    return out
+
+
+def metric(url: str, name: str, headers: Dict[str, str]) -> Dict[int, float]:
+    return parse_metric(httpx.get(url + "/metrics", headers=headers, timeout=30).text, name)
+
+
+def wait_all_free(url: str, headers: Dict[str, str], timeout_s: float = 30) -> None:
+    """Every engine idle with every KV block back in the free pool (kv usage exactly 0)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        busy = [metric(url, n, headers) for n in ("num_requests_running", "num_requests_waiting",
+                                                  "kv_cache_usage_perc")]
+        if all(v == 0 for m in busy for v in m.values()):
+            return
+        assert time.monotonic() < deadline, f"engines not idle / blocks not free: {busy}"
+        time.sleep(0.5)
+
+
+def replicas(kind: str = ""):
+    """psutil Processes of the `raylm` app's Serve replicas (of deployment `kind`, if given)."""
+    import psutil
+
+    tag = f"ServeReplica:raylm:{kind}"
+    return [p for p in psutil.process_iter(["cmdline"]) if tag in " ".join(p.info["cmdline"] or [])]
+
+
+def rss_mib() -> float:
+    """RSS of the app's Serve replica processes (the engines and the ingress)."""
+    return sum(p.memory_info().rss for p in replicas()) / 2**20

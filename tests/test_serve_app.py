@@ -119,6 +119,7 @@ def test_busy_replica_gets_no_new_request(server):
 
 
 def test_burst_spreads_across_replicas(server):
+    _wait_idle(server)  # the burst is balanced from equal starting loads
     before = _metric(_metrics(server), "request_success_total")
 
     async def main():
@@ -131,6 +132,17 @@ def test_burst_spreads_across_replicas(server):
     after = _metric(_metrics(server), "request_success_total")
     got = {r: after.get(r, 0) - before.get(r, 0) for r in ("0", "1")}
     assert sum(got.values()) == 16 and min(got.values()) >= 4, got
+
+
+def _wait_idle(url: str, timeout_s: float = 30) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        text = _metrics(url)
+        if all(v == 0 for name in ("num_requests_running", "num_requests_waiting")
+               for v in _metric(text, name).values()):
+            return
+        time.sleep(0.2)
+    pytest.fail("the replicas did not go idle")
 
 
 def test_disconnect_mid_stream_frees_blocks(server):

@@ -25,7 +25,7 @@ import pytest
 
 from raylm.executor.communicator import free_port
 from tests.conftest import random_prompts
-from tests.soak import Workload, soak
+from tests.soak import Workload, counts, metric, parse_metric, replicas, rss_mib, soak, wait_all_free
 
 pytestmark = pytest.mark.slow
 
@@ -106,52 +106,16 @@ def long_work(offline):
     return _workload(offline, 90, 110, disconnect_every=0)
 
 
-# ---- metrics and processes ------------------------------------------------------------
-
 def _metric(url: str, name: str) -> dict:
-    return _parse_metric(_get(url, "/metrics", headers=AUTH).text, name)
-
-
-def _parse_metric(text: str, name: str) -> dict:
-    """{dp_rank: value summed over other labels} for the raylm:<name> lines."""
-    out: dict = {}
-    for line in text.splitlines():
-        m = re.match(rf'^raylm:{name}\{{(.*)\}} ([0-9.e+-]+)$', line)
-        if m:
-            rank = int(re.search(r'dp_rank="(\d+)"', m.group(1)).group(1))
-            out[rank] = out.get(rank, 0.0) + float(m.group(2))
-    return out
+    return metric(url, name, AUTH)
 
 
 def _ranks(url: str) -> dict:
     return _metric(url, "num_requests_running")
 
 
-def _wait_all_free(url: str, timeout_s: float = 30) -> None:
-    """Every engine idle with every KV block back in the free pool (kv usage exactly 0)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        busy = [_metric(url, n) for n in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")]
-        if all(v == 0 for m in busy for v in m.values()):
-            return
-        assert time.monotonic() < deadline, f"engines not idle / blocks not free: {busy}"
-        time.sleep(0.5)
-
-
-def _replicas():
-    import psutil
-
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "ServeReplica:raylm:" in cmd:
-            found.append(p)
-    return found
-
-
-def _rss_mib() -> float:
-    """RSS of the app's Serve replica processes (both engines and the ingress)."""
-    return sum(p.memory_info().rss for p in _replicas()) / 2**20
+def _wait_all_free(url: str) -> None:
+    wait_all_free(url, AUTH)
 
 
 # ---- tests ------------------------------------------------------------------------------
@@ -188,7 +152,7 @@ def test_fuzz_against_the_served_app(server):
 
 
 def test_two_load_rounds_lose_nothing_free_every_block_and_keep_rss_steady(server, work):
-    rss, figures = [_rss_mib()], []
+    rss, figures = [rss_mib()], []
     for _ in range(2):
         report = asyncio.run(soak(server.url, work, clients=64, duration_s=15))
         figures.append(report.counts())
@@ -196,7 +160,7 @@ def test_two_load_rounds_lose_nothing_free_every_block_and_keep_rss_steady(serve
         assert report.counts().get("ok", 0) > 64 and report.counts().get("disconnected", 0) > 8, report.counts()
         assert set(report.counts()) <= {"ok", "disconnected"}, report.counts()  # under the bounds: no errors
         _wait_all_free(server.url)
-        rss.append(_rss_mib())
+        rss.append(rss_mib())
     growth = (rss[2] - rss[1]) / rss[1]
     print(f"\nload rounds (64 clients x 15 s): {figures}; replica RSS MiB before/after round 1/2: "
           f"{[round(x) for x in rss]}; growth over round 2: {growth:+.1%}")
@@ -221,7 +185,7 @@ def _burst(url: str, work: Workload, n: int, rank=None):
 
 
 def test_burst_past_the_bounds_gets_429s_and_correct_completions(server, long_work):
-    rss_before = _rss_mib()
+    rss_before = rss_mib()
     kinds = {}
     for n, rank in ((300, None), (120, 0)):  # the app's bound, then one replica's queue bound
         results = _burst(server.url, long_work, n, rank)
@@ -235,7 +199,7 @@ def test_burst_past_the_bounds_gets_429s_and_correct_completions(server, long_wo
             bound = re.search(r"max_\w+_requests", r.json()["error"]["message"]).group(0)
             kinds[bound] = kinds.get(bound, 0) + 1
     print(f"\nbursts of 300 (unpinned) and 120 (pinned to rank 0): {kinds}; "
-          f"replica RSS {rss_before:.0f} -> {_rss_mib():.0f} MiB")
+          f"replica RSS {rss_before:.0f} -> {rss_mib():.0f} MiB")
     assert kinds.get("ok", 0) >= MAX_ONGOING and kinds.get("max_ongoing_requests", 0) >= 100
     assert kinds.get("max_waiting_requests", 0) >= 1
     _wait_all_free(server.url)
@@ -247,7 +211,7 @@ def test_killing_an_engine_replica_under_load(server, work):
     each; 16 unpinned): the survivor's pinned requests all succeed, the killed replica's
     in-flight ones get errors within seconds, and the replacement serves its rank again."""
     url = server.url
-    victim = _replicas_by_kind("LLMServer")[0]
+    victim = replicas("LLMServer")[0]
     state = {}
     samples = []  # (time, successes per rank), every 0.5 s while the load runs
 
@@ -255,7 +219,7 @@ def test_killing_an_engine_replica_under_load(server, work):
         await asyncio.sleep(5)
         async with httpx.AsyncClient(base_url=url, timeout=30, headers=AUTH) as http:
             for _ in range(100):  # kill while both engines run requests (the ingress is the bottleneck)
-                running = _parse_metric((await http.get("/metrics")).text, "num_requests_running")
+                running = parse_metric((await http.get("/metrics")).text, "num_requests_running")
                 if len(running) == 2 and min(running.values()) >= 2:
                     break
                 await asyncio.sleep(0.1)
@@ -263,7 +227,7 @@ def test_killing_an_engine_replica_under_load(server, work):
             os.kill(victim.pid, signal.SIGKILL)
             while not state.get("done"):
                 await asyncio.sleep(0.5)
-                samples.append((time.monotonic(), _parse_metric((await http.get("/metrics")).text,
+                samples.append((time.monotonic(), parse_metric((await http.get("/metrics")).text,
                                                                 "request_success_total")))
 
     async def main():
@@ -278,9 +242,9 @@ def test_killing_an_engine_replica_under_load(server, work):
     kill = state["kill"]
     by_rank = {r: [x for x in report.records if x.rank == r] for r in (0, 1)}
     errored = [r for r, recs in by_rank.items() if any(x.outcome.startswith("error") for x in recs)]
-    assert len(errored) == 1, {r: _counts(v) for r, v in by_rank.items()}
+    assert len(errored) == 1, {r: counts(v) for r, v in by_rank.items()}
     killed, survivor = errored[0], 1 - errored[0]
-    assert _counts(by_rank[survivor]).keys() <= {"ok", "disconnected"}, _counts(by_rank[survivor])
+    assert counts(by_rank[survivor]).keys() <= {"ok", "disconnected"}, counts(by_rank[survivor])
     assert not report.lost(), report.lost()[:5]
     # in flight on the victim at the kill: pinned to its rank, or unpinned (the survivor's all succeeded)
     inflight = [x for x in report.records if x.rank != survivor and x.start < kill and x.outcome.startswith("error")]
@@ -291,17 +255,6 @@ def test_killing_an_engine_replica_under_load(server, work):
           f"{len(inflight)} in flight on it, errors after <= {latency:.1f} s; "
           f"rank {killed} serving again {recovery:.1f} s after the kill")
     _wait_all_free(url)
-
-
-def _counts(records):
-    out = {}
-    for x in records:
-        out[x.outcome] = out.get(x.outcome, 0) + 1
-    return out
-
-
-def _replicas_by_kind(kind: str):
-    return [p for p in _replicas() if f"ServeReplica:raylm:{kind}" in " ".join(p.cmdline())]
 
 
 def _recovery_s(samples, rank: int, kill: float):

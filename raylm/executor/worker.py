@@ -35,6 +35,10 @@ class Worker:
         threads = num_threads()
         if threads:
             torch.set_num_threads(threads)
+        # Subnormal floats take microcode assists on x86: flushing them to zero measured
+        # ~10% more decode throughput here (SmolLM2, fp32 and bf16). It is process-wide, so
+        # a process that runs the model also reads a subnormal JSON number as 0.
+        torch.set_flush_denormal(True)
         torch.manual_seed(self.config.model.seed)
         par = self.config.parallel
         if par.world_size > 1:
