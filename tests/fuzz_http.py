@@ -273,6 +273,11 @@ def run_fuzz(base_url: str, num_requests: int, seed: int = 0, api_key: Optional[
     wrong one instead, and every path but the open ones must answer 401. The model names and
     context length come from GET /v1/models where it answers, else from the arguments.
     """
+    import torch
+
+    # An engine built in this process set flush-to-zero on this thread (the worker does, for
+    # speed); Hypothesis refuses to draw floats without IEEE subnormals.
+    torch.set_flush_denormal(False)
     report, start, base_url = FuzzReport(), time.monotonic(), base_url.rstrip("/")
     env = Env(list(model_names), max_model_len, vocab_size, max_body_bytes, api_key=api_key, bad_auth=bad_auth)
     with httpx.Client(base_url=base_url, timeout=timeout) as http:
