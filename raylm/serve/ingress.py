@@ -2,6 +2,7 @@
 through a DeploymentHandle whose router is raylm.dp.router.LeastLoadedRouter."""
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import aclosing
 from dataclasses import replace
@@ -22,6 +23,8 @@ from raylm.serve.metrics import PromSink, RequestTimer, publish_engine_stats
 from raylm.serve.middleware import OPEN_PATHS
 
 logger = logging.getLogger(__name__)
+
+RANK_WAIT_S = 5  # how long a request pinned to a rank not (yet) in the load table waits for it
 
 
 class ServeEngineClient(EngineClient):
@@ -71,8 +74,12 @@ class ServeEngineClient(EngineClient):
         if rank < 0 or rank >= max(self.max_dp_size, len(ranks)):
             raise APIError(400, f"data_parallel_rank {rank} is out of range: the app has at most "
                                 f"{max(self.max_dp_size, len(ranks))} DP replicas", param="data_parallel_rank")
-        if rank not in ranks:
-            raise EngineUnavailableError(f"DP rank {rank} is not serving right now (live ranks: {sorted(ranks)})")
+        for _ in range(RANK_WAIT_S * 4):  # a replica that just started may not have reported yet
+            if rank in ranks:
+                return
+            await asyncio.sleep(0.25)
+            ranks = {s.get("dp_rank") for s in await self.stats()}
+        raise EngineUnavailableError(f"DP rank {rank} is not serving right now (live ranks: {sorted(ranks)})")
 
     async def _stream(self, prompt_token_ids, params, request_id, rank, wants_delta):
         stream = self.handle.generate.remote(prompt_token_ids, params, request_id, data_parallel_rank=rank)
