@@ -24,7 +24,7 @@ from raylm.dp.waves import WaveTable
 
 JOIN_TIMEOUT_S = 300.0  # a replica waits this long for the rest of its generation
 STALE_REPORT_S = 30.0  # a replica silent this long (it reports every second) has gone
-GONE_FROM_TABLE_S = 10.0  # snapshots leave out a replica silent this long (killed, no goodbye)
+GONE_FROM_TABLE_S = 10.0  # metrics and rank checks leave out a replica silent this long (killed)
 
 
 class _Broadcast:
@@ -89,9 +89,7 @@ class DPCoordinator:
         """Long poll: returns at once if the table changed since `known_version`, else when
         it next changes or after `timeout_s`."""
         await self._stats.wait_past(known_version, timeout_s)
-        now = time.time()
-        return self._stats.version, {k: v for k, v in self.stats.items()
-                                     if now - v["reported_at"] < GONE_FROM_TABLE_S}
+        return self._stats.version, dict(self.stats)
 
     # ---- control: group, waves, scaling ---------------------------------------------
 

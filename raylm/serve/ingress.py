@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from contextlib import aclosing
 from dataclasses import replace
 from typing import Any, Dict, List, Optional, Sequence
@@ -15,6 +16,7 @@ from fastapi.responses import Response
 from raylm.engine.llm_engine import tokenizer_and_max_len
 from raylm.outputs import merge_delta
 from raylm.serve.engine_client import EngineClient
+from raylm.dp.coordinator import GONE_FROM_TABLE_S
 from raylm.dp.metrics import publish_lockstep
 from raylm.exceptions import EngineUnavailableError
 from raylm.serve.admission import Admission
@@ -103,7 +105,9 @@ class ServeEngineClient(EngineClient):
     async def stats(self) -> List[Dict[str, Any]]:
         """Every replica's latest load, from the DP coordinator's table."""
         _, table = await (await self.coordinator()).snapshot.remote(-1, 0.0)
-        return sorted(table.values(), key=lambda s: s.get("dp_rank", 0))
+        now = time.time()  # a replica killed without a goodbye stays in the table: leave it out
+        live = [s for s in table.values() if now - s.get("reported_at", now) < GONE_FROM_TABLE_S]
+        return sorted(live, key=lambda s: s.get("dp_rank", 0))
 
     async def control(self) -> Dict[str, Any]:
         """The coordinator's group/wave/scaling state."""
