@@ -94,8 +94,9 @@ class AsyncEngine:
 
     def _admit(self) -> None:
         bound = self.engine.config.scheduler.max_waiting_requests
-        if bound is not None and self.num_waiting() >= bound:
-            raise EngineOverloadedError(f"{self.num_waiting()} requests are waiting in this replica "
+        waiting = 0 if bound is None else self.num_waiting()
+        if bound is not None and waiting >= bound:
+            raise EngineOverloadedError(f"{waiting} requests are waiting in this replica "
                                         f"(max_waiting_requests={bound})")
 
     def abort(self, request_id: str) -> None:

@@ -72,16 +72,20 @@ class ServeEngineClient(EngineClient):
     async def _check_rank(self, rank: int) -> None:
         """400 for a rank the app cannot have; 503 for one that is not serving now (its replica
         crashed and is being replaced, or the app is scaled below it)."""
-        ranks = {s.get("dp_rank") for s in await self.stats()}
-        if rank < 0 or rank >= max(self.max_dp_size, len(ranks)):
-            raise APIError(400, f"data_parallel_rank {rank} is out of range: the app has at most "
-                                f"{max(self.max_dp_size, len(ranks))} DP replicas", param="data_parallel_rank")
+        ranks = await self._live_ranks()
+        most = max(self.max_dp_size, len(ranks))
+        if not 0 <= rank < most:
+            raise APIError(400, f"data_parallel_rank {rank} is out of range: the app has at most {most} DP "
+                                "replicas", param="data_parallel_rank")
         for _ in range(RANK_WAIT_S * 4):  # a replica that just started may not have reported yet
             if rank in ranks:
                 return
             await asyncio.sleep(0.25)
-            ranks = {s.get("dp_rank") for s in await self.stats()}
+            ranks = await self._live_ranks()
         raise EngineUnavailableError(f"DP rank {rank} is not serving right now (live ranks: {sorted(ranks)})")
+
+    async def _live_ranks(self) -> set:
+        return {s.get("dp_rank") for s in await self.stats()}
 
     async def _stream(self, prompt_token_ids, params, request_id, rank, wants_delta):
         stream = self.handle.generate.remote(prompt_token_ids, params, request_id, data_parallel_rank=rank)
