@@ -25,8 +25,10 @@ serve: install
 chat: install
 	$(VENV)/bin/raylm chat --model $(MODEL)
 
+# -X faulthandler: a crash (also one at interpreter exit, after pytest's own handler is gone)
+# prints every thread's Python stack; --durations: where the suite's time goes.
 test: install
-	$(PY) -m pytest -q -ra
+	$(PY) -X faulthandler -m pytest -q -ra --durations=15
 
 bench: install
 	$(VENV)/bin/raylm bench throughput --model $(MODEL) --num-prompts 200 --backend both --output-json bench-throughput.json

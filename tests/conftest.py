@@ -132,3 +132,13 @@ def assert_all_free(llm) -> None:
     stats = llm.stats()
     assert stats.num_free_blocks == stats.num_blocks, f"leaked blocks: {stats}"
     assert stats.num_running == 0 and stats.num_waiting == 0
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Name the threads still alive when the suite ends: a thread running native code (Ray,
+    torch, a uvicorn loop) while the interpreter finalizes is the usual cause of a crash at
+    exit, and this line says which ones were there if one happens."""
+    import threading
+
+    alive = sorted(t.name for t in threading.enumerate() if t is not threading.main_thread())
+    terminalreporter.write_line(f"threads alive at the end of the session: {len(alive)} {alive}")

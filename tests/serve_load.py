@@ -52,6 +52,14 @@ class SteadyLoad:
             if not ok:
                 await asyncio.sleep(0.2)
 
+    async def served_more(self, n: int, what: str, timeout_s: float = 120) -> None:
+        """Wait until `n` more requests have been answered 200 (fail naming `what`)."""
+        from tests.waiting import async_wait_for
+
+        ok = lambda: sum(r[0] == 200 for r in self.results)  # noqa: E731
+        target = ok() + n
+        await async_wait_for(lambda: ok() >= target, timeout_s, what)
+
     def lost(self):
         """Answers that are neither correct 200s nor 503s with Retry-After (scaling)."""
         return [r for r in self.results if not (r[0] == 200 and r[1] is True) and not (r[0] == 503 and r[2])]

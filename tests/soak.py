@@ -96,15 +96,18 @@ async def _read_events(r: httpx.Response, expected: str, rec: Record, leave: boo
 
 
 async def soak(url: str, work: Workload, clients: int, duration_s: float,
-               pin: Callable[[int], Optional[int]] = lambda c: None, timeout_s: float = 120.0) -> SoakReport:
-    """`clients` loops, each sending one streaming request after another until `duration_s`."""
+               pin: Callable[[int], Optional[int]] = lambda c: None, timeout_s: float = 120.0,
+               stop: Optional[asyncio.Event] = None) -> SoakReport:
+    """`clients` loops, each sending one streaming request after another until `duration_s`
+    has passed or `stop` is set."""
     report = SoakReport()
     end = time.monotonic() + duration_s
+    stop = stop or asyncio.Event()
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
 
     async def client(c: int, http: httpx.AsyncClient) -> None:
         k = 0
-        while time.monotonic() < end:
+        while time.monotonic() < end and not stop.is_set():
             rec = Record(client=c, rank=pin(c), start=time.monotonic())
             report.records.append(rec)
             leave = work.disconnect_every > 0 and (k + c) % work.disconnect_every == work.disconnect_every - 1
@@ -137,16 +140,24 @@ def metric(url: str, name: str, headers: Dict[str, str]) -> Dict[int, float]:
     return parse_metric(httpx.get(url + "/metrics", headers=headers, timeout=30).text, name)
 
 
+def engine_pids(text: str) -> Dict[int, int]:
+    """{dp_rank: pid} of the live engine replicas, from /metrics' raylm:engine_info."""
+    found = re.findall(r'^raylm:engine_info\{[^}]*dp_rank="(\d+)"[^}]*pid="(\d+)"[^}]*\} 1\.0$', text, re.M)
+    return {int(rank): int(pid) for rank, pid in found}
+
+
 def wait_all_free(url: str, headers: Dict[str, str], timeout_s: float = 30) -> None:
     """Every engine idle with every KV block back in the free pool (kv usage exactly 0)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        busy = [metric(url, n, headers) for n in ("num_requests_running", "num_requests_waiting",
-                                                  "kv_cache_usage_perc")]
-        if all(v == 0 for m in busy for v in m.values()):
-            return
-        assert time.monotonic() < deadline, f"engines not idle / blocks not free: {busy}"
-        time.sleep(0.5)
+    from tests.waiting import wait_for
+
+    seen = {}
+
+    def idle() -> bool:
+        for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
+            seen[name] = metric(url, name, headers)
+        return all(v == 0 for m in seen.values() for v in m.values())
+
+    wait_for(idle, timeout_s, "engines idle with every KV block free", 0.5, detail=lambda: seen)
 
 
 def replicas(kind: str = ""):

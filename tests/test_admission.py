@@ -10,6 +10,7 @@ import pytest
 from raylm.exceptions import EngineOverloadedError, EngineUnavailableError, RequestTimeoutError
 from raylm.serve.admission import Admission
 from raylm.serve.errors import to_api_error
+from tests.waiting import async_wait_for
 
 
 class FakeStream:
@@ -41,8 +42,7 @@ def test_bound_refuses_past_max_ongoing_and_recovers():
         admission = Admission(max_ongoing_requests=2)
         streams = [FakeStream(3, 0.05) for _ in range(2)]
         tasks = [asyncio.ensure_future(_drain_stream(admission, s)) for s in streams]
-        await asyncio.sleep(0.02)
-        assert admission.ongoing == 2
+        await async_wait_for(lambda: admission.ongoing == 2, 5, "both streams admitted", 0.001)
         with pytest.raises(EngineOverloadedError, match="max_ongoing_requests=2"):
             await _drain_stream(admission, FakeStream(1, 0))
         assert [await t for t in tasks] == [[1, 2, 3]] * 2
@@ -62,7 +62,7 @@ def test_deadline_aborts_the_stream_with_408():
         with pytest.raises(RequestTimeoutError, match="request_timeout=0.2"):
             async for x in admission.guard(slow):
                 got.append(x)
-        assert 2 <= len(got) <= 5 and slow.closed and admission.ongoing == 0
+        assert len(got) < 100 and slow.closed and admission.ongoing == 0  # cut off, not run out
         assert await _drain_stream(admission, FakeStream(2, 0.01)) == [1, 2]  # fast ones unaffected
 
     asyncio.run(main())
@@ -75,9 +75,9 @@ def test_drain_lets_short_requests_finish_and_cuts_off_the_rest():
         short, long = FakeStream(3, 0.05), FakeStream(1000, 0.05)
         t_short = asyncio.ensure_future(_drain_stream(admission, short))
         t_long = asyncio.ensure_future(_drain_stream(admission, long))
-        await asyncio.sleep(0.01)
+        await async_wait_for(lambda: admission.ongoing == 2, 5, "both streams admitted", 0.001)
         drain = asyncio.ensure_future(admission.drain(0.5))
-        await asyncio.sleep(0.01)
+        await async_wait_for(lambda: admission.draining, 5, "the drain starting", 0.001)
         with pytest.raises(EngineUnavailableError, match="shutting down"):  # new requests: 503
             await _drain_stream(admission, FakeStream(1, 0))
         assert await t_short == [1, 2, 3]
@@ -162,7 +162,8 @@ def test_http_answers_408_and_429_in_openai_shape_and_frees_blocks(tiny_llama):
                                       cache=CacheConfig(num_blocks=32)))
     real_step = engine.engine.step
     engine.engine.step = lambda: (time.sleep(0.05), real_step())[1]  # ~20 tokens/s: slow enough to time out
-    app = create_app(LocalEngineClient(engine, "tiny", Admission(max_ongoing_requests=1, request_timeout_s=0.5)))
+    admission = Admission(max_ongoing_requests=1, request_timeout_s=0.5)
+    app = create_app(LocalEngineClient(engine, "tiny", admission))
     body = {"prompt": [5, 6, 7], "max_tokens": 60, "ignore_eos": True}
 
     async def main():
@@ -176,7 +177,7 @@ def test_http_answers_408_and_429_in_openai_shape_and_frees_blocks(tiny_llama):
                 events = [line[6:] async for line in r.aiter_lines() if line.startswith("data: ")]
             assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "request_timeout"
             first = asyncio.ensure_future(http.post("/v1/completions", json={**body, "max_tokens": 4}))
-            await asyncio.sleep(0.1)
+            await async_wait_for(lambda: admission.ongoing == 1, 10, "the first request admitted", 0.001)
             busy = await http.post("/v1/completions", json=body)
             assert busy.status_code == 429 and busy.headers["Retry-After"] == "1", busy.text
             assert busy.json()["error"]["type"] == "rate_limit_error"
@@ -185,3 +186,22 @@ def test_http_answers_408_and_429_in_openai_shape_and_frees_blocks(tiny_llama):
     asyncio.run(main())
     stats = engine.stats()
     assert stats.num_free_blocks == stats.num_blocks and stats.num_running == stats.num_waiting == 0
+
+
+def test_shutdown_stops_the_watchdog_thread(tiny_llama):
+    """After AsyncEngine.shutdown() no engine thread is left running (one still running native
+    code while the interpreter exits can crash it)."""
+    from raylm.config import CacheConfig, EngineConfig, ModelConfig
+    from raylm.engine.async_engine import AsyncEngine
+    from raylm.sampling_params import SamplingParams
+
+    engine = AsyncEngine(EngineConfig(model=ModelConfig(model=str(tiny_llama), dtype="float32", max_model_len=128),
+                                      cache=CacheConfig(num_blocks=32)))
+
+    async def main():
+        outs = [o async for o in engine.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=3), "r")]
+        assert outs[-1].finished and engine._watchdog.is_alive()
+        engine.shutdown()
+
+    asyncio.run(main())
+    assert not engine._watchdog.is_alive()

@@ -10,6 +10,7 @@ from raylm import LLM, SamplingParams
 from raylm.config import EngineConfig, ModelConfig, CacheConfig
 from raylm.engine.async_engine import AsyncEngine
 from tests.conftest import assert_all_free, hf_greedy
+from tests.waiting import async_wait_for
 
 
 @pytest.fixture(scope="module")
@@ -89,10 +90,9 @@ def test_async_stream_equals_hf_and_abort_frees(tiny_llama):
             if len(out.outputs[0].token_ids) >= 3:
                 break
         await gen.aclose()
-        for _ in range(50):  # the abort lands between steps
-            await asyncio.sleep(0.01)
-            if engine.stats().num_free_blocks == engine.stats().num_blocks:
-                break
+        stats = engine.stats
+        await async_wait_for(lambda: stats().num_free_blocks == stats().num_blocks, 10,
+                             "the abort landing between steps (every block free)", 0.01)
 
     async def main():
         got = await asyncio.gather(*(collect(i, p) for i, p in enumerate(prompts)))

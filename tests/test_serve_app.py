@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from raylm.executor.communicator import free_port
+from tests.waiting import async_wait_for, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -92,21 +93,27 @@ def test_busy_replica_gets_no_new_request(server):
         async with httpx.AsyncClient(base_url=server, timeout=120) as http:
             body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True}
             long_req = asyncio.create_task(http.post("/v1/completions", json=body))
-            busy = None
-            for _ in range(100):  # wait until the coordinator shows which rank runs it
-                await asyncio.sleep(0.2)
-                running = _metric((await http.get("/metrics")).text, "num_requests_running")
-                busy = next((r for r, v in running.items() if v >= 1), None)
-                if busy is not None:
-                    break
-            assert busy is not None, "the long request never showed up as running"
-            before = _metric((await http.get("/metrics")).text, "request_success_total")
+
+            async def load(name):
+                return _metric((await http.get("/metrics")).text, name)
+
+            async def busy_rank():  # the coordinator's table shows which rank runs it
+                return next((r for r, v in (await load("num_requests_running")).items() if v >= 1), None)
+
+            busy = await async_wait_for(busy_rank, 20, "the long request running on a replica")
+            idle = "1" if busy == "0" else "0"
+
+            async def idle_again():
+                return all((await load(n)).get(idle, 0) == 0 for n in ("num_requests_running",
+                                                                       "num_requests_waiting"))
+
+            before = await load("request_success_total")
             for _ in range(6):
                 r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
                 assert r.status_code == 200
-                # load reaches routers through the coordinator at most every ~100 ms: give the
-                # idle replica's score time to show it finished, as any later request would
-                await asyncio.sleep(0.3)
+                # load reaches routers through the coordinator: wait until the table shows the
+                # idle replica idle again, as any later request would see it
+                await async_wait_for(idle_again, 10, f"rank {idle} reported idle")
             after = _metric((await http.get("/metrics")).text, "request_success_total")
             assert not long_req.done(), "the long request finished early; the test proves nothing"
             await long_req
@@ -135,14 +142,12 @@ def test_burst_spreads_across_replicas(server):
 
 
 def _wait_idle(url: str, timeout_s: float = 30) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
+    def idle() -> bool:
         text = _metrics(url)
-        if all(v == 0 for name in ("num_requests_running", "num_requests_waiting")
-               for v in _metric(text, name).values()):
-            return
-        time.sleep(0.2)
-    pytest.fail("the replicas did not go idle")
+        return all(v == 0 for name in ("num_requests_running", "num_requests_waiting")
+                   for v in _metric(text, name).values())
+
+    wait_for(idle, timeout_s, "the replicas going idle")
 
 
 def test_disconnect_mid_stream_frees_blocks(server):

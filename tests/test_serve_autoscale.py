@@ -14,6 +14,7 @@ import pytest
 from raylm.executor.communicator import free_port
 from tests.conftest import hf_greedy, make_tiny_model, random_prompts
 from tests.serve_load import SteadyLoad, continuation, scale
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -23,15 +24,6 @@ def _running_replicas() -> int:
 
     status = serve.status().applications["raylm"].deployments["LLMServer"]
     return status.replica_states.get("RUNNING", 0)
-
-
-def _wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(1)
-    pytest.fail(f"{what} did not happen within {timeout_s:.0f} s")
 
 
 @contextlib.contextmanager
@@ -100,7 +92,7 @@ def test_autoscaling_grows_and_shrinks_without_losing_requests(tiny_root):
             prompt, want = prompts[index], expected[index]
             full, head = tok.decode(prompt + want, skip_special_tokens=True), tok.decode(prompt, skip_special_tokens=True)
             assert n == 300 and text == full[len(head):]
-        _wait_for(lambda: _running_replicas() == 1, 120, "scaling back to one replica")
+        wait_for(lambda: _running_replicas() == 1, 120, "scaling back to one replica", 1)
         r = httpx.post(url, json={"model": "tiny", "prompt": prompts[0], "max_tokens": 5, "temperature": 0,
                                   "ignore_eos": True}, timeout=60)
         assert r.status_code == 200, r.text
@@ -122,11 +114,11 @@ def _elastic_round_trip(path, url):
         replicas = []
         async with httpx.AsyncClient(timeout=300) as client:
             for n in (2, 1):
-                await asyncio.sleep(2)
+                await load.served_more(5, f"the load served before the scale to {n}")
                 r = await scale(client, url, n)
                 assert r.status_code == 200, r.text
                 replicas.append(_running_replicas())
-        await asyncio.sleep(2)
+        await load.served_more(5, "the load served after the scales")
         load.stop.set()
         await asyncio.wait_for(runner, 120)
         return load, replicas

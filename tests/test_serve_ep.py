@@ -14,6 +14,7 @@ import pytest
 from raylm.executor.communicator import free_port
 from tests.conftest import hf_greedy, make_tiny_model, random_prompts
 from tests.serve_load import SteadyLoad, complete, continuation, scale
+from tests.waiting import async_wait_for, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -103,7 +104,10 @@ def test_load_on_one_rank_keeps_the_other_in_lockstep_then_both_pause(app):
     responses = asyncio.run(run())
     assert [r.status_code for r in responses] == [200] * 4, [r.text for r in responses]
     assert [r.json()["choices"][0]["text"] for r in responses] == expected
-    time.sleep(1.5)  # a report after the wave ended
+    def wave_over():  # every rank has reported since the wave ended
+        return not _control()["running"] and not any(s["dp_running"] for s in _table())
+
+    wait_for(wave_over, 30, "the wave ending on every rank", detail=_table)
     after = {s["dp_rank"]: s for s in _table()}
     dummies = after[1]["dp_dummy_steps"] - before[1]["dp_dummy_steps"]
     assert dummies >= 2 * max_new, f"rank 1 ran {dummies} dummy steps for 2 x {max_new} steps of rank 0's work"
@@ -152,19 +156,20 @@ def test_elastic_scaling_2_3_1_under_load_loses_nothing(app):
         runner = asyncio.create_task(load.run())
         sizes = []
         async with httpx.AsyncClient(timeout=600) as client:
-            await asyncio.sleep(2)
+            async def scaling_now():
+                r = await client.post(url + "/is_scaling_elastic_ep")
+                return r if r.json() == {"is_scaling_elastic_ep": True} else None
+
+            await load.served_more(4, "the steady load being served")
             for n in (3, 1):
                 scaling = asyncio.create_task(scale(client, url, n))
-                await asyncio.sleep(0.5)
-                busy = await client.post(url + "/is_scaling_elastic_ep")
+                busy = await async_wait_for(scaling_now, 30, f"the scale to {n} reported as running", 0.05)
                 second = await scale(client, url, 2)  # one scale at a time
                 r = await scaling
                 assert r.status_code == 200, r.text
                 assert busy.json() == {"is_scaling_elastic_ep": True} and second.status_code == 409, second.text
                 assert (await client.post(url + "/is_scaling_elastic_ep")).json() == {"is_scaling_elastic_ep": False}
-                served = len(load.results)
-                await asyncio.sleep(3)
-                assert len(load.results) > served + 2, "serving did not resume after the scale"
+                await load.served_more(4, "serving resuming after the scale")
                 sizes.append([(s["dp_rank"], s["dp_experts"]) for s in _table()])
         load.stop.set()
         await asyncio.wait_for(runner, 120)
@@ -184,7 +189,7 @@ def test_drain_timeout_answers_408_and_keeps_the_size(app):
     async def run():
         async with httpx.AsyncClient(timeout=300) as client:
             long = asyncio.create_task(complete(client, url, [5, 6, 7], 400))
-            await asyncio.sleep(1.0)
+            await async_wait_for(lambda: any(s["num_running"] for s in _table()), 30, "the long request running")
             r = await client.post(url + "/scale_elastic_ep", json={"new_data_parallel_size": 2, "drain_timeout": 0.5})
             return r, await long
 

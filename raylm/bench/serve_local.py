@@ -41,7 +41,10 @@ async def inprocess_sender(args: argparse.Namespace, requests: List[BenchRequest
     async def send(i: int) -> RequestOutput:
         return await _send(engine, requests[i], args)
 
-    yield send
+    try:
+        yield send
+    finally:
+        engine.shutdown()
 
 
 async def _send(engine, req: BenchRequest, args: argparse.Namespace) -> RequestOutput:

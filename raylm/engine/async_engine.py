@@ -45,6 +45,7 @@ class AsyncEngine:
         self.dead: Optional[BaseException] = None
         self._step_started: Optional[float] = None  # monotonic time the running step began
         self._watchdog: Optional[threading.Thread] = None
+        self._stopped = threading.Event()  # set by shutdown(): the watchdog exits at once
 
     @property
     def tokenizer(self):
@@ -119,8 +120,9 @@ class AsyncEngine:
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
         if self._watchdog is None:
-            self._watchdog = threading.Thread(target=_watch, args=(weakref.ref(self), threading.get_ident()),
-                                              name="raylm-step-watchdog", daemon=True)
+            args = (weakref.ref(self), threading.get_ident(), self._stopped)
+            self._watchdog = threading.Thread(target=_watch, args=args, name="raylm-step-watchdog",
+                                              daemon=True)
             self._watchdog.start()
         self._wakeup.set()
 
@@ -179,12 +181,23 @@ class AsyncEngine:
             raise EngineDeadError(f"engine is dead: {self.dead!r}")
         self.engine.core.executor.check_health()
 
+    def shutdown(self) -> None:
+        """Stop the watchdog thread and the loop, then the executor's workers. Nothing of the
+        engine runs after this returns (no thread left to touch it while the process exits)."""
+        self._stopped.set()
+        task = self._loop_task
+        if task is not None and not task.done() and not task.get_loop().is_closed():
+            task.get_loop().call_soon_threadsafe(task.cancel)  # shutdown may run on any thread
+        if self._watchdog is not None and self._watchdog is not threading.current_thread():
+            self._watchdog.join(timeout=5)
+        self.engine.core.shutdown()
 
-def _watch(engine_ref, loop_thread: int) -> None:
+
+def _watch(engine_ref, loop_thread: int, stopped: threading.Event) -> None:
     """Watchdog thread: a step that runs past `step_timeout_s` marks the engine dead (health
     checks fail from then on, and every stream fails once the step returns, if it ever does)
-    and logs where the loop thread is stuck. Exits with the engine."""
-    while (engine := engine_ref()) is not None:
+    and logs where the loop thread is stuck. Exits with the engine, or at its shutdown."""
+    while not stopped.is_set() and (engine := engine_ref()) is not None:
         timeout = engine.engine.config.scheduler.step_timeout_s
         started = engine._step_started
         if engine.dead is None and started is not None and time.monotonic() - started > timeout:
@@ -194,4 +207,4 @@ def _watch(engine_ref, loop_thread: int) -> None:
             logger.error("engine step stuck for over %g s; the engine is marked dead. Loop thread:\n%s",
                          timeout, stack)
         del engine
-        time.sleep(min(timeout / 4, WATCHDOG_POLL_S))
+        stopped.wait(min(timeout / 4, WATCHDOG_POLL_S))

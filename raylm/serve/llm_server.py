@@ -36,6 +36,7 @@ class LLMServer:
         self.dp_rank = ctx.rank.rank
         self.replica_key = ctx.replica_id.unique_id
         self.model_name = model_name
+        self.node_ip = ray.util.get_node_ip_address()
         self.coordinator = serve.get_deployment_actor(COORDINATOR_ACTOR)
         self.coordinator_identity = tuple(ray.get(self.coordinator.identity.remote()))
         config = EngineConfig(**engine_config)
@@ -60,7 +61,7 @@ class LLMServer:
         metrics and routers forget this replica; stop the engine's worker actors."""
         try:
             self.coordinator.remove.remote(self.replica_key)
-            self.engine.engine.core.shutdown()
+            self.engine.shutdown()
         except Exception:  # shutting down anyway
             pass
 
@@ -96,7 +97,7 @@ class LLMServer:
             # decision until Serve replaces it; report it as unreachable instead.
             waiting = DEAD_REPLICA_WAITING
         return {"dp_rank": self.rank, "replica": self.replica_key, "computed_at": time.time(),
-                "num_waiting": waiting,
+                "pid": os.getpid(), "node_ip": self.node_ip, "num_waiting": waiting,
                 "num_running": s.num_running, "kv_cache_usage": s.kv_cache_usage,
                 "num_free_blocks": s.num_free_blocks, "num_blocks": s.num_blocks,
                 "num_preemptions": s.num_preemptions, "prefix_cache_queries": s.prefix_cache_queries,
@@ -107,8 +108,7 @@ class LLMServer:
         if waves is None:
             return {}
         return {"dp_wave": waves.wave, "dp_running": waves.running, "dp_dummy_steps": waves.dummy_steps,
-                "dp_dummy_seconds": round(waves.dummy_seconds, 4), "dp_experts": self.lockstep.experts,
-                "pid": os.getpid()}
+                "dp_dummy_seconds": round(waves.dummy_seconds, 4), "dp_experts": self.lockstep.experts}
 
     async def record_routing_stats(self) -> Dict[str, Any]:
         """Serve polls this; the router uses it to find the coordinator and as a fallback."""

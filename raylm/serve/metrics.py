@@ -46,6 +46,8 @@ class PromSink:
                                     label + (["finished_reason"] if k == "request_success_total" else []),
                                     registry=self.registry) for k, d in COUNTERS.items()}
         self.gauges = {k: Gauge(f"raylm:{k}", d, label, registry=self.registry) for k, d in GAUGES.items()}
+        self.engine_info = Gauge("raylm:engine_info", "1 per live engine replica: its process and node",
+                                 label + ["pid", "node_ip"], registry=self.registry)
         from raylm.dp.metrics import DESCRIPTIONS, PER_RANK
 
         self.lockstep = {k: Gauge(f"raylm:{k}", d, ["dp_rank"] if k in PER_RANK else [],
@@ -64,6 +66,13 @@ class PromSink:
     def set_lockstep(self, name: str, value: float, tags: Dict[str, str]) -> None:
         gauge = self.lockstep[name]
         (gauge.labels(**tags) if tags else gauge).set(value)
+
+    def set_engines(self, model_name: str, stats: List[Dict]) -> None:
+        """One `engine_info` series per live replica (a replaced one's old pid disappears)."""
+        self.engine_info.clear()
+        for s in stats:
+            self.engine_info.labels(model_name=model_name, dp_rank=str(s.get("dp_rank", 0)),
+                                    pid=str(s.get("pid", "")), node_ip=str(s.get("node_ip", ""))).set(1)
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
@@ -129,6 +138,7 @@ class RequestTimer:
 def publish_engine_stats(sink, model_name: str, stats: List[Dict], last: Dict[str, Dict]) -> None:
     """Engine gauges and cumulative counters from coordinator/engine stats (counters advance
     by the difference from the previous snapshot `last`, which is updated in place)."""
+    sink.set_engines(model_name, stats)
     for s in stats:
         rank = str(s.get("dp_rank", 0))
         tags = {"model_name": model_name, "dp_rank": rank}
