@@ -75,6 +75,26 @@ TINY_KINDS = ["llama", "qwen2", "qwen3", "mixtral", "qwen3_moe"]
 
 
 @pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray cluster for every in-process Ray/Serve test module, shut down once at the
+    end of the session. Modules start and stop Serve on it, never Ray itself: Ray does not
+    support ray.init after ray.shutdown in a process whose Ray threads outlived the first
+    session (Serve's router loop does), and such a thread touching freed core-worker state
+    can crash the process (ray-project/ray#31145; suspected of issue 12's crash at exit).
+    16 logical CPUs: the most any module asks for (they are a scheduling budget here, not
+    cores). `raylm serve` started from a test still gets its own cluster: ray.init() without
+    an address joins only clusters started by `ray start`."""
+    import ray
+
+    from raylm.executor.communicator import free_port
+
+    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=free_port("127.0.0.1"))
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tiny_models")
 

@@ -14,12 +14,8 @@ MAX_NEW = 10
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def ray_cluster(ray_session):
+    yield ray_session
 
 
 def _llm(path, tp, pp, **kw):
@@ -118,7 +114,6 @@ def test_stuck_worker_fails_the_step_after_step_timeout(tiny_root):
     step_timeout_s with an error naming it, instead of hanging the engine."""
     import os
     import signal
-    import time
 
     import ray
 
@@ -128,11 +123,9 @@ def test_stuck_worker_fails_the_step_after_step_timeout(tiny_root):
     executor = llm.engine.core.executor
     pid = ray.get(executor.workers[1].pid.remote())
     os.kill(pid, signal.SIGSTOP)
-    try:
-        start = time.monotonic()
+    try:  # (a hang, not this error, would run into the test's 120 s timeout)
         with pytest.raises(WorkerDiedError, match=r"\[0, 1\] did not answer within 3 s \(stuck\)"):
             _greedy(llm, random_prompts(2, seed=5))
-        assert time.monotonic() - start < 3 + 10
     finally:
         os.kill(pid, signal.SIGCONT)  # ray.kill has already been sent; let it land
     assert executor.workers == []

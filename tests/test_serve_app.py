@@ -24,20 +24,17 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(smollm2_path):
-    import ray
+def server(smollm2_path, ray_session):
     from ray import serve
 
     from raylm.deployments.openai import build_app
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=_free_port())
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app({"model": MODEL, "dtype": "float32", "dp": 2, "max_model_len": 1024, "num_blocks": 256})
     serve.run(app, name="raylm", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -28,14 +28,12 @@ def _running_replicas() -> int:
 
 @contextlib.contextmanager
 def _served(tiny_root, **app_args):
-    """A tiny-Llama app on a fresh Ray; yields (model path, base URL)."""
-    import ray
+    """A tiny-Llama app on a fresh Serve (on the session's Ray); yields (model path, base URL)."""
     from ray import serve
 
     from raylm.deployments.openai import run_app
 
     path = make_tiny_model(tiny_root, "llama")
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
     port = free_port("127.0.0.1")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
@@ -44,11 +42,10 @@ def _served(tiny_root, **app_args):
         yield path, f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.mark.timeout(400)
-def test_autoscaling_grows_and_shrinks_without_losing_requests(tiny_root):
+def test_autoscaling_grows_and_shrinks_without_losing_requests(tiny_root, ray_session):
     scaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 2,
                "downscale_delay_s": 5, "metrics_interval_s": 1, "look_back_period_s": 2}
     with _served(tiny_root, autoscaling_config=scaling) as (path, base):
@@ -99,7 +96,7 @@ def test_autoscaling_grows_and_shrinks_without_losing_requests(tiny_root):
 
 
 @pytest.mark.timeout(400)
-def test_elastic_scale_of_a_dense_app_resizes_the_replica_set(tiny_root):
+def test_elastic_scale_of_a_dense_app_resizes_the_replica_set(tiny_root, ray_session):
     with _served(tiny_root, dp=1) as (path, url):
         _elastic_round_trip(path, url)
 

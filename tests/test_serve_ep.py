@@ -22,22 +22,18 @@ MAX_NEW = 8
 
 
 @pytest.fixture(scope="module")
-def app(tiny_root):
-    import ray
+def app(tiny_root, ray_session):
     from ray import serve
 
     from raylm.deployments.openai import run_app
 
     path = make_tiny_model(tiny_root, "qwen3_moe")
-    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False,
-             _metrics_export_port=free_port("127.0.0.1"))
     port = free_port("127.0.0.1")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     run_app({"model": str(path), "served_model_name": "tiny", "dtype": "float32", "dp": 2,
              "enable_expert_parallel": True, "num_cpus_per_replica": 0.5, "max_model_len": 512, "num_blocks": 128})
     yield path, f"http://127.0.0.1:{port}"
     serve.shutdown()
-    ray.shutdown()
 
 
 def _coordinator():

@@ -24,14 +24,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app(tiny_root):
-    import ray
+def app(tiny_root, ray_session):
     from ray import serve
 
     from raylm.deployments.openai import build_app
 
     path = make_tiny_model(tiny_root, "llama")
-    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"model": str(path), "served_model_name": "tiny", "dtype": "float32", "dp": 2, "tp": 2,
@@ -39,7 +37,6 @@ def app(tiny_root):
                          "num_blocks": 64}), name="raylm", route_prefix="/")
     yield path, f"http://127.0.0.1:{port}"
     serve.shutdown()
-    ray.shutdown()
 
 
 def _complete(url: str, prompt, max_tokens: int = MAX_NEW) -> dict:
