@@ -13,7 +13,8 @@ from typing import Any, Dict, List, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from raylm.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, default_api_key
+from raylm.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig,
+                          default_admin_api_key, default_api_key)
 from raylm.serve.middleware import OPEN_PATHS
 
 INGRESS_HEADROOM = 64  # non-generation requests (health, metrics, tokenize) beside the admission bound
@@ -60,6 +61,9 @@ class ServeArgs(BaseModel):
             if self.enable_expert_parallel:
                 raise ValueError("autoscaling_config is for dense/TP replicas: expert-parallel replica sets "
                                  "resize through elastic scaling")
+        if self.max_data_parallel_size is not None and self.max_replicas > self.max_data_parallel_size:
+            raise ValueError(f"dp {self.max_replicas} exceeds "
+                             f"max_data_parallel_size {self.max_data_parallel_size}")
         if self.enable_expert_parallel and self.dp > 1 and self.pp > 1:
             raise ValueError("expert parallelism across DP replicas needs pp=1 (lockstep runs one batch per step)")
         return self
@@ -75,6 +79,13 @@ class ServeArgs(BaseModel):
     # seconds in-flight requests get to finish when the app stops (SIGTERM to `raylm serve`,
     # or Serve replacing replicas on a redeploy); the rest end with an error
     shutdown_timeout: float = Field(default=30.0, ge=0)
+    # Elastic scaling (POST /scale_elastic_ep): the admin routes' key (defaults to
+    # $RAYLM_ADMIN_API_KEY; without one they answer 404), the most replicas a scale may ask
+    # for (besides what the cluster's resources hold), and how long a resize may take
+    # before it is rolled back (a request may set its own `timeout`).
+    admin_api_key: Optional[str] = Field(default_factory=default_admin_api_key, repr=False)
+    max_data_parallel_size: Optional[int] = Field(default=None, gt=0)
+    scale_timeout: float = Field(default=300.0, gt=0)
 
     def engine_config(self) -> EngineConfig:
         cache = {"block_size": self.block_size, "kv_cache_memory": self.kv_cache_memory,
@@ -102,6 +113,12 @@ class ServeArgs(BaseModel):
                 "placement_group_bundles": [replica] + [{"CPU": self.worker_num_cpus}] * world,
                 "placement_group_strategy": "PACK"}
 
+    def replica_resources(self) -> Dict[str, float]:
+        """What Ray must place for one more replica (the replica and its TP/PP workers)."""
+        placement = self.replica_placement()
+        bundles = placement.get("placement_group_bundles") or [{"CPU": self.num_cpus_per_replica}]
+        return {"CPU": sum(b.get("CPU", 0.0) for b in bundles)}
+
     @property
     def max_replicas(self) -> int:
         """The most replicas this app runs (the default KV budget is split over them)."""
@@ -118,8 +135,12 @@ class ServeArgs(BaseModel):
 
     def ingress_options(self) -> Dict[str, Any]:
         """OpenAIIngress keyword arguments: auth, body limit, admission."""
+        limits = {"max_data_parallel_size": self.max_data_parallel_size,
+                  "replica_resources": self.replica_resources(), "scale_timeout_s": self.scale_timeout}
         return {"api_key": self.api_key, "open_paths": self.open_paths, "max_body_bytes": self.max_body_bytes,
-                "max_ongoing_requests": self.max_ongoing_requests, "request_timeout": self.request_timeout}
+                "max_ongoing_requests": self.max_ongoing_requests, "request_timeout": self.request_timeout,
+                "admin_api_key": self.admin_api_key, "scale_limits": limits,
+                "autoscaling": self.autoscaling_config is not None}
 
 
 def run_app(args: Dict[str, Any], name: str = "raylm", **kwargs):

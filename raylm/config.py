@@ -39,6 +39,11 @@ def default_api_key() -> Optional[str]:
     return os.environ.get("RAYLM_API_KEY") or None
 
 
+def default_admin_api_key() -> Optional[str]:
+    """$RAYLM_ADMIN_API_KEY: the admin routes' key when none is given (`--admin-api-key` wins)."""
+    return os.environ.get("RAYLM_ADMIN_API_KEY") or None
+
+
 def default_kv_cache_memory() -> Optional[str]:
     return os.environ.get("RAYLM_KV_CACHE_MEMORY")
 

@@ -80,6 +80,9 @@ class Env:  # what the generator knows of the server
     chat_template: bool = True  # the test chat template is in place
     api_key: Optional[str] = None
     bad_auth: bool = False  # no key or a wrong one: every path but the open ones must get 401
+    admin_api_key: Optional[str] = None  # the admin routes' key (None: they must answer 404)
+    dp: int = 1  # the app's replica count: a scale to it is a no-op
+    max_dp: int = 1  # the most replicas a scale may ask for
 
 
 @dataclass

@@ -24,6 +24,7 @@ from urllib.parse import quote, unquote
 from hypothesis import HealthCheck, Phase, given, seed as hypothesis_seed, settings, strategies as st
 
 from raylm.serve.middleware import OPEN_PATHS
+from tests.fuzz_admin import admin_case
 from tests.fuzz_cases import (SCALARS, Case, Draw, Env, chat_case, completion_case, detokenize_case, dump_json,
                               tokenize_case)
 
@@ -34,7 +35,7 @@ except ImportError:  # pragma: no cover
 
 POST_ROUTES = ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize")
 GET_ROUTES = ("/v1/models", "/health", "/version")
-OWNED = ("/v1/", "/tokenize", "/detokenize", "/health", "/version")  # our app answers these, proxy or not
+OWNED = ("/v1/", "/tokenize", "/detokenize", "/health", "/version", "/scale_elastic_ep", "/is_scaling_elastic_ep")  # our app answers these, proxy or not
 JSON_CT = {"content-type": "application/json"}
 
 
@@ -139,6 +140,8 @@ def probe(d: Draw) -> Case:
 def authorize(d: Draw, case: Case) -> Case:
     """The key on every request; for bad_auth none or a near miss instead, and 401 off the open paths."""
     key = d.env.api_key
+    if case.label == "admin" and d.env.admin_api_key:  # sends the admin key (or not) itself
+        return case
     if d.env.bad_auth:
         key = key or "sk-unknown"
         header = d.choice([None, None, "Bearer wrong", "Bearer", f"Basic {key}", key, f"Bearer {key}x",
@@ -157,7 +160,7 @@ def cases(draw, env: Env) -> Case:
     d = Draw(draw(st.randoms(use_true_random=True)).getrandbits(64), draw, env)
     case = d.weighted((42, completion_case), (32, chat_case), (4, tokenize_case), (3, detokenize_case),
                       (4, bad_json), (2, content_type), (1, deep_json), (3, wrong_method), (3, unknown_path),
-                      (1, oversized), (5, probe))
+                      (1, oversized), (5, probe), (3, admin_case))
     return authorize(d, case)
 
 
@@ -266,7 +269,8 @@ def discover(http: httpx.Client, env: Env) -> Env:
 
 def run_fuzz(base_url: str, num_requests: int, seed: int = 0, api_key: Optional[str] = None, *,
              bad_auth: bool = False, model_names: Sequence[str] = ("tiny", "tiny-alias"), max_model_len: int = 128,
-             vocab_size: int = 512, max_body_bytes: int = 1 << 20, timeout: float = 30.0) -> FuzzReport:
+             vocab_size: int = 512, max_body_bytes: int = 1 << 20, timeout: float = 30.0,
+             admin_api_key: Optional[str] = None, dp: int = 1, max_dp: int = 1) -> FuzzReport:
     """Send `num_requests` generated requests to `base_url` and check each answer; deterministic per seed.
 
     api_key: sent as `Authorization: Bearer <api_key>` on every request; with bad_auth none or a
@@ -279,7 +283,8 @@ def run_fuzz(base_url: str, num_requests: int, seed: int = 0, api_key: Optional[
     # speed); Hypothesis refuses to draw floats without IEEE subnormals.
     torch.set_flush_denormal(False)
     report, start, base_url = FuzzReport(), time.monotonic(), base_url.rstrip("/")
-    env = Env(list(model_names), max_model_len, vocab_size, max_body_bytes, api_key=api_key, bad_auth=bad_auth)
+    env = Env(list(model_names), max_model_len, vocab_size, max_body_bytes, api_key=api_key, bad_auth=bad_auth,
+              admin_api_key=admin_api_key, dp=dp, max_dp=max_dp)
     with httpx.Client(base_url=base_url, timeout=timeout) as http:
         strategy = cases(discover(http, env))
 

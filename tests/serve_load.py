@@ -3,6 +3,7 @@ to, and a steady load that records every answer."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import httpx
 
@@ -21,9 +22,34 @@ def continuation(path, prompt, output) -> str:
     return tok.decode(prompt + output, skip_special_tokens=True)[len(tok.decode(prompt, skip_special_tokens=True)):]
 
 
-async def scale(client: httpx.AsyncClient, url: str, n: int, drain_timeout: float = 120) -> httpx.Response:
-    return await client.post(url + "/scale_elastic_ep", json={"new_data_parallel_size": n,
-                                                              "drain_timeout": drain_timeout})
+ADMIN_KEY = "sk-admin-test-7e6d5c4b"  # apps under test take it as admin_api_key
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+async def scale(client: httpx.AsyncClient, url: str, n: int, drain_timeout: float = 120,
+                **fields) -> httpx.Response:
+    body = {"new_data_parallel_size": n, "drain_timeout": drain_timeout, **fields}
+    return await client.post(url + "/scale_elastic_ep", json=body, headers=ADMIN)
+
+
+@contextlib.contextmanager
+def cluster_full(leave_cpus: float = 0.25):
+    """Hold all but `leave_cpus` of the cluster's free CPUs in a placement group (another
+    tenant, say) while inside: a replica needing more cannot be placed."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    free = ray.available_resources().get("CPU", 0.0) - leave_cpus
+    pg = placement_group([{"CPU": free}])
+    ray.get(pg.ready(), timeout=60)
+    try:
+        yield free
+    finally:
+        remove_placement_group(pg)
+
+
+async def is_scaling(client: httpx.AsyncClient, url: str) -> dict:
+    return (await client.post(url + "/is_scaling_elastic_ep", headers=ADMIN)).json()
 
 
 class SteadyLoad:

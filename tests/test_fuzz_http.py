@@ -37,7 +37,7 @@ def test_fuzz_http_api(srv):
     assert report.count(200, 300) >= 300 and report.count(400, 500) >= 300, report.summary()
     assert report.streamed >= 20, report.summary()
     assert {"completions", "chat", "tokenize", "detokenize", "bad-json", "content-type", "deep-json",
-            "wrong-method", "unknown-path", "oversized", "probe"} <= set(report.labels), report.labels
+            "wrong-method", "unknown-path", "oversized", "probe", "admin"} <= set(report.labels), report.labels
     _assert_healthy(srv)
 
 

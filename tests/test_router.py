@@ -2,11 +2,13 @@
 from collections import defaultdict
 from types import SimpleNamespace
 
+import asyncio
+
 from raylm.dp.router import REPORT_LAG_S, WAITING_WEIGHT, LeastLoadedRouter
 
 
 def test_a_report_absorbs_only_requests_routed_well_before_it():
-    r = SimpleNamespace(_delta=defaultdict(int), _outstanding={})
+    r = SimpleNamespace(_delta=defaultdict(int), _outstanding={}, _chosen={})
     t = 100.0
     r._outstanding = {"old": ("A", WAITING_WEIGHT, t - 1.0), "new": ("A", WAITING_WEIGHT, t - REPORT_LAG_S / 2),
                       "other": ("B", WAITING_WEIGHT, t - 1.0)}
@@ -19,3 +21,38 @@ def test_a_report_absorbs_only_requests_routed_well_before_it():
     LeastLoadedRouter.on_request_completed(r, SimpleNamespace(unique_id="A"), "old")
     LeastLoadedRouter.on_request_completed(r, SimpleNamespace(unique_id="A"), "new")
     assert r._delta["A"] == -1 and "old" not in r._outstanding
+
+
+def _router():
+    r = object.__new__(LeastLoadedRouter)  # Serve's constructor needs a running deployment
+    r.initialize_state()
+    return r
+
+
+def _replica(key, rank=None):
+    stats = {} if rank is None else {"dp_rank": rank}
+    return SimpleNamespace(replica_id=SimpleNamespace(unique_id=key), routing_stats=stats)
+
+
+def _pending(rid, rank=None):
+    kwargs = {} if rank is None else {"data_parallel_rank": rank}
+    return SimpleNamespace(kwargs=kwargs, metadata=SimpleNamespace(internal_request_id=rid))
+
+
+def _first_choice(r, replicas, pending):
+    ranked = asyncio.run(r.choose_replicas(replicas, pending))
+    return ranked[0][0].replica_id.unique_id if ranked and ranked[0] else None
+
+
+def test_a_burst_chosen_before_any_confirmation_spreads_evenly():
+    """Serve confirms a routing only after a round trip to the replica; 16 requests chosen
+    before any confirmation must still alternate (each counts where it was chosen)."""
+    r, replicas = _router(), [_replica("A"), _replica("B")]
+    firsts = [_first_choice(r, replicas, _pending(f"r{i}")) for i in range(16)]
+    assert firsts.count("A") == firsts.count("B") == 8, firsts
+    # confirmed elsewhere (A refused, B took it): the count moves with it
+    LeastLoadedRouter.on_request_routed(r, _pending("r0"), SimpleNamespace(unique_id="B"), None)
+    moved = 1 if firsts[0] == "A" else 0
+    assert (r._delta["A"], r._delta["B"]) == (WAITING_WEIGHT * (8 - moved), WAITING_WEIGHT * (8 + moved))
+    LeastLoadedRouter.on_request_completed(r, SimpleNamespace(unique_id="B"), "r0")
+    assert r._delta["A"] + r._delta["B"] == WAITING_WEIGHT * 15

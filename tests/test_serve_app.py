@@ -101,8 +101,8 @@ def test_busy_replica_gets_no_new_request(server):
             idle = "1" if busy == "0" else "0"
 
             async def idle_again():
-                return all((await load(n)).get(idle, 0) == 0 for n in ("num_requests_running",
-                                                                       "num_requests_waiting"))
+                loads = [await load(n) for n in ("num_requests_running", "num_requests_waiting")]
+                return all(m.get(idle, 0) == 0 for m in loads)
 
             before = await load("request_success_total")
             for _ in range(6):

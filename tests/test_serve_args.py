@@ -30,19 +30,35 @@ def test_serve_flags_reach_the_admission_auth_and_shutdown_options():
     from raylm.serve.launcher import serve_args
 
     argv = ["serve", "--max-ongoing-requests", "40", "--max-waiting-requests", "8", "--request-timeout", "12.5",
-            "--shutdown-timeout", "3", "--open-paths", "/health", "/metrics"]
+            "--shutdown-timeout", "3", "--open-paths", "/health", "/metrics", "--admin-api-key", "sk-adm",
+            "--max-data-parallel-size", "6", "--scale-timeout", "45", "--tp", "2", "--num-cpus-per-replica", "0.5"]
     a = serve_args(build_parser().parse_args(argv))
     assert (a.max_ongoing_requests, a.max_waiting_requests, a.request_timeout, a.shutdown_timeout) == (40, 8, 12.5, 3)
     assert a.engine_config().scheduler.max_waiting_requests == 8
+    limits = {"max_data_parallel_size": 6, "replica_resources": {"CPU": 0.5 + 2 * 1.0}, "scale_timeout_s": 45}
     assert a.ingress_options() == {"api_key": a.api_key, "open_paths": ["/health", "/metrics"],
-                                   "max_body_bytes": 1 << 20, "max_ongoing_requests": 40, "request_timeout": 12.5}
+                                   "max_body_bytes": 1 << 20, "max_ongoing_requests": 40, "request_timeout": 12.5,
+                                   "admin_api_key": "sk-adm", "scale_limits": limits, "autoscaling": False}
+    assert "sk-adm" not in repr(a)
     defaults = serve_args(build_parser().parse_args(["serve"]))
     assert defaults.open_paths == ["/health", "/ping", "/version"] and defaults.request_timeout is None
+    assert defaults.max_data_parallel_size is None and defaults.scale_timeout == 300
+
+
+def test_admin_key_defaults_to_its_own_environment_variable(monkeypatch):
+    monkeypatch.setenv("RAYLM_API_KEY", "sk-inference")
+    monkeypatch.delenv("RAYLM_ADMIN_API_KEY", raising=False)
+    assert ServeArgs().admin_api_key is None  # never the inference key
+    monkeypatch.setenv("RAYLM_ADMIN_API_KEY", "sk-admin-env")
+    assert ServeArgs().admin_api_key == "sk-admin-env" and ServeArgs(admin_api_key="sk-a").admin_api_key == "sk-a"
+    assert "sk-admin" not in repr(ServeArgs())
 
 
 @pytest.mark.parametrize("fields, word", [
     ({"max_ongoing_requests": 0}, "max_ongoing_requests"), ({"max_waiting_requests": -1}, "max_waiting_requests"),
     ({"request_timeout": 0}, "request_timeout"), ({"shutdown_timeout": -1}, "shutdown_timeout"),
+    ({"max_data_parallel_size": 0}, "max_data_parallel_size"), ({"scale_timeout": 0}, "scale_timeout"),
+    ({"dp": 3, "max_data_parallel_size": 2}, "max_data_parallel_size"),
 ])
 def test_bad_limits_are_clear_errors(fields, word):
     with pytest.raises(ValueError, match=word):

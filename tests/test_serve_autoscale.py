@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 
 import httpx
@@ -13,8 +14,8 @@ import pytest
 
 from raylm.executor.communicator import free_port
 from tests.conftest import hf_greedy, make_tiny_model, random_prompts
-from tests.serve_load import SteadyLoad, continuation, scale
-from tests.waiting import wait_for
+from tests.serve_load import ADMIN_KEY, SteadyLoad, cluster_full, continuation, scale
+from tests.waiting import async_wait_for, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -95,32 +96,63 @@ def test_autoscaling_grows_and_shrinks_without_losing_requests(tiny_root, ray_se
         assert r.status_code == 200, r.text
 
 
-@pytest.mark.timeout(400)
-def test_elastic_scale_of_a_dense_app_resizes_the_replica_set(tiny_root, ray_session):
-    with _served(tiny_root, dp=1) as (path, url):
+@pytest.mark.timeout(500)
+def test_elastic_scale_of_a_dense_app_is_bounded_rolls_back_and_resizes(tiny_root, ray_session):
+    """Under a steady load: an absurd size is refused before anything changes; a scale the
+    cluster cannot place (its CPUs held elsewhere) answers 504 within its timeout with the
+    target rolled back; then 1 -> 2 -> 1 works. A dense app serves throughout: every request
+    succeeds with HF's greedy text, none gets a 503."""
+    with _served(tiny_root, dp=1, admin_api_key=ADMIN_KEY) as (path, url):
         _elastic_round_trip(path, url)
+
+
+def _total_replicas() -> int:
+    from ray import serve
+
+    return sum(serve.status().applications["raylm"].deployments["LLMServer"].replica_states.values())
 
 
 def _elastic_round_trip(path, url):
     prompts = random_prompts(6, seed=32)
     expected = [continuation(path, p, o) for p, o in zip(prompts, hf_greedy(path, prompts, 16))]
+    figures = {}
+
+    async def refused_and_rolled_back(client, load):
+        start = time.monotonic()
+        r = await scale(client, url, 24550920)
+        figures["refused_s"] = time.monotonic() - start
+        assert r.status_code == 400 and re.search(r"the cluster holds at most \d+ replicas \(", r.text), r.text
+        assert _total_replicas() == 1 and _running_replicas() == 1
+        with cluster_full():
+            start = time.monotonic()
+            r = await scale(client, url, 2, timeout=8)
+            figures["gave_up_s"] = time.monotonic() - start
+        error = r.json()["error"]
+        assert r.status_code == 504 and error["code"] == "scale_timeout", r.text
+        assert "1 of 2 replicas serving" in error["message"] and "back to 1" in error["message"], error
+        figures["error"] = error["message"]
+        await async_wait_for(lambda: _total_replicas() == 1, 60, "the unplaced replica dropped (target back to 1)")
+        await load.served_more(5, "the load served after the rollback")
 
     async def run():
         load = SteadyLoad(url, prompts, expected, 16)
         runner = asyncio.create_task(load.run())
         replicas = []
         async with httpx.AsyncClient(timeout=300) as client:
+            await load.served_more(5, "the load served before any scale")
+            await refused_and_rolled_back(client, load)
             for n in (2, 1):
-                await load.served_more(5, f"the load served before the scale to {n}")
                 r = await scale(client, url, n)
                 assert r.status_code == 200, r.text
                 replicas.append(_running_replicas())
-        await load.served_more(5, "the load served after the scales")
+                await load.served_more(5, f"the load served after the scale to {n}")
         load.stop.set()
         await asyncio.wait_for(runner, 120)
         return load, replicas
 
     load, replicas = asyncio.run(run())
+    print(f"\ndense elastic scaling: absurd size refused in {figures['refused_s'] * 1000:.0f} ms; unplaceable "
+          f"scale answered after {figures['gave_up_s']:.1f} s: {figures['error']}; {len(load.results)} requests")
     assert replicas == [2, 1]
     assert not load.lost(), load.lost()
-    assert sum(r[0] == 200 for r in load.results) > 10
+    assert all(r[0] == 200 and r[1] is True for r in load.results), [r for r in load.results if r[0] != 200][:5]

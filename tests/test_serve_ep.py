@@ -13,7 +13,8 @@ import pytest
 
 from raylm.executor.communicator import free_port
 from tests.conftest import hf_greedy, make_tiny_model, random_prompts
-from tests.serve_load import SteadyLoad, complete, continuation, scale
+from tests.serve_load import (ADMIN, ADMIN_KEY, SteadyLoad, cluster_full, complete, continuation, is_scaling,
+                              scale)
 from tests.waiting import async_wait_for, wait_for
 
 pytestmark = pytest.mark.slow
@@ -31,7 +32,8 @@ def app(tiny_root, ray_session):
     port = free_port("127.0.0.1")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     run_app({"model": str(path), "served_model_name": "tiny", "dtype": "float32", "dp": 2,
-             "enable_expert_parallel": True, "num_cpus_per_replica": 0.5, "max_model_len": 512, "num_blocks": 128})
+             "enable_expert_parallel": True, "num_cpus_per_replica": 0.5, "max_model_len": 512, "num_blocks": 128,
+             "admin_api_key": ADMIN_KEY})
     yield path, f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -153,8 +155,8 @@ def test_elastic_scaling_2_3_1_under_load_loses_nothing(app):
         sizes = []
         async with httpx.AsyncClient(timeout=600) as client:
             async def scaling_now():
-                r = await client.post(url + "/is_scaling_elastic_ep")
-                return r if r.json() == {"is_scaling_elastic_ep": True} else None
+                status = await is_scaling(client, url)
+                return status if status["is_scaling_elastic_ep"] else None
 
             await load.served_more(4, "the steady load being served")
             for n in (3, 1):
@@ -163,8 +165,8 @@ def test_elastic_scaling_2_3_1_under_load_loses_nothing(app):
                 second = await scale(client, url, 2)  # one scale at a time
                 r = await scaling
                 assert r.status_code == 200, r.text
-                assert busy.json() == {"is_scaling_elastic_ep": True} and second.status_code == 409, second.text
-                assert (await client.post(url + "/is_scaling_elastic_ep")).json() == {"is_scaling_elastic_ep": False}
+                assert busy["progress"]["to"] == n and second.status_code == 409, (busy, second.text)
+                assert await is_scaling(client, url) == {"is_scaling_elastic_ep": False, "progress": None}
                 await load.served_more(4, "serving resuming after the scale")
                 sizes.append([(s["dp_rank"], s["dp_experts"]) for s in _table()])
         load.stop.set()
@@ -186,7 +188,7 @@ def test_drain_timeout_answers_408_and_keeps_the_size(app):
         async with httpx.AsyncClient(timeout=300) as client:
             long = asyncio.create_task(complete(client, url, [5, 6, 7], 400))
             await async_wait_for(lambda: any(s["num_running"] for s in _table()), 30, "the long request running")
-            r = await client.post(url + "/scale_elastic_ep", json={"new_data_parallel_size": 2, "drain_timeout": 0.5})
+            r = await scale(client, url, 2, drain_timeout=0.5)
             return r, await long
 
     r, long = asyncio.run(run())
@@ -198,9 +200,10 @@ def test_drain_timeout_answers_408_and_keeps_the_size(app):
 def test_bad_scale_and_rank_requests_get_clear_4xx(app):
     _, url = app
     cases = [
-        ("/scale_elastic_ep", {"new_data_parallel_size": 0}, {}, 400, "new_data_parallel_size"),
-        ("/scale_elastic_ep", {"new_data_parallel_size": 5}, {}, 400, "experts"),  # 5 ranks, 4 experts
-        ("/scale_elastic_ep", {"new_data_parallel_size": 2, "drain_timeout": -1}, {}, 400, "drain_timeout"),
+        ("/scale_elastic_ep", {"new_data_parallel_size": 0}, ADMIN, 400, "new_data_parallel_size"),
+        ("/scale_elastic_ep", {"new_data_parallel_size": 5}, ADMIN, 400, "experts"),  # 5 ranks, 4 experts
+        ("/scale_elastic_ep", {"new_data_parallel_size": 2, "drain_timeout": -1}, ADMIN, 400, "drain_timeout"),
+        ("/scale_elastic_ep", {"new_data_parallel_size": 2}, {}, 401, "API key"),  # the admin key, or nothing
         ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2}, {"X-data-parallel-rank": "x"},
          400, "X-data-parallel-rank"),
         ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2}, {"X-data-parallel-rank": "7"},
@@ -275,3 +278,42 @@ def test_ep_over_dp2_x_tp2_through_handles_equals_hf(app, tiny_root):
         assert [o.metrics["dp_rank"] for o in outs] == [0, 1, 0, 1]  # the pins were honoured
     finally:
         serve.delete("raylm-ep-tp")
+
+
+@pytest.mark.timeout(300)
+def test_a_scale_that_cannot_be_placed_rolls_back_and_the_group_serves_again(app):
+    """2 -> 3 with the cluster's CPUs held elsewhere: 504 within the call's timeout, naming what
+    was missing; the target goes back to 2, the two replicas re-form the group and serve
+    HF's greedy outputs again."""
+    path, url = app
+    prompts = random_prompts(2, seed=56)
+    expected = [continuation(path, p, o) for p, o in zip(prompts, hf_greedy(path, prompts, MAX_NEW))]
+
+    async def run():
+        async with httpx.AsyncClient(timeout=300) as client:
+            if len(_table()) != 2:
+                assert (await scale(client, url, 2)).status_code == 200
+            with cluster_full():
+                start = time.monotonic()
+                r = await scale(client, url, 3, timeout=10)
+                took = time.monotonic() - start
+            return r, took
+
+    r, took = asyncio.run(run())
+    error = r.json()["error"]
+    assert r.status_code == 504 and error["code"] == "scale_timeout" and "back to 2" in error["message"], r.text
+    print(f"\nEP scale 2 -> 3 that cannot be placed: answered after {took:.1f} s: {error['message']}")
+
+    def reformed():
+        control = _control()
+        return control["scaling"] is None and control["formed"] and len(control["ranks"]) == 2
+
+    wait_for(reformed, 60, "the group re-formed at 2 after the rollback", detail=_control)
+
+    async def served():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*[complete(client, url, p, MAX_NEW, rank=i) for i, p in enumerate(prompts)])
+
+    responses = asyncio.run(served())
+    assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
+    assert [r.json()["choices"][0]["text"] for r in responses] == expected

@@ -32,11 +32,12 @@ from tests.waiting import async_wait_for, wait_for
 pytestmark = pytest.mark.slow
 
 KEY = "sk-reliability-5f3a9c1e7b2d4680"
+ADMIN_KEY = "sk-admin-reliability-0c9d8e7f6a5b"  # the admin routes' own key (elastic scaling)
 MAX_ONGOING, MAX_NUM_SEQS, MAX_WAITING = 72, 16, 48
 SERVER_ARGS = ["--dtype", "float32", "--dp", "2", "--max-model-len", "128", "--num-blocks", "256",
                "--max-num-seqs", str(MAX_NUM_SEQS), "--max-waiting-requests", str(MAX_WAITING),
                "--max-ongoing-requests", str(MAX_ONGOING), "--shutdown-timeout", "2",
-               "--num-cpus-per-replica", "0.5"]
+               "--num-cpus-per-replica", "0.5", "--max-data-parallel-size", "2"]
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
@@ -49,7 +50,7 @@ def server(tiny_llama, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     port = free_port("127.0.0.1")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAYLM_API_KEY=KEY, RAY_AUTH_MODE="disabled")
+    env.update(RAYLM_API_KEY=KEY, RAYLM_ADMIN_API_KEY=ADMIN_KEY, RAY_AUTH_MODE="disabled")
     cmd = [sys.executable, "-m", "raylm.cli", "serve", "--model", str(tiny_llama), "--port", str(port), *SERVER_ARGS]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -143,12 +144,36 @@ def test_fuzz_against_the_served_app(server):
     no 5xx, every error OpenAI-shaped, well-formed requests answered 200; healthy after."""
     from tests.fuzz_http import run_fuzz
 
-    report = run_fuzz(server.url, 1000, seed=3, api_key=KEY)
+    before = _stable_replicas(server.url)
+    report = run_fuzz(server.url, 1000, seed=3, api_key=KEY, admin_api_key=ADMIN_KEY, dp=2, max_dp=2)
     print("\nfuzz through Serve:", report.summary())
     assert not report.violations, report.summary()
+    assert report.labels["admin"] >= 10, report.labels
+    assert _stable_replicas(server.url) == before  # the admin cases resized and restarted nothing
     assert report.statuses[200] >= 150 and sum(n for s, n in report.statuses.items() if 400 <= s < 500) >= 150
     _wait_all_free(server.url)
     assert _get(server.url, "/health").status_code == 200
+
+
+def test_admin_routes_need_the_admin_key_and_refuse_absurd_sizes(server):
+    """The admin key opens the admin routes, nothing else does (the inference key included); an
+    absurd size and one past --max-data-parallel-size are refused at once, nothing changed."""
+    url, before = server.url, _stable_replicas(server.url)
+    for headers in ({}, AUTH, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {ADMIN_KEY}x"}):
+        for path in ("/scale_elastic_ep", "/is_scaling_elastic_ep"):
+            r = httpx.post(url + path, json={"new_data_parallel_size": 2}, headers=headers, timeout=30)
+            assert r.status_code == 401 and ADMIN_KEY not in r.text, (headers, path, r.text)
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    assert httpx.get(url + "/v1/models", headers=admin, timeout=30).status_code == 401
+    for size in (24550920, 3):
+        start = time.monotonic()
+        r = httpx.post(url + "/scale_elastic_ep", json={"new_data_parallel_size": size}, headers=admin, timeout=30)
+        took = time.monotonic() - start
+        assert r.status_code == 400 and "max_data_parallel_size=2" in r.json()["error"]["message"], r.text
+        print(f"\nscale to {size} refused in {took * 1000:.0f} ms: {r.json()['error']['message']}")
+    status = httpx.post(url + "/is_scaling_elastic_ep", headers=admin, timeout=30).json()
+    assert status == {"is_scaling_elastic_ep": False, "progress": None}
+    assert _stable_replicas(url) == before
 
 
 def test_two_load_rounds_lose_nothing_free_every_block_and_keep_rss_steady(server, work):
@@ -259,7 +284,9 @@ def test_killing_an_engine_replica_under_load(server, work):
     kill = state["kill"]
     by_rank = {r: [x for x in report.records if x.rank == r] for r in (0, 1)}
     errored = {x.rank for x in report.records if x.rank is not None and x.outcome.startswith("error")}
-    assert errored == {victim}, {r: counts(v) for r, v in by_rank.items()}
+    odd = [(x.rank, x.outcome, x.detail, round(x.start - kill, 2), round(x.end - kill, 2))
+           for x in by_rank[1 - victim] if x.outcome not in ("ok", "disconnected")]
+    assert errored == {victim}, ({r: counts(v) for r, v in by_rank.items()}, odd[:5])
     assert counts(by_rank[1 - victim]).keys() <= {"ok", "disconnected"}, counts(by_rank[1 - victim])
     assert not report.lost(), report.lost()[:5]
     # in flight on the victim at the kill: pinned to its rank, or unpinned (the survivor's all succeeded)

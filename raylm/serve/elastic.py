@@ -1,14 +1,17 @@
 """Elastic scaling of the DP replica set while serving, and targeted DP routing.
 
-POST /scale_elastic_ep {"new_data_parallel_size": N, "drain_timeout": S} (vLLM's route):
-claim the one scale allowed at a time at the DP coordinator (409 if one runs); answer new
-generation requests 503 + Retry-After from then on; wait until no request is in flight
-anywhere (S seconds at most, else 408 and the app stays as it was); set Serve's target
-replica count (Serve's external-scaler API: the app runs with external_scaler_enabled);
-for expert-parallel apps the coordinator forms the next generation of the DP group and
-every replica re-forms into it and reloads its experts; answer 200 once the new set
-serves. POST /is_scaling_elastic_ep answers {"is_scaling_elastic_ep": bool}. Dense apps
-take the same call: it only resizes the replica set.
+POST /scale_elastic_ep {"new_data_parallel_size": N, "timeout": T, "drain_timeout": S}
+(vLLM's route; an admin route: only the admin key opens it): check N against the bounds
+(the operator's cap, what the cluster's resources hold, one EP rank per expert) before
+anything changes (400); claim the one scale allowed at a time at the DP coordinator (409);
+expert-parallel apps then answer new generation requests 503 + Retry-After and wait until
+no request is in flight (S seconds at most, else 408 and the app stays as it was); dense
+apps keep serving. Set Serve's target replica count (its external-scaler API) and, for
+expert-parallel apps, let the coordinator form the next generation of the DP group; 200
+once N replicas serve. Past T seconds: the target goes back to the old size and the answer
+is 504 naming what was missing. The scale runs in a task of its own, so a caller that
+leaves does not stop it half-way. POST /is_scaling_elastic_ep answers vLLM's flag and the
+scale's progress.
 
 The header X-data-parallel-rank (vLLM's) pins a request to one DP replica.
 """
@@ -18,7 +21,8 @@ import asyncio
 import contextvars
 import logging
 import time
-from typing import Any, Dict, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -28,7 +32,6 @@ from raylm.serve.errors import APIError, error_response, unavailable
 
 logger = logging.getLogger(__name__)
 
-RESIZE_TIMEOUT_S = 600.0  # replicas to start (model load) or stop, and the group to re-form
 POLL_S = 0.2
 
 # the X-data-parallel-rank of the request being handled (None: route by load)
@@ -38,35 +41,73 @@ dp_rank_hint: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("dp
 class ScaleRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    new_data_parallel_size: int = Field(gt=0)
-    drain_timeout: float = Field(default=120.0, gt=0)
+    new_data_parallel_size: int = Field(gt=0, strict=True)  # an admin action: "2", 2.0 or true are refused
+    drain_timeout: float = Field(default=120.0, gt=0)  # expert-parallel apps: in-flight requests
+    timeout: Optional[float] = Field(default=None, gt=0)  # the resize; default: the app's scale_timeout
+
+
+@dataclass
+class ScaleLimits:
+    """What bounds a scale: the operator's cap, one replica's resource demand (what Ray must
+    place per replica), and how long a resize may take before it is rolled back."""
+
+    max_data_parallel_size: Optional[int] = None
+    replica_resources: Dict[str, float] = field(default_factory=dict)
+    scale_timeout_s: float = 300.0
 
 
 class ElasticScaler:
-    def __init__(self, client, app_name: str, deployment: str = "LLMServer") -> None:
+    def __init__(self, client, app_name: str, limits: Optional[ScaleLimits] = None,
+                 deployment: str = "LLMServer") -> None:
         self.client = client  # raylm.serve.ingress.ServeEngineClient
         self.app_name, self.deployment = app_name, deployment
-        self.scaling = False
+        self.limits = limits or ScaleLimits()
+        self.progress: Optional[Dict[str, Any]] = None  # the scale in progress here, if any
+        self.target: Optional[int] = None  # the replica count last set (None: not known yet)
+        self.guarding = False  # expert-parallel scales refuse generation requests (503) meanwhile
+
+    @property
+    def scaling(self) -> bool:
+        return self.progress is not None
 
     async def scale(self, req: ScaleRequest) -> JSONResponse:
+        """Check bounds, claim the scale, run it in a task of its own (a client that leaves
+        does not stop it half-way: it finishes or rolls back within its timeout) and answer."""
         coordinator = await self.client.coordinator()
-        control = await coordinator.control.remote()
-        n = req.new_data_parallel_size
-        if control["target"] is not None and n * self.client.tp_size > self.client.num_experts:
-            raise APIError(400, f"new_data_parallel_size {n} x tp {self.client.tp_size} exceeds the model's "
-                                f"{self.client.num_experts} experts (each EP rank needs one)",
-                           param="new_data_parallel_size")
-        if not await coordinator.begin_scale.remote(n):
+        expert_parallel = (await coordinator.control.remote())["target"] is not None
+        self._check_size(req.new_data_parallel_size, expert_parallel)
+        if not await coordinator.begin_scale.remote(req.new_data_parallel_size):
             raise APIError(409, "a scale is already in progress", code="scaling_in_progress")
-        self.scaling = True
+        task = asyncio.get_running_loop().create_task(self._run(coordinator, req, expert_parallel))
+        return await asyncio.shield(task)
+
+    def _check_size(self, n: int, expert_parallel: bool) -> None:
+        cap = self.limits.max_data_parallel_size
+        if cap is not None and n > cap:
+            raise _too_big(n, f"max_data_parallel_size={cap}")
+        fits = cluster_capacity(self.limits.replica_resources)
+        if fits is not None and n > fits[0]:
+            raise _too_big(n, f"the cluster holds at most {fits[0]} replicas ({fits[1]})")
+        if expert_parallel and n * self.client.tp_size > self.client.num_experts:
+            raise _too_big(n, f"x tp {self.client.tp_size} exceeds the model's {self.client.num_experts} "
+                              f"experts (each EP rank needs one)")
+
+    async def _run(self, coordinator, req: ScaleRequest, expert_parallel: bool) -> JSONResponse:
+        n, old = req.new_data_parallel_size, self.target or len(await self.client.stats())
+        self.progress = {"from": old, "to": n, "phase": "draining" if expert_parallel else "resizing",
+                         "serving": old, "since": time.time()}
+        self.guarding = expert_parallel
         try:
-            if not await self._drain(coordinator, req.drain_timeout):
+            if expert_parallel and not await self._drain(coordinator, req.drain_timeout):
                 return error_response(APIError(408, f"requests still in flight after drain_timeout "
                                                      f"{req.drain_timeout:g} s; the app stays at its old size",
                                                code="drain_timeout"))
-            await self._resize(coordinator, n)
+            await self._resize(coordinator, old, n, req.timeout or self.limits.scale_timeout_s)
+            self.target = n
+        except APIError as err:
+            return error_response(err)
         finally:
-            self.scaling = False
+            self.progress, self.guarding = None, False
             await coordinator.end_scale.remote()
         return JSONResponse({"message": f"scaled to {n} data-parallel replicas", "new_data_parallel_size": n})
 
@@ -82,24 +123,80 @@ class ElasticScaler:
             await asyncio.sleep(POLL_S)
         return False
 
-    async def _resize(self, coordinator, n: int) -> None:
+    async def _resize(self, coordinator, old: int, n: int, timeout_s: float) -> None:
+        """Set the target and wait until n replicas serve (and, expert-parallel, the group has
+        re-formed); past `timeout_s` set the target back to `old` and raise 504 naming what
+        was missing."""
+        self.progress["phase"] = "resizing"
+        if await self._reach(coordinator, n, timeout_s):
+            return
+        missing = self._missing(n)
+        self.progress["phase"] = "rolling back"
+        restored = await self._reach(coordinator, old, timeout_s)
+        again = "" if restored else ", not yet serving at that size (still rolling back)"
+        raise APIError(504, f"the scale to {n} did not finish within {timeout_s:g} s ({missing}); the target "
+                            f"is back to {old}{again}", type="server_error", code="scale_timeout")
+
+    async def _reach(self, coordinator, n: int, timeout_s: float) -> bool:
+        await self._set_replicas(n)
+        await coordinator.set_target.remote(n)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            control = await coordinator.control.remote()
+            serving = len(await self.client.stats())
+            self.progress.update(serving=serving, group_formed=control["formed"])
+            grouped = control["target"] is None or (control["formed"] and len(control["ranks"]) == n)
+            if serving == n and grouped:
+                return True
+            await coordinator.set_target.remote(n)  # drops members that went silent
+            await asyncio.sleep(POLL_S)
+        return False
+
+    def _missing(self, n: int) -> str:
+        p = self.progress
+        text = f"{p['serving']} of {n} replicas serving; the others were not placed or not ready"
+        return text + ("" if p.get("group_formed", True) else "; the expert-parallel group had not re-formed")
+
+    async def _set_replicas(self, n: int) -> None:
         from ray import serve
         from ray.serve._private.common import DeploymentID
 
         controller = serve.context._get_global_client()._controller
-        await controller.update_deployment_replicas.remote(DeploymentID(name=self.deployment, app_name=self.app_name), n)
-        await coordinator.set_target.remote(n)
-        deadline = time.monotonic() + RESIZE_TIMEOUT_S
-        while time.monotonic() < deadline:
-            control = await coordinator.control.remote()
-            _, table = await coordinator.snapshot.remote(-1, 0.0)
-            grouped = control["target"] is None or (control["formed"] and len(control["ranks"]) == n)
-            if len(table) == n and grouped:
-                return
-            await coordinator.set_target.remote(n)  # drops members that went silent
-            await asyncio.sleep(POLL_S)
-        raise APIError(500, f"the replica set did not reach {n} within {RESIZE_TIMEOUT_S:.0f} s",
-                       code="scale_failed")
+        deployment = DeploymentID(name=self.deployment, app_name=self.app_name)
+        await controller.update_deployment_replicas.remote(deployment, n)
+
+    def status(self) -> Dict[str, Any]:
+        """/is_scaling_elastic_ep: vLLM's flag, and where the scale in progress stands."""
+        p = self.progress
+        progress = None if p is None else {**p, "elapsed_s": round(time.time() - p["since"], 1)}
+        return {"is_scaling_elastic_ep": p is not None, "progress": progress}
+
+
+def _too_big(n: int, limit: str) -> APIError:
+    return APIError(400, f"new_data_parallel_size {n} exceeds {limit}", param="new_data_parallel_size")
+
+
+def cluster_capacity(replica_resources: Dict[str, float]) -> Optional[Tuple[int, str]]:
+    """(replicas, why): how many replicas needing `replica_resources` the cluster can hold,
+    from its resources as Ray reports them or, where a configured autoscaler may grow the
+    cluster, its maximum; None when a replica needs no resources (nothing bounds it here)."""
+    import ray
+
+    total = ray.cluster_resources()
+    try:  # the autoscaler's node types x max counts (None without an autoscaler)
+        from ray._private.state import state
+
+        grown = state.get_max_resources_from_cluster_config() or {}
+    except Exception:
+        grown = {}
+    best = None
+    for name, need in replica_resources.items():
+        if need > 0:
+            have = max(float(total.get(name, 0.0)), float(grown.get(name) or 0))
+            fits = int(have / need + 1e-9)
+            if best is None or fits < best[0]:
+                best = (fits, f"{have:g} {name} in the cluster / {need:g} per replica")
+    return best
 
 
 class ScaleGuardMiddleware:
@@ -114,7 +211,7 @@ class ScaleGuardMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] not in self.GUARDED:
             return await self.app(scope, receive, send)
-        if self.scaler.scaling:
+        if self.scaler.guarding:
             return await error_response(unavailable("The app is scaling; retry shortly.", retry_after=2))(
                 scope, receive, send)
         raw = dict(scope.get("headers") or []).get(b"x-data-parallel-rank")
@@ -148,5 +245,5 @@ def add_elastic_routes(app: FastAPI, scaler: ElasticScaler) -> None:
         return await scaler.scale(body)
 
     @app.post("/is_scaling_elastic_ep")
-    async def is_scaling_elastic_ep() -> Dict[str, bool]:
-        return {"is_scaling_elastic_ep": scaler.scaling}
+    async def is_scaling_elastic_ep() -> Dict[str, Any]:
+        return scaler.status()

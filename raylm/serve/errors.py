@@ -49,8 +49,9 @@ def model_not_found(model: str) -> APIError:
     return APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
 
-def unauthorized() -> APIError:
-    return APIError(401, "Invalid or missing API key: send 'Authorization: Bearer <key>'.",
+def unauthorized(kind: str = "") -> APIError:
+    """401; `kind` "admin " for the admin routes' key."""
+    return APIError(401, f"Invalid or missing {kind}API key: send 'Authorization: Bearer <{kind}key>'.",
                     code="invalid_api_key")
 
 

@@ -154,10 +154,12 @@ class OpenAIIngress:
 
     def __init__(self, llm_handle, engine_config: Dict[str, Any], model_name: str, *,
                  api_key: Optional[str] = None, max_body_bytes: int = 1 << 20, max_ongoing_requests: int = 1024,
-                 request_timeout: Optional[float] = None, open_paths: Sequence[str] = OPEN_PATHS) -> None:
+                 request_timeout: Optional[float] = None, open_paths: Sequence[str] = OPEN_PATHS,
+                 admin_api_key: Optional[str] = None, scale_limits: Optional[Dict[str, Any]] = None,
+                 autoscaling: bool = False) -> None:
         from ray import serve
 
-        from raylm.serve.elastic import ElasticScaler
+        from raylm.serve.elastic import ElasticScaler, ScaleLimits
 
         tokenizer, max_len = tokenizer_and_max_len(engine_config["model"])
         self.sink = PromSink()
@@ -167,16 +169,22 @@ class OpenAIIngress:
         self.client.max_dp_size = engine_config["parallel"]["data_parallel_size"]
         self.client.num_experts = num_experts(engine_config["model"]["model"])
         self.api_key, self.max_body_bytes, self.open_paths = api_key, max_body_bytes, open_paths
-        self.scaler = ElasticScaler(self.client, serve.get_replica_context().app_name)
+        self.admin_api_key = admin_api_key
+        self.scaler = ElasticScaler(self.client, serve.get_replica_context().app_name,
+                                    ScaleLimits(**(scale_limits or {})))
+        if not autoscaling:  # a fixed dp: the replica count to roll back to
+            self.scaler.target = self.client.max_dp_size
 
     def __serve_build_asgi_app__(self):
         from raylm.serve.elastic import ScaleGuardMiddleware, add_elastic_routes
         from raylm.serve.openai_app import create_app
 
         app = create_app(self.client, api_key=self.api_key, max_body_bytes=self.max_body_bytes,
-                         open_paths=self.open_paths, middleware=[(ScaleGuardMiddleware, {"scaler": self.scaler})])
+                         open_paths=self.open_paths, admin_api_key=self.admin_api_key,
+                         middleware=[(ScaleGuardMiddleware, {"scaler": self.scaler})])
         add_metrics_route(app, self.client, self.sink)
-        add_elastic_routes(app, self.scaler)
+        if self.admin_api_key:  # admin routes exist only with their own key (README: elastic scaling)
+            add_elastic_routes(app, self.scaler)
         return app
 
     async def drain(self, timeout_s: float) -> int:
@@ -206,7 +214,7 @@ class OpenAIIngress:
         sampling = SamplingParams(**(params or {}))
         if not ids or len(ids) >= self.client.max_model_len:
             raise ValueError(f"prompt must have 1..{self.client.max_model_len - 1} tokens (got {len(ids)})")
-        if self.scaler.scaling:
+        if self.scaler.guarding:
             raise RuntimeError("the app is scaling (POST /scale_elastic_ep); retry shortly")
         async for out in self.client.generate(ids, sampling, request_id or f"py-{uuid.uuid4().hex}",
                                               data_parallel_rank):

@@ -31,6 +31,14 @@ def add_serve_parser(sub, add_engine_args) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=None, metavar="S",
                    help="on SIGTERM/SIGINT, let in-flight requests finish for up to S seconds (new ones get "
                         "503); then cut the rest off with an error and stop (default 30)")
+    p.add_argument("--admin-api-key", default=None,
+                   help="key of the admin routes (/scale_elastic_ep, /is_scaling_elastic_ep), separate from "
+                        "--api-key (default: $RAYLM_ADMIN_API_KEY); without one those routes answer 404")
+    p.add_argument("--max-data-parallel-size", type=int, default=None, metavar="N",
+                   help="the most replicas an elastic scale may ask for (besides what the cluster holds)")
+    p.add_argument("--scale-timeout", type=float, default=None, metavar="S",
+                   help="an elastic scale not serving at its new size after S seconds is rolled back "
+                        "(default 300)")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a new local one)")
     p.set_defaults(func=cmd_serve)
 
@@ -43,7 +51,8 @@ def serve_args(args: argparse.Namespace):
               "dp": args.dp, "num_cpus_per_replica": args.num_cpus_per_replica, "api_key": args.api_key,
               "open_paths": args.open_paths, "max_ongoing_requests": args.max_ongoing_requests,
               "max_waiting_requests": args.max_waiting_requests, "request_timeout": args.request_timeout,
-              "shutdown_timeout": args.shutdown_timeout}
+              "shutdown_timeout": args.shutdown_timeout, "admin_api_key": args.admin_api_key,
+              "max_data_parallel_size": args.max_data_parallel_size, "scale_timeout": args.scale_timeout}
     fields["tp"], fields["pp"] = fields.pop("tensor_parallel_size"), fields.pop("pipeline_parallel_size")
     fields.pop("kv_cache_dtype", None)
     if args.autoscale:

@@ -17,8 +17,25 @@ from raylm.serve.errors import body_too_large, error_response, to_api_error, una
 OPEN_PATHS = ("/health", "/ping", "/version")
 
 
+# Admin routes: they change the deployment, so they take the admin key, never the inference key.
+ADMIN_PATHS = ("/scale_elastic_ep", "/is_scaling_elastic_ep")
+ADMIN_SCOPE = "raylm.admin"  # set on the ASGI scope of a request the admin key let through
+
+
+def bearer_matches(scope: Scope, key: bytes) -> bool:
+    """`Authorization: Bearer <key>` on this request, compared in constant time."""
+    header = b""
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            header = value
+            break
+    scheme, _, token = header.partition(b" ")
+    return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), key)
+
+
 class ApiKeyMiddleware:
-    """Every HTTP path except `open_paths` needs `Authorization: Bearer <key>`.
+    """Every HTTP path except `open_paths` (and admin routes, which AdminKeyMiddleware has
+    checked) needs `Authorization: Bearer <key>`.
 
     The comparison is constant-time; the key is never logged or echoed."""
 
@@ -27,20 +44,32 @@ class ApiKeyMiddleware:
         self._key = api_key.encode()
         self.open_paths = frozenset(open_paths)
 
-    def _authorized(self, scope: Scope) -> bool:
-        header = b""
-        for name, value in scope.get("headers", ()):
-            if name == b"authorization":
-                header = value
-                break
-        scheme, _, token = header.partition(b" ")
-        return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self._key)
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.open_paths or self._authorized(scope):
+        if (scope["type"] != "http" or scope["path"] in self.open_paths or scope.get(ADMIN_SCOPE)
+                or bearer_matches(scope, self._key)):
             await self.app(scope, receive, send)
             return
         await error_response(unauthorized())(scope, receive, send)
+
+
+class AdminKeyMiddleware:
+    """Admin routes answer only to `Authorization: Bearer <admin key>` (401 otherwise, the
+    inference key included). Without an admin key the app must not register them: requests
+    then pass through and get what any unknown path gets (401 without the inference key,
+    404 with it), so nobody can act through them or learn they are there."""
+
+    def __init__(self, app: ASGIApp, admin_api_key: Optional[str], admin_paths: Iterable[str] = ADMIN_PATHS):
+        self.app = app
+        self._key = admin_api_key.encode() if admin_api_key else None
+        self.admin_paths = frozenset(admin_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.admin_paths or self._key is None:
+            await self.app(scope, receive, send)
+        elif bearer_matches(scope, self._key):
+            await self.app({**scope, ADMIN_SCOPE: True}, receive, send)
+        else:
+            await error_response(unauthorized("admin "))(scope, receive, send)
 
 
 class BodyLimitMiddleware:

@@ -22,7 +22,8 @@ from raylm.serve.completions import create_completion
 from raylm.serve.context import ServingContext, check_text
 from raylm.serve.engine_client import EngineClient
 from raylm.serve.errors import error_response, install_exception_handlers, unavailable
-from raylm.serve.middleware import OPEN_PATHS, ApiKeyMiddleware, BodyLimitMiddleware, CatchAllMiddleware
+from raylm.serve.middleware import (OPEN_PATHS, AdminKeyMiddleware, ApiKeyMiddleware, BodyLimitMiddleware,
+                                    CatchAllMiddleware)
 from raylm.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                   DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
 from raylm.serve.streaming import run_until_disconnect
@@ -100,7 +101,7 @@ def utility_router(ctx: ServingContext) -> APIRouter:
 
 def create_app(client: EngineClient, *, api_key: Optional[str] = None, max_body_bytes: int = 1 << 20,
                served_model_names: Optional[Iterable[str]] = None, middleware: Sequence = (),
-               open_paths: Iterable[str] = OPEN_PATHS) -> FastAPI:
+               open_paths: Iterable[str] = OPEN_PATHS, admin_api_key: Optional[str] = None) -> FastAPI:
     """An OpenAI-compatible app over `client`.
 
     api_key: when set, every route but `open_paths` (default /health, /ping, /version)
@@ -108,6 +109,8 @@ def create_app(client: EngineClient, *, api_key: Optional[str] = None, max_body_
     get 413. served_model_names: extra names (aliases) that requests may use besides
     `client.model_name`; any other `model` gets 404. middleware: (class, kwargs) pairs of
     ASGI middleware to run after the API key and body checks (innermost first).
+    admin_api_key: the key of the admin routes (ADMIN_PATHS: elastic scaling), which the
+    caller adds only when it has one. The inference key never opens them, the admin key only them.
     """
     from raylm import __version__
 
@@ -123,5 +126,6 @@ def create_app(client: EngineClient, *, api_key: Optional[str] = None, max_body_
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key, open_paths=open_paths)
+    app.add_middleware(AdminKeyMiddleware, admin_api_key=admin_api_key)
     app.add_middleware(CatchAllMiddleware)
     return app
