@@ -90,6 +90,19 @@ def test_bad_requests_leave_server_serving(srv):
     wait_all_free(srv.engine)
 
 
+@pytest.mark.parametrize("sep", ["\u2028", "\u2029", "\x85"])
+def test_unicode_line_separators_stay_inside_one_sse_event(srv, sep):
+    """An echoed prompt with U+2028 (found by the HTTP fuzz): every line of the stream, split
+    the way str.splitlines() splits (httpx's iter_lines), is a whole `data:` event, and the
+    text decodes back to the separator."""
+    body = {"model": "tiny", "prompt": [f"w71 w362 {sep}"], "echo": True, "max_tokens": 1, "stream": True}
+    with srv.http.stream("POST", C, json=body) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert r.status_code == 200 and lines[-1] == "data: [DONE]", lines
+    events = [json.loads(line[len("data: "):]) for line in lines[:-1]]  # each a whole JSON object
+    assert sep in "".join(e["choices"][0]["text"] for e in events)
+
+
 def test_oversized_body(srv):
     big = {**OK, "prompt": "w5 " * 400_000}  # ~1.2 MB > the 1 MiB default
     assert_openai_error(srv.http.post(C, json=big), 413)

@@ -22,8 +22,14 @@ SSE_DONE = "data: [DONE]\n\n"
 CLIENT_CLOSED = 499  # nginx's "client closed request"; nobody reads it, but logs do
 
 
+# JSON may carry U+2028, U+2029 and U+0085 raw, and clients that split a stream with
+# str.splitlines() (httpx's iter_lines among them) end a line there and get half an event.
+# Escaped, they are the same JSON string and no client splits them (found by the HTTP fuzz).
+_LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
 def sse(payload_json: str) -> str:
-    return f"data: {payload_json}\n\n"
+    return f"data: {payload_json.translate(_LINE_BREAKS)}\n\n"
 
 
 class EventStreamResponse(StreamingResponse):
