@@ -33,6 +33,7 @@ class ServeArgs(BaseModel):
     max_model_len: Optional[int] = None
     kv_cache_memory: Optional[str] = None
     num_blocks: Optional[int] = None
+    kv_cache_dtype: str = "auto"  # "auto": the model dtype (CacheConfig checks the value)
     block_size: int = 16
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
@@ -89,7 +90,8 @@ class ServeArgs(BaseModel):
 
     def engine_config(self) -> EngineConfig:
         cache = {"block_size": self.block_size, "kv_cache_memory": self.kv_cache_memory,
-                 "num_blocks": self.num_blocks, "enable_prefix_caching": self.enable_prefix_caching}
+                 "num_blocks": self.num_blocks, "enable_prefix_caching": self.enable_prefix_caching,
+                 "kv_cache_dtype": self.kv_cache_dtype}
         return EngineConfig(
             model=ModelConfig(model=self.model, dtype=self.dtype, max_model_len=self.max_model_len, seed=self.seed),
             cache=CacheConfig(**cache),

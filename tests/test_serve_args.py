@@ -45,6 +45,18 @@ def test_serve_flags_reach_the_admission_auth_and_shutdown_options():
     assert defaults.max_data_parallel_size is None and defaults.scale_timeout == 300
 
 
+def test_kv_cache_dtype_reaches_the_engine_config():
+    """`raylm serve --kv-cache-dtype` used to be accepted and silently dropped."""
+    from raylm.cli import build_parser
+    from raylm.serve.launcher import serve_args
+
+    a = serve_args(build_parser().parse_args(["serve", "--kv-cache-dtype", "float32"]))
+    assert a.engine_config().cache.kv_cache_dtype == "float32"
+    assert ServeArgs().engine_config().cache.kv_cache_dtype == "auto"
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        ServeArgs(kv_cache_dtype="int3").engine_config()
+
+
 def test_admin_key_defaults_to_its_own_environment_variable(monkeypatch):
     monkeypatch.setenv("RAYLM_API_KEY", "sk-inference")
     monkeypatch.delenv("RAYLM_ADMIN_API_KEY", raising=False)

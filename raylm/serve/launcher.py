@@ -54,7 +54,6 @@ def serve_args(args: argparse.Namespace):
               "shutdown_timeout": args.shutdown_timeout, "admin_api_key": args.admin_api_key,
               "max_data_parallel_size": args.max_data_parallel_size, "scale_timeout": args.scale_timeout}
     fields["tp"], fields["pp"] = fields.pop("tensor_parallel_size"), fields.pop("pipeline_parallel_size")
-    fields.pop("kv_cache_dtype", None)
     if args.autoscale:
         fields["autoscaling_config"] = parse_autoscale(args.autoscale)
     return ServeArgs(**{k: v for k, v in fields.items() if v is not None})
