@@ -36,7 +36,7 @@ async def inprocess_sender(args: argparse.Namespace, requests: List[BenchRequest
     options = {"dtype": args.dtype, "max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
                "kv_cache_memory": args.kv_cache_memory, "seed": args.seed}
     engine = AsyncEngine(build_engine_config(model=args.model, **{k: v for k, v in options.items() if v is not None}))
-    engine.engine.warmup()
+    engine.warmup()
 
     async def send(i: int) -> RequestOutput:
         return await _send(engine, requests[i], args)

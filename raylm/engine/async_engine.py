@@ -51,6 +51,27 @@ class AsyncEngine:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def waves(self):
+        """The lockstep wave state of an expert-parallel DP replica (None otherwise)."""
+        return self.engine.core.waves
+
+    def warmup(self) -> None:
+        """One throwaway request, so the first real one does not pay for kernel JIT."""
+        self.engine.warmup()
+
+    def has_scheduled_requests(self) -> bool:
+        """Requests in the scheduler (waiting or running); a lockstep wave aside."""
+        return self.engine.core.scheduler.has_unfinished_requests()
+
+    def collective_rpc(self, method: str, args=()) -> list:
+        """Call `method` on every worker of this engine's executor; their answers in rank order."""
+        return self.engine.core.executor.collective_rpc(method, args)
+
     async def generate(self, prompt: PromptType, params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
         """Stream RequestOutputs until finished: cumulative, or only what is new when

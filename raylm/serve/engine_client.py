@@ -41,7 +41,7 @@ class LocalEngineClient(EngineClient):
     def __init__(self, engine, model_name: str, admission=None) -> None:
         self.engine = engine  # raylm.engine.async_engine.AsyncEngine
         self.model_name = model_name
-        self.max_model_len = engine.engine.max_model_len
+        self.max_model_len = engine.max_model_len
         self.tokenizer = engine.tokenizer
         self.admission = admission
 

@@ -49,7 +49,7 @@ class LLMServer:
         if self.lockstep is not None:
             self.lockstep.attach(self.engine)  # no warmup: a lone forward would wait on the others
         else:
-            self.engine.engine.warmup()  # the first request must not pay for oneDNN's JIT (~10 s)
+            self.engine.warmup()  # the first request must not pay for oneDNN's JIT (~10 s)
         self._inflight = 0  # generate() calls in this replica, whether or not the engine has them yet
         self._pusher: Optional[asyncio.Task] = None
         self._last_pushed: Optional[Dict] = None
@@ -104,7 +104,7 @@ class LLMServer:
                 "prefix_cache_hits": s.prefix_cache_hits, **self._wave_stats()}
 
     def _wave_stats(self) -> Dict[str, Any]:
-        waves = self.engine.engine.core.waves
+        waves = self.engine.waves
         if waves is None:
             return {}
         return {"dp_wave": waves.wave, "dp_running": waves.running, "dp_dummy_steps": waves.dummy_steps,

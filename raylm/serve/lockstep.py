@@ -38,10 +38,10 @@ class LockstepMember:
     def attach(self, engine) -> None:
         """Hook the built engine's wave state up to the coordinator and report ready."""
         self.engine = engine
-        waves = engine.engine.core.waves
+        waves = engine.waves
         waves.reset(self.group["wave"])
         waves.announce = self._announce
-        self.experts = _held(engine.engine.core.executor.collective_rpc("local_experts"))
+        self.experts = _held(engine.collective_rpc("local_experts"))
         self.coordinator.ready.remote(self.key, self.generation)
 
     def _announce(self, event: str, wave: int) -> None:
@@ -66,7 +66,7 @@ class LockstepMember:
             self.on_control(control)
 
     def on_control(self, control: Dict[str, Any]) -> None:
-        waves = self.engine.engine.core.waves
+        waves = self.engine.waves
         if control["generation"] > self.generation and self.key in control["ranks"]:
             self._reform_when_idle(control)
         elif control["running"] and waves.on_start(control["wave"]):
@@ -78,17 +78,17 @@ class LockstepMember:
         self._reforming = True
 
         def reform() -> None:
-            core = self.engine.engine.core
-            if core.waves.running or core.scheduler.has_unfinished_requests():
+            engine = self.engine
+            if engine.waves.running or engine.has_scheduled_requests():
                 self._reforming = False  # not drained yet: the next control update retries
                 asyncio.get_running_loop().call_later(0.1, self._reform_when_idle, control)
                 return
             self.generation, self.group = control["generation"], control
             self.rank, self.size = control["ranks"][self.key], len(control["ranks"])
-            held = core.executor.collective_rpc("reform_expert_dp", (self.rank, self.size, tuple(control["store"]),
-                                                                     f"g{self.generation}"))
+            held = engine.collective_rpc("reform_expert_dp", (self.rank, self.size, tuple(control["store"]),
+                                                              f"g{self.generation}"))
             self.experts = _held(held)
-            core.waves.reset(control["wave"])
+            engine.waves.reset(control["wave"])
             self._reforming = False
             self.coordinator.ready.remote(self.key, self.generation)
             logger.info("re-formed into DP group generation %d as rank %d of %d",
