@@ -18,11 +18,6 @@ A request pinned to a DP rank goes to that rank; if no replica has it (it died s
 ingress checked), it is routed by load: waiting here would block every request behind it
 (Serve fulfils pending requests in order; measured: a kill test's replica came back after
 92 s instead of 16 s, with a tenth of the requests served).
-
-No FIFOMixin: with it Serve hands a replica chosen for one request to the oldest pending
-request, whatever that one was pinned to (found by the kill test: requests pinned to the
-surviving rank ran, and died, on the killed one). Serve's default matches each choice to
-the request it was made for.
 """
 from __future__ import annotations
 
@@ -34,7 +29,7 @@ from collections import defaultdict
 from typing import Dict, List, Optional, Tuple
 
 import ray
-from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
+from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
 from raylm.dp.coordinator import score
 
@@ -45,7 +40,7 @@ REPORT_LAG_S = 0.1  # a request routed this long before a report was computed is
 CHOSEN_TTL_S = 30.0  # a choice Serve never confirmed (rejected, cancelled) stops counting then
 
 
-class LeastLoadedRouter(RequestRouter):
+class LeastLoadedRouter(FIFOMixin, RequestRouter):
     def initialize_state(self, poll_timeout_s: float = 1.0) -> None:
         self._poll_timeout_s = poll_timeout_s
         self._table: Dict[str, Dict] = {}
