@@ -66,10 +66,6 @@ class ElasticScaler:
         self.target: Optional[int] = None  # the replica count last set (None: not known yet)
         self.guarding = False  # expert-parallel scales refuse generation requests (503) meanwhile
 
-    @property
-    def scaling(self) -> bool:
-        return self.progress is not None
-
     async def scale(self, req: ScaleRequest) -> JSONResponse:
         """Check bounds, claim the scale, run it in a task of its own (a client that leaves
         does not stop it half-way: it finishes or rolls back within its timeout) and answer."""
