@@ -28,6 +28,7 @@ class Record:
     end: float = 0.0
     outcome: str = "lost"
     detail: str = ""
+    chunks: int = 0  # stream events with text received so far
 
 
 @dataclass
@@ -52,7 +53,9 @@ class Workload:
     disconnect_every: int = 5  # every k-th request of a client leaves after its first chunk
 
 
-async def _one(http: httpx.AsyncClient, work: Workload, rec: Record, i: int, leave: bool) -> None:
+async def stream_one(http: httpx.AsyncClient, work: Workload, rec: Record, i: int, leave: bool) -> None:
+    """Send prompt `i` of `work` as one streaming completion (pinned to `rec.rank`, if set);
+    `rec` records its outcome, end and progress (`chunks`) as it goes."""
     body = {"prompt": list(work.prompts[i]), "max_tokens": work.max_tokens[i], "temperature": 0,
             "ignore_eos": True, "stream": True}
     headers = dict(work.headers)
@@ -87,6 +90,7 @@ async def _read_events(r: httpx.Response, expected: str, rec: Record, leave: boo
         if leave:
             rec.outcome = "disconnected"
             return  # closing the response drops the connection mid-stream
+        rec.chunks += 1
         for choice in event["choices"]:
             text.append(choice["text"])
             finished = finished or choice.get("finish_reason") is not None
@@ -111,7 +115,7 @@ async def soak(url: str, work: Workload, clients: int, duration_s: float,
             rec = Record(client=c, rank=pin(c), start=time.monotonic())
             report.records.append(rec)
             leave = work.disconnect_every > 0 and (k + c) % work.disconnect_every == work.disconnect_every - 1
-            await _one(http, work, rec, (c * 7 + k) % len(work.prompts), leave)
+            await stream_one(http, work, rec, (c * 7 + k) % len(work.prompts), leave)
             k += 1
 
     async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as http:

@@ -4,20 +4,23 @@ from types import SimpleNamespace
 
 import asyncio
 
-from raylm.dp.router import REPORT_LAG_S, WAITING_WEIGHT, LeastLoadedRouter
+from collections import deque
+
+from raylm.dp.router import REPORT_LAG_S, WAITING_WEIGHT, LeastLoadedRouter, _Routed
 
 
 def test_a_report_absorbs_only_requests_routed_well_before_it():
-    r = SimpleNamespace(_delta=defaultdict(int), _outstanding={}, _chosen={})
+    r = SimpleNamespace(_delta=defaultdict(int), _outstanding=defaultdict(list), _chosen={})
     t = 100.0
-    r._outstanding = {"old": ("A", WAITING_WEIGHT, t - 1.0), "new": ("A", WAITING_WEIGHT, t - REPORT_LAG_S / 2),
-                      "other": ("B", WAITING_WEIGHT, t - 1.0)}
+    r._outstanding.update({"old": [_Routed("A", WAITING_WEIGHT, t - 1.0)],
+                           "new": [_Routed("A", WAITING_WEIGHT, t - REPORT_LAG_S / 2)],
+                           "other": [_Routed("B", WAITING_WEIGHT, t - 1.0)]})
     r._delta.update({"A": 2 * WAITING_WEIGHT, "B": WAITING_WEIGHT})
     LeastLoadedRouter._absorb_report(r, "A", computed_at=t)
     # "old" is in the report (its running slot, 1, comes off when it completes); "new" may
     # not have reached the replica when the report was computed: it keeps its +4
     assert r._delta["A"] == WAITING_WEIGHT and r._delta["B"] == WAITING_WEIGHT
-    assert r._outstanding["old"][1] == 1 and r._outstanding["new"][1] == WAITING_WEIGHT
+    assert r._outstanding["old"][0].weight == 1 and r._outstanding["new"][0].weight == WAITING_WEIGHT
     LeastLoadedRouter.on_request_completed(r, SimpleNamespace(unique_id="A"), "old")
     LeastLoadedRouter.on_request_completed(r, SimpleNamespace(unique_id="A"), "new")
     assert r._delta["A"] == -1 and "old" not in r._outstanding
@@ -34,9 +37,9 @@ def _replica(key, rank=None):
     return SimpleNamespace(replica_id=SimpleNamespace(unique_id=key), routing_stats=stats)
 
 
-def _pending(rid, rank=None):
+def _pending(rid, rank=None, future=None):
     kwargs = {} if rank is None else {"data_parallel_rank": rank}
-    return SimpleNamespace(kwargs=kwargs, metadata=SimpleNamespace(internal_request_id=rid))
+    return SimpleNamespace(kwargs=kwargs, metadata=SimpleNamespace(internal_request_id=rid), future=future)
 
 
 def _first_choice(r, replicas, pending):
@@ -48,11 +51,40 @@ def test_a_burst_chosen_before_any_confirmation_spreads_evenly():
     """Serve confirms a routing only after a round trip to the replica; 16 requests chosen
     before any confirmation must still alternate (each counts where it was chosen)."""
     r, replicas = _router(), [_replica("A"), _replica("B")]
-    firsts = [_first_choice(r, replicas, _pending(f"r{i}")) for i in range(16)]
+    pending = [_pending(f"r{i}") for i in range(16)]
+    firsts = [_first_choice(r, replicas, p) for p in pending]
     assert firsts.count("A") == firsts.count("B") == 8, firsts
     # confirmed elsewhere (A refused, B took it): the count moves with it
-    LeastLoadedRouter.on_request_routed(r, _pending("r0"), SimpleNamespace(unique_id="B"), None)
+    LeastLoadedRouter.on_request_routed(r, pending[0], SimpleNamespace(unique_id="B"), None)
     moved = 1 if firsts[0] == "A" else 0
     assert (r._delta["A"], r._delta["B"]) == (WAITING_WEIGHT * (8 - moved), WAITING_WEIGHT * (8 + moved))
     LeastLoadedRouter.on_request_completed(r, SimpleNamespace(unique_id="B"), "r0")
     assert r._delta["A"] + r._delta["B"] == WAITING_WEIGHT * 15
+
+
+def test_a_choice_goes_to_the_request_it_was_made_for():
+    """Serve calls _fulfill_next_pending_request with the metadata of the request a choice
+    was made for. It must reach that request: not the oldest pending one (pinned to another
+    rank here), and not a sibling sharing its internal id (every handle call made while
+    serving one HTTP request shares it: a multi-prompt completion)."""
+    async def run():
+        loop = asyncio.get_running_loop()
+        r, rank1 = _router(), _replica("B", rank=1)
+        older = _pending("http-1", rank=0, future=loop.create_future())
+        siblings = [_pending("http-2", rank=1, future=loop.create_future()) for _ in range(2)]
+        r._pending_requests_to_fulfill = deque([older, *siblings])
+        r._pending_requests_by_id = {"http-1": older, "http-2": siblings[0]}
+        r._record_queue_wait_time = lambda pr: None
+        for p in reversed(siblings):
+            r._fulfill_next_pending_request(rank1, p.metadata)
+        assert [p.future.result() for p in siblings] == [rank1, rank1]
+        assert not older.future.done()
+        # the same replica routed twice under one id: each completion takes back its own count
+        for p in siblings:
+            LeastLoadedRouter.on_request_routed(r, p, rank1.replica_id, None)
+        assert r._delta["B"] == 2 * WAITING_WEIGHT
+        for _ in siblings:
+            LeastLoadedRouter.on_request_completed(r, rank1.replica_id, "http-2")
+        assert r._delta["B"] == 0 and not r._outstanding
+
+    asyncio.run(run())

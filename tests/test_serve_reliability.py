@@ -25,8 +25,8 @@ import pytest
 
 from raylm.executor.communicator import free_port
 from tests.conftest import random_prompts
-from tests.soak import (Workload, counts, engine_pids, metric, parse_metric, replicas, rss_mib, soak,
-                        wait_all_free)
+from tests.soak import (Record, Workload, counts, engine_pids, metric, parse_metric, replicas, rss_mib,
+                        soak, stream_one, wait_all_free)
 from tests.waiting import async_wait_for, wait_for
 
 pytestmark = pytest.mark.slow
@@ -233,6 +233,7 @@ def test_burst_past_the_bounds_gets_429s_and_correct_completions(server, long_wo
 
 VICTIM_RANK = 0  # the rank whose engine process is killed; half the pinned clients pin to it
 AFTER_KILL_S = 20  # the load goes on this long after the kill: errors, then the replacement
+SENTINELS = 4  # long requests (90-110 tokens) pinned to the victim, mid-stream at the kill
 
 
 def _stable_replicas(url: str) -> dict:
@@ -246,26 +247,55 @@ def _stable_replicas(url: str) -> dict:
     return wait_for(stable, 120, "a stable replica set (ranks 0 and 1, one LLMServer process each)", 0.5)
 
 
-def test_killing_an_engine_replica_under_load(server, work):
+def _midstream(sentinels) -> list:
+    """Sentinels whose stream has started and has at least half its tokens still to come
+    (the engine is still generating them, not just flushing the last few)."""
+    return [s for s in sentinels if s.end == 0 and 0 < s.chunks < 45]
+
+
+async def _kill_when_busy(http, long_work, victim: int, pid: int, state: dict) -> None:
+    """Start SENTINELS long requests pinned to `victim`; kill `pid` once the engines' own
+    counters show both ranks busy and, at the instant of the kill, 2+ sentinels are still
+    mid-stream.
+    A round whose sentinels finish first is retried (they are short on a fast machine)."""
+    for _ in range(5):
+        sentinels = [Record(client=-1 - i, rank=victim, start=time.monotonic()) for i in range(SENTINELS)]
+        tasks = [asyncio.ensure_future(stream_one(http, long_work, s, i, False)) for i, s in enumerate(sentinels)]
+
+        async def busy():
+            running = parse_metric((await http.get("/metrics")).text, "num_requests_running")
+            done = all(s.end for s in sentinels)
+            ready = min(running.get(0, 0), running.get(1, 0)) >= 2 and len(_midstream(sentinels)) >= 2
+            return (running, done) if done or ready else None
+
+        state["running"], done = await async_wait_for(
+            busy, 60, f"2+ requests running on each rank, 2+ sentinels mid-stream on rank {victim}")
+        live = _midstream(sentinels)  # checked again and killed with no await between
+        if not done and len(live) >= 2:
+            state["kill"], state["sentinels"] = time.monotonic(), live
+            os.kill(pid, signal.SIGKILL)
+            await asyncio.gather(*tasks)
+            return
+        await asyncio.gather(*tasks)
+    pytest.fail(f"in 5 rounds, rank {victim}'s sentinels finished before 2+ were seen mid-stream "
+                f"(last round: {[(s.outcome, s.chunks) for s in sentinels]})")
+
+
+def test_killing_an_engine_replica_under_load(server, work, long_work):
     """kill -9 of one LLMServer process while 64 clients stream (48 pinned to a rank, half
     each; 16 unpinned): the survivor's pinned requests all succeed, the killed replica's
     in-flight ones get errors, and the replacement serves its rank again. The victim is the
     process that serves VICTIM_RANK (from /metrics' engine_info), killed only once that
-    engine's own counters show requests running on it."""
+    engine's own counters show requests running on it and long requests pinned to it are
+    mid-stream (they must end in errors)."""
     url, victim = server.url, VICTIM_RANK
     pids = _stable_replicas(url)
     state, samples, stop = {}, [], asyncio.Event()  # samples: (time, successes per rank)
 
     async def kill_and_watch():
         try:
-            async with httpx.AsyncClient(base_url=url, timeout=30, headers=AUTH) as http:
-                async def busy_victim():
-                    running = parse_metric((await http.get("/metrics")).text, "num_requests_running")
-                    return running if running.get(victim, 0) >= 2 else None
-
-                state["running"] = await async_wait_for(busy_victim, 60, f"2+ requests running on rank {victim}")
-                state["kill"] = time.monotonic()
-                os.kill(pids[victim], signal.SIGKILL)
+            async with httpx.AsyncClient(base_url=url, timeout=60, headers=AUTH) as http:
+                await _kill_when_busy(http, long_work, victim, pids[victim], state)
                 while time.monotonic() < state["kill"] + AFTER_KILL_S:
                     await asyncio.sleep(0.5)
                     samples.append((time.monotonic(), parse_metric((await http.get("/metrics")).text,
@@ -276,34 +306,26 @@ def test_killing_an_engine_replica_under_load(server, work):
     async def main():
         pin = (lambda c: c % 2 if c < 48 else None)
         watcher = asyncio.ensure_future(kill_and_watch())
-        report = await soak(url, work, clients=64, duration_s=120, pin=pin, stop=stop)
+        report = await soak(url, work, clients=64, duration_s=180, pin=pin, stop=stop)
         await watcher
         return report
 
     report = asyncio.run(main())
-    kill = state["kill"]
+    kill, inflight = state["kill"], state["sentinels"]
     by_rank = {r: [x for x in report.records if x.rank == r] for r in (0, 1)}
-    # Known bug (session 5 note): Serve's FIFOMixin, which the router uses, can hand a replica
-    # chosen for one request to another pending request, so a request pinned to the survivor
-    # may run on the victim and die with it. Such a request started before the kill and got
-    # engine_unavailable (the survivor never died); any other error on the survivor fails.
-    misrouted = [x for x in by_rank[1 - victim] if x.start < kill and x.outcome == "error:engine_unavailable"]
     odd = [(x.rank, x.outcome, x.detail, round(x.start - kill, 2), round(x.end - kill, 2))
-           for x in by_rank[1 - victim] if x.outcome not in ("ok", "disconnected") and x not in misrouted]
+           for x in by_rank[1 - victim] if x.outcome not in ("ok", "disconnected")]
     assert not odd and counts(by_rank[victim]).get("ok", 0) > 0, ({r: counts(v) for r, v in by_rank.items()}, odd[:5])
-    assert any(x.outcome.startswith("error") for x in by_rank[victim]), counts(by_rank[victim])
     assert not report.lost(), report.lost()[:5]
-    # in flight on the victim at the kill: pinned to its rank, or unpinned (the survivor's all succeeded)
-    inflight = [x for x in report.records if x.rank in (victim, None) and x.start < kill
-                and x.outcome.startswith("error")]
-    assert inflight, f"no request in flight on rank {victim} failed (engine counters at the kill: {state['running']})"
+    # the requests mid-stream on the victim at the kill all got errors, none hangs
+    assert all(x.outcome.startswith("error") for x in inflight), [(x.outcome, x.chunks) for x in inflight]
     latency = max(x.end - kill for x in inflight)
-    assert latency < 30, [x for x in inflight if x.end - kill >= 30][:3]  # none hangs
+    assert latency < 30, [x for x in inflight if x.end - kill >= 30][:3]
     recovery = _recovery_s(samples, victim, kill) or _wait_rank_serves(url, victim, kill)
-    print(f"\npinned to rank {1 - victim} but run on the victim (the FIFOMixin bug): {len(misrouted)}")
     print(f"\nkill -9 of rank {victim}'s engine (running per rank at the kill: {state['running']}) under "
-          f"64 clients: outcomes {report.counts()}; {len(inflight)} in flight on it, errors after <= "
-          f"{latency:.1f} s; rank {victim} serving again {recovery:.1f} s after the kill")
+          f"64 clients: outcomes {report.counts()}; {len(inflight)} long requests mid-stream on it, errors "
+          f"after <= {latency:.1f} s ({counts(inflight)}); rank {victim} serving again {recovery:.1f} s "
+          f"after the kill")
     _wait_all_free(url)
 
 

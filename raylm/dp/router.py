@@ -18,6 +18,14 @@ A request pinned to a DP rank goes to that rank; if no replica has it (it died s
 ingress checked), it is routed by load: waiting here would block every request behind it
 (Serve fulfils pending requests in order; measured: a kill test's replica came back after
 92 s instead of 16 s, with a tenth of the requests served).
+
+A choice serves the request it was made for (found by identity, not FIFO and not by id):
+FIFOMixin hands it to the oldest pending request, whatever rank that one is pinned to (the
+kill test caught requests pinned to the survivor dying on the killed replica), and Serve's
+default matches by internal request id, which every handle call made while serving one
+HTTP request shares (a multi-prompt completion's later prompts then waited forever). For
+the same reason the bookkeeping keys choices by request object and keeps a list of routings
+per request id.
 """
 from __future__ import annotations
 
@@ -26,10 +34,11 @@ import logging
 import random
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import ray
-from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
+from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
 from raylm.dp.coordinator import score
 
@@ -40,15 +49,23 @@ REPORT_LAG_S = 0.1  # a request routed this long before a report was computed is
 CHOSEN_TTL_S = 30.0  # a choice Serve never confirmed (rejected, cancelled) stops counting then
 
 
-class LeastLoadedRouter(FIFOMixin, RequestRouter):
+@dataclass
+class _Routed:
+    """A request Serve routed to replica `key`; `weight` is what it adds to that score."""
+    key: str
+    weight: int
+    at: float
+
+
+class LeastLoadedRouter(RequestRouter):
     def initialize_state(self, poll_timeout_s: float = 1.0) -> None:
         self._poll_timeout_s = poll_timeout_s
         self._table: Dict[str, Dict] = {}
         self._version = -1
         self._delta: Dict[str, int] = defaultdict(int)  # correction per replica since its last report
-        # request id -> (replica key, weight in _delta, when routed)
-        self._outstanding: Dict[str, Tuple[str, int, float]] = {}
-        self._chosen: Dict[str, Tuple[str, float]] = {}  # request id -> (replica key, when): unconfirmed
+        self._outstanding: Dict[str, List[_Routed]] = defaultdict(list)  # by internal request id
+        # id(pending request) -> (it, replica key, when): chosen, not yet confirmed by Serve
+        self._chosen: Dict[int, Tuple[PendingRequest, str, float]] = {}
         self._poller: Optional[asyncio.Task] = None
 
     def replica_score(self, replica: RunningReplica) -> int:
@@ -80,48 +97,61 @@ class LeastLoadedRouter(FIFOMixin, RequestRouter):
         return [r for r in replicas
                 if (self._table.get(r.replica_id.unique_id) or r.routing_stats or {}).get("dp_rank") == rank]
 
+    def _fulfill_next_pending_request(self, replica: RunningReplica, request_metadata=None) -> None:
+        """Give `replica` to the pending request it was chosen for (see the module doc)."""
+        for pr in self._pending_requests_to_fulfill:
+            if pr.metadata is request_metadata and not pr.future.done():
+                self._record_queue_wait_time(pr)
+                pr.future.set_result(replica)
+                self._remove_pending_request_from_indices(pr)
+                return
+
     def _choose(self, pending: Optional[PendingRequest], key: str) -> None:
         """Count the request at `key` now, before Serve confirms it (see the module doc)."""
         now = time.time()
-        for rid, (k, at) in list(self._chosen.items()):  # never confirmed: rejected or cancelled
+        for handle, (_, _, at) in list(self._chosen.items()):  # never confirmed: refused or cancelled
             if now - at > CHOSEN_TTL_S:
-                self._unchoose(rid)
+                self._unchoose(handle)
         if pending is None:
             return
-        rid = pending.metadata.internal_request_id
-        self._unchoose(rid)  # chosen again after a refusal
-        self._chosen[rid] = (key, now)
+        self._unchoose(id(pending))  # chosen again after a refusal
+        self._chosen[id(pending)] = (pending, key, now)  # holds it, so its id stays unique
         self._delta[key] += WAITING_WEIGHT
 
-    def _unchoose(self, rid: str) -> None:
-        key, _ = self._chosen.pop(rid, (None, 0.0))
+    def _unchoose(self, handle: int) -> None:
+        _, key, _ = self._chosen.pop(handle, (None, None, 0.0))
         if key is not None:
             self._delta[key] -= WAITING_WEIGHT
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: ReplicaResult) -> None:
         key, rid = replica_id.unique_id, pending_request.metadata.internal_request_id
-        self._unchoose(rid)  # the provisional count becomes the confirmed one, wherever it went
+        self._unchoose(id(pending_request))  # the provisional count becomes the confirmed one
         self._delta[key] += WAITING_WEIGHT
-        self._outstanding[rid] = (key, WAITING_WEIGHT, time.time())
+        self._outstanding[rid].append(_Routed(key, WAITING_WEIGHT, time.time()))
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        key, weight, _ = self._outstanding.pop(internal_request_id, (replica_id.unique_id, 1, 0.0))
-        self._delta[key] -= weight
+        key, routed = replica_id.unique_id, self._outstanding.get(internal_request_id, [])
+        done = next((x for x in routed if x.key == key), None)
+        if done is None:  # routed before this router knew it (e.g. it restarted)
+            self._delta[key] -= 1
+            return
+        routed.remove(done)
+        if not routed:
+            del self._outstanding[internal_request_id]
+        self._delta[key] -= done.weight
 
     def _absorb_report(self, key: str, computed_at: float) -> None:
         """A fresh report from `key` counts the requests routed there well before it was
         computed (their weight becomes the running slot it gave them); requests routed since
         keep their +4, or a burst would pile onto a replica whose report predates it."""
         counted_before = computed_at - REPORT_LAG_S
-        self._delta[key] = WAITING_WEIGHT * sum(1 for k, _ in self._chosen.values() if k == key)
-        for rid, (k, weight, routed_at) in list(self._outstanding.items()):
-            if k != key:
-                continue
-            if routed_at < counted_before:
-                self._outstanding[rid] = (k, 1, routed_at)
+        self._delta[key] = WAITING_WEIGHT * sum(1 for _, k, _ in self._chosen.values() if k == key)
+        for x in (x for routed in self._outstanding.values() for x in routed if x.key == key):
+            if x.at < counted_before:
+                x.weight = 1
             else:
-                self._delta[key] += weight
+                self._delta[key] += x.weight
 
     # ---- coordinator table ------------------------------------------------------
 
