@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from raylm.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig,
                           default_admin_api_key, default_api_key)
+from raylm.executor.placement import group_strategy, worker_bundle
 from raylm.serve.middleware import OPEN_PATHS
 
 INGRESS_HEADROOM = 64  # non-generation requests (health, metrics, tokenize) beside the admission bound
@@ -39,6 +40,9 @@ class ServeArgs(BaseModel):
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
     seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda (ModelConfig checks the values)
+    attention_backend: str = "auto"
+    gpu_memory_utilization: float = 0.9
     dp: int = Field(default=1, gt=0)
     tp: int = Field(default=1, gt=0)
     pp: int = Field(default=1, gt=0)
@@ -91,9 +95,10 @@ class ServeArgs(BaseModel):
     def engine_config(self) -> EngineConfig:
         cache = {"block_size": self.block_size, "kv_cache_memory": self.kv_cache_memory,
                  "num_blocks": self.num_blocks, "enable_prefix_caching": self.enable_prefix_caching,
-                 "kv_cache_dtype": self.kv_cache_dtype}
+                 "kv_cache_dtype": self.kv_cache_dtype, "gpu_memory_utilization": self.gpu_memory_utilization}
         return EngineConfig(
-            model=ModelConfig(model=self.model, dtype=self.dtype, max_model_len=self.max_model_len, seed=self.seed),
+            model=ModelConfig(model=self.model, dtype=self.dtype, max_model_len=self.max_model_len, seed=self.seed,
+                              device=self.device, attention_backend=self.attention_backend),
             cache=CacheConfig(**cache),
             scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
                                       max_waiting_requests=self.max_waiting_requests),
@@ -104,22 +109,27 @@ class ServeArgs(BaseModel):
                                     expert_placement=self.expert_placement))
 
     def replica_placement(self) -> Dict[str, Any]:
-        """Deployment options placing a replica: with TP/PP, a placement group whose bundle 0
-        is the replica and bundles 1..tp*pp its workers (the RayExecutor uses them in order);
-        PACK keeps a replica's workers on one node when they fit."""
+        """Deployment options placing a replica. Without TP/PP the replica runs the model
+        itself (one GPU on CUDA). With TP/PP, a placement group whose bundle 0 is the replica
+        and bundles 1..tp*pp its workers, one GPU each on CUDA (the RayExecutor uses them in
+        order); PACK keeps a replica's workers on one node when they fit, STRICT_PACK makes
+        a CUDA TP group share a node."""
         world = self.tp * self.pp
         if world == 1:
-            return {"ray_actor_options": {"num_cpus": self.num_cpus_per_replica}}
+            alone = worker_bundle(self.num_cpus_per_replica, self.device)
+            return {"ray_actor_options": {"num_cpus": alone["CPU"], "num_gpus": alone.get("GPU", 0)}}
         replica = {"CPU": max(self.num_cpus_per_replica, 0.01)}  # an empty bundle is not allowed
         return {"ray_actor_options": {"num_cpus": replica["CPU"]},
-                "placement_group_bundles": [replica] + [{"CPU": self.worker_num_cpus}] * world,
-                "placement_group_strategy": "PACK"}
+                "placement_group_bundles": [replica] + [worker_bundle(self.worker_num_cpus, self.device)] * world,
+                "placement_group_strategy": group_strategy(self.device, self.pp)}
 
     def replica_resources(self) -> Dict[str, float]:
         """What Ray must place for one more replica (the replica and its TP/PP workers)."""
         placement = self.replica_placement()
-        bundles = placement.get("placement_group_bundles") or [{"CPU": self.num_cpus_per_replica}]
-        return {"CPU": sum(b.get("CPU", 0.0) for b in bundles)}
+        actor = placement["ray_actor_options"]
+        bundles = placement.get("placement_group_bundles") or [{"CPU": actor["num_cpus"], "GPU": actor["num_gpus"]}]
+        totals = {k: sum(b.get(k, 0.0) for b in bundles) for k in ("CPU", "GPU")}
+        return {k: v for k, v in totals.items() if k == "CPU" or v}
 
     @property
     def max_replicas(self) -> int:

@@ -29,6 +29,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enable-expert-parallel", action="store_true", default=None,
                         help="MoE: whole experts spread over the EP ranks (the TP ranks; with "
                              "raylm serve --dp > 1, every replica's, in lockstep) instead of a slice of each")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                        help="where the model runs: auto (default) is CUDA when a GPU is visible, else CPU")
+    parser.add_argument("--attention-backend", default=None,
+                        help="paged attention: auto (default; per device) | torch (reference) | cpu (C kernel)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None,
+                        help="CUDA: fraction of GPU memory for weights, activations and KV cache (0.9)")
     parser.add_argument("--cpu-communicator", choices=["shm", "gloo"], default=None,
                         help="TP collectives on CPU: shared memory on one host (default) or gloo")
 
@@ -36,7 +42,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 def engine_kwargs(args: argparse.Namespace) -> dict:
     keys = ["dtype", "max_model_len", "kv_cache_memory", "block_size", "max_num_seqs",
             "max_num_batched_tokens", "enable_prefix_caching", "seed", "num_blocks", "kv_cache_dtype",
-            "tensor_parallel_size", "pipeline_parallel_size", "worker_num_cpus", "cpu_communicator", "enable_expert_parallel"]
+            "tensor_parallel_size", "pipeline_parallel_size", "worker_num_cpus", "cpu_communicator", "enable_expert_parallel",
+            "device", "attention_backend", "gpu_memory_utilization"]
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 

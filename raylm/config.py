@@ -69,9 +69,28 @@ class ModelConfig(_Config):
     # CPU GEMMs: "onednn" prepacks weights after loading (faster at decode batch sizes);
     # "torch" keeps plain F.linear (and the unpacked weights).
     cpu_linear: Literal["onednn", "torch"] = "onednn"
-    # CPU decode attention: "kernel" reads the paged cache in place (C, built at first use;
-    # falls back to torch if it cannot be built); "torch" gathers K/V then runs bmm's.
-    cpu_attention: Literal["kernel", "torch"] = "kernel"
+    # Where the model runs: "auto" is CUDA when this process sees a GPU, else the CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Paged attention (raylm.attention's registry): "auto" picks per device ("cpu": the
+    # compiled C decode kernel when it builds; "torch": the device-generic reference).
+    attention_backend: str = "auto"
+
+    @field_validator("attention_backend")
+    @classmethod
+    def _check_backend(cls, value: str) -> str:
+        from raylm.attention import attention_backend_names
+
+        if value not in attention_backend_names():
+            raise ValueError(f"attention_backend must be one of {attention_backend_names()} (got {value!r})")
+        return value
+
+    def torch_device(self) -> torch.device:
+        """The device this process runs the model on (resolves "auto" here, in the worker)."""
+        if self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available()):
+            if not torch.cuda.is_available():
+                raise ValueError("device='cuda' but this process sees no CUDA GPU")
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     @field_validator("dtype")
     @classmethod
@@ -95,6 +114,9 @@ class CacheConfig(_Config):
     kv_cache_memory: Union[float, int, str, None] = None
     num_blocks: Optional[int] = Field(default=None, gt=0)  # overrides kv_cache_memory (tests)
     enable_prefix_caching: bool = True
+    # CUDA: the fraction of the GPU's memory this worker may fill (weights, activations and
+    # KV cache; vLLM's option, same meaning). The CPU budget is kv_cache_memory.
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     # "auto": the model dtype. float32 spares the per-step upcast in CPU attention at 2x memory.
     kv_cache_dtype: str = "auto"
 

@@ -124,18 +124,19 @@ def smollm2_tokenizer(smollm2_path):
     return AutoTokenizer.from_pretrained(smollm2_path)
 
 
-def hf_greedy(path, prompts: List[List[int]], max_new_tokens: int) -> List[List[int]]:
-    """HF transformers greedy generation in fp32, one prompt at a time, EOS ignored."""
+def hf_greedy(path, prompts: List[List[int]], max_new_tokens: int, dtype=torch.float32,
+              device: str = "cpu") -> List[List[int]]:
+    """HF transformers greedy generation (fp32 unless told), one prompt at a time, EOS ignored."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     # ignore_eos semantics: EOS may be generated but does not stop generation. (HF's
     # min_new_tokens would instead forbid EOS, a different token when EOS is the argmax.)
     model.generation_config.eos_token_id = None
     outs = []
     with torch.inference_mode():
         for ids in prompts:
-            x = torch.tensor([ids])
+            x = torch.tensor([ids], device=device)
             y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
                                do_sample=False, pad_token_id=0)
             outs.append(y[0, len(ids):].tolist())

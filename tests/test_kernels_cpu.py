@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from raylm.attention import AttentionMetadata, create_attention_backend
 from raylm.kernels import cpu_paged_attention
-from raylm.models.attention import AttentionMetadata, PagedAttention
 
 pytestmark = pytest.mark.skipif(not cpu_paged_attention.available(), reason="no C compiler")
 
@@ -45,11 +45,11 @@ def test_kernel_equals_torch_and_dense(dtype, num_seqs, hq, hkv, d, bs):
     scale = d ** -0.5
     got = cpu_paged_attention.paged_decode(q, cache, tables, lens, scale)
     dense = _dense(q, cache, tables, lens, scale)
-    layer = PagedAttention(hq, hkv, d, scale)
-    layer.kv_cache = cache
+    # the cpu backend's torch path (the same layout, K transposed in each block)
+    backend = create_attention_backend("cpu", torch.device("cpu"), dtype)
     mask = (torch.arange(tables.shape[1] * bs) < lens.unsqueeze(1))[:, None, :]
-    meta = AttentionMetadata(torch.empty(0, dtype=torch.long), num_seqs, tables, lens, False, mask)
-    ref = layer._decode_torch(q.to(dtype), meta)
+    meta = AttentionMetadata(torch.empty(0, dtype=torch.long), num_seqs, tables, lens, mask)
+    ref = super(type(backend), backend).decode(q.to(dtype), cache, meta, scale)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got, dense, atol=tol, rtol=tol)
     torch.testing.assert_close(got, ref, atol=tol, rtol=tol)

@@ -1,10 +1,13 @@
 """Greedy fp32 outputs equal HF transformers token for token, across model families and
-through every scheduler path: batching, chunked prefill, preemption, prefix-cache hits."""
+through every scheduler path: batching, chunked prefill, preemption, prefix-cache hits;
+with each attention backend that runs on the CPU (the `torch` reference and `cpu`, the
+compiled decode kernel)."""
 from __future__ import annotations
 
 import pytest
 
 from raylm import LLM, SamplingParams
+from raylm.kernels import cpu_paged_attention
 from tests.conftest import assert_all_free, hf_greedy, make_tiny_model, random_prompts
 
 MAX_NEW = 12
@@ -19,14 +22,22 @@ def _run(llm, prompts, n=MAX_NEW):
     return [o.outputs[0].token_ids for o in outs]
 
 
+@pytest.fixture(params=["torch", "cpu"])
+def backend(request):
+    if request.param == "cpu" and not cpu_paged_attention.available():
+        pytest.skip("the cpu backend's kernel needs a C compiler")
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def prompts():
     return random_prompts(6, seed=1)
 
 
-def test_batch_equals_hf(tiny_model, prompts):
+def test_batch_equals_hf(tiny_model, prompts, backend):
     """Every family (Llama, Qwen2, Qwen3, Mixtral, Qwen3-MoE), batched, equals HF."""
-    llm = LLM(str(tiny_model), dtype="float32", num_blocks=64, max_model_len=256)
+    llm = LLM(str(tiny_model), dtype="float32", num_blocks=64, max_model_len=256, attention_backend=backend)
+    assert llm.engine.core.executor.collective_rpc("device_info") == [("cpu", backend)]
     assert _run(llm, prompts) == hf_greedy(tiny_model, prompts, MAX_NEW)
     assert_all_free(llm)
 
@@ -39,34 +50,34 @@ def test_mixed_batch_equals_one_by_one(tiny_llama, prompts):
     assert_all_free(llm)
 
 
-def test_chunked_prefill_equals_hf(tiny_llama):
+def test_chunked_prefill_equals_hf(tiny_llama, backend):
     """Tiny token budget: long prompts are prefilled in chunks, mixed with decodes."""
     prompts = random_prompts(4, seed=2, lo=40, hi=90)
     llm = LLM(str(tiny_llama), dtype="float32", num_blocks=64, max_model_len=256,
-              max_num_batched_tokens=16, long_prefill_token_threshold=16)
+              max_num_batched_tokens=16, long_prefill_token_threshold=16, attention_backend=backend)
     assert _run(llm, prompts) == hf_greedy(tiny_llama, prompts, MAX_NEW)
     assert_all_free(llm)
 
 
 @pytest.mark.parametrize("kind", ["llama", "mixtral"])
-def test_preemption_equals_plain(tiny_root, kind):
-    """A KV cache too small for the batch forces preemption by recompute; tokens unchanged."""
+def test_preemption_equals_plain(tiny_root, kind, backend):
+    """A KV cache too small for the batch forces preemption by recompute; tokens unchanged
+    (and equal HF's)."""
     path = make_tiny_model(tiny_root, kind)
     prompts = random_prompts(6, seed=3, lo=20, hi=40)
-    plain = LLM(str(path), dtype="float32", num_blocks=128, max_model_len=128)
-    expected = _run(plain, prompts, 24)
-    tight = LLM(str(path), dtype="float32", num_blocks=16, block_size=8, max_model_len=128)
-    assert _run(tight, prompts, 24) == expected
+    tight = LLM(str(path), dtype="float32", num_blocks=16, block_size=8, max_model_len=128,
+                attention_backend=backend)
+    assert _run(tight, prompts, 24) == hf_greedy(path, prompts, 24)
     assert tight.engine.core.scheduler.num_preemptions > 0, "the test did not force a preemption"
     assert_all_free(tight)
 
 
-def test_prefix_cache_hits_equal_plain(tiny_llama):
+def test_prefix_cache_hits_equal_hf(tiny_llama, backend):
     shared = random_prompts(1, seed=4, lo=48, hi=49)[0]
     prompts = [shared + tail for tail in random_prompts(4, seed=5, lo=3, hi=10)]
-    plain = LLM(str(tiny_llama), dtype="float32", num_blocks=64, max_model_len=256, enable_prefix_caching=False)
-    expected = _run(plain, prompts)
-    cached = LLM(str(tiny_llama), dtype="float32", num_blocks=64, max_model_len=256, block_size=16)
+    expected = hf_greedy(tiny_llama, prompts, MAX_NEW)
+    cached = LLM(str(tiny_llama), dtype="float32", num_blocks=64, max_model_len=256, block_size=16,
+                 attention_backend=backend)
     first = _run(cached, prompts[:1])
     rest = cached.generate([{"prompt_token_ids": p} for p in prompts[1:]], _greedy(), use_tqdm=False)
     assert first + [o.outputs[0].token_ids for o in rest] == expected

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+from raylm.config import EngineConfig
+
 from raylm.deployments.openai import ServeArgs
 
 
@@ -57,6 +59,26 @@ def test_kv_cache_dtype_reaches_the_engine_config():
         ServeArgs(kv_cache_dtype="int3").engine_config()
 
 
+@pytest.mark.parametrize("flags, field, value", [
+    (["--device", "cpu"], "device", "cpu"),
+    (["--attention-backend", "torch"], "attention_backend", "torch"),
+    (["--gpu-memory-utilization", "0.5"], "gpu_memory_utilization", 0.5),
+])
+def test_device_options_reach_the_engine_config_from_the_cli_and_llm(flags, field, value):
+    from raylm.cli import build_parser, engine_kwargs
+    from raylm.llm import build_engine_config
+    from raylm.serve.launcher import serve_args
+
+    def read(config):
+        return getattr(config.cache if field == "gpu_memory_utilization" else config.model, field)
+
+    assert read(serve_args(build_parser().parse_args(["serve", *flags])).engine_config()) == value
+    assert read(build_engine_config(**engine_kwargs(build_parser().parse_args(["generate", "x", *flags])))) == value
+    assert read(build_engine_config(**{field: value})) == value
+    default = read(EngineConfig())
+    assert read(ServeArgs().engine_config()) == default == read(serve_args(build_parser().parse_args(["serve"])).engine_config())
+
+
 def test_admin_key_defaults_to_its_own_environment_variable(monkeypatch):
     monkeypatch.setenv("RAYLM_API_KEY", "sk-inference")
     monkeypatch.delenv("RAYLM_ADMIN_API_KEY", raising=False)
@@ -75,3 +97,19 @@ def test_admin_key_defaults_to_its_own_environment_variable(monkeypatch):
 def test_bad_limits_are_clear_errors(fields, word):
     with pytest.raises(ValueError, match=word):
         ServeArgs(**fields)
+
+
+def test_cuda_replicas_ask_ray_for_one_gpu_per_worker():
+    """device='cuda': a TP=1 replica holds one GPU; a TP/PP replica's workers one each, a
+    TP-only group packed onto one node. CPU replicas ask for none."""
+    alone = ServeArgs(device="cuda").replica_placement()
+    assert alone["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1}
+    tp = ServeArgs(device="cuda", tp=2, num_cpus_per_replica=0.5).replica_placement()
+    assert tp["placement_group_bundles"] == [{"CPU": 0.5}, {"CPU": 1.0, "GPU": 1}, {"CPU": 1.0, "GPU": 1}]
+    assert tp["placement_group_strategy"] == "STRICT_PACK" and "num_gpus" not in tp["ray_actor_options"]
+    assert ServeArgs(device="cuda", tp=2, pp=2).replica_placement()["placement_group_strategy"] == "PACK"
+    assert ServeArgs(device="cuda", tp=2).replica_resources() == {"CPU": 3.0, "GPU": 2}
+    cpu = ServeArgs(device="cpu", tp=2)
+    assert all("GPU" not in b for b in cpu.replica_placement()["placement_group_bundles"])
+    assert cpu.replica_resources() == {"CPU": 3.0}
+    assert ServeArgs(device="cpu").replica_placement()["ray_actor_options"]["num_gpus"] == 0

@@ -39,8 +39,10 @@ class EngineCore:
             raise ValueError(f"max_model_len ({max_model_len}) exceeds the KV cache ({capacity} tokens in "
                              f"{num_blocks} blocks): raise kv_cache_memory or lower max_model_len")
         gib = num_blocks * self.executor.kv_bytes_per_block() / (1 << 30)
-        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); %.1fx max_model_len %d",
-                    num_blocks, block_size, capacity, gib, capacity / max_model_len, max_model_len)
+        device, backend = self.executor.collective_rpc("device_info")[0]
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); %.1fx max_model_len %d; "
+                    "device %s, attention backend %s", num_blocks, block_size, capacity, gib,
+                    capacity / max_model_len, max_model_len, device, backend)
         self.num_blocks = num_blocks
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, max_model_len)
         pp = config.parallel.pipeline_parallel_size

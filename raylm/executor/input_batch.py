@@ -7,8 +7,8 @@ from typing import Dict, List
 
 import torch
 
+from raylm.attention import AttentionMetadata, BaseAttentionBackend, PrefillSeq, to_device
 from raylm.engine.sched_output import SchedulerOutput
-from raylm.models.attention import AttentionMetadata, PrefillSeq
 from raylm.sampling_params import SamplingParams
 
 
@@ -32,14 +32,17 @@ class StepInputs:
     positions: torch.Tensor
     meta: AttentionMetadata
     req_ids: List[str]  # batch order (decodes first)
-    logits_rows: List[int]  # hidden-state row per request that samples this step
+    logits_rows: torch.Tensor  # hidden-state row per request that samples this step
     sample_req_ids: List[str]
 
 
 class InputBatch:
-    def __init__(self, block_size: int, decode_kernel: bool = False) -> None:
+    """Builds each step's tensors on the host, then copies them to the backend's device once
+    (pinned, non-blocking on CUDA); the backend completes the attention metadata."""
+
+    def __init__(self, block_size: int, backend: BaseAttentionBackend) -> None:
         self.block_size = block_size
-        self.decode_kernel = decode_kernel
+        self.backend = backend
         self.requests: Dict[str, CachedRequestState] = {}
 
     def update(self, sched: SchedulerOutput) -> None:
@@ -78,10 +81,12 @@ class InputBatch:
             state.num_computed_tokens = start + n
         meta = AttentionMetadata(torch.tensor(slots, dtype=torch.long), len(decode_states), prefills=prefills)
         if decode_states:
-            meta.decode_block_table, meta.decode_lens, meta.decode_mask = self._decode_tables(decode_states)
-            meta.decode_kernel = self.decode_kernel
-        return StepInputs(torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
-                          meta, order, logits_rows, sample_ids)
+            meta.decode_block_table, meta.decode_lens = self._decode_tables(decode_states)
+        device = self.backend.device
+        return StepInputs(to_device(torch.tensor(ids, dtype=torch.long), device),
+                          to_device(torch.tensor(positions, dtype=torch.long), device),
+                          self.backend.build_metadata(meta, self.block_size), order,
+                          to_device(torch.tensor(logits_rows, dtype=torch.long), device), sample_ids)
 
     def _slot(self, block_ids: List[int], pos: int) -> int:
         return block_ids[pos // self.block_size] * self.block_size + pos % self.block_size
@@ -90,10 +95,9 @@ class InputBatch:
         return torch.tensor(block_ids[:-(-length // self.block_size)], dtype=torch.long)
 
     def _decode_tables(self, states: List[CachedRequestState]):
-        """[D, nb] block tables (padded with block 0, never read past each length), lengths,
-        and a [D, 1, L] mask for the torch path. num_computed_tokens already counts this step's token."""
-        lens = torch.tensor([s.num_computed_tokens for s in states], dtype=torch.long)
-        nb = -(-int(lens.max()) // self.block_size)
+        """[D, nb] block tables (padded with block 0, never read past each length) and
+        lengths. num_computed_tokens already counts this step's token."""
+        lens = [s.num_computed_tokens for s in states]
+        nb = -(-max(lens) // self.block_size)
         table = [s.block_ids[:nb] + [0] * (nb - min(nb, len(s.block_ids))) for s in states]
-        mask = None if self.decode_kernel else (torch.arange(nb * self.block_size) < lens.unsqueeze(1))[:, None, :]
-        return torch.tensor(table, dtype=torch.long), lens, mask
+        return torch.tensor(table, dtype=torch.long), torch.tensor(lens, dtype=torch.long)

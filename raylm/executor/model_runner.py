@@ -8,12 +8,12 @@ from typing import Dict, List, Optional
 import psutil
 import torch
 
+from raylm.attention import AttentionMetadata, KVCachePool, PrefillSeq, create_attention_backend
 from raylm.config import EngineConfig, parse_memory
 from raylm.engine.sampler import Sampler, SamplingInput
-from raylm.kernels import cpu_paged_attention
 from raylm.engine.sched_output import ModelRunnerOutput, SchedulerOutput
 from raylm.executor.input_batch import InputBatch, StepInputs
-from raylm.models.attention import AttentionMetadata, PagedAttention, PrefillSeq
+from raylm.models.attention import PagedAttention
 from raylm.models.layers import prepack_linears
 from raylm.models.loader import load_hf_config, load_model
 from raylm.models.parallel_state import CommClock, get_ep_group, get_pp_group, get_tp_group
@@ -29,22 +29,24 @@ class ModelRunner:
         self.dtype = config.model.torch_dtype
         self.kv_dtype = config.cache.torch_kv_dtype(self.dtype)
         self.block_size = config.cache.block_size
-        use_kernel = config.model.cpu_attention == "kernel" and cpu_paged_attention.available()
-        self.batch = InputBatch(self.block_size, decode_kernel=use_kernel)
+        self.device = config.model.torch_device()
+        self.backend = create_attention_backend(config.model.attention_backend, self.device, self.kv_dtype)
+        self.batch = InputBatch(self.block_size, self.backend)
         self.sampler = Sampler()
         self.model = None
-        self.kv_caches: List[torch.Tensor] = []
+        self.kv_pool: Optional[KVCachePool] = None
         self.last_step_times: Dict[str, float] = {}  # seconds per phase of the latest step (bench step)
 
     def load_model(self) -> None:
-        self.model = load_model(self.model_path, self.hf_config, self.dtype)
-        if self.config.model.cpu_linear == "onednn":
+        self.model = load_model(self.model_path, self.hf_config, self.dtype, self.device)
+        if self.device.type == "cpu" and self.config.model.cpu_linear == "onednn":
             prepack_linears(self.model)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
 
     def kv_bytes_per_block(self) -> int:
         a = self.attn_layers[0]
-        return 2 * len(self.attn_layers) * self.block_size * a.num_kv_heads * a.head_dim * self.kv_dtype.itemsize
+        return KVCachePool.bytes_per_block(self.backend, len(self.attn_layers), self.block_size, a.num_kv_heads,
+                                           a.head_dim, self.kv_dtype)
 
     def determine_num_blocks(self) -> int:
         """Blocks that fit the budget: `num_blocks` if set, else `kv_cache_memory` (bytes, or a
@@ -55,6 +57,8 @@ class ModelRunner:
         cache = self.config.cache
         if cache.num_blocks:
             return cache.num_blocks
+        if self.device.type == "cuda":
+            return max(1, self._cuda_kv_budget() // self.kv_bytes_per_block())
         budget = parse_memory(cache.kv_cache_memory) if cache.kv_cache_memory is not None else None
         available = psutil.virtual_memory().available
         if budget is None:
@@ -63,12 +67,32 @@ class ModelRunner:
             budget = int(budget * available)
         return max(1, budget // self.kv_bytes_per_block())
 
+    def _cuda_kv_budget(self) -> int:
+        """vLLM's rule: gpu_memory_utilization of the GPU's memory, less what this process
+        peaks at in a forward of max_num_batched_tokens (weights, activations) and what other
+        processes hold. Profiled with a zero-block cache (a fresh prefill reads none)."""
+        self.init_kv_cache(0)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        tokens = min(self.config.scheduler.max_num_batched_tokens, self.hf_config.max_position_embeddings)
+        self._forward(dummy_step(self.device, tokens))
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        others = total - free - torch.cuda.memory_reserved(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        budget = int(total * self.config.cache.gpu_memory_utilization) - peak - others
+        if budget <= 0:
+            raise ValueError(f"no GPU memory left for the KV cache: gpu_memory_utilization="
+                             f"{self.config.cache.gpu_memory_utilization} of {total >> 20} MiB, this process "
+                             f"peaks at {peak >> 20} MiB, other processes hold {others >> 20} MiB")
+        return budget
+
     def init_kv_cache(self, num_blocks: int) -> None:
-        self.kv_caches = []
-        for layer in self.attn_layers:
-            shape = (2, layer.num_kv_heads, num_blocks, self.block_size, layer.head_dim)
-            layer.kv_cache = lazy_zeros(shape, self.kv_dtype)
-            self.kv_caches.append(layer.kv_cache)
+        a = self.attn_layers[0]
+        self.kv_pool = KVCachePool(self.backend, len(self.attn_layers), num_blocks, self.block_size,
+                                   a.num_kv_heads, a.head_dim, self.kv_dtype)
+        for i, layer in enumerate(self.attn_layers):
+            layer.bind(self.kv_pool, i)
 
     @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
@@ -80,7 +104,7 @@ class ModelRunner:
             busy = ep.begin_step(max(1, sched.total_num_scheduled_tokens), sched.dp_unfinished)
             if busy == 0 or sched.is_empty:
                 if busy:
-                    self._forward(dummy_step())  # join every collective of the busy ranks' step
+                    self._forward(dummy_step(self.device))  # join every collective of the busy ranks' step
                 return ModelRunnerOutput({}, timings={"dummy": clock.since_start(), "comm": CommClock.take()},
                                          dp_unfinished=busy)
         elif sched.is_empty:
@@ -126,22 +150,14 @@ class ModelRunner:
         return SamplingInput(state.sampling_params, state.prompt_token_ids, state.output_token_ids)
 
 
-def dummy_step() -> StepInputs:
-    """A lockstep dummy forward: one token at position 0 that attends to itself and writes
-    no KV (it owns no cache slot). It makes every collective call a real step makes."""
-    meta = AttentionMetadata(torch.zeros(1, dtype=torch.long), prefills=[PrefillSeq(0, 1, 1, None)], store_kv=False)
-    return StepInputs(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), meta, [], [], [])
-
-
-def lazy_zeros(shape, dtype: torch.dtype) -> torch.Tensor:
-    """A zero tensor whose pages the OS maps on first write: numpy's zeros is calloc, which
-    takes fresh zero pages for large sizes, where torch.zeros writes every byte at once.
-    So a replica's resident KV memory follows what it has used, not its whole budget."""
-    import numpy as np
-
-    item = torch.tensor([], dtype=dtype).element_size()
-    raw = np.zeros(shape, dtype={4: np.float32, 2: np.int16, 1: np.int8}[item])
-    return torch.from_numpy(raw).view(dtype)
+def dummy_step(device: torch.device, num_tokens: int = 1) -> StepInputs:
+    """A forward that writes no KV (it owns no cache slot): one fresh causal prefill of
+    `num_tokens` at positions 0.. . With one token it is the lockstep dummy step (it makes
+    every collective call a real step makes); with many, the KV-budget profiling forward."""
+    ids = torch.arange(num_tokens, device=device) % 2  # any valid token ids
+    meta = AttentionMetadata(torch.zeros(num_tokens, dtype=torch.long, device=device),
+                             prefills=[PrefillSeq(0, num_tokens, num_tokens, None)], store_kv=False)
+    return StepInputs(ids, torch.arange(num_tokens, device=device), meta, [], torch.zeros(0, dtype=torch.long), [])
 
 
 class _PhaseClock:

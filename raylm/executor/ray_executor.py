@@ -19,6 +19,7 @@ from typing import Any, List, Sequence
 
 from raylm.engine.sched_output import ModelRunnerOutput, SchedulerOutput
 from raylm.executor.base import Executor
+from raylm.executor.placement import group_strategy, worker_bundle
 from raylm.executor.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -55,9 +56,9 @@ class RayExecutor(Executor):
         self.driver_rank = (par.pipeline_parallel_size - 1) * par.tensor_parallel_size
         self._own_pg = None
         self.group_id = uuid.uuid4().hex[:8]
-        pg, first = self._placement_group(par.worker_num_cpus)
-        self.workers = [self._start_worker(pg, first + rank, rank, par.worker_num_cpus)
-                        for rank in range(self.world)]
+        self.bundle = worker_bundle(par.worker_num_cpus, config.model.device)
+        pg, first = self._placement_group()
+        self.workers = [self._start_worker(pg, first + rank, rank) for rank in range(self.world)]
         self.rendezvous = self._wait([self.workers[0].rendezvous_address.remote()], STARTUP_TIMEOUT_S)[0]
 
     def init_device_args(self):
@@ -65,7 +66,7 @@ class RayExecutor(Executor):
 
     # ---- placement ---------------------------------------------------------------
 
-    def _placement_group(self, cpus: float):
+    def _placement_group(self):
         """(placement group, index of the first worker bundle)."""
         import ray
         from ray.util import get_current_placement_group
@@ -74,24 +75,27 @@ class RayExecutor(Executor):
         current = get_current_placement_group()
         if current is not None and len(current.bundle_specs) > self.world:
             return current, len(current.bundle_specs) - self.world  # a Serve replica's bundles
-        pg = placement_group([{"CPU": cpus}] * self.world, strategy="PACK")
+        strategy = group_strategy(self.config.model.device, self.config.parallel.pipeline_parallel_size)
+        pg = placement_group([self.bundle] * self.world, strategy=strategy)
         try:
             ray.get(pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
             ray.util.remove_placement_group(pg)
+            free = {k: ray.available_resources().get(k, 0) for k in self.bundle}
             raise RuntimeError(
-                f"cannot place {self.world} workers x {cpus} CPU within {PLACEMENT_TIMEOUT_S:.0f} s: the cluster "
-                f"has {ray.available_resources().get('CPU', 0)} CPUs free (lower worker_num_cpus or add nodes)")
+                f"cannot place {self.world} workers x {self.bundle} ({strategy}) within {PLACEMENT_TIMEOUT_S:.0f} s: "
+                f"the cluster has {free} free (lower worker_num_cpus or add nodes)")
         self._own_pg = pg
         return pg, 0
 
-    def _start_worker(self, pg, bundle: int, rank: int, cpus: float):
+    def _start_worker(self, pg, bundle: int, rank: int):
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle)
         # named so operators (and the fault tests) can find a replica's workers in `ray list actors`
-        actor = ray.remote(Worker).options(num_cpus=cpus, scheduling_strategy=strategy, max_restarts=0,
+        actor = ray.remote(Worker).options(num_cpus=self.bundle["CPU"], num_gpus=self.bundle.get("GPU", 0),
+                                           scheduling_strategy=strategy, max_restarts=0,
                                            name=f"raylm_worker:{self.group_id}:{rank}")
         return actor.remote(self.config, self.model_path, rank)
 

@@ -35,19 +35,25 @@ class Worker:
         threads = num_threads()
         if threads:
             torch.set_num_threads(threads)
-        # Subnormal floats take microcode assists on x86: flushing them to zero measured
-        # ~10% more decode throughput here (SmolLM2, fp32 and bf16). The setting belongs to
-        # this thread (the one that steps the engine in Serve replicas and Ray workers), so
-        # code on it also reads a subnormal JSON number as 0.
-        torch.set_flush_denormal(True)
+        device = self.config.model.torch_device()
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        else:
+            # CPU only: subnormal floats take microcode assists on x86, and flushing them to
+            # zero measured ~10% more decode throughput here (SmolLM2, fp32 and bf16). The
+            # setting belongs to this thread (the one that steps the engine in Serve replicas
+            # and Ray workers), so code on it also reads a subnormal JSON number as 0.
+            torch.set_flush_denormal(True)
         torch.manual_seed(self.config.model.seed)
         par = self.config.parallel
-        if par.world_size > 1:
+        if par.world_size > 1:  # the world group (gloo) carries control messages on any device
             init_world("gloo", rendezvous, self.rank, par.world_size)
-            init_parallel_groups("cpu", par.tensor_parallel_size, par.pipeline_parallel_size,
+            init_parallel_groups(device.type, par.tensor_parallel_size, par.pipeline_parallel_size,
                                  par.pipeline_layer_split, par.cpu_communicator, par.enable_expert_parallel,
                                  par.expert_placement)
         if par.expert_dp:
+            if device.type != "cpu":
+                raise ValueError("expert parallelism across DP replicas runs on CPU only so far")
             self._join_expert_dp(par.data_parallel_rank, par.data_parallel_size, par.data_parallel_store,
                                  par.data_parallel_group, par.expert_placement)
         self.runner = ModelRunner(self.config, self.model_path)
@@ -82,6 +88,10 @@ class Worker:
 
     def init_kv_cache(self, num_blocks: int) -> None:
         self.runner.init_kv_cache(num_blocks)
+
+    def device_info(self) -> Tuple[str, str]:
+        """(device, attention backend name) this worker runs on, e.g. ("cpu", "cpu")."""
+        return str(self.runner.device), self.runner.backend.name
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(sched)

@@ -74,14 +74,16 @@ def iter_safetensors(path: str, keep=None) -> Iterator[Tuple[str, CheckpointTens
                     yield name, CheckpointTensor(f, name)
 
 
-def load_model(path: str, hf_config, dtype: torch.dtype) -> torch.nn.Module:
-    """Build the registered class for `hf_config` in `dtype` and fill it from the checkpoint.
+def load_model(path: str, hf_config, dtype: torch.dtype, device=None) -> torch.nn.Module:
+    """Build the registered class for `hf_config` in `dtype` on `device` (default CPU) and
+    fill it from the checkpoint (each tensor read on the host, copied once to the device).
     Every parameter must be loaded; a missing one is an error, not random weights."""
     cls = get_model_class(hf_config)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        model = cls(hf_config)
+        with torch.device(device or "cpu"):
+            model = cls(hf_config)
     finally:
         torch.set_default_dtype(old)
     loaded = model.load_weights(iter_safetensors(path, keep=getattr(model, "wants_weight", None)))

@@ -36,6 +36,7 @@ class FusedMoE(nn.Module):
                 raise ValueError(f"moe intermediate size {intermediate} is not divisible by tp {self.tp.size}")
             self.experts, self.local_i, self.shard = list(range(num_experts)), intermediate // self.tp.size, self.tp.rank
         self.slot = {e: i for i, e in enumerate(self.experts)}  # global expert id -> row in w13/w2
+        self._slot_of: Optional[torch.Tensor] = None  # the same as a device tensor (see _slots)
         self.gate = nn.Linear(hidden, num_experts, bias=False)
         self.gate.weight.requires_grad_(False)
         self.w13 = _param(len(self.experts), 2 * self.local_i, hidden)
@@ -60,12 +61,15 @@ class FusedMoE(nn.Module):
     def assign_experts(self, experts) -> None:
         """Hold `experts` (whole, EP) from now on: fresh, unloaded storage for them (a re-formed
         EP group moves experts; the caller reloads their weights)."""
-        dtype, hidden = self.w13.dtype, self.w13.shape[2]
+        dtype, hidden, device = self.w13.dtype, self.w13.shape[2], self.w13.device
         self.experts = list(experts)
         self.slot = {e: i for i, e in enumerate(self.experts)}
         n = len(self.experts)
-        self.w13 = nn.Parameter(torch.empty(n, 2 * self.local_i, hidden, dtype=dtype), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(n, hidden, self.local_i, dtype=dtype), requires_grad=False)
+        self.w13 = nn.Parameter(torch.empty(n, 2 * self.local_i, hidden, dtype=dtype, device=device),
+                                requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(n, hidden, self.local_i, dtype=dtype, device=device),
+                               requires_grad=False)
+        self._slot_of = None  # rebuilt for the new experts at the next forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ep = get_ep_group()
@@ -74,18 +78,33 @@ class FusedMoE(nn.Module):
         out = ep.combine(self._experts_out(ep.dispatch(x)).to(x.dtype))  # every replica's tokens
         return self.tp.all_reduce(out)
 
+    def _slots(self, device: torch.device) -> torch.Tensor:
+        """[num_experts] -> this rank's slot of each expert, or n (past the last) if not ours."""
+        if self._slot_of is None or self._slot_of.device != device:
+            n = len(self.experts)
+            table = [self.slot.get(e, n) for e in range(self.num_experts)]
+            self._slot_of = torch.tensor(table, dtype=torch.long, device=device)
+        return self._slot_of
+
     def _experts_out(self, x: torch.Tensor) -> torch.Tensor:
-        """fp32 sum over this rank's experts of weight * expert(x), per token."""
+        """fp32 sum over this rank's experts of weight * expert(x), per token. The (token,
+        expert) pairs are sorted by expert: one gather of their rows, each expert's MLP on a
+        contiguous run, one weighted scatter-add back; one host sync (the run lengths)."""
         weights, experts = self.route(x)
-        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
-        for e in experts.unique().tolist():  # loop over experts that got tokens (ours, with EP)
-            if e not in self.slot:
-                continue
-            token_idx, slot = (experts == e).nonzero(as_tuple=True)
-            h = F.linear(x[token_idx], self.w13[self.slot[e]])
-            gate, up = h.chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.w2[self.slot[e]])
-            out.index_add_(0, token_idx, y.float() * weights[token_idx, slot].unsqueeze(-1))
+        slots = self._slots(x.device)[experts.flatten()]  # [T * top_k]
+        order = torch.argsort(slots, stable=True)
+        runs = torch.bincount(slots, minlength=len(self.experts) + 1)[:len(self.experts)].tolist()
+        order = order[:sum(runs)]  # pairs routed to other ranks' experts sort last: dropped
+        tokens = order // self.top_k
+        xs, ys, start = x[tokens], [], 0
+        for i, count in enumerate(runs):
+            if count:
+                gate, up = F.linear(xs[start:start + count], self.w13[i]).chunk(2, dim=-1)
+                ys.append(F.linear(F.silu(gate) * up, self.w2[i]))
+            start += count
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        if ys:
+            out.index_add_(0, tokens, torch.cat(ys).float() * weights.flatten()[order].unsqueeze(-1))
         return out
 
 

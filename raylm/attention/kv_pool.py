@@ -1,0 +1,45 @@
+"""The paged KV cache of one worker: every attention layer's blocks in one buffer.
+
+The pool owns the device, the dtype, the layout (the attention backend's `kv_shape`), the
+allocation and the writes (`store_kv`); layers read their slice through `layer(i)`. On CPU
+the buffer comes from calloc (numpy zeros): the OS maps zero pages on first write, so a
+replica's resident memory follows what it has used, not its whole budget. On CUDA it is
+one `torch.empty` (blocks are always written before they are read).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from raylm.attention.base import BaseAttentionBackend
+
+
+class KVCachePool:
+    def __init__(self, backend: BaseAttentionBackend, num_layers: int, num_blocks: int, block_size: int,
+                 num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        self.backend, self.device, self.dtype = backend, backend.device, dtype
+        self.num_blocks, self.block_size = num_blocks, block_size
+        shape = (num_layers, *backend.kv_shape(num_blocks, block_size, num_kv_heads, head_dim))
+        self.buffer = lazy_zeros(shape, dtype) if self.device.type == "cpu" else \
+            torch.empty(shape, dtype=dtype, device=self.device)
+
+    @staticmethod
+    def bytes_per_block(backend: BaseAttentionBackend, num_layers: int, block_size: int, num_kv_heads: int,
+                        head_dim: int, dtype: torch.dtype) -> int:
+        return num_layers * math.prod(backend.kv_shape(1, block_size, num_kv_heads, head_dim)) * dtype.itemsize
+
+    def layer(self, i: int) -> torch.Tensor:
+        return self.buffer[i]
+
+    def store_kv(self, i: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        self.backend.store_kv(self.buffer[i], k, v, slots)
+
+
+def lazy_zeros(shape, dtype: torch.dtype) -> torch.Tensor:
+    """A zero CPU tensor whose pages the OS maps on first write: numpy's zeros is calloc,
+    which takes fresh zero pages for large sizes, where torch.zeros writes every byte."""
+    import numpy as np
+
+    raw = np.zeros(shape, dtype={4: np.float32, 2: np.int16, 1: np.int8}[dtype.itemsize])
+    return torch.from_numpy(raw).view(dtype)
