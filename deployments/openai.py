@@ -11,50 +11,60 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from raylm.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig,
-                          default_admin_api_key, default_api_key)
+from raylm.config import EngineConfig, default_admin_api_key, default_api_key
 from raylm.executor.placement import group_strategy, worker_bundle
+from raylm.options import EngineArgs
 from raylm.serve.middleware import OPEN_PATHS
 
 INGRESS_HEADROOM = 64  # non-generation requests (health, metrics, tokenize) beside the admission bound
 INGRESS_SHUTDOWN_MARGIN_S = 10.0
 
 
-class ServeArgs(BaseModel):
-    """The builder's options (the CLI's, with underscores). Strings from `serve run k=v`
-    are coerced by pydantic."""
+class ServeArgs(EngineArgs):
+    """The builder's options: every engine option (raylm.options, declared once in
+    raylm.config) plus the serving ones below, which is what `raylm serve` flags and YAML
+    `args:` hold (underscored). Strings from `serve run k=v` are coerced by pydantic."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
 
-    model: str = "smollm2-135m-instruct"
-    served_model_name: Optional[str] = None
-    dtype: str = "bfloat16"
-    max_model_len: Optional[int] = None
-    kv_cache_memory: Optional[str] = None
-    num_blocks: Optional[int] = None
-    kv_cache_dtype: str = "auto"  # "auto": the model dtype (CacheConfig checks the value)
-    block_size: int = 16
-    max_num_seqs: int = 128
-    max_num_batched_tokens: int = 2048
-    enable_prefix_caching: bool = True
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda (ModelConfig checks the values)
-    attention_backend: str = "auto"
-    gpu_memory_utilization: float = 0.9
-    dp: int = Field(default=1, gt=0)
-    tp: int = Field(default=1, gt=0)
-    pp: int = Field(default=1, gt=0)
-    num_cpus_per_replica: float = Field(default=1.0, ge=0)
-    worker_num_cpus: float = Field(default=1.0, gt=0)  # per TP/PP worker actor (tp * pp > 1)
-    cpu_communicator: str = "shm"
-    enable_expert_parallel: bool = False
-    expert_placement: Optional[List[int]] = None
+    served_model_name: Optional[str] = Field(None, description="the model's name in the API (default: --model)")
+    dp: int = Field(1, gt=0, description="data-parallel engine replicas")
+    num_cpus_per_replica: float = Field(1.0, ge=0, description="CPUs Ray reserves for each engine replica")
     # Serve autoscaling of the dense DP replica set, in Serve's own shape (min_replicas,
     # max_replicas, target_ongoing_requests, upscale_delay_s, ...); replaces a fixed dp.
     # `raylm serve --autoscale MIN:MAX` fills it.
     autoscaling_config: Optional[Dict[str, Any]] = None
+    # The engine's default is unbounded (the offline LLM queues all its prompts at once).
+    max_waiting_requests: Optional[int] = Field(
+        256, gt=0, description="requests waiting in each replica's queue; past it 429 + Retry-After")
+    # kept out of repr (and logs)
+    api_key: Optional[str] = Field(
+        default_factory=default_api_key, repr=False,
+        description="require 'Authorization: Bearer KEY' on every route but --open-paths (default: "
+                    "$RAYLM_API_KEY, which keeps the key out of the process list)")
+    open_paths: List[str] = Field(
+        default_factory=lambda: list(OPEN_PATHS),
+        description="routes open without the key (default: /health /ping /version; add /metrics to open it)")
+    max_body_bytes: int = Field(1 << 20, gt=0, description="larger request bodies get 413")
+    max_ongoing_requests: int = Field(
+        1024, gt=0, description="engine requests in flight in the app; past it 429 + Retry-After")
+    request_timeout: Optional[float] = Field(
+        None, gt=0, description="abort a request this many seconds after it arrived (408); default: no limit")
+    shutdown_timeout: float = Field(
+        30.0, ge=0, description="on SIGTERM (or a redeploy), seconds in-flight requests get to finish (new "
+                                "ones get 503); then the rest are cut off with an error")
+    # Elastic scaling (POST /scale_elastic_ep); a request may set its own `timeout`.
+    admin_api_key: Optional[str] = Field(
+        default_factory=default_admin_api_key, repr=False,
+        description="key of the admin routes (/scale_elastic_ep, /is_scaling_elastic_ep), separate from "
+                    "--api-key (default: $RAYLM_ADMIN_API_KEY); without one those routes answer 404")
+    max_data_parallel_size: Optional[int] = Field(
+        None, gt=0, description="the most replicas an elastic scale may ask for (besides what the cluster holds)")
+    scale_timeout: float = Field(
+        300.0, gt=0, description="an elastic scale not serving at its new size after this many seconds is "
+                                 "rolled back")
 
     @model_validator(mode="after")
     def _check_autoscaling(self) -> "ServeArgs":
@@ -72,41 +82,18 @@ class ServeArgs(BaseModel):
         if self.enable_expert_parallel and self.dp > 1 and self.pp > 1:
             raise ValueError("expert parallelism across DP replicas needs pp=1 (lockstep runs one batch per step)")
         return self
-    # guards every route but open_paths; defaults to $RAYLM_API_KEY; kept out of repr (and logs)
-    api_key: Optional[str] = Field(default_factory=default_api_key, repr=False)
-    open_paths: List[str] = Field(default_factory=lambda: list(OPEN_PATHS))
-    max_body_bytes: int = Field(default=1 << 20, gt=0)
-    # Admission (429 + Retry-After past either bound): engine requests in flight in the whole
-    # app (counted at the ingress), and sequences waiting in each replica's queue.
-    max_ongoing_requests: int = Field(default=1024, gt=0)
-    max_waiting_requests: Optional[int] = Field(default=256, gt=0)
-    request_timeout: Optional[float] = Field(default=None, gt=0)  # seconds from arrival; then 408
-    # seconds in-flight requests get to finish when the app stops (SIGTERM to `raylm serve`,
-    # or Serve replacing replicas on a redeploy); the rest end with an error
-    shutdown_timeout: float = Field(default=30.0, ge=0)
-    # Elastic scaling (POST /scale_elastic_ep): the admin routes' key (defaults to
-    # $RAYLM_ADMIN_API_KEY; without one they answer 404), the most replicas a scale may ask
-    # for (besides what the cluster's resources hold), and how long a resize may take
-    # before it is rolled back (a request may set its own `timeout`).
-    admin_api_key: Optional[str] = Field(default_factory=default_admin_api_key, repr=False)
-    max_data_parallel_size: Optional[int] = Field(default=None, gt=0)
-    scale_timeout: float = Field(default=300.0, gt=0)
 
     def engine_config(self) -> EngineConfig:
-        cache = {"block_size": self.block_size, "kv_cache_memory": self.kv_cache_memory,
-                 "num_blocks": self.num_blocks, "enable_prefix_caching": self.enable_prefix_caching,
-                 "kv_cache_dtype": self.kv_cache_dtype, "gpu_memory_utilization": self.gpu_memory_utilization}
-        return EngineConfig(
-            model=ModelConfig(model=self.model, dtype=self.dtype, max_model_len=self.max_model_len, seed=self.seed,
-                              device=self.device, attention_backend=self.attention_backend),
-            cache=CacheConfig(**cache),
-            scheduler=SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-                                      max_waiting_requests=self.max_waiting_requests),
-            parallel=ParallelConfig(tensor_parallel_size=self.tp, pipeline_parallel_size=self.pp,
-                                    data_parallel_size=self.max_replicas, worker_num_cpus=self.worker_num_cpus,
-                                    cpu_communicator=self.cpu_communicator,
-                                    enable_expert_parallel=self.enable_expert_parallel,
-                                    expert_placement=self.expert_placement))
+        """The engine options, with the replica count the default KV budget is split over."""
+        return super().engine_config(data_parallel_size=self.max_replicas)
+
+    @property
+    def tp(self) -> int:
+        return self.tensor_parallel_size
+
+    @property
+    def pp(self) -> int:
+        return self.pipeline_parallel_size
 
     def replica_placement(self) -> Dict[str, Any]:
         """Deployment options placing a replica. Without TP/PP the replica runs the model

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import List, Literal, Optional, Tuple, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # ---- environment (read here only) -------------------------------------------------
 
@@ -44,10 +44,6 @@ def default_admin_api_key() -> Optional[str]:
     return os.environ.get("RAYLM_ADMIN_API_KEY") or None
 
 
-def default_kv_cache_memory() -> Optional[str]:
-    return os.environ.get("RAYLM_KV_CACHE_MEMORY")
-
-
 # ---- configs ----------------------------------------------------------------------
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,28 +57,19 @@ class _Config(BaseModel):
 class ModelConfig(_Config):
     """Which weights to run and how. `model` is a registered name or a local HF checkpoint dir."""
 
-    model: str = "smollm2-135m-instruct"
-    tokenizer: Optional[str] = None
-    dtype: str = "bfloat16"
-    max_model_len: Optional[int] = Field(default=None, gt=0)
+    model: str = Field("smollm2-135m-instruct", description="embedded model name or a local HF checkpoint dir")
+    tokenizer: Optional[str] = Field(None, description="tokenizer dir, when not the model's")
+    dtype: str = Field("bfloat16", description="float32 | bfloat16 | float16 (auto: bfloat16)")
+    max_model_len: Optional[int] = Field(None, gt=0, description="prompt + output tokens (default: the model's)")
     seed: int = 0
-    # CPU GEMMs: "onednn" prepacks weights after loading (faster at decode batch sizes);
-    # "torch" keeps plain F.linear (and the unpacked weights).
-    cpu_linear: Literal["onednn", "torch"] = "onednn"
-    # Where the model runs: "auto" is CUDA when this process sees a GPU, else the CPU.
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Paged attention (raylm.attention's registry): "auto" picks per device ("cpu": the
-    # compiled C decode kernel when it builds; "torch": the device-generic reference).
-    attention_backend: str = "auto"
-
-    @field_validator("attention_backend")
-    @classmethod
-    def _check_backend(cls, value: str) -> str:
-        from raylm.attention import attention_backend_names
-
-        if value not in attention_backend_names():
-            raise ValueError(f"attention_backend must be one of {attention_backend_names()} (got {value!r})")
-        return value
+    cpu_linear: Literal["onednn", "torch"] = Field(
+        "onednn", description="CPU GEMMs: onednn prepacks weights after loading (faster at decode batch "
+                              "sizes); torch keeps plain F.linear")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the model runs: auto is CUDA when the process sees a GPU, else CPU")
+    attention_backend: str = Field(
+        "auto", description="paged attention (raylm.attention registry): auto picks per device; torch is "
+                            "the reference; cpu decodes with the compiled C kernel")  # checked in raylm.options
 
     def torch_device(self) -> torch.device:
         """The device this process runs the model on (resolves "auto" here, in the worker)."""
@@ -110,15 +97,18 @@ class ModelConfig(_Config):
 class CacheConfig(_Config):
     """Paged KV cache. `kv_cache_memory`: bytes (int or '2GiB'), or a fraction (0, 1] of free memory."""
 
-    block_size: int = Field(default=16, gt=0)
-    kv_cache_memory: Union[float, int, str, None] = None
-    num_blocks: Optional[int] = Field(default=None, gt=0)  # overrides kv_cache_memory (tests)
+    block_size: int = Field(16, gt=0, description="tokens per KV block")
+    kv_cache_memory: Union[float, int, str, None] = Field(
+        None, description="CPU KV budget: bytes ('2GiB') or a fraction of available memory (default: "
+                          "0.3 of it, at most 4 GiB, split over the DP replicas)")
+    num_blocks: Optional[int] = Field(None, gt=0, description="fix the KV cache size in blocks (overrides budgets)")
     enable_prefix_caching: bool = True
-    # CUDA: the fraction of the GPU's memory this worker may fill (weights, activations and
-    # KV cache; vLLM's option, same meaning). The CPU budget is kv_cache_memory.
-    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
-    # "auto": the model dtype. float32 spares the per-step upcast in CPU attention at 2x memory.
-    kv_cache_dtype: str = "auto"
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="CUDA: fraction of the GPU's memory for weights, activations and KV "
+                                     "cache (vLLM's option, same meaning)")
+    kv_cache_dtype: str = Field(
+        "auto", description="auto (the model dtype) | float32 (spares CPU attention's upcast, 2x memory) "
+                            "| bfloat16 | float16")
 
     @field_validator("kv_cache_dtype")
     @classmethod
@@ -140,35 +130,39 @@ class CacheConfig(_Config):
 
 
 class SchedulerConfig(_Config):
-    max_num_seqs: int = Field(default=128, gt=0)
-    max_num_batched_tokens: int = Field(default=2048, gt=0)
-    # a prefill longer than this is chunked even when the budget has room, so decodes keep flowing
-    long_prefill_token_threshold: int = Field(default=512, gt=0)
-    # Admission (AsyncEngine): past this many waiting sequences a new request is refused
-    # (EngineOverloadedError -> 429 + Retry-After) instead of queueing without bound.
-    # None: unbounded (the offline LLM queues all its prompts at once).
-    max_waiting_requests: Optional[int] = Field(default=None, gt=0)
-    # Watchdog: a step running longer than this is stuck. The Ray executor stops waiting for
-    # its workers and fails the engine; AsyncEngine marks itself dead and logs the stuck stack.
-    step_timeout_s: float = Field(default=300.0, gt=0)
+    max_num_seqs: int = Field(128, gt=0, description="most sequences in one step")
+    max_num_batched_tokens: int = Field(2048, gt=0, description="most tokens in one step")
+    long_prefill_token_threshold: int = Field(
+        512, gt=0, description="a longer prefill is chunked even when the step has room (decodes keep flowing)")
+    # Admission (AsyncEngine): past the bound a new request is refused (EngineOverloadedError
+    # -> 429 + Retry-After) instead of queueing without bound. None: unbounded (the offline LLM
+    # queues all its prompts at once).
+    max_waiting_requests: Optional[int] = Field(
+        None, gt=0, description="waiting sequences past which a new request is refused (429)")
+    # Watchdog: the Ray executor stops waiting for its workers and fails the engine;
+    # AsyncEngine marks itself dead and logs the stuck stack.
+    step_timeout_s: float = Field(300.0, gt=0, description="a step running longer than this is stuck")
 
 
 class ParallelConfig(_Config):
-    tensor_parallel_size: int = Field(default=1, gt=0)
-    pipeline_parallel_size: int = Field(default=1, gt=0)
-    data_parallel_size: int = Field(default=1, gt=0)
-    distributed_executor_backend: Literal["uni", "ray"] = "uni"  # world size > 1 implies "ray"
-    # decoder layers per pipeline stage (e.g. [10, 14] for 24 layers); None splits evenly
-    pipeline_layer_split: Optional[List[int]] = None
-    worker_num_cpus: float = Field(default=1.0, gt=0)  # CPUs per Ray worker actor (its bundle)
-    # TP collectives on CPU: "shm" (shared memory when a group's workers share a host,
-    # else gloo) or "gloo" (always torch.distributed)
-    cpu_communicator: Literal["shm", "gloo"] = "shm"
-    # MoE expert parallelism: TP ranks hold whole experts (placement[e] = rank of expert e;
-    # None = contiguous). With data_parallel_size > 1 (raylm serve) the EP group spans every
-    # replica's TP ranks (rank = dp_rank * tp + tp_rank) and the replicas step in lockstep.
-    enable_expert_parallel: bool = False
-    expert_placement: Optional[List[int]] = None
+    tensor_parallel_size: int = Field(1, gt=0, validation_alias=AliasChoices("tensor_parallel_size", "tp"))
+    pipeline_parallel_size: int = Field(1, gt=0, validation_alias=AliasChoices("pipeline_parallel_size", "pp"))
+    data_parallel_size: int = Field(default=1, gt=0)  # set by the serving layer (its replica count)
+    distributed_executor_backend: Literal["uni", "ray"] = Field(
+        "uni", description="uni: the model in this process; ray: on Ray worker actors (implied by tp*pp > 1)")
+    pipeline_layer_split: Optional[List[int]] = Field(
+        None, description="decoder layers per pipeline stage, e.g. 10 14 (default: even)")
+    worker_num_cpus: float = Field(1.0, gt=0, description="CPUs per TP/PP Ray worker actor (its bundle)")
+    cpu_communicator: Literal["shm", "gloo"] = Field(
+        "shm", description="TP collectives on CPU: shm (shared memory when a group shares a host, else "
+                           "gloo) or gloo")
+    # With data_parallel_size > 1 (raylm serve) the EP group spans every replica's TP ranks
+    # (rank = dp_rank * tp + tp_rank) and the replicas step in lockstep.
+    enable_expert_parallel: bool = Field(
+        False, description="MoE: whole experts spread over the EP ranks (the TP ranks; with raylm serve "
+                           "--dp > 1, every replica's, in lockstep) instead of a slice of each")
+    expert_placement: Optional[List[int]] = Field(
+        None, description="EP rank of each expert, e.g. 0 1 1 0 (default: contiguous)")
     # Set at run time by the serving layer, from the DP coordinator's group membership:
     data_parallel_rank: int = Field(default=0, ge=0)
     data_parallel_store: Optional[Tuple[str, int]] = None  # the coordinator's TCP store

@@ -6,25 +6,21 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 from tqdm.auto import tqdm
 
-from raylm.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from raylm.config import EngineConfig
+from raylm.options import EngineArgs, engine_options
 from raylm.engine.llm_engine import LLMEngine, PromptType
 from raylm.outputs import RequestOutput
 from raylm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-_GROUPS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig}
-
-
 def build_engine_config(**kwargs: Any) -> EngineConfig:
-    """Flat keyword options (vLLM's names) -> EngineConfig. Unknown names raise a ValueError."""
-    groups: Dict[str, Dict[str, Any]] = {g: {} for g in _GROUPS}
-    for key, value in kwargs.items():
-        group = next((g for g, cls in _GROUPS.items() if key in cls.model_fields), None)
-        if group is None:
-            raise ValueError(f"unknown engine option {key!r}")
-        groups[group][key] = value
-    return EngineConfig(**{g: _GROUPS[g](**v) for g, v in groups.items()})
+    """Flat keyword options (vLLM's names; raylm.options) -> EngineConfig. An unknown name
+    or a bad value raises a ValueError naming it."""
+    unknown = sorted(set(kwargs) - set(engine_options()) - {"tp", "pp"})
+    if unknown:
+        raise ValueError(f"unknown engine option {unknown[0]!r}")
+    return EngineArgs(**kwargs).engine_config()
 
 
 class LLM:
@@ -37,8 +33,10 @@ class LLM:
     worker_num_cpus and pipeline_layer_split shape the grid); `shutdown()` stops them.
     """
 
-    def __init__(self, model: str = "smollm2-135m-instruct", **kwargs: Any) -> None:
-        self.engine = LLMEngine(build_engine_config(model=model, **kwargs))
+    def __init__(self, model: Optional[str] = None, **kwargs: Any) -> None:
+        """`model`: an embedded model name or a local HF dir (default: raylm.options' default);
+        `kwargs`: any engine option (raylm.options.engine_options())."""
+        self.engine = LLMEngine(build_engine_config(**kwargs, **({"model": model} if model is not None else {})))
 
     def get_tokenizer(self):
         return self.engine.tokenizer

@@ -86,7 +86,7 @@ def ray_session():
     an address joins only clusters started by `ray start`."""
     import ray
 
-    from raylm.executor.communicator import free_port
+    from raylm.distributed.communicator import free_port
 
     ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False,
              _metrics_export_port=free_port("127.0.0.1"))

@@ -84,10 +84,10 @@ def test_auto_picks_per_device_and_bad_names_are_refused():
         create_attention_backend("flash", CPU, torch.float32)
     with pytest.raises(ValueError, match="cannot run on cuda"):
         create_attention_backend("cpu", torch.device("cuda"), torch.float32)
-    from raylm.config import ModelConfig
+    from raylm.llm import build_engine_config
 
     with pytest.raises(ValueError, match="attention_backend must be one of"):
-        ModelConfig(attention_backend="flash")
+        build_engine_config(attention_backend="flash")
     assert {"auto", "torch", "cpu"} <= set(attention_backend_names())
 
 

@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from raylm.executor.communicator import free_port
+from raylm.distributed.communicator import free_port
 
 
 def _check(rank: int, port: int, kind: str) -> None:
     import torch.distributed as dist
 
-    from raylm.executor.communicator import create_communicator, init_world
+    from raylm.distributed.communicator import create_communicator, init_world
 
     init_world("gloo", ("127.0.0.1", port), rank, 2)
     comm = create_communicator("cpu", [0, 1], dist.new_group([0, 1]), cpu_kind=kind)
@@ -44,7 +44,7 @@ def test_collectives_by_hand(kind):
 def _check_nccl(rank: int, port: int, world: int) -> None:
     import torch.distributed as dist
 
-    from raylm.executor.communicator import create_communicator, init_world
+    from raylm.distributed.communicator import create_communicator, init_world
 
     torch.cuda.set_device(rank)
     init_world("gloo", ("127.0.0.1", port), rank, world)  # gloo carries NCCL's unique id

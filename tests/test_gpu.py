@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from raylm import LLM, SamplingParams
-from raylm.executor.communicator import free_port
+from raylm.distributed.communicator import free_port
 from tests.conftest import hf_greedy, make_tiny_model, random_prompts
 from tests.waiting import wait_for
 

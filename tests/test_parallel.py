@@ -134,8 +134,8 @@ def test_stuck_worker_fails_the_step_after_step_timeout(tiny_root):
 def test_nccl_communicator_is_rejected_cleanly_on_cpu():
     import torch
 
-    from raylm.executor import nccl_communicator  # importable without cupy or a GPU
-    from raylm.executor.communicator import create_communicator
+    from raylm.distributed import nccl_communicator  # importable without cupy or a GPU
+    from raylm.distributed.communicator import create_communicator
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the gpu-marked tests cover NCCL")

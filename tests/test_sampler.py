@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from raylm.engine.sampler import Sampler, SamplingInput
+from raylm.executor.sampler import Sampler, SamplingInput
 from raylm.sampling_params import SamplingParams
 
 sampler = Sampler()

@@ -9,7 +9,7 @@ import pytest
 
 from raylm.config import CacheConfig, SchedulerConfig
 from raylm.engine.request import Request, RequestStatus
-from raylm.engine.sched_output import ModelRunnerOutput, SchedulerOutput
+from raylm.executor.sched_output import ModelRunnerOutput, SchedulerOutput
 from raylm.engine.scheduler import Scheduler
 from raylm.sampling_params import SamplingParams
 

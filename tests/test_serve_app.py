@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from raylm.executor.communicator import free_port
+from raylm.distributed.communicator import free_port
 from tests.waiting import async_wait_for, wait_for
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from raylm.executor.communicator import free_port
+from raylm.distributed.communicator import free_port
 from tests.conftest import hf_greedy, make_tiny_model, random_prompts
 from tests.serve_load import ADMIN_KEY, SteadyLoad, cluster_full, continuation, scale
 from tests.waiting import async_wait_for, wait_for

@@ -11,7 +11,7 @@ import httpx
 import psutil
 import pytest
 
-from raylm.executor.communicator import free_port
+from raylm.distributed.communicator import free_port
 from tests.conftest import hf_greedy, make_tiny_model, random_prompts
 from tests.serve_load import (ADMIN, ADMIN_KEY, SteadyLoad, cluster_full, complete, continuation, is_scaling,
                               scale)

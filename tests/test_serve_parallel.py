@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from raylm.executor.communicator import free_port
+from raylm.distributed.communicator import free_port
 
 from tests.conftest import hf_greedy, make_tiny_model, random_prompts
 

@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from raylm.executor.communicator import free_port
+from raylm.distributed.communicator import free_port
 from tests.conftest import random_prompts
 from tests.soak import (Record, Workload, counts, engine_pids, metric, parse_metric, replicas, rss_mib,
                         soak, stream_one, wait_all_free)
@@ -248,16 +248,41 @@ def _stable_replicas(url: str) -> dict:
 
 
 def _midstream(sentinels) -> list:
-    """Sentinels whose stream has started and has at least half its tokens still to come
-    (the engine is still generating them, not just flushing the last few)."""
-    return [s for s in sentinels if s.end == 0 and 0 < s.chunks < 45]
+    """Sentinels whose stream has started and not ended."""
+    return [s for s in sentinels if s.end == 0 and s.chunks > 0]
+
+
+async def _stop_then_kill(pid: int, sentinels) -> tuple:
+    """SIGSTOP `pid`, wait until the sentinels' streams are quiet (what the engine produced
+    before it stopped has drained to the client: two polls a second apart see the same
+    progress), then SIGKILL it. Returns the sentinels open at the kill: unfinished on the
+    engine, which could not run since. None open (the engine had finished them, the client
+    was behind): SIGCONT, and [] so the caller tries again."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        seen = []
+
+        def quiet():
+            seen.append([(s.end, s.chunks) for s in sentinels])
+            return len(seen) > 1 and seen[-1] == seen[-2]
+
+        await async_wait_for(quiet, 60, "the sentinels' streams quiet while the victim is stopped", 1.0)
+        still_open = [s for s in sentinels if s.end == 0]
+        if still_open:
+            os.kill(pid, signal.SIGKILL)
+            return time.monotonic(), still_open
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)  # a failed test leaves no process stopped for good
+        raise
+    os.kill(pid, signal.SIGCONT)
+    return None, []
 
 
 async def _kill_when_busy(http, long_work, victim: int, pid: int, state: dict) -> None:
-    """Start SENTINELS long requests pinned to `victim`; kill `pid` once the engines' own
-    counters show both ranks busy and, at the instant of the kill, 2+ sentinels are still
-    mid-stream.
-    A round whose sentinels finish first is retried (they are short on a fast machine)."""
+    """Start SENTINELS long requests pinned to `victim`; once the engines' own counters show
+    both ranks busy and 2+ sentinels are mid-stream, stop the victim and kill it with
+    sentinels provably unfinished on it (`_stop_then_kill`). A round whose sentinels all
+    finish first is retried (they are short on a fast machine)."""
     for _ in range(5):
         sentinels = [Record(client=-1 - i, rank=victim, start=time.monotonic()) for i in range(SENTINELS)]
         tasks = [asyncio.ensure_future(stream_one(http, long_work, s, i, False)) for i, s in enumerate(sentinels)]
@@ -270,14 +295,12 @@ async def _kill_when_busy(http, long_work, victim: int, pid: int, state: dict) -
 
         state["running"], done = await async_wait_for(
             busy, 60, f"2+ requests running on each rank, 2+ sentinels mid-stream on rank {victim}")
-        live = _midstream(sentinels)  # checked again and killed with no await between
-        if not done and len(live) >= 2:
-            state["kill"], state["sentinels"] = time.monotonic(), live
-            os.kill(pid, signal.SIGKILL)
-            await asyncio.gather(*tasks)
-            return
+        if not done:
+            state["kill"], state["sentinels"] = await _stop_then_kill(pid, sentinels)
         await asyncio.gather(*tasks)
-    pytest.fail(f"in 5 rounds, rank {victim}'s sentinels finished before 2+ were seen mid-stream "
+        if state.get("sentinels"):
+            return
+    pytest.fail(f"in 5 rounds, rank {victim}'s sentinels finished before the victim was stopped "
                 f"(last round: {[(s.outcome, s.chunks) for s in sentinels]})")
 
 
@@ -285,9 +308,9 @@ def test_killing_an_engine_replica_under_load(server, work, long_work):
     """kill -9 of one LLMServer process while 64 clients stream (48 pinned to a rank, half
     each; 16 unpinned): the survivor's pinned requests all succeed, the killed replica's
     in-flight ones get errors, and the replacement serves its rank again. The victim is the
-    process that serves VICTIM_RANK (from /metrics' engine_info), killed only once that
+    process that serves VICTIM_RANK (from /metrics' engine_info), stopped once that
     engine's own counters show requests running on it and long requests pinned to it are
-    mid-stream (they must end in errors)."""
+    mid-stream, and killed while some are provably unfinished on it (they must end in errors)."""
     url, victim = server.url, VICTIM_RANK
     pids = _stable_replicas(url)
     state, samples, stop = {}, [], asyncio.Event()  # samples: (time, successes per rank)

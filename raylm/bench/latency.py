@@ -60,11 +60,11 @@ def cmd_latency(args: argparse.Namespace) -> int:
     import torch
 
     from raylm import LLM
-    from raylm.cli import engine_kwargs
+    from raylm.options import engine_kwargs
 
     kwargs = engine_kwargs(args)
     kwargs.setdefault("max_model_len", args.input_len + args.output_len + 16)
-    llm = LLM(args.model, **kwargs)
+    llm = LLM(**kwargs)
     gen = torch.Generator().manual_seed(args.seed)
     runs = []
     for i in range(args.warmup + args.iters):

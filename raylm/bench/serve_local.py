@@ -20,11 +20,11 @@ Sender = Callable[[int], Awaitable[RequestOutput]]
 
 
 def add_inprocess_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("--backend inprocess (engine options)")
-    g.add_argument("--dtype", default="bfloat16")
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--max-num-seqs", type=int, default=128)
-    g.add_argument("--kv-cache-memory", default=None)
+    """The engine options, for --backend inprocess (--model, --seed and --tokenizer are the
+    benchmark's own, with the same meaning)."""
+    from raylm.options import add_engine_args
+
+    add_engine_args(p, skip={"model", "seed", "tokenizer"})
 
 
 @contextlib.asynccontextmanager
@@ -32,10 +32,9 @@ async def inprocess_sender(args: argparse.Namespace, requests: List[BenchRequest
     """Yields send(i): run request i through a fresh in-process AsyncEngine (warmed up)."""
     from raylm.engine.async_engine import AsyncEngine
     from raylm.llm import build_engine_config
+    from raylm.options import engine_kwargs
 
-    options = {"dtype": args.dtype, "max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
-               "kv_cache_memory": args.kv_cache_memory, "seed": args.seed}
-    engine = AsyncEngine(build_engine_config(model=args.model, **{k: v for k, v in options.items() if v is not None}))
+    engine = AsyncEngine(build_engine_config(**engine_kwargs(args)))
     engine.warmup()
 
     async def send(i: int) -> RequestOutput:

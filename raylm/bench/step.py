@@ -68,11 +68,11 @@ def time_steps(llm, steps: int) -> Dict[str, float]:
 
 def cmd_step(args: argparse.Namespace) -> int:
     from raylm import LLM
-    from raylm.cli import engine_kwargs
+    from raylm.options import engine_kwargs
 
     kwargs = engine_kwargs(args)
     kwargs.setdefault("max_model_len", args.input_len + args.steps + 64)
-    llm = LLM(args.model, **kwargs)
+    llm = LLM(**kwargs)
     rows = []
     for batch in args.batch_size:
         _fill(llm, batch, args.input_len, args.steps + 10, args.temperature, args.seed)

@@ -55,9 +55,9 @@ def figures(requests: List[BenchRequest], output_lens: List[int], elapsed: float
 def run_raylm(args: argparse.Namespace, requests: List[BenchRequest]) -> dict:
     """Build the engine, warm up, time one `LLM.generate` over every request."""
     from raylm import LLM, SamplingParams
-    from raylm.cli import engine_kwargs
+    from raylm.options import engine_kwargs
 
-    llm = LLM(args.model, **engine_kwargs(args))
+    llm = LLM(**engine_kwargs(args))
     limit = llm.engine.max_model_len
     longest = max(r.prompt_len + r.output_len for r in requests)
     if longest > limit:

@@ -9,7 +9,7 @@ from typing import Deque, Iterable, List, Optional
 from raylm.config import EngineConfig
 from raylm.dp.waves import EngineWaves
 from raylm.engine.request import Request
-from raylm.engine.sched_output import EngineCoreOutput
+from raylm.executor.sched_output import EngineCoreOutput
 from raylm.engine.scheduler import Scheduler
 from raylm.executor.base import create_executor
 

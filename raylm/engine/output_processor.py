@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from raylm.engine.detokenizer import IncrementalDetokenizer
-from raylm.engine.sched_output import EngineCoreOutput
+from raylm.executor.sched_output import EngineCoreOutput
 from raylm.outputs import CompletionOutput, RequestOutput
 from raylm.sampling_params import SamplingParams
 

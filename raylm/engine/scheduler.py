@@ -14,7 +14,7 @@ from typing import Deque, Dict, Iterable, List, Optional
 from raylm.config import CacheConfig, SchedulerConfig
 from raylm.engine.kv_cache_manager import KVCacheManager
 from raylm.engine.request import Request, RequestStatus
-from raylm.engine.sched_output import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput,
+from raylm.executor.sched_output import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput,
                                        NewRequestData, SchedulerOutput)
 
 

@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from typing import Any, List, Sequence
 
 from raylm.config import EngineConfig
-from raylm.engine.sched_output import ModelRunnerOutput, SchedulerOutput
+from raylm.executor.sched_output import ModelRunnerOutput, SchedulerOutput
 
 
 class _Done:

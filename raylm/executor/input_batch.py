@@ -8,7 +8,7 @@ from typing import Dict, List
 import torch
 
 from raylm.attention import AttentionMetadata, BaseAttentionBackend, PrefillSeq, to_device
-from raylm.engine.sched_output import SchedulerOutput
+from raylm.executor.sched_output import SchedulerOutput
 from raylm.sampling_params import SamplingParams
 
 

@@ -10,13 +10,13 @@ import torch
 
 from raylm.attention import AttentionMetadata, KVCachePool, PrefillSeq, create_attention_backend
 from raylm.config import EngineConfig, parse_memory
-from raylm.engine.sampler import Sampler, SamplingInput
-from raylm.engine.sched_output import ModelRunnerOutput, SchedulerOutput
+from raylm.executor.sampler import Sampler, SamplingInput
+from raylm.executor.sched_output import ModelRunnerOutput, SchedulerOutput
 from raylm.executor.input_batch import InputBatch, StepInputs
 from raylm.models.attention import PagedAttention
 from raylm.models.layers import prepack_linears
 from raylm.models.loader import load_hf_config, load_model
-from raylm.models.parallel_state import CommClock, get_ep_group, get_pp_group, get_tp_group
+from raylm.distributed.parallel_state import CommClock, get_ep_group, get_pp_group, get_tp_group
 
 logger = logging.getLogger(__name__)
 

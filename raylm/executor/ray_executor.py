@@ -17,7 +17,7 @@ import logging
 import uuid
 from typing import Any, List, Sequence
 
-from raylm.engine.sched_output import ModelRunnerOutput, SchedulerOutput
+from raylm.executor.sched_output import ModelRunnerOutput, SchedulerOutput
 from raylm.executor.base import Executor
 from raylm.executor.placement import group_strategy, worker_bundle
 from raylm.executor.worker import Worker

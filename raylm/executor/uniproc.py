@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, List, Sequence
 
-from raylm.engine.sched_output import ModelRunnerOutput, SchedulerOutput
+from raylm.executor.sched_output import ModelRunnerOutput, SchedulerOutput
 from raylm.executor.base import Executor
 from raylm.executor.worker import Worker
 

@@ -7,10 +7,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from raylm.config import EngineConfig, num_threads
-from raylm.engine.sched_output import ModelRunnerOutput, SchedulerOutput
-from raylm.executor.communicator import free_port, init_world
+from raylm.executor.sched_output import ModelRunnerOutput, SchedulerOutput
+from raylm.distributed.communicator import free_port, init_world
 from raylm.executor.model_runner import ModelRunner
-from raylm.models.parallel_state import init_expert_dp, init_parallel_groups
+from raylm.distributed.parallel_state import init_expert_dp, init_parallel_groups
 
 
 class Worker:

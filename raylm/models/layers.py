@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raylm.models.parallel_state import get_tp_group
+from raylm.distributed.parallel_state import get_tp_group
 
 
 def default_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 from raylm.models.attention import AttentionMetadata, PagedAttention
 from raylm.models.layers import (ColumnParallelLinear, ParallelLMHead, RMSNorm, RowParallelLinear, SiluAndMul,
                                  VocabParallelEmbedding, build_rotary, default_weight_loader)
-from raylm.models.parallel_state import get_pp_group, get_tp_group
+from raylm.distributed.parallel_state import get_pp_group, get_tp_group
 
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.")
 

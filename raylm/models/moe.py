@@ -16,7 +16,7 @@ from torch import nn
 
 from raylm.models.layers import _param
 from raylm.models.llama import LlamaForCausalLM, dense_mlp
-from raylm.models.parallel_state import get_ep_group, get_tp_group
+from raylm.distributed.parallel_state import get_ep_group, get_tp_group
 
 # checkpoint expert-weight names -> (w13 half or w2). Mixtral: w1 gate, w3 up, w2 down.
 _EXPERT_NAMES = {"w1": ("w13", 0), "w3": ("w13", 1), "w2": ("w2", None),

@@ -7,56 +7,36 @@ import logging
 logger = logging.getLogger(__name__)
 
 
+# ServeArgs fields the command line sets another way (--autoscale MIN:MAX)
+_NOT_FLAGS = {"autoscaling_config"}
+
+
 def add_serve_parser(sub, add_engine_args) -> None:
+    """`raylm serve`: a flag per ServeArgs field (engine options, then serving ones: one
+    declaration each, in raylm.config and ServeArgs), plus where to listen and what to join."""
+    from raylm.deployments.openai import ServeArgs
+    from raylm.options import add_field_args, engine_options
+
     p = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible HTTP endpoint on Ray Serve")
     add_engine_args(p)
-    p.add_argument("--served-model-name", default=None)
-    p.add_argument("--dp", "--data-parallel-size", dest="dp", type=int, default=1)
-    p.add_argument("--num-cpus-per-replica", type=float, default=1.0)
+    serving = {n: f for n, f in ServeArgs.model_fields.items() if n not in engine_options() and n not in _NOT_FLAGS}
+    add_field_args(p, serving, "serving options")
     p.add_argument("--autoscale", default=None, metavar="MIN:MAX",
                    help="let Serve scale the replica set between MIN and MAX on load (instead of --dp)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on every route but --open-paths (default: "
-                        "$RAYLM_API_KEY, which keeps the key out of the process list)")
-    p.add_argument("--open-paths", nargs="*", default=None, metavar="PATH",
-                   help="routes open without the key (default: /health /ping /version; add /metrics to open it)")
-    p.add_argument("--max-ongoing-requests", type=int, default=None,
-                   help="engine requests in flight in the app; past it 429 + Retry-After (default 1024)")
-    p.add_argument("--max-waiting-requests", type=int, default=None,
-                   help="requests waiting in each replica's queue; past it 429 + Retry-After (default 256)")
-    p.add_argument("--request-timeout", type=float, default=None, metavar="S",
-                   help="abort a request S seconds after it arrived (408); default: no limit")
-    p.add_argument("--shutdown-timeout", type=float, default=None, metavar="S",
-                   help="on SIGTERM/SIGINT, let in-flight requests finish for up to S seconds (new ones get "
-                        "503); then cut the rest off with an error and stop (default 30)")
-    p.add_argument("--admin-api-key", default=None,
-                   help="key of the admin routes (/scale_elastic_ep, /is_scaling_elastic_ep), separate from "
-                        "--api-key (default: $RAYLM_ADMIN_API_KEY); without one those routes answer 404")
-    p.add_argument("--max-data-parallel-size", type=int, default=None, metavar="N",
-                   help="the most replicas an elastic scale may ask for (besides what the cluster holds)")
-    p.add_argument("--scale-timeout", type=float, default=None, metavar="S",
-                   help="an elastic scale not serving at its new size after S seconds is rolled back "
-                        "(default 300)")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a new local one)")
     p.set_defaults(func=cmd_serve)
 
 
 def serve_args(args: argparse.Namespace):
-    from raylm.cli import engine_kwargs
+    """The ServeArgs a `raylm serve` command line describes (unset flags: ServeArgs' defaults)."""
     from raylm.deployments.openai import ServeArgs
 
-    fields = {**engine_kwargs(args), "model": args.model, "served_model_name": args.served_model_name,
-              "dp": args.dp, "num_cpus_per_replica": args.num_cpus_per_replica, "api_key": args.api_key,
-              "open_paths": args.open_paths, "max_ongoing_requests": args.max_ongoing_requests,
-              "max_waiting_requests": args.max_waiting_requests, "request_timeout": args.request_timeout,
-              "shutdown_timeout": args.shutdown_timeout, "admin_api_key": args.admin_api_key,
-              "max_data_parallel_size": args.max_data_parallel_size, "scale_timeout": args.scale_timeout}
-    fields["tp"], fields["pp"] = fields.pop("tensor_parallel_size"), fields.pop("pipeline_parallel_size")
+    fields = {n: getattr(args, n) for n in ServeArgs.model_fields if getattr(args, n, None) is not None}
     if args.autoscale:
         fields["autoscaling_config"] = parse_autoscale(args.autoscale)
-    return ServeArgs(**{k: v for k, v in fields.items() if v is not None})
+    return ServeArgs(**fields)
 
 
 def parse_autoscale(text: str) -> dict:

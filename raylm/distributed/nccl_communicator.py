@@ -10,7 +10,7 @@ from typing import List, Sequence
 
 import torch
 
-from raylm.executor.communicator import BaseCommunicator
+from raylm.distributed.communicator import BaseCommunicator
 
 
 def _require_cuda_and_cupy():

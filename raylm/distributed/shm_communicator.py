@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from raylm.executor.communicator import COLLECTIVE_TIMEOUT_S, BaseCommunicator
-from raylm.executor.gloo_communicator import GlooCommunicator
+from raylm.distributed.communicator import COLLECTIVE_TIMEOUT_S, BaseCommunicator
+from raylm.distributed.gloo_communicator import GlooCommunicator
 
 SLOT_BYTES = 16 << 20  # per rank per buffer: a 2048-token fp32 hidden state is 4.7 MB
 FLAG_STRIDE = 8  # int64s per flag: one cache line each, so ranks do not share a line

@@ -14,7 +14,7 @@ from typing import List, Tuple
 import torch
 import torch.distributed as dist
 
-from raylm.executor.communicator import COLLECTIVE_TIMEOUT_S, _bind_gloo_to
+from raylm.distributed.communicator import COLLECTIVE_TIMEOUT_S, _bind_gloo_to
 
 
 class DPGroup:

@@ -6,7 +6,7 @@ from typing import List, Sequence
 import torch
 import torch.distributed as dist
 
-from raylm.executor.communicator import BaseCommunicator
+from raylm.distributed.communicator import BaseCommunicator
 
 
 class GlooCommunicator(BaseCommunicator):

@@ -100,7 +100,7 @@ class EPGroup:
     rank: int = 0
     size: int = 1
     placement: Optional[Tuple[int, ...]] = None
-    dp: Optional[object] = None  # a raylm.executor.dp_group.DPGroup over this TP rank's replicas
+    dp: Optional[object] = None  # a raylm.distributed.dp_group.DPGroup over this TP rank's replicas
     counts: Tuple[int, ...] = ()  # tokens per DP rank in this step's forward (from begin_step)
 
     def local_experts(self, num_experts: int) -> List[int]:
@@ -184,7 +184,7 @@ def init_expert_dp(tp_rank: int, tp_size: int, dp_rank: int, dp_size: int, store
                    prefix: str, my_host: str, placement: Optional[Sequence[int]] = None) -> EPGroup:
     """Join (or re-form, with a new `prefix`) expert parallelism across DP replicas: a DP
     group for this TP rank's column of replicas, EP rank dp_rank * tp + tp_rank."""
-    from raylm.executor.dp_group import DPGroup
+    from raylm.distributed.dp_group import DPGroup
 
     logger.info("joining DP group %s/tp%d at %s as rank %d of %d", prefix, tp_rank, store, dp_rank, dp_size)
     dp = DPGroup(store, f"{prefix}/tp{tp_rank}", dp_rank, dp_size, my_host)
@@ -201,7 +201,7 @@ def init_parallel_groups(device: str, tp_size: int, pp_size: int, layer_split: O
     use `cpu_kind` on CPU ("shm" or "gloo"); stage-to-stage transfers use gloo."""
     import torch.distributed as dist
 
-    from raylm.executor.communicator import create_communicator
+    from raylm.distributed.communicator import create_communicator
 
     me = dist.get_rank()
     tp_rank, pp_rank = me % tp_size, me // tp_size

@@ -104,15 +104,15 @@ def create_communicator(device: str, ranks: List[int], group=None, cpu_kind: str
     """A communicator over global `ranks` for tensors on `device` ('cpu' or 'cuda'). On CPU,
     `cpu_kind="shm"` uses shared memory when every rank is on this host (x86), else gloo."""
     if device == "cpu":
-        from raylm.executor.gloo_communicator import GlooCommunicator
+        from raylm.distributed.gloo_communicator import GlooCommunicator
 
         if cpu_kind == "shm" and _same_host_x86(group):
-            from raylm.executor.shm_communicator import ShmCommunicator
+            from raylm.distributed.shm_communicator import ShmCommunicator
 
             return ShmCommunicator(ranks, group)
         return GlooCommunicator(ranks, group)
     if device == "cuda":
-        from raylm.executor.nccl_communicator import NcclCommunicator
+        from raylm.distributed.nccl_communicator import NcclCommunicator
 
         return NcclCommunicator(ranks, group)
     raise ValueError(f"no communicator for device {device!r} (use 'cpu' or 'cuda')")
