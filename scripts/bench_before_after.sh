@@ -4,7 +4,7 @@
 # (the same .venv). Run on an otherwise idle machine; commits run in the order given.
 # Usage: scripts/bench_before_after.sh OUTDIR DTYPE COMMIT [COMMIT ...]
 source "$(dirname "$0")/bench_common.sh"
-OUT=$1; DTYPE=$2; shift 2
+OUT=$(realpath -m "$1"); DTYPE=$2; shift 2
 PY=$PWD/.venv/bin/python
 PORT=8012
 mkdir -p "$OUT"
@@ -13,8 +13,10 @@ for REF in "$@"; do
   [ -d "$WT" ] || git worktree add -q --detach "$WT" "$REF"
   # the installed layout: kernels/ and deployments/ live under the raylm package
   ln -sfn ../kernels "$WT/raylm/kernels"; ln -sfn ../deployments "$WT/raylm/deployments"
+  # from inside the worktree: `python -m` puts the current directory first on sys.path
   export PYTHONPATH=$WT  # also reaches Ray's workers (the raylet inherits it)
-  (cd "$WT" && $PY -c "import raylm, sys; print('$REF:', raylm.__file__)")
+  pushd "$WT" >/dev/null
+  $PY -c "import raylm.engine.core as c; print('$REF:', c.__file__)"
   $PY -m raylm.cli bench throughput --dtype "$DTYPE" --backend raylm --num-prompts 100 --disable-tqdm \
     --output-json "$OUT/throughput-$REF.json"
   $PY -m raylm.cli bench latency --dtype "$DTYPE" --input-len 128 --output-len 64 --iters 5 \
@@ -25,5 +27,6 @@ for REF in "$@"; do
   $PY -m raylm.cli bench serve --base-url http://127.0.0.1:$PORT --num-prompts 100 --max-concurrency 32 \
     --output-json "$OUT/serve-dp2-c32-$REF.json" --disable-tqdm
   kill -TERM $SERVER; wait $SERVER || true
+  popd >/dev/null
   unset PYTHONPATH
 done

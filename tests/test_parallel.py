@@ -145,3 +145,5 @@ def test_nccl_communicator_is_rejected_cleanly_on_cpu():
         nccl_communicator.NcclCommunicator([0, 1], group=None)
     with pytest.raises(ValueError, match="device"):
         create_communicator("tpu", [0, 1])
+    with pytest.raises(RuntimeError, match="CUDA GPU"):  # the DP group's, for EP across replicas
+        nccl_communicator.NcclCommunicator.over_store(store=None, key="k", rank=0, size=2)

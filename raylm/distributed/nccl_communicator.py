@@ -6,6 +6,7 @@ initialized: it also carries control messages), so no extra rendezvous is needed
 """
 from __future__ import annotations
 
+import pickle
 from typing import List, Sequence
 
 import torch
@@ -30,17 +31,34 @@ class NcclCommunicator(BaseCommunicator):
     def __init__(self, ranks: List[int], group) -> None:
         import torch.distributed as dist
 
-        self.nccl = _require_cuda_and_cupy()
+        nccl = _require_cuda_and_cupy()
         me = dist.get_rank()
         if me not in ranks:
             raise ValueError(f"rank {me} is not in group {ranks}")
-        self.ranks, self.rank, self.size = list(ranks), ranks.index(me), len(ranks)
-        uid = [self.nccl.get_unique_id() if self.rank == 0 else None]
+        uid = [nccl.get_unique_id() if ranks.index(me) == 0 else None]
         dist.broadcast_object_list(uid, src=ranks[0], group=group)
-        self.comm = self.nccl.NcclCommunicator(self.size, uid[0], self.rank)
-        self._types = {torch.float32: self.nccl.NCCL_FLOAT32, torch.float16: self.nccl.NCCL_FLOAT16,
-                       torch.bfloat16: self.nccl.NCCL_BFLOAT16, torch.int64: self.nccl.NCCL_INT64,
-                       torch.int32: self.nccl.NCCL_INT32}
+        self._connect(nccl, uid[0], ranks.index(me), len(ranks))
+        self.ranks = list(ranks)
+
+    @classmethod
+    def over_store(cls, store, key: str, rank: int, size: int) -> "NcclCommunicator":
+        """A communicator of `size` processes that share no torch.distributed world (the DP
+        group across replicas): rank 0 publishes the NCCL unique id in `store` under `key`,
+        the others wait for it there."""
+        nccl = _require_cuda_and_cupy()
+        if rank == 0:
+            store.set(key, pickle.dumps(nccl.get_unique_id()))
+        self = cls.__new__(cls)
+        self._connect(nccl, pickle.loads(store.get(key)), rank, size)
+        self.ranks = list(range(size))
+        return self
+
+    def _connect(self, nccl, unique_id, rank: int, size: int) -> None:
+        self.nccl, self.rank, self.size = nccl, rank, size
+        self.comm = nccl.NcclCommunicator(size, unique_id, rank)
+        self._types = {torch.float32: nccl.NCCL_FLOAT32, torch.float16: nccl.NCCL_FLOAT16,
+                       torch.bfloat16: nccl.NCCL_BFLOAT16, torch.int64: nccl.NCCL_INT64,
+                       torch.int32: nccl.NCCL_INT32}
 
     def _stream(self) -> int:
         return torch.cuda.current_stream().cuda_stream

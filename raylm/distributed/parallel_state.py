@@ -181,13 +181,14 @@ def set_pp_group(group: PPGroup) -> None:
 
 
 def init_expert_dp(tp_rank: int, tp_size: int, dp_rank: int, dp_size: int, store: Tuple[str, int],
-                   prefix: str, my_host: str, placement: Optional[Sequence[int]] = None) -> EPGroup:
+                   prefix: str, my_host: str, placement: Optional[Sequence[int]] = None,
+                   cuda: bool = False) -> EPGroup:
     """Join (or re-form, with a new `prefix`) expert parallelism across DP replicas: a DP
     group for this TP rank's column of replicas, EP rank dp_rank * tp + tp_rank."""
     from raylm.distributed.dp_group import DPGroup
 
     logger.info("joining DP group %s/tp%d at %s as rank %d of %d", prefix, tp_rank, store, dp_rank, dp_size)
-    dp = DPGroup(store, f"{prefix}/tp{tp_rank}", dp_rank, dp_size, my_host)
+    dp = DPGroup(store, f"{prefix}/tp{tp_rank}", dp_rank, dp_size, my_host, cuda)
     group = EPGroup(dp_rank * tp_size + tp_rank, dp_size * tp_size, tuple(placement) if placement else None, dp)
     set_ep_group(group)
     return group

@@ -52,8 +52,6 @@ class Worker:
                                  par.pipeline_layer_split, par.cpu_communicator, par.enable_expert_parallel,
                                  par.expert_placement)
         if par.expert_dp:
-            if device.type != "cpu":
-                raise ValueError("expert parallelism across DP replicas runs on CPU only so far")
             self._join_expert_dp(par.data_parallel_rank, par.data_parallel_size, par.data_parallel_store,
                                  par.data_parallel_group, par.expert_placement)
         self.runner = ModelRunner(self.config, self.model_path)
@@ -67,7 +65,7 @@ class Worker:
                              "(raylm serve with --dp > 1) and pipeline_parallel_size 1")
         host = ray.util.get_node_ip_address() if ray.is_initialized() else store[0]
         init_expert_dp(self.rank % par.tensor_parallel_size, par.tensor_parallel_size, dp_rank, dp_size,
-                       tuple(store), prefix, host, placement)
+                       tuple(store), prefix, host, placement, cuda=self.config.model.torch_device().type == "cuda")
 
     def reform_expert_dp(self, dp_rank: int, dp_size: int, store, prefix: str) -> Dict[str, List[int]]:
         """Elastic scaling: join the group's next generation (new size, maybe a new rank) and
