@@ -23,6 +23,7 @@ class KVCachePool:
         shape = (num_layers, *backend.kv_shape(num_blocks, block_size, num_kv_heads, head_dim))
         self.buffer = lazy_zeros(shape, dtype) if self.device.type == "cpu" else \
             torch.empty(shape, dtype=dtype, device=self.device)
+        self.layers = list(self.buffer.unbind(0))  # views made once, not per layer per step
 
     @staticmethod
     def bytes_per_block(backend: BaseAttentionBackend, num_layers: int, block_size: int, num_kv_heads: int,
@@ -30,10 +31,10 @@ class KVCachePool:
         return num_layers * math.prod(backend.kv_shape(1, block_size, num_kv_heads, head_dim)) * dtype.itemsize
 
     def layer(self, i: int) -> torch.Tensor:
-        return self.buffer[i]
+        return self.layers[i]
 
     def store_kv(self, i: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        self.backend.store_kv(self.buffer[i], k, v, slots)
+        self.backend.store_kv(self.layers[i], k, v, slots)
 
 
 def lazy_zeros(shape, dtype: torch.dtype) -> torch.Tensor:
