@@ -90,6 +90,7 @@ def test_raylm_serve_on_cuda_answers_the_openai_client(tmp_path):
 
     port = free_port("127.0.0.1")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.setdefault("RAY_AUTH_MODE", "disabled")  # a local cluster without token auth, as in the CPU tests
     cmd = [sys.executable, "-m", "raylm.cli", "serve", "--device", "cuda", "--port", str(port),
            "--max-model-len", "512"]
     with open(tmp_path / "serve.log", "wb") as out:

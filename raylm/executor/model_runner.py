@@ -70,12 +70,20 @@ class ModelRunner:
     def _cuda_kv_budget(self) -> int:
         """vLLM's rule: gpu_memory_utilization of the GPU's memory, less what this process
         peaks at in a forward of max_num_batched_tokens (weights, activations) and what other
-        processes hold. Profiled with a zero-block cache (a fresh prefill reads none)."""
+        processes hold. Profiled with a zero-block cache (a fresh prefill reads none) and, with
+        EP across DP replicas, local experts only: the other replicas are not profiling in
+        step with this one, so the group's collectives must not run."""
         self.init_kv_cache(0)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         tokens = min(self.config.scheduler.max_num_batched_tokens, self.hf_config.max_position_embeddings)
-        self._forward(dummy_step(self.device, tokens))
+        ep = get_ep_group()
+        group, ep.dp = ep.dp, None
+        try:
+            with torch.inference_mode():
+                self._forward(dummy_step(self.device, tokens))
+        finally:
+            ep.dp = group
         torch.cuda.synchronize(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
         others = total - free - torch.cuda.memory_reserved(self.device)
