@@ -50,12 +50,14 @@ def test_mixed_batch_equals_one_by_one(tiny_llama, prompts):
     assert_all_free(llm)
 
 
-def test_chunked_prefill_equals_hf(tiny_llama, backend):
+@pytest.mark.parametrize("kind", ["llama", "mixtral"])
+def test_chunked_prefill_equals_hf(tiny_root, kind, backend):
     """Tiny token budget: long prompts are prefilled in chunks, mixed with decodes."""
+    path = make_tiny_model(tiny_root, kind)
     prompts = random_prompts(4, seed=2, lo=40, hi=90)
-    llm = LLM(str(tiny_llama), dtype="float32", num_blocks=64, max_model_len=256,
+    llm = LLM(str(path), dtype="float32", num_blocks=64, max_model_len=256,
               max_num_batched_tokens=16, long_prefill_token_threshold=16, attention_backend=backend)
-    assert _run(llm, prompts) == hf_greedy(tiny_llama, prompts, MAX_NEW)
+    assert _run(llm, prompts) == hf_greedy(path, prompts, MAX_NEW)
     assert_all_free(llm)
 
 
@@ -72,11 +74,13 @@ def test_preemption_equals_plain(tiny_root, kind, backend):
     assert_all_free(tight)
 
 
-def test_prefix_cache_hits_equal_hf(tiny_llama, backend):
+@pytest.mark.parametrize("kind", ["llama", "mixtral"])
+def test_prefix_cache_hits_equal_hf(tiny_root, kind, backend):
+    path = make_tiny_model(tiny_root, kind)
     shared = random_prompts(1, seed=4, lo=48, hi=49)[0]
     prompts = [shared + tail for tail in random_prompts(4, seed=5, lo=3, hi=10)]
-    expected = hf_greedy(tiny_llama, prompts, MAX_NEW)
-    cached = LLM(str(tiny_llama), dtype="float32", num_blocks=64, max_model_len=256, block_size=16,
+    expected = hf_greedy(path, prompts, MAX_NEW)
+    cached = LLM(str(path), dtype="float32", num_blocks=64, max_model_len=256, block_size=16,
                  attention_backend=backend)
     first = _run(cached, prompts[:1])
     rest = cached.generate([{"prompt_token_ids": p} for p in prompts[1:]], _greedy(), use_tqdm=False)
