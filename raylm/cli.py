@@ -7,7 +7,7 @@ import sys
 from typing import List, Optional
 
 from raylm.config import log_level
-from raylm.options import add_engine_args, engine_kwargs  # noqa: F401  (subcommands import them here)
+from raylm.options import add_engine_args, engine_kwargs
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 from tqdm.auto import tqdm
 
 from raylm.config import EngineConfig
-from raylm.options import EngineArgs, engine_options
+from raylm.options import EngineArgs, engine_option_names
 from raylm.engine.llm_engine import LLMEngine, PromptType
 from raylm.outputs import RequestOutput
 from raylm.sampling_params import SamplingParams
@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 def build_engine_config(**kwargs: Any) -> EngineConfig:
     """Flat keyword options (vLLM's names; raylm.options) -> EngineConfig. An unknown name
     or a bad value raises a ValueError naming it."""
-    unknown = sorted(set(kwargs) - set(engine_options()) - {"tp", "pp"})
+    unknown = sorted(set(kwargs) - engine_option_names())
     if unknown:
         raise ValueError(f"unknown engine option {unknown[0]!r}")
     return EngineArgs(**kwargs).engine_config()

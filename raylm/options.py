@@ -14,7 +14,7 @@ import argparse
 import typing
 from typing import Any, Dict, Iterable, Tuple
 
-from pydantic import ConfigDict, create_model
+from pydantic import AliasChoices, ConfigDict, create_model
 from pydantic.fields import FieldInfo
 
 from raylm.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
@@ -32,6 +32,15 @@ def engine_options() -> Dict[str, Tuple[str, FieldInfo]]:
     """Every user-settable engine option: name -> (its EngineConfig group, its field)."""
     return {name: (group, f) for group, cls in ENGINE_GROUPS.items() for name, f in cls.model_fields.items()
             if name not in RUNTIME_ONLY}
+
+
+def engine_option_names() -> set:
+    """Every name an engine option is accepted under: field names and their aliases (tp, pp)."""
+    names = set()
+    for name, (_, f) in engine_options().items():
+        aliases = f.validation_alias.choices if isinstance(f.validation_alias, AliasChoices) else []
+        names |= {name, *(a for a in aliases if isinstance(a, str))}
+    return names
 
 
 def _engine_config(self, **runtime: Any) -> EngineConfig:

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import pytest
 
-from raylm.config import EngineConfig
-
 from raylm.deployments.openai import ServeArgs
 
 
@@ -57,26 +55,6 @@ def test_kv_cache_dtype_reaches_the_engine_config():
     assert ServeArgs().engine_config().cache.kv_cache_dtype == "auto"
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         ServeArgs(kv_cache_dtype="int3").engine_config()
-
-
-@pytest.mark.parametrize("flags, field, value", [
-    (["--device", "cpu"], "device", "cpu"),
-    (["--attention-backend", "torch"], "attention_backend", "torch"),
-    (["--gpu-memory-utilization", "0.5"], "gpu_memory_utilization", 0.5),
-])
-def test_device_options_reach_the_engine_config_from_the_cli_and_llm(flags, field, value):
-    from raylm.cli import build_parser, engine_kwargs
-    from raylm.llm import build_engine_config
-    from raylm.serve.launcher import serve_args
-
-    def read(config):
-        return getattr(config.cache if field == "gpu_memory_utilization" else config.model, field)
-
-    assert read(serve_args(build_parser().parse_args(["serve", *flags])).engine_config()) == value
-    assert read(build_engine_config(**engine_kwargs(build_parser().parse_args(["generate", "x", *flags])))) == value
-    assert read(build_engine_config(**{field: value})) == value
-    default = read(EngineConfig())
-    assert read(ServeArgs().engine_config()) == default == read(serve_args(build_parser().parse_args(["serve"])).engine_config())
 
 
 def test_admin_key_defaults_to_its_own_environment_variable(monkeypatch):
