@@ -34,6 +34,12 @@ def c_compiler() -> Optional[str]:
     return os.environ.get("CC")
 
 
+def triton_interpret() -> bool:
+    """$TRITON_INTERPRET=1: Triton runs its kernels in its interpreter, on CPU tensors (tests).
+    Triton reads it itself when a kernel is decorated; raylm only asks whether it is on."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def default_api_key() -> Optional[str]:
     """$RAYLM_API_KEY: the serving API key when none is given (`--api-key` wins)."""
     return os.environ.get("RAYLM_API_KEY") or None
@@ -69,7 +75,13 @@ class ModelConfig(_Config):
         "auto", description="where the model runs: auto is CUDA when the process sees a GPU, else CPU")
     attention_backend: str = Field(
         "auto", description="paged attention (raylm.attention registry): auto picks per device; torch is "
-                            "the reference; cpu decodes with the compiled C kernel")  # checked in raylm.options
+                            "the reference; cpu decodes with the compiled C kernel; triton is the GPU "
+                            "kernel (on CPU only under TRITON_INTERPRET=1)")  # checked in raylm.options
+    fused_ops: Literal["auto", "triton", "torch"] = Field(
+        "auto", description="RMSNorm, rotary, SiLU-and-mul, MoE: auto runs the Triton kernels on CUDA and "
+                            "the torch references elsewhere; torch forces the references")
+    enforce_eager: bool = Field(
+        False, description="CUDA: never capture decode steps as CUDA graphs (vLLM's option)")
 
     def torch_device(self) -> torch.device:
         """The device this process runs the model on (resolves "auto" here, in the worker)."""

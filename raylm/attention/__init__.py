@@ -2,7 +2,7 @@
 from raylm.attention.base import (AttentionMetadata, BaseAttentionBackend, PrefillSeq, attention_backend_names,
                                   create_attention_backend, register_attention_backend, to_device)
 from raylm.attention.kv_pool import KVCachePool
-from raylm.attention import cpu_backend, torch_backend  # noqa: F401  (register the built-in backends)
+from raylm.attention import cpu_backend, torch_backend, triton_backend  # noqa: F401  (register the built-ins)
 
 __all__ = ["AttentionMetadata", "BaseAttentionBackend", "KVCachePool", "PrefillSeq", "attention_backend_names",
            "create_attention_backend", "register_attention_backend", "to_device"]

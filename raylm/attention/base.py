@@ -22,7 +22,7 @@ class PrefillSeq:
     q_start: int  # row of this request's first query token in the batch
     q_len: int
     ctx_len: int  # tokens attended to, new ones included
-    block_ids: Optional[torch.Tensor]  # blocks holding the context; None when nothing is cached yet
+    block_ids: Optional[torch.Tensor]  # blocks holding the context (None: a dummy step, no cache)
 
 
 @dataclass
@@ -84,12 +84,14 @@ class BaseAttentionBackend(ABC):
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """q [T, Hq, Dh], this step's k, v [T, Hkv, Dh] (already stored) -> [T, Hq, Dh] fp32."""
+        """q [T, Hq, Dh], this step's k, v [T, Hkv, Dh] (already stored) -> [T, Hq, Dh] in fp32 or
+        q's dtype. With `meta.store_kv` False (a dummy step: fresh prefills, no cache) it
+        attends to k, v alone."""
 
 
 _BACKENDS: Dict[str, Type[BaseAttentionBackend]] = {}
 # "auto" tries these in order, per device type; the first whose supports() holds wins
-AUTO_ORDER = {"cpu": ["cpu", "torch"], "cuda": ["triton", "torch"]}
+AUTO_ORDER = {"cpu": ["cpu", "torch"], "cuda": ["triton", "torch"]}  # triton on CPU: only when asked
 
 
 def register_attention_backend(name: str) -> Callable[[Type[BaseAttentionBackend]], Type[BaseAttentionBackend]]:

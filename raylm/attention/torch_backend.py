@@ -68,7 +68,7 @@ class TorchAttentionBackend(BaseAttentionBackend):
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
                 seq: PrefillSeq, scale: float) -> torch.Tensor:
         query = q.float().transpose(0, 1).unsqueeze(0)  # [1, Hq, q_len, Dh]
-        if seq.block_ids is None:  # nothing cached before this chunk: attend to the fresh K/V, causal
+        if seq.ctx_len == seq.q_len:  # nothing cached before this chunk: attend to the fresh K/V, causal
             keys = k.float().transpose(0, 1).unsqueeze(0)
             values = v.float().transpose(0, 1).unsqueeze(0)
             mask, causal = None, True

@@ -73,8 +73,7 @@ class InputBatch:
             if n == 1:
                 decode_states.append(state)
             else:
-                blocks = None if start == 0 else self._block_ids(state.block_ids, start + n)
-                prefills.append(PrefillSeq(row, n, start + n, blocks))
+                prefills.append(PrefillSeq(row, n, start + n, self._block_ids(state.block_ids, start + n)))
             if start + n == len(state.token_ids):  # reached the end: this step samples
                 logits_rows.append(row + n - 1)
                 sample_ids.append(req_id)

@@ -17,6 +17,7 @@ from raylm.models.attention import PagedAttention
 from raylm.models.layers import prepack_linears
 from raylm.models.loader import load_hf_config, load_model
 from raylm.distributed.parallel_state import CommClock, get_ep_group, get_pp_group, get_tp_group
+from raylm.kernels import ops
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.device = config.model.torch_device()
         self.backend = create_attention_backend(config.model.attention_backend, self.device, self.kv_dtype)
+        ops.check_mode(config.model.fused_ops, self.device)
+        self.fused_ops = ops.resolve(config.model.fused_ops, self.device)
         self.batch = InputBatch(self.block_size, self.backend)
         self.sampler = Sampler()
         self.model = None
@@ -147,7 +150,8 @@ class ModelRunner:
         if not pp.is_first:
             shape = (step.input_ids.shape[0], self.hf_config.hidden_size)
             intermediate = tuple(pp.recv_prev(shape, self.dtype, 2))
-        out = self.model(step.input_ids, step.positions, step.meta, intermediate)
+        with ops.using(self.fused_ops):
+            out = self.model(step.input_ids, step.positions, step.meta, intermediate)
         if pp.is_last:
             return out
         pp.send_next(out)

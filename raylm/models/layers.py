@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raylm.distributed.parallel_state import get_tp_group
+from raylm.kernels import ops
 
 
 def default_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
@@ -27,8 +28,8 @@ def _param(*shape: int, loader=default_weight_loader) -> nn.Parameter:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm (torch's fused op: fp32 accumulation, like HF's); with `residual`, adds it
-    first and returns (normed, new_residual)."""
+    """RMSNorm (fp32 accumulation, like HF's); with `residual`, adds it first and returns
+    (normed, new_residual): one fused kernel on the Triton path."""
 
     def __init__(self, size: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -36,11 +37,7 @@ class RMSNorm(nn.Module):
         self.weight = _param(size)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
-        if residual is not None:
-            x = x + residual
-            residual = x
-        out = F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        return out if residual is None else (out, residual)
+        return ops.rms_norm(x, self.weight, self.eps, residual)
 
 
 def onednn_available() -> bool:
@@ -169,30 +166,26 @@ class ParallelLMHead(VocabParallelEmbedding):
 
 class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return ops.silu_and_mul(x)
 
 
 class RotaryEmbedding(nn.Module):
-    """Neox-style rotary (HF's rotate_half layout). The cos/sin tables are computed in fp32
-    and applied in the activation dtype, as HF does; q and k rotate in one pass."""
+    """Rotary position embedding; `neox` pairs dims (i, i + D/2) (HF's rotate_half), else
+    (2i, 2i + 1). The cos/sin tables are fp32 [max_position, D/2]; the reference applies them
+    in the activation dtype, as HF does; the Triton kernel rotates q and k in place."""
 
-    def __init__(self, head_dim: int, inv_freq: torch.Tensor, max_position: int, scaling: float = 1.0) -> None:
+    def __init__(self, head_dim: int, inv_freq: torch.Tensor, max_position: int, scaling: float = 1.0,
+                 neox: bool = True) -> None:
         super().__init__()
         t = torch.arange(max_position, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq.float())
         self.register_buffer("cos", freqs.cos() * scaling, persistent=False)
         self.register_buffer("sin", freqs.sin() * scaling, persistent=False)
-        self.half = head_dim // 2
+        self.neox = neox
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q: [T, Hq, D], k: [T, Hk, D] -> rotated, same dtype."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        x = torch.cat((q, k), dim=1)
-        x1, x2 = x[..., :self.half], x[..., self.half:]
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        return out.split([q.shape[1], k.shape[1]], dim=1)
+        return ops.rotary(positions, q, k, self.cos, self.sin, self.neox)
 
 
 def build_rotary(config, head_dim: int, max_position: int) -> RotaryEmbedding:

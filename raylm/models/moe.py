@@ -17,6 +17,7 @@ from torch import nn
 from raylm.models.layers import _param
 from raylm.models.llama import LlamaForCausalLM, dense_mlp
 from raylm.distributed.parallel_state import get_ep_group, get_tp_group
+from raylm.kernels import ops
 
 # checkpoint expert-weight names -> (w13 half or w2). Mixtral: w1 gate, w3 up, w2 down.
 _EXPERT_NAMES = {"w1": ("w13", 0), "w3": ("w13", 1), "w2": ("w2", None),
@@ -87,25 +88,10 @@ class FusedMoE(nn.Module):
         return self._slot_of
 
     def _experts_out(self, x: torch.Tensor) -> torch.Tensor:
-        """fp32 sum over this rank's experts of weight * expert(x), per token. The (token,
-        expert) pairs are sorted by expert: one gather of their rows, each expert's MLP on a
-        contiguous run, one weighted scatter-add back; one host sync (the run lengths)."""
+        """fp32 sum over this rank's experts of weight * expert(x), per token (pairs routed
+        to another EP rank's experts contribute nothing here)."""
         weights, experts = self.route(x)
-        slots = self._slots(x.device)[experts.flatten()]  # [T * top_k]
-        order = torch.argsort(slots, stable=True)
-        runs = torch.bincount(slots, minlength=len(self.experts) + 1)[:len(self.experts)].tolist()
-        order = order[:sum(runs)]  # pairs routed to other ranks' experts sort last: dropped
-        tokens = order // self.top_k
-        xs, ys, start = x[tokens], [], 0
-        for i, count in enumerate(runs):
-            if count:
-                gate, up = F.linear(xs[start:start + count], self.w13[i]).chunk(2, dim=-1)
-                ys.append(F.linear(F.silu(gate) * up, self.w2[i]))
-            start += count
-        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-        if ys:
-            out.index_add_(0, tokens, torch.cat(ys).float() * weights.flatten()[order].unsqueeze(-1))
-        return out
+        return ops.fused_moe(x, self.w13, self.w2, weights, experts, self._slots(x.device))
 
 
 def _moe_mlp(config, layer_idx: int) -> nn.Module:
