@@ -82,6 +82,7 @@ def _paged_attention_kernel(
         pos = t * TILE_N + tl.arange(0, TILE_N)
         pos_ok = pos < kv_end
         block = tl.load(table_ptr + seq * stride_table + pos // BLOCK_SIZE, mask=pos_ok, other=0)
+        block = block.to(tl.int64)  # block * stride passes 2^31 in a large cache
         offset = pos % BLOCK_SIZE
         kv_ok = pos_ok[None, :] & dim_ok[:, None]
         k = tl.load(k_ptr + block[None, :] * stride_kb + offset[None, :] * stride_ks + kv_head * stride_kh

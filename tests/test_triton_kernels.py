@@ -17,7 +17,8 @@ from raylm.kernels.triton_support import triton_runs_on
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(not triton_runs_on(DEVICE), reason="Triton is not installed")
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+DTYPES = [torch.float32, torch.float16] + \
+    ([pytest.param(torch.bfloat16, marks=pytest.mark.gpu)] if DEVICE.type == "cuda" else [])
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 NAN = float("nan")
 

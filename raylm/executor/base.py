@@ -37,6 +37,7 @@ class Executor(ABC):
         self.collective_rpc("load_model")
         num_blocks = min(self.collective_rpc("determine_num_blocks"))
         self.collective_rpc("init_kv_cache", (num_blocks,))
+        self.collective_rpc("capture_graphs")
         return num_blocks
 
     def init_device_args(self) -> Sequence[Any]:

@@ -12,6 +12,7 @@ from raylm.attention import AttentionMetadata, KVCachePool, PrefillSeq, create_a
 from raylm.config import EngineConfig, parse_memory
 from raylm.executor.sampler import Sampler, SamplingInput
 from raylm.executor.sched_output import ModelRunnerOutput, SchedulerOutput
+from raylm.executor.cuda_graphs import DecodeGraphs, capture_sizes
 from raylm.executor.input_batch import InputBatch, StepInputs
 from raylm.models.attention import PagedAttention
 from raylm.models.layers import prepack_linears
@@ -38,6 +39,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.model = None
         self.kv_pool: Optional[KVCachePool] = None
+        self.graphs: Optional[DecodeGraphs] = None  # CUDA decode graphs (capture_graphs)
         self.last_step_times: Dict[str, float] = {}  # seconds per phase of the latest step (bench step)
 
     def load_model(self) -> None:
@@ -105,6 +107,31 @@ class ModelRunner:
         for i, layer in enumerate(self.attn_layers):
             layer.bind(self.kv_pool, i)
 
+    def graphs_supported(self) -> bool:
+        """Decode graphs need the Triton attention and fused ops (no host syncs in the step) and
+        one process per replica: no TP/PP collectives, no lockstep with other DP replicas."""
+        return (self.backend.name == "triton" and self.fused_ops == "triton"
+                and self.config.parallel.world_size == 1 and get_ep_group().dp is None)
+
+    @torch.inference_mode()
+    def capture_graphs(self, capture: Optional[bool] = None) -> int:
+        """Set up decode graphs at bucketed batch sizes; returns how many were captured. By
+        default they are captured on CUDA unless enforce_eager; `capture=False` keeps the
+        padded-bucket path but runs it eagerly (how the tests exercise it on CPU)."""
+        if capture is None:
+            if self.device.type != "cuda" or self.config.model.enforce_eager:
+                return 0
+            capture = True
+        if not self.graphs_supported() or (capture and self.device.type != "cuda"):
+            return 0
+        max_len = self.config.model.max_model_len or self.hf_config.max_position_embeddings
+        self.graphs = DecodeGraphs(self.device, capture_sizes(self.config.scheduler.max_num_seqs),
+                                   -(-max_len // self.block_size))
+        if capture:
+            with ops.using(self.fused_ops):
+                self.graphs.capture(self.model)
+        return len(self.graphs.graphs)
+
     @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         clock = _PhaseClock()
@@ -145,6 +172,9 @@ class ModelRunner:
     def _forward(self, step) -> Optional[torch.Tensor]:
         """The model's forward for this stage: receive (hidden, residual) from the previous
         stage, run our layers, and send them on (returns None) or return the final hidden."""
+        if self.graphs is not None and self.graphs.can_run(step):
+            with ops.using(self.fused_ops):
+                return self.graphs.run(step, self.model)
         pp = get_pp_group()
         intermediate = None
         if not pp.is_first:

@@ -87,6 +87,9 @@ class Worker:
     def init_kv_cache(self, num_blocks: int) -> None:
         self.runner.init_kv_cache(num_blocks)
 
+    def capture_graphs(self) -> int:
+        return self.runner.capture_graphs()
+
     def device_info(self) -> Tuple[str, str]:
         """(device, attention backend name) this worker runs on, e.g. ("cpu", "cpu")."""
         return str(self.runner.device), self.runner.backend.name
