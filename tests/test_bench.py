@@ -135,3 +135,23 @@ def test_bench_latency_on_tiny_model(tiny_llama, tmp_path):
     for r in data["runs"]:
         assert 0 < r["ttft_ms"] <= r["e2e_ms"]
         assert abs(r["ttft_ms"] + 7 * r["tpot_ms"] - r["e2e_ms"]) < 1e-6 * r["e2e_ms"] + 1e-6
+
+
+def test_bench_kernels_reports_every_op_against_the_limits(tmp_path, capsys):
+    """`raylm bench kernels` on this device: every op has a row, the byte and FLOP counts are
+    the hand-computed ones, and the fractions are of limits measured in the same run."""
+    from raylm.cli import main
+
+    out = tmp_path / "kernels.json"
+    assert main(["bench", "kernels", "--device", "cpu", "--repeats", "1", "--output-json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {(r["op"], r["shape"].split()[0]): r for r in report["results"]}
+    assert {op for op, _ in rows} >= {"add_rms_norm", "rotary", "silu_and_mul", "fused_moe", "attention"}
+    limits = report["limits"]
+    assert limits["bandwidth_gb_s"] > 0 and limits["gemm_tflop_s"] > 0
+    norm = rows[("add_rms_norm", "decode")]  # 32 x 576 fp32: read x, residual, weight; write two
+    assert norm["gb_s"] * norm["impl_us"] * 1e3 == pytest.approx((4 * 32 * 576 + 576) * 4, rel=1e-6)
+    attn = rows[("attention", "decode")]  # 32 seqs x 512 keys x 9 heads x 64: 4 FLOPs per (q, k, dim)
+    assert attn["tflop_s"] * attn["impl_us"] * 1e6 == pytest.approx(4 * 32 * 512 * 9 * 64, rel=1e-6)
+    assert all(0 < r["pct_of_limit"] for r in report["results"])
+    assert "% of limit" in capsys.readouterr().out

@@ -1,14 +1,15 @@
-"""`raylm bench ...` subcommands: throughput (offline, vs HF) and step (decode-step breakdown)."""
+"""`raylm bench ...` subcommands: throughput, step, memory, latency, serve, kernels."""
 from __future__ import annotations
 
 
 def add_bench_parser(sub, add_engine_args) -> None:
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    from raylm.bench import latency, memory, serve, step, throughput
+    from raylm.bench import kernels, latency, memory, serve, step, throughput
 
     throughput.add_parser(bench_sub, add_engine_args)
     step.add_parser(bench_sub, add_engine_args)
     memory.add_parser(bench_sub, add_engine_args)
     latency.add_parser(bench_sub, add_engine_args)
     serve.add_parser(bench_sub, add_engine_args)
+    kernels.add_parser(bench_sub)
