@@ -88,3 +88,27 @@ def test_a_choice_goes_to_the_request_it_was_made_for():
         assert r._delta["B"] == 0 and not r._outstanding
 
     asyncio.run(run())
+
+
+def test_a_pinned_request_waits_for_a_starting_replicas_rank(monkeypatch):
+    """Just after start a replica may not have reported its DP rank yet: a request pinned to
+    that rank waits for it instead of going to another rank by load. When every rank is known
+    and none matches (the pinned replica died), it is routed by load at once; an unknown
+    rank is waited for only until PIN_WAIT_S."""
+    import raylm.dp.router as router
+
+    async def run():
+        r, a, b = _router(), _replica("A", rank=0), _replica("B")  # B has not reported
+        choice = asyncio.ensure_future(r.choose_replicas([a, b], _pending("x", rank=1)))
+        await asyncio.sleep(0)  # the router is now waiting on B's rank
+        assert not choice.done()
+        b.routing_stats["dp_rank"] = 1  # B reports
+        assert await asyncio.wait_for(choice, 30) == [[b]]
+        monkeypatch.setattr(router, "PIN_WAIT_S", 1000.0)
+        gone = await asyncio.wait_for(r.choose_replicas([a], _pending("y", rank=1)), 30)
+        assert gone == [[a]]  # no replica has rank 1: by load, no wait
+        monkeypatch.setattr(router, "PIN_WAIT_S", 0.0)
+        late = await asyncio.wait_for(r.choose_replicas([a, _replica("C")], _pending("z", rank=1)), 30)
+        assert len(late[0]) == 1  # deadline passed: by load
+
+    asyncio.run(run())

@@ -14,8 +14,9 @@ only first-rank choice, so Serve's queue-length probing cannot override the scor
 A request counts at its replica from the moment it is chosen: Serve confirms a routing
 (on_request_routed) only after a round trip to the replica, and every request of a burst
 chosen meanwhile would otherwise see the same scores (16 concurrent requests split 13/3).
-A request pinned to a DP rank goes to that rank; if no replica has it (it died since the
-ingress checked), it is routed by load: waiting here would block every request behind it
+A request pinned to a DP rank goes to that rank (waiting up to 5 s for the ranks of replicas
+that have not reported yet: just after start, a pin was once routed by load to the wrong
+rank); if no replica has it (it died since the ingress checked), it is routed by load: waiting here would block every request behind it
 (Serve fulfils pending requests in order; measured: a kill test's replica came back after
 92 s instead of 16 s, with a tenth of the requests served).
 
@@ -47,6 +48,7 @@ logger = logging.getLogger(__name__)
 WAITING_WEIGHT = 4  # matches score(): a queued request weighs 4 running ones
 REPORT_LAG_S = 0.1  # a request routed this long before a report was computed is in it
 CHOSEN_TTL_S = 30.0  # a choice Serve never confirmed (rejected, cancelled) stops counting then
+PIN_WAIT_S = 5.0  # a pinned request waits this long for a starting replica's rank to be known
 
 
 @dataclass
@@ -78,7 +80,7 @@ class LeastLoadedRouter(RequestRouter):
         if not candidate_replicas:
             return []
         self._ensure_poller(candidate_replicas)
-        pinned = self._pinned(candidate_replicas, pending_request)
+        pinned = await self._wait_for_pinned(candidate_replicas, pending_request)
         if pinned:
             return [pinned]
         scored = sorted(((self.replica_score(r), random.random(), r) for r in candidate_replicas),
@@ -88,14 +90,31 @@ class LeastLoadedRouter(RequestRouter):
         # should it refuse: Serve's queue-length probing must not override the score.
         return [[scored[0][2]], [r for _, _, r in scored[1:]]] if len(scored) > 1 else [[scored[0][2]]]
 
+    def _rank_of(self, replica: RunningReplica) -> Optional[int]:
+        return (self._table.get(replica.replica_id.unique_id) or replica.routing_stats or {}).get("dp_rank")
+
     def _pinned(self, replicas: List[RunningReplica], pending: Optional[PendingRequest]) -> List[RunningReplica]:
         """Replicas matching the request's `data_parallel_rank` hint (vLLM's targeted DP
         routing, HTTP header X-data-parallel-rank); empty when there is no hint."""
         rank = pending.kwargs.get("data_parallel_rank") if pending is not None else None
         if rank is None:
             return []
-        return [r for r in replicas
-                if (self._table.get(r.replica_id.unique_id) or r.routing_stats or {}).get("dp_rank") == rank]
+        return [r for r in replicas if self._rank_of(r) == rank]
+
+    async def _wait_for_pinned(self, replicas: List[RunningReplica],
+                               pending: Optional[PendingRequest]) -> List[RunningReplica]:
+        """`_pinned`, but while a candidate's rank is still unknown (a replica that has not
+        reported yet: right after start), wait up to PIN_WAIT_S for it rather than route a
+        pinned request by load to another rank."""
+        deadline = time.monotonic() + PIN_WAIT_S
+        while True:
+            pinned = self._pinned(replicas, pending)
+            if pinned or pending is None or pending.kwargs.get("data_parallel_rank") is None:
+                return pinned
+            if all(self._rank_of(r) is not None for r in replicas) or time.monotonic() > deadline:
+                return []
+            self._ensure_poller(replicas)
+            await asyncio.sleep(0.05)  # the coordinator's table arrives by long poll
 
     def _fulfill_next_pending_request(self, replica: RunningReplica, request_metadata=None) -> None:
         """Give `replica` to the pending request it was chosen for (see the module doc)."""
