@@ -10,7 +10,7 @@ metadata sits in static buffers (raylm.executor.cuda_graphs).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from typing import List, Optional, Tuple
 
 import torch
@@ -66,8 +66,10 @@ class TritonAttentionBackend(BaseAttentionBackend):
         table = torch.zeros(len(tables), width, dtype=torch.int32)
         for row, ids in zip(table, tables):
             row[:len(ids)] = ids
+        # only what the kernels read goes to the device (not the per-kind tables it came from)
         full = TritonAttentionMetadata(
-            **{f.name: getattr(meta, f.name) for f in fields(AttentionMetadata)},
+            meta.slot_mapping, meta.num_decodes, prefills=[replace(p, block_ids=None) for p in meta.prefills],
+            store_kv=meta.store_kv,
             cu_seqlens_q=torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32),
             seq_lens=torch.tensor(ctx, dtype=torch.int32), block_table=table, max_query_len=max(q_lens, default=1))
         return full.to(self.device)
