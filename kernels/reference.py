@@ -24,7 +24,8 @@ def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch
     sin = sin[positions].unsqueeze(1).to(q.dtype)
     x = torch.cat((q, k), dim=1)
     if neox:
-        x1, x2 = x.chunk(2, dim=-1)
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]  # slices: two fewer dispatched ops than chunk
         out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     else:
         x1, x2 = x[..., 0::2], x[..., 1::2]

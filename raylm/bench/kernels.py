@@ -103,7 +103,8 @@ def cmd_kernels(args: argparse.Namespace) -> int:
         rows = [run_case(c, device, args.repeats, limits) for c in build_cases(SHAPES[shape], device, dtype, Case)]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else machine_info()["processor"]
     print(f"{name}: copy {limits['bandwidth_gb_s']:.0f} GB/s, {dtype} GEMM {limits['gemm_tflop_s']:.1f} TFLOP/s "
-          f"(measured here; % of limit is against these). Shape: {shape}.")
+          f"(measured here; % of limit is against these; over 100%: the op's data stayed in cache). "
+          f"Shape: {shape}.")
     print_table(rows, [("op", "op"), ("shape", "shape"), ("impl", "impl"), ("impl_us", "impl us", ".1f"),
                        ("ref_us", "torch ref us", ".1f"), ("speedup", "x ref", ".2f"), ("gb_s", "GB/s", ".1f"),
                        ("tflop_s", "TFLOP/s", ".3f"), ("bound", "bound"), ("pct_of_limit", "% of limit", ".1f")])
