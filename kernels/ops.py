@@ -1,11 +1,11 @@
 """The fused ops the model code calls, one function per op (its single call site picks the
-implementation here): the Triton kernel where the mode allows and Triton runs, else the
-torch reference (raylm.kernels.reference).
+implementation here): Triton kernels on CUDA, the C kernels on CPU (raylm.kernels.cpu_ops,
+fp32 and bf16, when gcc built them), else the torch references (raylm.kernels.reference).
 
-The mode is the engine's `fused_ops` option, set around each forward with `using(mode)`:
-"auto" runs Triton on CUDA tensors and the references elsewhere; "triton" runs Triton
-wherever it runs (CPU tensors only under its interpreter: the tests); "torch" forces the
-references (the switch for ruling a kernel out when outputs differ).
+The mode is the engine's `fused_ops` option, resolved per device and set around each
+forward with `using(mode)`: "triton" (CUDA; CPU tensors only under Triton's interpreter:
+the tests), "cpu" (the C kernels where the dtype allows, else the references) or "torch"
+(always the references: the switch for ruling a kernel out when outputs differ).
 """
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from typing import Iterator, Optional
 
 import torch
 
-from raylm.kernels import reference
+from raylm.kernels import cpu_ops, reference
 from raylm.kernels.triton_support import HAS_TRITON, triton_runs_on, why_not
 
-MODES = ("auto", "triton", "torch")
-_mode = "auto"
+MODES = ("auto", "triton", "cpu", "torch")
+_mode = "torch"
 
 
 def check_mode(mode: str, device: torch.device) -> None:
@@ -29,13 +29,17 @@ def check_mode(mode: str, device: torch.device) -> None:
         raise ValueError(f"fused_ops must be one of {list(MODES)} (got {mode!r})")
     if mode == "triton" and not triton_runs_on(device):
         raise ValueError(f"fused_ops='triton': {why_not(device)}")
+    if mode == "cpu" and not (device.type == "cpu" and cpu_ops.available()):
+        raise ValueError(f"fused_ops='cpu' needs the CPU device and a C compiler (this is {device.type})")
 
 
 def resolve(mode: str, device: torch.device) -> str:
-    """"triton" or "torch": what `mode` runs on `device`."""
-    if mode == "auto":
-        return "triton" if device.type == "cuda" and HAS_TRITON else "torch"
-    return mode
+    """"triton", "cpu" or "torch": what `mode` runs on `device`."""
+    if mode != "auto":
+        return mode
+    if device.type == "cuda":
+        return "triton" if HAS_TRITON else "torch"
+    return "cpu" if cpu_ops.available() else "torch"
 
 
 @contextmanager
@@ -53,30 +57,33 @@ def _kernels(module: str):
     return importlib.import_module(f"raylm.kernels.{module}")
 
 
-def _on_triton(t: torch.Tensor) -> bool:
-    return _mode == "triton" or (_mode == "auto" and t.is_cuda and HAS_TRITON)
+def _impl(x: torch.Tensor, triton_module: str):
+    if _mode == "triton":
+        return _kernels(triton_module)
+    if _mode == "cpu" and x.dtype in cpu_ops.DTYPES:
+        return cpu_ops
+    return reference
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None):
     """RMSNorm of x (or of x + residual, returning (normed, x + residual))."""
-    impl = _kernels("triton_layer_ops") if _on_triton(x) else reference
-    return impl.rms_norm(x, weight, eps, residual)
+    if _mode == "cpu" and weight.dtype != x.dtype:
+        return reference.rms_norm(x, weight, eps, residual)
+    return _impl(x, "triton_layer_ops").rms_norm(x, weight, eps, residual)
 
 
 def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
            neox: bool = True):
-    """Rotated (q, k); the Triton kernel rotates them in place."""
-    impl = _kernels("triton_layer_ops") if _on_triton(q) else reference
-    return impl.rotary(positions, q, k, cos, sin, neox)
+    """Rotated (q, k); the Triton and C kernels rotate them in place."""
+    return _impl(q, "triton_layer_ops").rotary(positions, q, k, cos, sin, neox)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    impl = _kernels("triton_layer_ops") if _on_triton(x) else reference
-    return impl.silu_and_mul(x)
+    return _impl(x, "triton_layer_ops").silu_and_mul(x)
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, slot_of: torch.Tensor) -> torch.Tensor:
     """fp32 [T, H]: each token's top-k experts held here, weighted and summed."""
-    impl = _kernels("triton_moe") if _on_triton(x) else reference
+    impl = _kernels("triton_moe") if _mode == "triton" else reference
     return impl.fused_moe(x, w13, w2, topk_weights, topk_ids, slot_of)

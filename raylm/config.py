@@ -77,9 +77,9 @@ class ModelConfig(_Config):
         "auto", description="paged attention (raylm.attention registry): auto picks per device; torch is "
                             "the reference; cpu decodes with the compiled C kernel; triton is the GPU "
                             "kernel (on CPU only under TRITON_INTERPRET=1)")  # checked in raylm.options
-    fused_ops: Literal["auto", "triton", "torch"] = Field(
+    fused_ops: Literal["auto", "triton", "cpu", "torch"] = Field(
         "auto", description="RMSNorm, rotary, SiLU-and-mul, MoE: auto runs the Triton kernels on CUDA and "
-                            "the torch references elsewhere; torch forces the references")
+                            "the C kernels on CPU (when gcc is present); torch forces the references")
     enforce_eager: bool = Field(
         False, description="CUDA: never capture decode steps as CUDA graphs (vLLM's option)")
 

@@ -2,11 +2,13 @@
 dense softmax attention written out in the test."""
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
 from raylm.attention import AttentionMetadata, create_attention_backend
-from raylm.kernels import cpu_paged_attention
+from raylm.kernels import cpu_ops, cpu_paged_attention, reference
 
 pytestmark = pytest.mark.skipif(not cpu_paged_attention.available(), reason="no C compiler")
 
@@ -65,3 +67,110 @@ def test_loading_the_kernel_keeps_subnormal_floats():
     code = ("from raylm.kernels import cpu_paged_attention as k; assert k.load() is not None; "
             "x = 5e-324; assert x != 0.0 and 1e-310 / 2 > 0, 'subnormals flushed'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+# ---- the fused element-wise ops (kernels/cpu_ops.c) against their torch references ------
+
+CPU_OPS = pytest.mark.skipif(not cpu_ops.available(), reason="the C kernels need a C compiler")
+OPS_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """The kernels' outputs start as NaN: an element they fail to write fails the test."""
+    monkeypatch.setattr(cpu_ops, "_empty", lambda *shape, dtype: torch.full(shape, float("nan"), dtype=dtype))
+
+
+def _gen(request):
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@CPU_OPS
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 7, 40])
+def test_add_rms_norm_matches_reference(request, poisoned, dtype, rows):
+    g = _gen(request)
+    x, res, w = (torch.randn(*s, generator=g).to(dtype) for s in ((rows, 96), (rows, 96), (96,)))
+    for got, want in zip(cpu_ops.rms_norm(x, w, 1e-6, res), reference.rms_norm(x, w, 1e-6, res)):
+        torch.testing.assert_close(got, want, atol=OPS_TOL[dtype], rtol=OPS_TOL[dtype])
+    heads = x.view(rows, 3, 32)  # per-head norm (Qwen3's q/k norm) on strided rows
+    torch.testing.assert_close(cpu_ops.rms_norm(heads, w[:32], 1e-5), reference.rms_norm(heads, w[:32], 1e-5),
+                               atol=OPS_TOL[dtype], rtol=OPS_TOL[dtype])
+
+
+@CPU_OPS
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("neox", [True, False])
+def test_rotary_in_place_matches_reference(request, dtype, neox):
+    g = _gen(request)
+    tokens, hq, hkv, d = 5, 6, 2, 64
+    qkv = torch.randn(tokens, (hq + 2 * hkv) * d, generator=g).to(dtype)
+    q, k = qkv[:, :hq * d].view(tokens, hq, d), qkv[:, hq * d:(hq + hkv) * d].view(tokens, hkv, d)
+    angles = torch.rand(32, d // 2, generator=g) * 6
+    pos = torch.randint(0, 32, (tokens,), generator=g)
+    want = reference.rotary(pos, q.float(), k.float(), angles.cos(), angles.sin(), neox)
+    v_before = qkv[:, (hq + hkv) * d:].clone()
+    cpu_ops.rotary(pos, q, k, angles.cos(), angles.sin(), neox)
+    for got, ref in zip((q, k), want):
+        torch.testing.assert_close(got.float(), ref, atol=OPS_TOL[dtype], rtol=OPS_TOL[dtype])
+    assert torch.equal(qkv[:, (hq + hkv) * d:], v_before)
+
+
+@CPU_OPS
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 33])
+def test_silu_and_mul_matches_reference(request, poisoned, dtype, rows):
+    x = (torch.randn(rows, 2 * 200, generator=_gen(request)) * 3).to(dtype)
+    torch.testing.assert_close(cpu_ops.silu_and_mul(x).float(), reference.silu_and_mul(x.float()),
+                               atol=OPS_TOL[dtype], rtol=OPS_TOL[dtype])
+
+
+@CPU_OPS
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kv_matches_the_backends_index_path(request, dtype):
+    """The C store writes the cpu backend's layout (K transposed per block) exactly as its
+    torch index path does, and nothing else."""
+    from raylm.attention.cpu_backend import CpuAttentionBackend
+
+    g = _gen(request)
+    hkv, d, bs, nb, tokens = 2, 16, 4, 6, 9
+    qkv = torch.randn(tokens, 3 * hkv * d, generator=g).to(dtype)
+    k, v = qkv[:, hkv * d:2 * hkv * d].view(tokens, hkv, d), qkv[:, 2 * hkv * d:].view(tokens, hkv, d)
+    slots = torch.randperm(nb * bs, generator=g)[:tokens]
+    got, want = (torch.full((2, hkv, nb, bs, d), float("nan"), dtype=dtype) for _ in range(2))
+    cpu_ops.store_kv(got, k, v, slots)
+    kv, blocks, offsets = CpuAttentionBackend._k_view(want), slots // bs, slots % bs
+    kv[:, blocks, :, offsets] = k
+    want[1][:, blocks, offsets] = v.transpose(0, 1)
+    torch.testing.assert_close(got, want, equal_nan=True, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not cpu_ops.gemv_available(), reason="the bf16 GEMV needs AVX512-BF16 and a C compiler")
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_matches_a_float_matmul(request, poisoned, rows, bias):
+    """K = 600 (not a multiple of 32: the tail loop), N = 70, up to 8 rows (two passes of 4),
+    against an fp32 matmul of the same bf16 values; within one bf16 rounding of the output."""
+    g = _gen(request)
+    x, w = torch.randn(rows, 600, generator=g).bfloat16(), torch.randn(70, 600, generator=g).bfloat16()
+    b = torch.randn(70, generator=g).bfloat16() if bias else None
+    got = cpu_ops.gemv(x, w, b)
+    want = x.float() @ w.float().T + (0 if b is None else b.float())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=1e-3, rtol=8e-3)
+
+
+@pytest.mark.skipif(not cpu_ops.gemv_available(), reason="the bf16 GEMV needs AVX512-BF16 and a C compiler")
+def test_a_prepacked_bf16_linear_takes_the_gemv_for_few_rows_only(monkeypatch):
+    from raylm.models.layers import ColumnParallelLinear
+
+    lin = ColumnParallelLinear(64, [96], bias=True).bfloat16()
+    lin.weight.data.normal_(), lin.bias.data.normal_()
+    x = torch.randn(20, 64).bfloat16()
+    want = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
+    lin.prepack()
+    calls, real = [], cpu_ops.gemv
+    monkeypatch.setattr(cpu_ops, "gemv", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    for n in (1, 8, 9, 20):
+        torch.testing.assert_close(lin(x[:n]).float(), want[:n], atol=0.1, rtol=2e-2)
+    assert calls == [1, 8]

@@ -34,9 +34,10 @@ def backend(request):
 
 
 def engine_kw(backend):
-    """The triton case runs every Triton kernel (attention and the fused ops; under the
-    interpreter here): this is what proves its metadata, block tables and slots are right."""
-    return dict(attention_backend=backend, fused_ops="triton" if backend == "triton" else "auto")
+    """torch: the references all the way. cpu: the C kernels (attention and the fused ops).
+    triton: every Triton kernel (under the interpreter here): this is what proves its
+    metadata, block tables and slots are right."""
+    return dict(attention_backend=backend, fused_ops={"torch": "torch", "cpu": "auto"}.get(backend, backend))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch
 
 from raylm.attention.base import AttentionMetadata, register_attention_backend
 from raylm.attention.torch_backend import TorchAttentionBackend
-from raylm.kernels import cpu_paged_attention
+from raylm.kernels import cpu_ops, cpu_paged_attention
 
 
 @register_attention_backend("cpu")
@@ -29,6 +29,9 @@ class CpuAttentionBackend(TorchAttentionBackend):
         return cache[0].view(h, nb, d, bs)
 
     def store_kv(self, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        d = k.shape[2]
+        if k.dtype == v.dtype == cache.dtype and k.stride()[1:] == v.stride()[1:] == (d, 1) and cpu_ops.available():
+            return cpu_ops.store_kv(cache, k, v, slots)  # one C call for the two index_puts below
         bs = cache.shape[3]
         blocks, offsets = slots // bs, slots % bs
         self._k_view(cache)[:, blocks, :, offsets] = k.to(cache.dtype)  # indexed view is [T, Hkv, Dh]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raylm.distributed.parallel_state import get_tp_group
-from raylm.kernels import ops
+from raylm.kernels import cpu_ops, ops
 
 
 def default_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
@@ -44,18 +44,31 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+def keeps_gemv_weight(weight: torch.Tensor) -> bool:
+    """A bf16 CPU weight keeps its plain copy for the C GEMV (decode rows; AVX512-BF16 only)."""
+    return weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and cpu_ops.gemv_available()
+
+
 class PackableLinear(nn.Module):
     """A linear whose CPU weight can be prepacked for oneDNN after loading. Why: at decode
     batch sizes (M = 1..128) the prepacked GEMM is 1.2-2.7x faster than F.linear on this CPU
-    (bf16 and fp32, measured), and it is what inductor's weight freezing uses."""
+    (bf16 and fp32, measured), and it is what inductor's weight freezing uses. A bf16 weight
+    also keeps its plain copy for a few rows (single-stream decode): the C GEMV streams it at
+    2-3x oneDNN's speed there (oneDNN's per-call cost dominates), at the price of holding the
+    weights twice."""
 
     packed: Optional[torch.Tensor] = None
+    plain: Optional[torch.Tensor] = None  # for the C GEMV (x with <= GEMV_MAX_ROWS rows)
 
     def prepack(self, batch_hint: int = 32) -> None:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), batch_hint)
+        if keeps_gemv_weight(self.weight):
+            self.plain = self.weight.detach()
         self.weight.data = torch.empty(0, dtype=self.weight.dtype)  # the packed copy replaces it
 
     def linear(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.plain is not None and x.shape[0] <= cpu_ops.GEMV_MAX_ROWS and x.dtype == torch.bfloat16:
+            return cpu_ops.gemv(x, self.plain, bias)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
         return F.linear(x, self.weight, bias)
@@ -155,7 +168,9 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), batch_hint)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
+        if self.packed is not None and hidden.shape[0] <= cpu_ops.GEMV_MAX_ROWS and keeps_gemv_weight(hidden):
+            logits = cpu_ops.gemv(hidden, self.weight)
+        elif self.packed is not None:
             logits = torch.ops.mkldnn._linear_pointwise(hidden, self.packed, None, "none", [], "")
         else:
             logits = F.linear(hidden, self.weight)

@@ -1,0 +1,164 @@
+/* The decoder's element-wise ops for CPU, fused: residual-add + RMSNorm, rotary in place on
+ * q and k, SiLU-and-mul, and the cpu attention backend's KV store. Each is one call where
+ * torch runs 4-12 small ops (10-50 us of dispatch apiece at decode sizes). Built at first
+ * use by raylm.kernels.cpu_ops (the same build and fallback as the attention kernel) and
+ * called through ctypes; the references are raylm.kernels.reference.
+ *
+ * Every kernel computes in fp32 and rounds once on store; T is float or bf16 (uint16, round
+ * to nearest even). Rows are strided (`*_stride` in elements); the last dim is contiguous.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float from_bf16(uint16_t h) {
+    uint32_t bits = ((uint32_t)h) << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+#define LD_f32(p, i) ((p)[i])
+#define ST_f32(p, i, v) ((p)[i] = (v))
+#define LD_bf16(p, i) from_bf16((p)[i])
+#define ST_bf16(p, i, v) ((p)[i] = to_bf16(v))
+/* a value rounded to the storage type and back: what a torch op in that dtype would hold */
+#define RT_f32(v) (v)
+#define RT_bf16(v) from_bf16(to_bf16(v))
+
+#define DEFINE_OPS(S, T)                                                                        \
+    /* out = rmsnorm(x [+ residual]) * w; with residual, res_out = x + residual (rounded) */    \
+    void add_rms_norm_##S(const T *x, const T *res, const T *w, T *out, T *res_out,             \
+                          int64_t rows, int64_t n, int64_t x_stride, int64_t r_stride,          \
+                          float eps) {                                                          \
+        _Pragma("omp parallel for if (rows >= 32)")                                             \
+        for (int64_t r = 0; r < rows; r++) {                                                    \
+            const T *xr = x + r * x_stride;                                                     \
+            T *o = out + r * n;                                                                 \
+            float ss = 0.f;                                                                     \
+            if (res) {                                                                          \
+                const T *rr = res + r * r_stride;                                               \
+                T *ro = res_out + r * n;                                                        \
+                for (int64_t i = 0; i < n; i++) {                                               \
+                    float s = RT_##S(LD_##S(xr, i) + LD_##S(rr, i));                            \
+                    ST_##S(ro, i, s);                                                           \
+                    ss += s * s;                                                                \
+                }                                                                               \
+                xr = ro;                                                                        \
+            } else {                                                                            \
+                for (int64_t i = 0; i < n; i++) ss += LD_##S(xr, i) * LD_##S(xr, i);            \
+            }                                                                                   \
+            const float inv = 1.f / sqrtf(ss / (float)n + eps);                                 \
+            for (int64_t i = 0; i < n; i++) ST_##S(o, i, LD_##S(xr, i) * inv * LD_##S(w, i));   \
+        }                                                                                       \
+    }                                                                                           \
+                                                                                                \
+    /* rotate heads [T, H, D] in place: pairs (i, i + D/2) (neox) or (2i, 2i + 1) */           \
+    static void rotate_##S(T *x, const int64_t *pos, const float *cos, const float *sin,        \
+                           int64_t tokens, int64_t heads, int64_t t_stride, int64_t h_stride,   \
+                           int64_t half, int neox) {                                            \
+        for (int64_t t = 0; t < tokens; t++) {                                                  \
+            const float *c = cos + pos[t] * half, *s = sin + pos[t] * half;                     \
+            for (int64_t h = 0; h < heads; h++) {                                               \
+                T *row = x + t * t_stride + h * h_stride;                                       \
+                for (int64_t i = 0; i < half; i++) {                                            \
+                    const int64_t a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;        \
+                    const float x1 = LD_##S(row, a), x2 = LD_##S(row, b);                       \
+                    ST_##S(row, a, x1 * c[i] - x2 * s[i]);                                      \
+                    ST_##S(row, b, x2 * c[i] + x1 * s[i]);                                      \
+                }                                                                               \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+                                                                                                \
+    void rotary_##S(T *q, T *k, const int64_t *pos, const float *cos, const float *sin,         \
+                    int64_t tokens, int64_t hq, int64_t hkv, int64_t q_stride, int64_t k_stride, \
+                    int64_t head_dim, int neox) {                                               \
+        rotate_##S(q, pos, cos, sin, tokens, hq, q_stride, head_dim, head_dim / 2, neox);       \
+        rotate_##S(k, pos, cos, sin, tokens, hkv, k_stride, head_dim, head_dim / 2, neox);      \
+    }                                                                                           \
+                                                                                                \
+    /* out [rows, n] = silu(x[:, :n]) * x[:, n:] */                                            \
+    void silu_and_mul_##S(const T *x, T *out, int64_t rows, int64_t n, int64_t x_stride) {      \
+        _Pragma("omp parallel for if (rows >= 32)")                                             \
+        for (int64_t r = 0; r < rows; r++) {                                                    \
+            const T *g = x + r * x_stride, *u = g + n;                                          \
+            for (int64_t i = 0; i < n; i++) {                                                   \
+                const float a = LD_##S(g, i);                                                   \
+                ST_##S(out + r * n, i, a / (1.f + expf(-a)) * LD_##S(u, i));                    \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+                                                                                                \
+    /* The cpu backend's cache [2, Hkv, NB, BS, D] with K transposed within a block ([D][BS]): \
+     * token t's k, v [Hkv, D] (rows k_stride apart) go to slot = block * BS + offset. */      \
+    void store_kv_##S(const T *k, const T *v, T *cache, const int64_t *slots, int64_t tokens,   \
+                      int64_t hkv, int64_t d, int64_t nb, int64_t bs, int64_t k_stride,         \
+                      int64_t v_stride) {                                                       \
+        const int64_t plane = hkv * nb * bs * d, head = nb * bs * d;                            \
+        for (int64_t t = 0; t < tokens; t++) {                                                  \
+            const int64_t blk = slots[t] / bs, off = slots[t] % bs;                             \
+            for (int64_t h = 0; h < hkv; h++) {                                                 \
+                T *kb = cache + h * head + blk * bs * d, *vb = cache + plane + h * head + blk * bs * d; \
+                for (int64_t i = 0; i < d; i++) {                                               \
+                    kb[i * bs + off] = k[t * k_stride + h * d + i];                             \
+                    vb[off * d + i] = v[t * v_stride + h * d + i];                              \
+                }                                                                               \
+            }                                                                                   \
+        }                                                                                       \
+    }
+
+DEFINE_OPS(f32, float)
+DEFINE_OPS(bf16, uint16_t)
+
+/* Decode-sized bf16 GEMM: y [M, N] = x [M, K] w [N, K]^T (+ bias), for M of a few rows, where
+ * oneDNN's per-call cost (~20 us) dominates and the work is streaming w once. Each output
+ * column reads its weight row once for all M rows, 32 bf16 products per AVX-512 BF16
+ * instruction (vdpbf16ps), fp32 sums, one rounding. Without AVX512-BF16 the scalar loop
+ * below is correct but slow: gemv_bf16_fast() says which was built, and callers use this
+ * only when it is fast. */
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+int gemv_bf16_fast(void) { return 1; }
+#else
+int gemv_bf16_fast(void) { return 0; }
+#endif
+
+static void gemv_rows(const uint16_t *x, const uint16_t *wr, float *s, int64_t M, int64_t K) {
+    int64_t k = 0;
+#if defined(__AVX512BF16__)
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (; k + 32 <= K; k += 32) {
+        const __m512bh w = (__m512bh)_mm512_loadu_si512(wr + k);
+        for (int64_t m = 0; m < M; m++)
+            acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_loadu_si512(x + m * K + k), w);
+    }
+    for (int64_t m = 0; m < M; m++) s[m] = _mm512_reduce_add_ps(acc[m]);
+#else
+    for (int64_t m = 0; m < M; m++) s[m] = 0.f;
+#endif
+    for (; k < K; k++)
+        for (int64_t m = 0; m < M; m++) s[m] += from_bf16(x[m * K + k]) * from_bf16(wr[k]);
+}
+
+void gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y, int64_t M,
+               int64_t N, int64_t K) {
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {  /* four rows at a time share each weight row */
+        const int64_t rows = M - m0 < 4 ? M - m0 : 4;
+        _Pragma("omp parallel for schedule(static)")
+        for (int64_t n = 0; n < N; n++) {
+            float s[4];
+            gemv_rows(x + m0 * K, w + n * K, s, rows, K);
+            const float b = bias ? from_bf16(bias[n]) : 0.f;
+            for (int64_t m = 0; m < rows; m++) y[(m0 + m) * N + n] = to_bf16(s[m] + b);
+        }
+    }
+}

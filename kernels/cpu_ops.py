@@ -1,0 +1,99 @@
+"""The fused element-wise ops for CPU (cpu_ops.c through ctypes): add + RMSNorm, rotary in
+place, SiLU-and-mul, and the cpu attention backend's KV store, with the same names and
+arguments as their references (raylm.kernels.reference). fp32 and bf16; the dispatcher
+(raylm.kernels.ops) sends other dtypes, and everything when the library cannot build
+(no compiler), to the references."""
+from __future__ import annotations
+
+import ctypes
+from typing import Optional, Tuple
+
+import torch
+
+from raylm.kernels.cpu_build import CLibrary
+
+_I64, _F32, _PTR, _INT = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
+_SIGNATURES = {
+    "add_rms_norm": [_PTR] * 5 + [_I64] * 4 + [_F32],
+    "rotary": [_PTR] * 5 + [_I64] * 6 + [_INT],
+    "silu_and_mul": [_PTR] * 2 + [_I64] * 3,
+    "store_kv": [_PTR] * 4 + [_I64] * 7,
+}
+_LIB = CLibrary("cpu_ops.c", {**{f"{name}_{s}": args for name, args in _SIGNATURES.items() for s in ("f32", "bf16")},
+                              "gemv_bf16": [_PTR] * 4 + [_I64] * 3})
+GEMV_MAX_ROWS = 8  # above this oneDNN's prepacked GEMM wins (measured: at 4 rows C is 1.0-1.9x faster)
+DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_empty = torch.empty  # every output allocation (tests poison them through this)
+
+
+def available() -> bool:
+    return _LIB.load() is not None
+
+
+def _fn(name: str, dtype: torch.dtype):
+    return getattr(_LIB.load(), f"{name}_{DTYPES[dtype]}")
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, last] with a contiguous last dim (a view when the layout allows)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(1) == 1 else x2.contiguous()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None):
+    x2 = _rows(x)
+    out = _empty(*x2.shape, dtype=x.dtype)
+    r2 = res_out = None
+    if residual is not None:
+        r2, res_out = _rows(residual), _empty(*x2.shape, dtype=x.dtype)
+    _fn("add_rms_norm", x.dtype)(x2.data_ptr(), None if r2 is None else r2.data_ptr(), weight.data_ptr(),
+                                 out.data_ptr(), None if res_out is None else res_out.data_ptr(), x2.shape[0],
+                                 x2.shape[1], x2.stride(0), 0 if r2 is None else r2.stride(0), eps)
+    if residual is None:
+        return out.view(x.shape)
+    return out.view(x.shape), res_out.view(x.shape)
+
+
+def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           neox: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """In place on q [T, Hq, D] and k [T, Hkv, D] (each token's heads contiguous)."""
+    d = q.shape[2]
+    assert q.stride(1) == d and k.stride(1) == d and q.stride(2) == 1 and k.stride(2) == 1
+    _fn("rotary", q.dtype)(q.data_ptr(), k.data_ptr(), positions.contiguous().data_ptr(), cos.data_ptr(),
+                           sin.data_ptr(), q.shape[0], q.shape[1], k.shape[1], q.stride(0), k.stride(0), d,
+                           int(neox))
+    return q, k
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    x2 = _rows(x)
+    n = x2.shape[1] // 2
+    out = _empty(x2.shape[0], n, dtype=x.dtype)
+    _fn("silu_and_mul", x.dtype)(x2.data_ptr(), out.data_ptr(), x2.shape[0], n, x2.stride(0))
+    return out.view(*x.shape[:-1], n)
+
+
+def store_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """k, v [T, Hkv, D] into the cpu backend's cache [2, Hkv, NB, BS, D] (K transposed per block)."""
+    _, hkv, nb, bs, d = cache.shape
+    assert cache.is_contiguous() and k.stride(1) == d and v.stride(1) == d and k.stride(2) == 1
+    _fn("store_kv", cache.dtype)(k.data_ptr(), v.data_ptr(), cache.data_ptr(), slots.contiguous().data_ptr(),
+                                 k.shape[0], hkv, d, nb, bs, k.stride(0), v.stride(0))
+
+
+def gemv_available() -> bool:
+    """The bf16 GEMV was built with AVX512-BF16 (else it exists but is slow: not used)."""
+    lib = _LIB.load()
+    if lib is None:
+        return False
+    lib.gemv_bf16_fast.restype = ctypes.c_int
+    return bool(lib.gemv_bf16_fast())
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T (+ bias), bf16 in and out, for M <= a few rows."""
+    x = x.contiguous()
+    out = _empty(x.shape[0], weight.shape[0], dtype=torch.bfloat16)
+    _LIB.load().gemv_bf16(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+                          out.data_ptr(), x.shape[0], weight.shape[0], x.shape[1])
+    return out
