@@ -17,7 +17,7 @@ from typing import Iterator, Optional
 import torch
 
 from raylm.kernels import cpu_ops, reference
-from raylm.kernels.triton_support import HAS_TRITON, triton_runs_on, why_not
+from raylm.kernels.triton_support import triton_runs_on, why_not
 
 MODES = ("auto", "triton", "cpu", "torch")
 _mode = "torch"
@@ -38,7 +38,7 @@ def resolve(mode: str, device: torch.device) -> str:
     if mode != "auto":
         return mode
     if device.type == "cuda":
-        return "triton" if HAS_TRITON else "torch"
+        return "triton" if triton_runs_on(device) else "torch"
     return "cpu" if cpu_ops.available() else "torch"
 
 

@@ -18,7 +18,7 @@ import triton.language as tl
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o, stride_ro,
                      eps, size, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * stride passes 2^31 in large buffers
     cols = tl.arange(0, BLOCK)
     ok = cols < size
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
@@ -27,7 +27,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stri
         x = x.to(res_out_ptr.dtype.element_ty)
         tl.store(res_out_ptr + row * stride_ro + cols, x, mask=ok)
         x = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / size + eps)
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(x * x, 0) / size + eps))  # IEEE, not approximate: fp32 parity
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_o + cols, (x * rstd * w).to(out_ptr.dtype.element_ty), mask=ok)
 
@@ -87,7 +87,7 @@ def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch
 
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, size, BLOCK: tl.constexpr):
-    row, col_block = tl.program_id(0), tl.program_id(1)
+    row, col_block = tl.program_id(0).to(tl.int64), tl.program_id(1)
     cols = col_block * BLOCK + tl.arange(0, BLOCK)
     ok = cols < size
     gate = tl.load(x_ptr + row * stride_x + cols, mask=ok).to(tl.float32)

@@ -98,4 +98,4 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     down = _empty(tokens * top_k, w2.shape[1], dtype=torch.float32, device=x.device)
     weights = topk_weights.float().flatten().contiguous()
     _grouped_gemm(act, w2, down, sorted_pairs, block_slot, total, weights, 1, block_m)
-    return down.view(tokens, top_k, -1).sum(1)
+    return down.view(tokens, top_k, w2.shape[1]).sum(1)

@@ -16,13 +16,20 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def triton_runs_on(device: torch.device) -> bool:
-    return HAS_TRITON and (device.type == "cuda" or (device.type == "cpu" and triton_interpret()))
+    """CUDA of compute capability 8.0 or newer (bf16 dots), or CPU under the interpreter."""
+    if not HAS_TRITON:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    return device.type == "cpu" and triton_interpret()
 
 
 def why_not(device: torch.device) -> str:
     """The reason `triton_runs_on(device)` is False, for error messages."""
     if not HAS_TRITON:
         return "Triton is not installed (pip install triton)"
+    if device.type == "cuda":
+        return "raylm's Triton kernels need a GPU of compute capability 8.0 or newer"
     return f"Triton runs on CUDA, or on CPU only under its interpreter (TRITON_INTERPRET=1); this is {device.type}"
 
 

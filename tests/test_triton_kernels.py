@@ -174,7 +174,7 @@ def test_silu_and_mul(gen, dtype, tokens, size):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("held", ["all", "some"])
-@pytest.mark.parametrize("tokens", [1, 21])
+@pytest.mark.parametrize("tokens", [0, 1, 21])
 def test_fused_moe(gen, poison_scratch, dtype, top_k, held, tokens):
     """Sorted, padded, grouped GEMMs equal the per-expert loop; with `some`, experts 1 and 4
     live on another EP rank and contribute nothing."""

@@ -4,7 +4,8 @@ The pool owns the device, the dtype, the layout (the attention backend's `kv_sha
 allocation and the writes (`store_kv`); layers read their slice through `layer(i)`. On CPU
 the buffer comes from calloc (numpy zeros): the OS maps zero pages on first write, so a
 replica's resident memory follows what it has used, not its whole budget. On CUDA it is
-one `torch.empty` (blocks are always written before they are read).
+one `torch.zeros`: a padded row of a replayed decode graph reads block 0, which may never
+have been written, and must read finite values.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ class KVCachePool:
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (num_layers, *backend.kv_shape(num_blocks, block_size, num_kv_heads, head_dim))
         self.buffer = lazy_zeros(shape, dtype) if self.device.type == "cpu" else \
-            torch.empty(shape, dtype=dtype, device=self.device)
+            torch.zeros(shape, dtype=dtype, device=self.device)
         self.layers = list(self.buffer.unbind(0))  # views made once, not per layer per step
 
     @staticmethod

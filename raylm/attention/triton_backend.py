@@ -11,7 +11,7 @@ metadata sits in static buffers (raylm.executor.cuda_graphs).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -54,18 +54,16 @@ class TritonAttentionBackend(BaseAttentionBackend):
 
     def build_metadata(self, meta: AttentionMetadata, block_size: int) -> TritonAttentionMetadata:
         q_lens = [1] * meta.num_decodes + [p.q_len for p in meta.prefills]
-        tables: List[torch.Tensor] = []
-        ctx = []
-        if meta.num_decodes:
-            tables.extend(meta.decode_block_table.unbind(0))
-            ctx.extend(meta.decode_lens.tolist())
-        for p in meta.prefills:
-            tables.append(p.block_ids if p.block_ids is not None else torch.zeros(0, dtype=torch.long))
-            ctx.append(p.ctx_len)
-        width = max([len(t) for t in tables] + [1])
-        table = torch.zeros(len(tables), width, dtype=torch.int32)
-        for row, ids in zip(table, tables):
-            row[:len(ids)] = ids
+        ctx = meta.decode_lens.tolist() if meta.num_decodes else []
+        ctx += [p.ctx_len for p in meta.prefills]
+        blocks = [0 if p.block_ids is None else len(p.block_ids) for p in meta.prefills]
+        width = max(blocks + [meta.decode_block_table.shape[1] if meta.num_decodes else 1, 1])
+        table = torch.zeros(len(q_lens), width, dtype=torch.int32)
+        if meta.num_decodes:  # one copy for every decode row
+            table[:meta.num_decodes, :meta.decode_block_table.shape[1]] = meta.decode_block_table
+        for i, p in enumerate(meta.prefills):
+            if p.block_ids is not None:
+                table[meta.num_decodes + i, :len(p.block_ids)] = p.block_ids
         # only what the kernels read goes to the device (not the per-kind tables it came from)
         full = TritonAttentionMetadata(
             meta.slot_mapping, meta.num_decodes, prefills=[replace(p, block_ids=None) for p in meta.prefills],
