@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Issue 16's figures, before/after in one run (alternating, from git worktrees of each
+# commit, the same .venv), with the llama.cpp peer and this machine's limits measured in
+# the same run. Run on an otherwise idle machine, after ../shared/peers/build_llama_cpp.sh.
+# Usage: scripts/bench_cpu_fast_path.sh OUTDIR BEFORE AFTER
+set -u
+OUT=$(realpath -m "$1"); BEFORE=$2; AFTER=$3
+PY=$PWD/.venv/bin/python
+PEER=${LLAMA_PEER:-$HOME/.cache/llama-peer}
+mkdir -p "$OUT"
+for REF in $BEFORE $AFTER; do
+  WT=/tmp/raylm-bench-$REF
+  [ -d "$WT" ] || git worktree add -q --detach "$WT" "$REF"
+  ln -sfn ../kernels "$WT/raylm/kernels"; ln -sfn ../deployments "$WT/raylm/deployments"
+done
+run() {  # REF NAME ARGS...: one raylm bench from REF's worktree
+  local REF=$1 NAME=$2; shift 2
+  (cd /tmp/raylm-bench-$REF && PYTHONPATH=/tmp/raylm-bench-$REF $PY -m raylm.cli bench "$@" \
+     --output-json "$OUT/$NAME-$REF.json" 2>&1 | tail -1 | sed "s/^/$NAME $REF: /")
+}
+$PY -m raylm.cli bench kernels --dtype bfloat16 --output-json "$OUT/kernels-bf16.json" | head -1
+$PY -m raylm.cli bench kernels --dtype float32 --output-json "$OUT/kernels-fp32.json" | head -1
+for ROUND in 1 2; do
+  for REF in $BEFORE $AFTER; do
+    run $REF latency-r$ROUND latency --dtype bfloat16 --input-len 128 --output-len 128 --iters 5
+    run $REF step-r$ROUND step --dtype bfloat16 --batch-size 32 64 --input-len 256 --steps 20
+    run $REF prefill-r$ROUND latency --dtype bfloat16 --input-len 512 --output-len 1 --iters 5
+  done
+  LD_LIBRARY_PATH=$PEER/bin $PEER/bin/llama-bench -m $PEER/smollm2-bf16.gguf -t 2 -p 512 -n 128 -r 3 -o json \
+    > "$OUT/llama-bench-r$ROUND.json" 2>/dev/null && echo "llama-bench r$ROUND done"
+done
