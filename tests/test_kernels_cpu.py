@@ -171,6 +171,6 @@ def test_a_prepacked_bf16_linear_takes_the_gemv_for_few_rows_only(monkeypatch):
     lin.prepack()
     calls, real = [], cpu_ops.gemv
     monkeypatch.setattr(cpu_ops, "gemv", lambda *a: calls.append(a[0].shape[0]) or real(*a))
-    for n in (1, 8, 9, 20):
+    for n in (1, cpu_ops.GEMV_MAX_ROWS, cpu_ops.GEMV_MAX_ROWS + 1, 20):
         torch.testing.assert_close(lin(x[:n]).float(), want[:n], atol=0.1, rtol=2e-2)
-    assert calls == [1, 8]
+    assert calls == [1, cpu_ops.GEMV_MAX_ROWS]
