@@ -6,7 +6,8 @@ arguments as their references (raylm.kernels.reference). fp32 and bf16; the disp
 from __future__ import annotations
 
 import ctypes
-from typing import Optional, Tuple
+from functools import lru_cache
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -28,12 +29,18 @@ DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _empty = torch.empty  # every output allocation (tests poison them through this)
 
 
+_FNS: Dict[Tuple[str, torch.dtype], Callable] = {}  # resolved once: these run ~10 times a layer
+
+
 def available() -> bool:
     return _LIB.load() is not None
 
 
 def _fn(name: str, dtype: torch.dtype):
-    return getattr(_LIB.load(), f"{name}_{DTYPES[dtype]}")
+    fn = _FNS.get((name, dtype))
+    if fn is None:
+        fn = _FNS[name, dtype] = getattr(_LIB.load(), f"{name}_{DTYPES[dtype]}")
+    return fn
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -83,6 +90,7 @@ def store_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch
                                  k.shape[0], hkv, d, nb, bs, k.stride(0), v.stride(0))
 
 
+@lru_cache(maxsize=None)
 def gemv_available() -> bool:
     """The bf16 GEMV was built with AVX512-BF16 (else it exists but is slow: not used)."""
     lib = _LIB.load()
@@ -96,6 +104,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
     """x [M, K] @ weight [N, K]^T (+ bias), bf16 in and out, for M <= a few rows."""
     x = x.contiguous()
     out = _empty(x.shape[0], weight.shape[0], dtype=torch.bfloat16)
-    _LIB.load().gemv_bf16(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+    _fn("gemv", torch.bfloat16)(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
                           out.data_ptr(), x.shape[0], weight.shape[0], x.shape[1])
     return out

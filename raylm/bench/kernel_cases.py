@@ -7,7 +7,7 @@ from typing import List
 import torch
 
 from raylm.attention import AttentionMetadata, KVCachePool, PrefillSeq, create_attention_backend
-from raylm.kernels import reference
+from raylm.kernels import cpu_ops, reference
 from raylm.kernels.triton_support import triton_runs_on
 
 SHAPES = {
@@ -19,10 +19,16 @@ SHAPES = {
 
 
 def build_cases(dims: dict, device: torch.device, dtype: torch.dtype, Case) -> List:
-    """Every case at `dims`; on CUDA with Triton the kernels run against the references."""
+    """Every case at `dims`: the kernels the engine runs here (Triton on CUDA, C on CPU)
+    against the torch references."""
     triton = device.type == "cuda" and triton_runs_on(device)
+    fast, fast_name = None, None
     if triton:
-        from raylm.kernels import triton_kv_store, triton_layer_ops, triton_moe
+        from raylm.kernels import triton_kv_store, triton_layer_ops
+
+        fast, fast_name = triton_layer_ops, "triton"
+    elif device.type == "cpu" and dtype in cpu_ops.DTYPES and cpu_ops.available():
+        fast, fast_name = cpu_ops, "C"
     isz = torch.finfo(dtype).bits // 8
     h, d, hq, hkv, inter = dims["hidden"], dims["head_dim"], dims["heads"], dims["kv_heads"], dims["inter"]
     rand = (lambda *s: torch.randn(*s, device=device).to(dtype))
@@ -31,8 +37,8 @@ def build_cases(dims: dict, device: torch.device, dtype: torch.dtype, Case) -> L
         x, res, w = rand(tokens, h), rand(tokens, h), rand(h)
         cases.append(Case("add_rms_norm", f"{label} {tokens}x{h}", (4 * tokens * h + h) * isz, 5 * tokens * h,
                           lambda x=x, res=res, w=w: reference.rms_norm(x, w, 1e-6, res),
-                          (lambda x=x, res=res, w=w: triton_layer_ops.rms_norm(x, w, 1e-6, res)) if triton else None,
-                          "triton"))
+                          (lambda x=x, res=res, w=w: fast.rms_norm(x, w, 1e-6, res)) if fast else None,
+                          fast_name))
         qkv = rand(tokens, (hq + 2 * hkv) * d)
         q, k = qkv[:, :hq * d].view(tokens, hq, d), qkv[:, hq * d:(hq + hkv) * d].view(tokens, hkv, d)
         pos = torch.arange(tokens, device=device)
@@ -41,15 +47,17 @@ def build_cases(dims: dict, device: torch.device, dtype: torch.dtype, Case) -> L
         cases.append(Case("rotary", f"{label} {tokens}x({hq}+{hkv})x{d}", 2 * tokens * (hq + hkv) * d * isz
                           + tokens * d * 4, 6 * tokens * (hq + hkv) * d,
                           lambda q=q, k=k, pos=pos: reference.rotary(pos, q, k, cos, sin),
-                          (lambda q=q, k=k, pos=pos: triton_layer_ops.rotary(pos, q, k, cos, sin)) if triton else None,
-                          "triton"))
+                          (lambda q=q, k=k, pos=pos: fast.rotary(pos, q, k, cos, sin)) if fast else None,
+                          fast_name))
         gate_up = rand(tokens, 2 * inter)
         cases.append(Case("silu_and_mul", f"{label} {tokens}x{inter}", 3 * tokens * inter * isz, 5 * tokens * inter,
                           lambda g=gate_up: reference.silu_and_mul(g),
-                          (lambda g=gate_up: triton_layer_ops.silu_and_mul(g)) if triton else None, "triton"))
+                          (lambda g=gate_up: fast.silu_and_mul(g)) if fast else None, fast_name))
         cases.append(_moe_case(dims, tokens, label, device, dtype, rand, triton, Case))
     if triton:
         cases.append(_store_case(dims, device, dtype, rand, Case, triton_kv_store))
+    if device.type == "cpu" and dtype == torch.bfloat16 and cpu_ops.gemv_available():
+        cases.append(_gemv_case(dims, rand, Case))
     cases.append(_attention_case(dims, device, dtype, "decode", Case))
     cases.append(_attention_case(dims, device, dtype, "prefill", Case))
     return cases
@@ -118,3 +126,22 @@ def _attention_call(name, device, dtype, batch, ctx, q_len, hq, hkv, d, block):
     meta = backend.build_metadata(meta, block)
     kv = torch.randn(batch * q_len, hkv, d, device=device).to(dtype)
     return lambda: backend.forward(q, kv, kv, pool.layer(0), meta, d ** -0.5)
+
+
+def _gemv_case(dims, rand, Case, layers: int = 30):
+    """One decode row through `layers` distinct gate/up projections (so the weights come
+    from memory, as in a forward): the C GEMV against oneDNN's prepacked GEMM (what runs
+    otherwise). Bytes: the weights, read once."""
+    n, k = 2 * dims["inter"], dims["hidden"]
+    ws, x = [rand(n, k) for _ in range(layers)], rand(1, k)
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w, 32) for w in ws]
+
+    def onednn():
+        for p in packed:
+            torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
+
+    def gemv():
+        for w in ws:
+            cpu_ops.gemv(x, w)
+    return Case("linear (gemv)", f"decode 1 x {k} -> {n}, {layers} layers", layers * n * k * 2,
+                layers * 2 * n * k, onednn, gemv, "C")

@@ -3,10 +3,10 @@ device, with the bytes it must move and the FLOPs it must do, as a fraction of t
 machine's limits measured in the same run (a large copy for memory bandwidth, a large GEMM
 for compute; both below the vendor's peak figures, which the printout also names).
 
-On CUDA the kernels are the Triton ones (raylm.kernels.triton_*); the references are the
-torch paths the engine runs with `fused_ops=torch` / `attention_backend=torch`. On CPU
-the engine runs the references for the fused ops (one row each, no kernel to compare) and
-the C decode kernel for attention (the `cpu` backend) against the `torch` backend.
+On CUDA the kernels are the Triton ones (raylm.kernels.triton_*); on CPU the C ones
+(raylm.kernels.cpu_ops, the `cpu` attention backend, the bf16 GEMV against oneDNN). The
+references are the torch paths the engine runs with `fused_ops=torch` /
+`attention_backend=torch`; the MoE has no CPU kernel (one row, the reference).
 """
 from __future__ import annotations
 
@@ -50,8 +50,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], object], device: torch.device, repeats: int, budget_s: float = 0.05) -> float:
-    """Median seconds per call: enough calls per repeat to fill `budget_s`, after warm-up."""
+def time_call(fn: Callable[[], object], device: torch.device, repeats: int, budget_s: float = 0.05,
+              stat: Callable = statistics.median) -> float:
+    """Seconds per call (the median of the repeats, or `stat`): enough calls per repeat to
+    fill `budget_s`, after warm-up."""
     fn()
     _sync(device)
     start = time.perf_counter()
@@ -66,19 +68,20 @@ def time_call(fn: Callable[[], object], device: torch.device, repeats: int, budg
             fn()
         _sync(device)
         samples.append((time.perf_counter() - start) / calls)
-    return statistics.median(samples)
+    return stat(samples)
 
 
 def measure_limits(device: torch.device, dtype: torch.dtype, repeats: int) -> Dict[str, float]:
-    """Bytes/s of a large copy and FLOP/s of a large GEMM on `device`, in this run."""
+    """Bytes/s of a large copy and FLOP/s of a large GEMM on `device`, in this run: the best
+    of the repeats (a limit; this machine's copy rate drifts by 2x between runs)."""
     size = (1 << 30) if device.type == "cuda" else (256 << 20)
     src = torch.empty(size // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
-    copy_s = time_call(lambda: dst.copy_(src), device, repeats)
+    copy_s = time_call(lambda: dst.copy_(src), device, repeats, stat=min)
     n = 8192 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    gemm_s = time_call(lambda: a @ b, device, repeats)
+    gemm_s = time_call(lambda: a @ b, device, repeats, stat=min)
     return {"bandwidth_gb_s": 2 * size / copy_s / 1e9, "gemm_tflop_s": 2 * n ** 3 / gemm_s / 1e12}
 
 
