@@ -59,7 +59,10 @@ class CLibrary:
         return target
 
     def load(self, out_dir: Optional[Path] = None) -> Optional[ctypes.CDLL]:
-        """The compiled library, or None if it cannot be built here (logged once)."""
+        """The compiled library, or None if it cannot be built here (logged once). Called on
+        hot paths (per layer, per step): once settled, it answers without the lock."""
+        if self._lib is not None or self._failed:
+            return self._lib
         with self._lock:
             if self._lib is not None or self._failed:
                 return self._lib

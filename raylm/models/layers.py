@@ -29,7 +29,7 @@ def _param(*shape: int, loader=default_weight_loader) -> nn.Parameter:
 
 class RMSNorm(nn.Module):
     """RMSNorm (fp32 accumulation, like HF's); with `residual`, adds it first and returns
-    (normed, new_residual): one fused kernel on the Triton path."""
+    (normed, new_residual): one fused kernel on the Triton and C paths."""
 
     def __init__(self, size: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -53,9 +53,9 @@ class PackableLinear(nn.Module):
     """A linear whose CPU weight can be prepacked for oneDNN after loading. Why: at decode
     batch sizes (M = 1..128) the prepacked GEMM is 1.2-2.7x faster than F.linear on this CPU
     (bf16 and fp32, measured), and it is what inductor's weight freezing uses. A bf16 weight
-    also keeps its plain copy for a few rows (single-stream decode): the C GEMV streams it at
-    2-3x oneDNN's speed there (oneDNN's per-call cost dominates), at the price of holding the
-    weights twice."""
+    also keeps its plain copy for a few rows (single-stream decode): with the weights coming
+    from memory the C GEMV is ~1.6x oneDNN at 1-2 rows (oneDNN's per-call cost dominates),
+    at the price of holding the weights twice."""
 
     packed: Optional[torch.Tensor] = None
     plain: Optional[torch.Tensor] = None  # for the C GEMV (x with <= GEMV_MAX_ROWS rows)
