@@ -65,9 +65,16 @@ class ModelConfig(_Config):
 
     model: str = Field("smollm2-135m-instruct", description="embedded model name or a local HF checkpoint dir")
     tokenizer: Optional[str] = Field(None, description="tokenizer dir, when not the model's")
-    dtype: str = Field("bfloat16", description="float32 | bfloat16 | float16 (auto: bfloat16)")
+    dtype: str = Field(
+        "auto", description="auto | float32 | bfloat16 | float16. auto: on CUDA the checkpoint's half "
+                            "dtype; on CPU bf16 where the CPU has native bf16, else fp32 (logged; see "
+                            "raylm.kernels.machine)")
     max_model_len: Optional[int] = Field(None, gt=0, description="prompt + output tokens (default: the model's)")
     seed: int = 0
+    cpu_gemm_dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="CPU, bf16 weights: what GEMMs above a few rows (prefill, batched decode) "
+                            "compute in; auto times both once per machine and keeps the faster (fp32 "
+                            "holds a second, fp32 copy of each weight)")
     cpu_linear: Literal["onednn", "torch"] = Field(
         "onednn", description="CPU GEMMs: onednn prepacks weights after loading (faster at decode batch "
                               "sizes); torch keeps plain F.linear")
@@ -95,15 +102,9 @@ class ModelConfig(_Config):
     @classmethod
     def _check_dtype(cls, value: str) -> str:
         value = DTYPE_ALIASES.get(value, value)
-        if value == "auto":
-            return "bfloat16"
-        if value not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)} (got {value!r})")
+        if value != "auto" and value not in DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)} (got {value!r})")
         return value
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
 
 
 class CacheConfig(_Config):

@@ -12,7 +12,7 @@ import argparse
 import statistics
 import time
 
-from raylm.bench.report import machine_info, print_table, write_json
+from raylm.bench.report import dtype_info, machine_info, print_table, write_json
 
 
 def add_parser(sub, add_engine_args) -> None:
@@ -83,7 +83,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
                         ("comm_share", "comm share", ".2f")])
     llm.shutdown()
     if args.output_json:
-        write_json(args.output_json, {"benchmark": "latency", "model": args.model, "dtype": args.dtype,
+        write_json(args.output_json, {"benchmark": "latency", "model": args.model, "dtype": args.dtype, **dtype_info(llm),
                                       "iters": args.iters, "machine": machine_info(), "median": row,
                                       "runs": runs})
     return 0

@@ -85,6 +85,16 @@ def machine_info() -> dict:
             "processor": platform.processor() or platform.machine()}
 
 
+def dtype_info(llm) -> dict:
+    """What an in-process engine's dtype option resolved to (auto picks per machine)."""
+    runner = getattr(getattr(llm.engine.core.executor, "worker", None), "runner", None)
+    if runner is None:
+        return {}
+    d = runner.dtypes
+    return {"dtype_resolved": str(d.weights).removeprefix("torch."),
+            "gemm_dtype": str(d.gemm).removeprefix("torch."), "dtype_reason": d.reason}
+
+
 def plot_bars(path: str, labels: Sequence[str], values: Sequence[float], ylabel: str,
               title: str = "") -> bool:
     """A bar chart to `path`; returns False (and writes nothing) without matplotlib."""

@@ -12,7 +12,7 @@ import statistics
 import time
 from typing import Dict, List
 
-from raylm.bench.report import machine_info, print_table, write_json
+from raylm.bench.report import dtype_info, machine_info, print_table, write_json
 
 PHASES = ["schedule", "prepare", "forward", "logits", "sample", "update"]
 OVERHEAD = ["schedule", "prepare", "sample", "update"]
@@ -88,7 +88,7 @@ def cmd_step(args: argparse.Namespace) -> int:
         ("decode_tok_s", "decode tok/s", ".0f")]
     print_table(rows, cols)
     if args.output_json:
-        write_json(args.output_json, {"benchmark": "step", "model": args.model, "dtype": args.dtype,
+        write_json(args.output_json, {"benchmark": "step", "model": args.model, "dtype": args.dtype, **dtype_info(llm),
                                       "input_len": args.input_len, "steps": args.steps,
                                       "machine": machine_info(), "results": rows})
     return 0

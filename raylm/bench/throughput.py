@@ -37,10 +37,13 @@ def add_parser(sub, add_engine_args) -> None:
 
 
 def dtype_name(dtype: str) -> str:
-    """The canonical torch dtype name for a --dtype value ('bf16' -> 'bfloat16'), as raylm reads it."""
+    """The torch dtype name a --dtype value means here ('bf16' -> 'bfloat16'; auto: what raylm
+    picks for this CPU's weights), so the HF reference runs in raylm's dtype."""
     from raylm.config import ModelConfig
+    from raylm.kernels.machine import auto_cpu_weights_dtype
 
-    return ModelConfig(dtype=dtype).dtype
+    name = ModelConfig(dtype=dtype).dtype
+    return auto_cpu_weights_dtype() if name == "auto" else name
 
 
 def figures(requests: List[BenchRequest], output_lens: List[int], elapsed: float) -> dict:

@@ -16,9 +16,9 @@ from raylm.executor.cuda_graphs import DecodeGraphs, capture_sizes
 from raylm.executor.input_batch import InputBatch, StepInputs
 from raylm.models.attention import PagedAttention
 from raylm.models.layers import prepack_linears
-from raylm.models.loader import load_hf_config, load_model
+from raylm.models.loader import checkpoint_dtype, load_hf_config, load_model
 from raylm.distributed.parallel_state import CommClock, get_ep_group, get_pp_group, get_tp_group
-from raylm.kernels import ops
+from raylm.kernels import machine, ops
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +28,13 @@ class ModelRunner:
         self.config = config
         self.model_path = model_path
         self.hf_config = load_hf_config(model_path)
-        self.dtype = config.model.torch_dtype
+        self.device = config.model.torch_device()
+        self.dtypes = machine.choose_dtypes(config.model.dtype, self.device, checkpoint_dtype(self.hf_config),
+                                            config.model.cpu_gemm_dtype)
+        logger.info("dtype=%s: %s", config.model.dtype, self.dtypes.reason)
+        self.dtype = self.dtypes.weights
         self.kv_dtype = config.cache.torch_kv_dtype(self.dtype)
         self.block_size = config.cache.block_size
-        self.device = config.model.torch_device()
         self.backend = create_attention_backend(config.model.attention_backend, self.device, self.kv_dtype)
         ops.check_mode(config.model.fused_ops, self.device)
         self.fused_ops = ops.resolve(config.model.fused_ops, self.device)
@@ -45,7 +48,7 @@ class ModelRunner:
     def load_model(self) -> None:
         self.model = load_model(self.model_path, self.hf_config, self.dtype, self.device)
         if self.device.type == "cpu" and self.config.model.cpu_linear == "onednn":
-            prepack_linears(self.model)
+            prepack_linears(self.model, gemm_dtype=self.dtypes.gemm)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
 
     def kv_bytes_per_block(self) -> int:

@@ -57,11 +57,13 @@ class PackableLinear(nn.Module):
     from memory the C GEMV is ~1.6x oneDNN at 1-2 rows (oneDNN's per-call cost dominates),
     at the price of holding the weights twice."""
 
-    packed: Optional[torch.Tensor] = None
+    packed: Optional[torch.Tensor] = None  # oneDNN's layout, in the GEMM dtype
     plain: Optional[torch.Tensor] = None  # for the C GEMV (x with <= GEMV_MAX_ROWS rows)
 
-    def prepack(self, batch_hint: int = 32) -> None:
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), batch_hint)
+    def prepack(self, batch_hint: int = 32, gemm_dtype: Optional[torch.dtype] = None) -> None:
+        """`gemm_dtype` (default: the weight's) is what the packed GEMM computes in: fp32 for
+        bf16 weights where this CPU's fp32 GEMMs are faster (raylm.kernels.machine)."""
+        self.packed = pack_weight(self.weight, batch_hint, gemm_dtype)
         if keeps_gemv_weight(self.weight):
             self.plain = self.weight.detach()
         self.weight.data = torch.empty(0, dtype=self.weight.dtype)  # the packed copy replaces it
@@ -70,18 +72,31 @@ class PackableLinear(nn.Module):
         if self.plain is not None and x.shape[0] <= cpu_ops.GEMV_MAX_ROWS and x.dtype == torch.bfloat16:
             return cpu_ops.gemv(x, self.plain, bias)
         if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+            return packed_linear(x, self.packed, bias)
         return F.linear(x, self.weight, bias)
 
 
-def prepack_linears(model: nn.Module, batch_hint: int = 32) -> int:
-    """Prepack every PackableLinear for oneDNN (CPU only); returns how many were packed."""
+def pack_weight(weight: torch.Tensor, batch_hint: int, gemm_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(gemm_dtype or weight.dtype), batch_hint)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x @ W^T (+ bias) through a oneDNN-packed W; computed in W's dtype, returned in x's."""
+    if packed.dtype == x.dtype:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    bias = None if bias is None else bias.to(packed.dtype)
+    return torch.ops.mkldnn._linear_pointwise(x.to(packed.dtype), packed, bias, "none", [], "").to(x.dtype)
+
+
+def prepack_linears(model: nn.Module, batch_hint: int = 32, gemm_dtype: Optional[torch.dtype] = None) -> int:
+    """Prepack every PackableLinear for oneDNN (CPU only), computing in `gemm_dtype` (default:
+    each weight's); returns how many were packed."""
     if not onednn_available():
         return 0
     layers = [m for m in model.modules() if isinstance(m, (PackableLinear, ParallelLMHead))
               and m.weight.device.type == "cpu"]
     for m in layers:
-        m.prepack(batch_hint)
+        m.prepack(batch_hint, gemm_dtype)
     return len(layers)
 
 
@@ -164,14 +179,14 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     packed: Optional[torch.Tensor] = None
 
-    def prepack(self, batch_hint: int = 32) -> None:
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), batch_hint)
+    def prepack(self, batch_hint: int = 32, gemm_dtype: Optional[torch.dtype] = None) -> None:
+        self.packed = pack_weight(self.weight, batch_hint, gemm_dtype)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and hidden.shape[0] <= cpu_ops.GEMV_MAX_ROWS and keeps_gemv_weight(hidden):
             logits = cpu_ops.gemv(hidden, self.weight)
         elif self.packed is not None:
-            logits = torch.ops.mkldnn._linear_pointwise(hidden, self.packed, None, "none", [], "")
+            logits = packed_linear(hidden, self.packed)
         else:
             logits = F.linear(hidden, self.weight)
         if self.tp.size > 1:

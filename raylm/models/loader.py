@@ -5,7 +5,7 @@ import glob
 import logging
 import os
 from pathlib import Path
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 from safetensors import safe_open
@@ -36,6 +36,12 @@ def load_hf_config(path: str):
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(path)
+
+
+def checkpoint_dtype(hf_config) -> Optional[torch.dtype]:
+    """The dtype the checkpoint says its weights are in (HF's `dtype`), if it says."""
+    dtype = getattr(hf_config, "dtype", None)
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 class CheckpointTensor:
