@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -32,15 +32,16 @@ _FLAGS = _COMPILE + ["|"] + _LINK  # both go into the cache tag
 class CLibrary:
     """One C source beside this file and the signatures of the functions it exports."""
 
-    def __init__(self, source: str, signatures: Dict[str, List]) -> None:
+    def __init__(self, source: str, signatures: Dict[str, List], includes: Sequence[str] = ()) -> None:
         self.source = Path(__file__).with_name(source)
+        self.includes = [Path(__file__).with_name(name) for name in includes]  # part of the cache tag
         self.signatures = signatures  # name -> argtypes (every function returns void)
         self._lib: Optional[ctypes.CDLL] = None
         self._failed = False
         self._lock = threading.Lock()
 
     def build(self, out_dir: Path) -> Path:
-        source = self.source.read_bytes()
+        source = b"".join(p.read_bytes() for p in [self.source, *self.includes])
         tag = hashlib.sha256(source + " ".join(_FLAGS).encode() + os.uname().machine.encode()).hexdigest()[:16]
         target = out_dir / f"{self.source.stem}-{tag}.so"
         if target.exists():

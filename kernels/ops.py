@@ -42,6 +42,11 @@ def resolve(mode: str, device: torch.device) -> str:
     return "cpu" if cpu_ops.available() else "torch"
 
 
+def mode() -> str:
+    """The mode set by the innermost `using` ("torch" outside any)."""
+    return _mode
+
+
 @contextmanager
 def using(mode: str) -> Iterator[None]:
     global _mode

@@ -2,8 +2,9 @@
 
 The pool owns the device, the dtype, the layout (the attention backend's `kv_shape`), the
 allocation and the writes (`store_kv`); layers read their slice through `layer(i)`. On CPU
-the buffer comes from calloc (numpy zeros): the OS maps zero pages on first write, so a
-replica's resident memory follows what it has used, not its whole budget. On CUDA it is
+the buffer is an anonymous mapping on huge pages (raylm.kernels.hugepages: attention reads
+blocks scattered over it): the OS maps zero pages on first write, so a replica's resident
+memory follows what it has used, not its whole budget. On CUDA it is
 one `torch.zeros`: a padded row of a replayed decode graph reads block 0, which may never
 have been written, and must read finite values.
 """
@@ -14,6 +15,7 @@ import math
 import torch
 
 from raylm.attention.base import BaseAttentionBackend
+from raylm.kernels import hugepages
 
 
 class KVCachePool:
@@ -22,7 +24,7 @@ class KVCachePool:
         self.backend, self.device, self.dtype = backend, backend.device, dtype
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (num_layers, *backend.kv_shape(num_blocks, block_size, num_kv_heads, head_dim))
-        self.buffer = lazy_zeros(shape, dtype) if self.device.type == "cpu" else \
+        self.buffer = hugepages.empty(shape, dtype) if self.device.type == "cpu" else \
             torch.zeros(shape, dtype=dtype, device=self.device)
         self.layers = list(self.buffer.unbind(0))  # views made once, not per layer per step
 
@@ -37,11 +39,3 @@ class KVCachePool:
     def store_kv(self, i: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         self.backend.store_kv(self.layers[i], k, v, slots)
 
-
-def lazy_zeros(shape, dtype: torch.dtype) -> torch.Tensor:
-    """A zero CPU tensor whose pages the OS maps on first write: numpy's zeros is calloc,
-    which takes fresh zero pages for large sizes, where torch.zeros writes every byte."""
-    import numpy as np
-
-    raw = np.zeros(shape, dtype={4: np.float32, 2: np.int16, 1: np.int8}[dtype.itemsize])
-    return torch.from_numpy(raw).view(dtype)

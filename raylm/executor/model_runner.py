@@ -15,6 +15,7 @@ from raylm.executor.sched_output import ModelRunnerOutput, SchedulerOutput
 from raylm.executor.cuda_graphs import DecodeGraphs, capture_sizes
 from raylm.executor.input_batch import InputBatch, StepInputs
 from raylm.models.attention import PagedAttention
+from raylm.models.fused_decode import build_fused_decode
 from raylm.models.layers import prepack_linears
 from raylm.models.loader import checkpoint_dtype, load_hf_config, load_model
 from raylm.distributed.parallel_state import CommClock, get_ep_group, get_pp_group, get_tp_group
@@ -109,6 +110,8 @@ class ModelRunner:
                                    a.num_kv_heads, a.head_dim, self.kv_dtype)
         for i, layer in enumerate(self.attn_layers):
             layer.bind(self.kv_pool, i)
+        if self.device.type == "cpu" and self.fused_ops == "cpu" and hasattr(self.model, "fused_decode"):
+            self.model.fused_decode = build_fused_decode(self.model, get_tp_group().size)
 
     def graphs_supported(self) -> bool:
         """Decode graphs need the Triton attention and fused ops (no host syncs in the step) and

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raylm.distributed.parallel_state import get_tp_group
-from raylm.kernels import cpu_ops, ops
+from raylm.kernels import cpu_ops, hugepages, ops
 
 
 def default_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
@@ -97,7 +97,19 @@ def prepack_linears(model: nn.Module, batch_hint: int = 32, gemm_dtype: Optional
               and m.weight.device.type == "cpu"]
     for m in layers:
         m.prepack(batch_hint, gemm_dtype)
+    _to_huge_pages(layers)
     return len(layers)
+
+
+def _to_huge_pages(layers: Sequence[nn.Module]) -> None:
+    """Move what a decode step streams through the C GEMV (the plain weights, and the LM
+    head's, which a tied embedding shares) onto huge pages (raylm.kernels.hugepages)."""
+    plain = [m for m in layers if getattr(m, "plain", None) is not None]
+    for m, moved in zip(plain, hugepages.pack([m.plain for m in plain])):
+        m.plain = moved
+    for m in layers:
+        if isinstance(m, ParallelLMHead) and keeps_gemv_weight(m.weight):
+            m.weight.data = hugepages.pack([m.weight.data])[0]
 
 
 class ColumnParallelLinear(PackableLinear):

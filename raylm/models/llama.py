@@ -87,6 +87,7 @@ class LlamaForCausalLM(nn.Module):
     """Checkpoint names map onto merged parameters through `stacked_params`."""
 
     make_mlp = staticmethod(dense_mlp)
+    fused_decode = None  # CPU: set by the model runner (raylm.models.fused_decode)
     # (our param, checkpoint name, shard id)
     stacked_params = [("qkv_proj", "q_proj", 0), ("qkv_proj", "k_proj", 1), ("qkv_proj", "v_proj", 2),
                       ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1)]
@@ -112,8 +113,11 @@ class LlamaForCausalLM(nn.Module):
         """Final hidden states on the last stage; (hidden, residual) for the next stage on
         the others. Stages after the first take the previous stage's pair as `intermediate`."""
         x, residual = (self.embed_tokens(input_ids), None) if intermediate is None else intermediate
-        for layer in self.layers[self.start:self.end]:
-            x, residual = layer(positions, x, residual, meta)
+        if self.fused_decode is not None and self.fused_decode.applies(x, meta):
+            x, residual = self.fused_decode(positions, x, residual, meta)
+        else:
+            for layer in self.layers[self.start:self.end]:
+                x, residual = layer(positions, x, residual, meta)
         if not self.pp.is_last:
             return x, residual
         x, _ = self.norm(x, residual)

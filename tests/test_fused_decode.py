@@ -1,0 +1,86 @@
+"""The CPU fused decode stack (raylm.models.fused_decode) against its reference, the per-op
+path with the same C kernels: it runs the same kernels with the same roundings, so tokens
+and logprobs must be equal exactly, not approximately. And huge-page buffers."""
+import pytest
+import torch
+
+from raylm import LLM, SamplingParams
+from raylm.kernels import cpu_decode_stack, cpu_ops, hugepages
+from raylm.models.fused_decode import why_not
+from tests.conftest import assert_all_free, make_tiny_model, random_prompts
+
+needs_stack = pytest.mark.skipif(not (cpu_decode_stack.available() and cpu_ops.gemv_available()),
+                                 reason="the fused stack needs a C compiler and AVX512-BF16")
+
+
+def _llm(path, fused: bool, **kw):
+    llm = LLM(str(path), dtype="bfloat16", num_blocks=96, max_model_len=256, **kw)
+    model = llm.engine.core.executor.worker.runner.model
+    if fused:
+        assert model.fused_decode is not None
+    else:
+        model.fused_decode = None
+    return llm, model
+
+
+def _run(llm, prompts, n=10):
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=2)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
+
+
+@needs_stack
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])  # qwen2: the q/k/v bias
+@pytest.mark.parametrize("batch", [1, 3, 4, 6])  # 6: over GEMV_MAX_ROWS, the per-op path
+def test_fused_stack_equals_the_per_op_path_exactly(tiny_root, monkeypatch, kind, batch):
+    path = make_tiny_model(tiny_root, kind)
+    prompts = random_prompts(batch, seed=batch, lo=5, hi=40)  # decodes cross block boundaries
+    calls = []
+    real = cpu_decode_stack.decode_stack
+    monkeypatch.setattr(cpu_decode_stack, "decode_stack", lambda *a: calls.append(a[2].shape[0]) or real(*a))
+    fused, _ = _llm(path, fused=True)
+    got = _run(fused, prompts)
+    if batch <= cpu_ops.GEMV_MAX_ROWS:
+        assert calls and set(calls) == {batch}, "the fused stack did not run every decode step"
+    else:  # every decode step holds all 6 (same lengths, EOS ignored)
+        assert not calls, "batches over GEMV_MAX_ROWS rows must take the per-op path"
+    per_op, _ = _llm(path, fused=False)
+    assert got == _run(per_op, prompts)
+    assert_all_free(fused)
+
+
+@needs_stack
+def test_smollm2_greedy_is_unchanged_by_the_fused_stack(smollm2_path):
+    prompts = [[1, 504, 3458, 282, 4649, 314], [1, 20, 2521, 4744, 3155, 282, 1326, 335, 253]]
+    fused, _ = _llm(smollm2_path, fused=True)
+    per_op, _ = _llm(smollm2_path, fused=False)
+    assert _run(fused, prompts, 24) == _run(per_op, prompts, 24)
+
+
+@pytest.mark.parametrize("kind,dtype,reason", [
+    ("llama", "float32", "weights not bf16"), ("qwen3", "bfloat16", "q/k norms"),
+    ("mixtral", "bfloat16", "not a dense Llama-family stack")])
+def test_the_stack_stays_off_where_it_does_not_apply(tiny_root, kind, dtype, reason):
+    llm = LLM(str(make_tiny_model(tiny_root, kind)), dtype=dtype, num_blocks=32, max_model_len=128)
+    model = llm.engine.core.executor.worker.runner.model
+    assert model.fused_decode is None
+    layers = list(model.layers[model.start:model.end])
+    if cpu_decode_stack.available() and cpu_ops.gemv_available():
+        assert reason in why_not(layers, 1)
+    assert why_not(layers, 2) is not None
+
+
+def test_huge_page_buffers_are_zeroed_aligned_and_hold_copies():
+    buf = hugepages.empty((3, 1000), torch.bfloat16)
+    assert buf.shape == (3, 1000) and buf.data_ptr() % hugepages.HUGE_PAGE == 0
+    assert not buf.any()
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(7, 5, generator=g).to(torch.bfloat16), torch.randn(33, generator=g),
+               torch.randint(0, 9, (4, 3), generator=g)]
+    packed = hugepages.pack(tensors)
+    for t, p in zip(tensors, packed):
+        assert p.dtype == t.dtype and p.shape == t.shape and p.is_contiguous() and torch.equal(p, t)
+        assert p.data_ptr() % 64 == 0
+    tensors[0].zero_()
+    assert packed[0].any(), "pack must copy, not alias"
+    assert hugepages.empty((0, 4), torch.float32).shape == (0, 4)
