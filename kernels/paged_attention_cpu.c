@@ -94,5 +94,98 @@ static inline float load_f32(const float *p, int64_t i) { return p[i]; }
         }                                                                                       \
     }
 
-DEFINE_DECODE(paged_decode_bf16, uint16_t, load_bf16)
+DEFINE_DECODE(paged_decode_bf16_generic, uint16_t, load_bf16)
 DEFINE_DECODE(paged_decode_f32, float, load_f32)
+
+/* The bf16 fast path (AVX-512, block size 16, head dim 64 or 128): per (sequence, kv head)
+ * task, the query heads of the group go GN at a time with every accumulator in a register:
+ * each K row and V row is loaded and widened once for GN heads (not once per head), and
+ * the output sums stay in registers across the whole context (the generic loop keeps them
+ * in memory). Same arithmetic as the generic kernel, summed in the same order. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+static inline __m512 widen16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* DD: head dim; GN query heads at once (GN x DD/16 output registers, at most 16) */
+#define DEFINE_FAST(DD, GN)                                                                     \
+    static void decode_group_d##DD(const float *q, const uint16_t *kc, const uint16_t *vc,      \
+                                   const int64_t *table, int64_t L, int64_t gn, float *sc,      \
+                                   float *out, float scale) {                                  \
+        enum { NC = DD / 16 };                                                                  \
+        float qs[GN][DD];                                                                       \
+        for (int g = 0; g < GN; g++)                                                            \
+            for (int d = 0; d < DD; d++) qs[g][d] = g < gn ? q[g * DD + d] * scale : 0.f;      \
+        const int64_t nblocks = (L + 15) / 16;                                                  \
+        for (int64_t b = 0; b < nblocks; b++) {                                                 \
+            const uint16_t *k = kc + table[b] * 16 * DD;                                        \
+            __m512 acc[GN];                                                                     \
+            for (int g = 0; g < GN; g++) acc[g] = _mm512_setzero_ps();                          \
+            for (int d = 0; d < DD; d++) {                                                      \
+                const __m512 kv = widen16(k + d * 16);                                          \
+                for (int g = 0; g < GN; g++)                                                    \
+                    acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(qs[g][d]), kv, acc[g]);             \
+            }                                                                                   \
+            for (int g = 0; g < GN; g++) _mm512_storeu_ps(sc + g * nblocks * 16 + b * 16, acc[g]); \
+        }                                                                                       \
+        for (int g = 0; g < gn; g++) {                                                          \
+            float *s = sc + g * nblocks * 16, mx = s[0], sum = 0.f;                             \
+            for (int64_t t = 1; t < L; t++) mx = s[t] > mx ? s[t] : mx;                         \
+            _Pragma("omp simd reduction(+:sum)")                                               \
+            for (int64_t t = 0; t < L; t++) { s[t] = expf(s[t] - mx); sum += s[t]; }            \
+            const float inv = 1.f / sum;                                                        \
+            for (int64_t t = 0; t < L; t++) s[t] *= inv;                                        \
+        }                                                                                       \
+        __m512 o[GN][NC];                                                                       \
+        for (int g = 0; g < GN; g++)                                                            \
+            for (int c = 0; c < NC; c++) o[g][c] = _mm512_setzero_ps();                         \
+        for (int64_t b = 0; b < nblocks; b++) {                                                 \
+            const uint16_t *v = vc + table[b] * 16 * DD;                                        \
+            const int64_t tn = (b + 1) * 16 <= L ? 16 : L - b * 16;                             \
+            for (int64_t t = 0; t < tn; t++) {                                                  \
+                __m512 vr[NC];                                                                  \
+                for (int c = 0; c < NC; c++) vr[c] = widen16(v + t * DD + c * 16);             \
+                for (int g = 0; g < GN; g++) {                                                  \
+                    const __m512 w = _mm512_set1_ps(g < gn ? sc[g * nblocks * 16 + b * 16 + t] : 0.f); \
+                    for (int c = 0; c < NC; c++) o[g][c] = _mm512_fmadd_ps(w, vr[c], o[g][c]);  \
+                }                                                                               \
+            }                                                                                   \
+        }                                                                                       \
+        for (int g = 0; g < gn; g++)                                                            \
+            for (int c = 0; c < NC; c++) _mm512_storeu_ps(out + g * DD + c * 16, o[g][c]);      \
+    }
+
+DEFINE_FAST(64, 4)
+DEFINE_FAST(128, 2)
+#define HAVE_FAST 1
+#endif
+
+void paged_decode_bf16(const float *q, const uint16_t *cache, const int64_t *tables,
+                       const int64_t *lens, float *out, int64_t S, int64_t Hq, int64_t Hkv,
+                       int64_t D, int64_t NB, int64_t BS, int64_t max_nb, float scale) {
+#if defined(HAVE_FAST)
+    if (BS == 16 && (D == 64 || D == 128)) {
+        const int64_t G = Hq / Hkv, GN = D == 64 ? 4 : 2, plane = Hkv * NB * BS * D;
+        _Pragma("omp parallel for collapse(2) schedule(dynamic, 1)")
+        for (int64_t s = 0; s < S; s++) {
+            for (int64_t h = 0; h < Hkv; h++) {
+                const int64_t L = lens[s], nblocks = (L + 15) / 16;
+                float *sc = malloc(sizeof(float) * GN * nblocks * 16);
+                const uint16_t *kc = cache + h * NB * BS * D, *vc = kc + plane;
+                for (int64_t g0 = 0; g0 < G; g0 += GN) {
+                    const int64_t gn = G - g0 < GN ? G - g0 : GN, row = s * Hq + h * G + g0;
+                    if (D == 64)
+                        decode_group_d64(q + row * D, kc, vc, tables + s * max_nb, L, gn, sc, out + row * D, scale);
+                    else
+                        decode_group_d128(q + row * D, kc, vc, tables + s * max_nb, L, gn, sc, out + row * D, scale);
+                }
+                free(sc);
+            }
+        }
+        return;
+    }
+#endif
+    paged_decode_bf16_generic(q, cache, tables, lens, out, S, Hq, Hkv, D, NB, BS, max_nb, scale);
+}

@@ -41,7 +41,11 @@ def _dense(q, cache, tables, lens, scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("num_seqs, hq, hkv, d, bs", [(1, 4, 4, 32, 4), (5, 9, 3, 64, 16), (7, 8, 2, 16, 8)])
+@pytest.mark.parametrize("num_seqs, hq, hkv, d, bs", [
+    (1, 4, 4, 32, 4), (5, 9, 3, 64, 16), (7, 8, 2, 16, 8),
+    # the bf16 fast path (block 16, head dim 64/128): groups of 1, 3, 8 (two passes of 4) and
+    # 4 at head dim 128 (two passes of 2)
+    (4, 2, 2, 64, 16), (3, 8, 1, 64, 16), (6, 8, 2, 128, 16), (2, 6, 2, 128, 16)])
 def test_kernel_equals_torch_and_dense(dtype, num_seqs, hq, hkv, d, bs):
     q, cache, tables, lens = _case(num_seqs * hq, num_seqs, hq, hkv, d, bs, dtype)
     scale = d ** -0.5
