@@ -84,3 +84,29 @@ def test_huge_page_buffers_are_zeroed_aligned_and_hold_copies():
     tensors[0].zero_()
     assert packed[0].any(), "pack must copy, not alias"
     assert hugepages.empty((0, 4), torch.float32).shape == (0, 4)
+
+
+@needs_stack
+def test_a_later_pipeline_stage_takes_the_residual_it_is_given(tiny_root):
+    """A PP stage after the first enters with (x, residual) from the previous stage: run the
+    first layer per-op, then the rest through the stack and per-op, and compare exactly."""
+    from raylm.attention import AttentionMetadata
+    from raylm.kernels import ops
+    from raylm.models.fused_decode import FusedDecodeStack
+
+    llm, model = _llm(make_tiny_model(tiny_root, "llama"), fused=True)
+    layers = list(model.layers[model.start:model.end])
+    g = torch.Generator().manual_seed(5)
+    rows, lens = 3, torch.tensor([5, 17, 33])
+    tables = torch.arange(3 * 3).view(3, 3)  # three blocks each, disjoint
+    slots = tables[torch.arange(rows), (lens - 1) // 16] * 16 + (lens - 1) % 16
+    meta = AttentionMetadata(slots, rows, tables, lens)
+    positions = lens - 1
+    x = torch.randn(rows, layers[0].input_layernorm.weight.shape[0], generator=g).to(torch.bfloat16)
+    with ops.using("cpu"), torch.inference_mode():
+        x1, res1 = layers[0](positions, x, None, meta)
+        want = (x1, res1)
+        for layer in layers[1:]:
+            want = layer(positions, *want, meta)
+        got = FusedDecodeStack(layers[1:])(positions, x1, res1, meta)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
