@@ -2,6 +2,8 @@
 # Issue 16's figures, before/after in one run (alternating, from git worktrees of each
 # commit, the same .venv), with the llama.cpp peer and this machine's limits measured in
 # the same run. Run on an otherwise idle machine, after ../shared/peers/build_llama_cpp.sh.
+# Every raylm run uses the default settings (dtype included). Offline throughput last: raylm
+# at both commits, HF static batching once (with AFTER).
 # Usage: scripts/bench_cpu_fast_path.sh OUTDIR BEFORE AFTER
 set -u
 OUT=$(realpath -m "$1"); BEFORE=$2; AFTER=$3
@@ -22,10 +24,12 @@ $PY -m raylm.cli bench kernels --dtype bfloat16 --output-json "$OUT/kernels-bf16
 $PY -m raylm.cli bench kernels --dtype float32 --output-json "$OUT/kernels-fp32.json" | head -1
 for ROUND in 1 2; do
   for REF in $BEFORE $AFTER; do
-    run $REF latency-r$ROUND latency --dtype bfloat16 --input-len 128 --output-len 128 --iters 5
-    run $REF step-r$ROUND step --dtype bfloat16 --batch-size 32 64 --input-len 256 --steps 20
-    run $REF prefill-r$ROUND latency --dtype bfloat16 --input-len 512 --output-len 1 --iters 5
+    run $REF latency-r$ROUND latency --input-len 128 --output-len 128 --iters 5
+    run $REF step-r$ROUND step --batch-size 1 32 64 --input-len 256 --steps 20
+    run $REF prefill-r$ROUND latency --input-len 512 --output-len 1 --iters 5
   done
   LD_LIBRARY_PATH=$PEER/bin $PEER/bin/llama-bench -m $PEER/smollm2-bf16.gguf -t 2 -p 512 -n 128 -r 3 -o json \
     > "$OUT/llama-bench-r$ROUND.json" 2>/dev/null && echo "llama-bench r$ROUND done"
 done
+run $BEFORE throughput throughput --num-prompts 200 --backend raylm --disable-tqdm
+run $AFTER throughput throughput --num-prompts 200 --backend both --disable-tqdm
