@@ -21,7 +21,8 @@ class DecodeLayer(ctypes.Structure):
     """One layer: bf16 norm weights, plain [N, K] projection weights (b_qkv may be NULL) and
     the layer's cache [2, Hkv, NB, BS, D] in the cpu attention backend's layout."""
 
-    _fields_ = [(name, _PTR) for name in ("ln1", "ln2", "w_qkv", "b_qkv", "w_o", "w_gate_up", "w_down", "cache")]
+    _fields_ = [(name, _PTR) for name in
+                ("ln1", "ln2", "w_qkv", "b_qkv", "w_o", "w_gate_up", "w_down", "cache")]
 
 
 class DecodeDims(ctypes.Structure):

@@ -9,6 +9,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 static inline float from_bf16(uint16_t h) {
@@ -162,3 +163,68 @@ void gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint1
         }
     }
 }
+
+/* One token per row of logits [rows, vocab] (row stride `stride`): argmax where temps[r] is
+ * 0, else a draw from softmax(logits / T) by inverse CDF with the row's uniform u[r] in
+ * [0, 1): the first token whose running sum of exp(l / T - max) exceeds u * total, as
+ * the torch sampler's cumsum + searchsorted does: a max pass, a pass summing exp per
+ * 16-token chunk, a scan of the chunk sums, and the crossing chunk's weights computed
+ * again (the same values). A zero-weight token is never picked. */
+#define SAMPLE_CHUNK 16
+#define DEFINE_SAMPLE(S, T)                                                                     \
+    static inline float chunk_weights_##S(const T *l, int64_t i0, int64_t vocab, float t,       \
+                                          float mx, float *w) {                                 \
+        float x[SAMPLE_CHUNK], sum = 0.f;                                                       \
+        if (i0 + SAMPLE_CHUNK <= vocab) {                                                       \
+            _Pragma("omp simd")                                                                 \
+            for (int j = 0; j < SAMPLE_CHUNK; j++) x[j] = LD_##S(l, i0 + j) / t - mx;           \
+        } else {                                                                                \
+            for (int j = 0; j < SAMPLE_CHUNK; j++) /* past the end: -1e30 has weight 0 */      \
+                x[j] = i0 + j < vocab ? LD_##S(l, i0 + j) / t - mx : -1e30f;                    \
+        }                                                                                       \
+        _Pragma("omp simd")                                                                     \
+        for (int j = 0; j < SAMPLE_CHUNK; j++) w[j] = expf(x[j]);                               \
+        for (int j = 0; j < SAMPLE_CHUNK; j++) sum += w[j];                                     \
+        return sum;                                                                             \
+    }                                                                                           \
+                                                                                                \
+    static int64_t first_max_##S(const T *l, int64_t vocab, float t, float mx) {              \
+        for (int64_t i = 0; i < vocab; i++)                                                     \
+            if (LD_##S(l, i) / t == mx) return i;                                               \
+        return 0;                                                                               \
+    }                                                                                           \
+                                                                                                \
+    static int64_t sample_row_##S(const T *l, int64_t vocab, float t, float u) {                \
+        const float tt = t > 0.f ? t : 1.f;                                                     \
+        float mx = LD_##S(l, 0) / tt;                                                           \
+        _Pragma("omp simd reduction(max:mx)") /* the index only when needed: vectorizes */     \
+        for (int64_t i = 1; i < vocab; i++) mx = fmaxf(mx, LD_##S(l, i) / tt);                  \
+        if (t <= 0.f) return first_max_##S(l, vocab, tt, mx);                                  \
+        const int64_t chunks = (vocab + SAMPLE_CHUNK - 1) / SAMPLE_CHUNK;                       \
+        float w[SAMPLE_CHUNK], total = 0.f, run = 0.f, *sums = malloc(sizeof(float) * chunks);  \
+        for (int64_t c = 0; c < chunks; c++)                                                    \
+            total += sums[c] = chunk_weights_##S(l, c * SAMPLE_CHUNK, vocab, t, mx, w);         \
+        const float target = u * total;                                                         \
+        int64_t pick = -1;                                                                      \
+        for (int64_t c = 0; c < chunks && pick < 0; c++) {                                      \
+            if (run + sums[c] <= target) { run += sums[c]; continue; }                          \
+            chunk_weights_##S(l, c * SAMPLE_CHUNK, vocab, t, mx, w); /* same values again */    \
+            for (int j = 0; j < SAMPLE_CHUNK && c * SAMPLE_CHUNK + j < vocab; j++) {            \
+                run += w[j];                                                                    \
+                if (run > target && w[j] > 0.f) { pick = c * SAMPLE_CHUNK + j; break; }         \
+            }                                                                                   \
+        }                                                                                       \
+        free(sums);                                                                             \
+        /* rounding left the target past the last sum: the max token (weight 1) is safe */      \
+        return pick >= 0 ? pick : first_max_##S(l, vocab, tt, mx);                              \
+    }                                                                                           \
+                                                                                                \
+    void sample_rows_##S(const T *logits, int64_t rows, int64_t vocab, int64_t stride,          \
+                         const float *temps, const float *u, int64_t *out) {                    \
+        _Pragma("omp parallel for schedule(static) if (rows > 1)")                              \
+        for (int64_t r = 0; r < rows; r++)                                                      \
+            out[r] = sample_row_##S(logits + r * stride, vocab, temps[r], u[r]);                \
+    }
+
+DEFINE_SAMPLE(f32, float)
+DEFINE_SAMPLE(bf16, uint16_t)

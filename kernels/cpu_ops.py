@@ -19,6 +19,7 @@ _SIGNATURES = {
     "rotary": [_PTR] * 5 + [_I64] * 6 + [_INT],
     "silu_and_mul": [_PTR] * 2 + [_I64] * 3,
     "store_kv": [_PTR] * 4 + [_I64] * 7,
+    "sample_rows": [_PTR] + [_I64] * 3 + [_PTR] * 3,
 }
 _LIB = CLibrary("cpu_ops.c", {**{f"{name}_{s}": args for name, args in _SIGNATURES.items() for s in ("f32", "bf16")},
                               "gemv_bf16": [_PTR] * 4 + [_I64] * 3})
@@ -88,6 +89,16 @@ def store_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch
     assert cache.is_contiguous() and k.stride(1) == d and v.stride(1) == d and k.stride(2) == 1
     _fn("store_kv", cache.dtype)(k.data_ptr(), v.data_ptr(), cache.data_ptr(), slots.contiguous().data_ptr(),
                                  k.shape[0], hkv, d, nb, bs, k.stride(0), v.stride(0))
+
+
+def sample_rows(logits: torch.Tensor, temps: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token id per row of logits [rows, vocab] (fp32 or bf16): argmax where temps is 0,
+    else an inverse-CDF draw from softmax(logits / T) with the row's uniform u (fp32)."""
+    assert logits.stride(1) == 1 and temps.dtype == u.dtype == torch.float32
+    out = _empty(logits.shape[0], dtype=torch.int64)
+    _fn("sample_rows", logits.dtype)(logits.data_ptr(), logits.shape[0], logits.shape[1], logits.stride(0),
+                                     temps.contiguous().data_ptr(), u.contiguous().data_ptr(), out.data_ptr())
+    return out
 
 
 @lru_cache(maxsize=None)

@@ -105,8 +105,9 @@ DEFINE_DECODE(paged_decode_f32, float, load_f32)
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
-static inline __m512 widen16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+static inline __m512 widen16(const uint16_t *p) { /* 16 bf16 -> 16 fp32 */
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
 /* DD: head dim; GN query heads at once (GN x DD/16 output registers, at most 16) */
@@ -174,12 +175,13 @@ void paged_decode_bf16(const float *q, const uint16_t *cache, const int64_t *tab
                 const int64_t L = lens[s], nblocks = (L + 15) / 16;
                 float *sc = malloc(sizeof(float) * GN * nblocks * 16);
                 const uint16_t *kc = cache + h * NB * BS * D, *vc = kc + plane;
+                const int64_t *table = tables + s * max_nb;
                 for (int64_t g0 = 0; g0 < G; g0 += GN) {
                     const int64_t gn = G - g0 < GN ? G - g0 : GN, row = s * Hq + h * G + g0;
                     if (D == 64)
-                        decode_group_d64(q + row * D, kc, vc, tables + s * max_nb, L, gn, sc, out + row * D, scale);
+                        decode_group_d64(q + row * D, kc, vc, table, L, gn, sc, out + row * D, scale);
                     else
-                        decode_group_d128(q + row * D, kc, vc, tables + s * max_nb, L, gn, sc, out + row * D, scale);
+                        decode_group_d128(q + row * D, kc, vc, table, L, gn, sc, out + row * D, scale);
                 }
                 free(sc);
             }

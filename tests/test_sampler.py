@@ -3,11 +3,14 @@ min_tokens masking, min-p / top-k / top-p supports and renormalised distribution
 temperature, seeded reproducibility, and logprobs from the raw logits."""
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 import torch
 
 from raylm.executor.sampler import Sampler, SamplingInput
+from raylm.kernels import cpu_ops
 from raylm.sampling_params import SamplingParams
 
 sampler = Sampler()
@@ -411,3 +414,76 @@ def test_cuda_logits_match_cpu():
     for t, lp in cpu.logprobs[0].items():
         assert gpu.logprobs[0][t].rank == lp.rank
         assert gpu.logprobs[0][t].logprob == pytest.approx(lp.logprob, abs=1e-4)
+
+
+# ---- the C draw (cpu_ops.sample_rows), which plain CPU rows take -----------------------
+
+needs_c = pytest.mark.skipif(not cpu_ops.available(), reason="the C sampler needs a C compiler")
+
+
+def _allowed_picks(logits, temps, u, rel=1e-5):
+    """Per row, the tokens an exact (float64) inverse-CDF draw could pick given fp32 sums:
+    the token whose CDF interval holds u * total, and a neighbour when u * total lies
+    within `rel` of the boundary between them (fp32 sums of 50k terms in another order
+    move boundaries by ~1e-6). The window holds 2e-5 of the probability mass (a few
+    low-weight tokens at most): a draw off by more fails. Argmax at T=0."""
+    allowed = []
+    for l, t, uu in zip(logits.double(), temps.tolist(), u.tolist()):
+        if t == 0:
+            allowed.append({int(l.argmax())})
+            continue
+        cdf = (l / t - (l / t).max()).exp().cumsum(-1)
+        target, slack = uu * float(cdf[-1]), rel * float(cdf[-1])
+        lo = int(torch.searchsorted(cdf, torch.tensor([target - slack], dtype=torch.float64), right=True))
+        hi = int(torch.searchsorted(cdf, torch.tensor([target + slack], dtype=torch.float64), right=True))
+        allowed.append(set(range(lo, min(hi, len(cdf) - 1) + 1)))
+    return allowed
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [7, 16, 1000, 49152])  # under, at and over a 16-token chunk
+def test_c_draw_is_the_inverse_cdf_draw_of_its_uniforms(request, dtype, vocab):
+    g = torch.Generator().manual_seed(zlib.crc32(request.node.name.encode()))
+    rows = 24
+    logits = (torch.randn(rows, vocab + 5, generator=g) * 3).to(dtype)[:, :vocab]  # a strided view
+    temps = torch.tensor([0.0, 0.5, 1.0, 1.7] * (rows // 4), dtype=torch.float32)
+    u = torch.rand(rows, generator=g)
+    picks = cpu_ops.sample_rows(logits, temps, u).tolist()
+    allowed = _allowed_picks(logits, temps, u)
+    assert all(p in a for p, a in zip(picks, allowed)), [(p, a) for p, a in zip(picks, allowed) if p not in a]
+
+
+@needs_c
+def test_c_draw_never_picks_a_zero_weight_token():
+    logits = torch.full((4, 100), -1e4)
+    logits[:, [3, 40, 41, 97]] = torch.tensor([0.0, 1.0, -2.0, 0.5])  # exp(-1e4 - max) == 0
+    temps = torch.ones(4)
+    u = torch.tensor([0.0, 1e-9, 0.999999, 1.0 - 2 ** -24])
+    picks = cpu_ops.sample_rows(logits, temps, u).tolist()
+    assert picks[0] == picks[1] == 3 and picks[2] == picks[3] == 97
+
+
+@needs_c
+def test_plain_rows_take_the_c_draw_and_others_do_not(monkeypatch):
+    calls = []
+    real = cpu_ops.sample_rows
+    monkeypatch.setattr(cpu_ops, "sample_rows", lambda *a: calls.append(1) or real(*a))
+    logits = torch.randn(3, 50)
+    plain = [row(temperature=0.8, seed=1), row(temperature=0), row(temperature=1.0)]
+    sampler(logits.clone(), plain)
+    assert calls == [1]
+    for special in (dict(top_k=5), dict(top_p=0.9), dict(min_p=0.1), dict(logprobs=1),
+                    dict(repetition_penalty=1.2), dict(min_tokens=2, stop_token_ids=[1])):
+        sampler(logits[:1].clone(), [row(temperature=1.0, **special)])
+    assert calls == [1]
+
+
+@needs_c
+def test_seeded_rows_draw_the_same_tokens_on_the_c_and_torch_paths(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(64, 300, generator=g) * 2  # short rows: fp32 sums agree to ~1e-7
+    rows = [row(temperature=0.7 + 0.01 * i, seed=i, output=[0] * (i % 5)) for i in range(64)]
+    c_path = sampler(logits.clone(), rows).token_ids
+    monkeypatch.setattr(Sampler, "_c_path", classmethod(lambda cls, logits, rows: False))
+    assert sampler(logits.clone(), rows).token_ids == c_path

@@ -2,8 +2,8 @@
 
 The pool owns the device, the dtype, the layout (the attention backend's `kv_shape`), the
 allocation and the writes (`store_kv`); layers read their slice through `layer(i)`. On CPU
-the buffer is an anonymous mapping on huge pages (raylm.kernels.hugepages: attention reads
-blocks scattered over it): the OS maps zero pages on first write, so a replica's resident
+the buffer is an anonymous mapping advised for huge pages (raylm.kernels.hugepages; decode
+attention reads blocks scattered over it, though no speedup was measurable): the OS maps zero pages on first write, so a replica's resident
 memory follows what it has used, not its whole budget. On CUDA it is
 one `torch.zeros`: a padded row of a replayed decode graph reads block 0, which may never
 have been written, and must read finite values.
