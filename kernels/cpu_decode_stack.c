@@ -27,12 +27,13 @@ typedef struct {
     int64_t neox;
 } DecodeDims;
 
-static void attention_block(const DecodeLayer *l, const DecodeDims *d, const uint16_t *normed,
-                            uint16_t *qkv, float *qf, float *attn, uint16_t *attn16, uint16_t *o,
-                            const int64_t *pos, const int64_t *slots, const int64_t *tables,
-                            const int64_t *lens, int64_t M, int64_t max_nb) {
+/* Rotary on q and k in place, this step's K/V into the cache, paged attention over it,
+ * rounded to bf16: qkv [M, (hq + 2 hkv) D] -> attn16 [M, hq D]. qf, attn: fp32 scratch. */
+static void attention_core(const DecodeLayer *l, const DecodeDims *d, uint16_t *qkv, float *qf,
+                           float *attn, uint16_t *attn16, const int64_t *pos,
+                           const int64_t *slots, const int64_t *tables, const int64_t *lens,
+                           int64_t M, int64_t max_nb) {
     const int64_t D = d->head_dim, qn = d->hq * D, kvn = d->hkv * D, w = qn + 2 * kvn;
-    gemv_bf16(normed, l->w_qkv, l->b_qkv, qkv, M, w, d->hidden);
     rotary_bf16(qkv, qkv + qn, pos, d->cos, d->sin, M, d->hq, d->hkv, w, w, D, (int)d->neox);
     store_kv_bf16(qkv + qn, qkv + qn + kvn, l->cache, slots, M, d->hkv, D, d->num_blocks,
                   d->block_size, w, w);
@@ -41,6 +42,27 @@ static void attention_block(const DecodeLayer *l, const DecodeDims *d, const uin
     paged_decode_bf16(qf, l->cache, tables, lens, attn, M, d->hq, d->hkv, D, d->num_blocks,
                       d->block_size, max_nb, d->scale);
     for (int64_t i = 0; i < M * qn; i++) attn16[i] = to_bf16(attn[i]);
+}
+
+/* The attention half of one layer for bigger batches, whose GEMMs oneDNN runs (Python):
+ * qkv (modified: rotated in place) -> out [M, hq D] bf16. */
+void decode_attention_bf16(const DecodeLayer *l, const DecodeDims *d, uint16_t *qkv,
+                           uint16_t *out, const int64_t *pos, const int64_t *slots,
+                           const int64_t *tables, const int64_t *lens, int64_t M,
+                           int64_t max_nb) {
+    const int64_t qn = d->hq * d->head_dim;
+    float *fbuf = malloc(sizeof(float) * M * 2 * qn);
+    attention_core(l, d, qkv, fbuf, fbuf + M * qn, out, pos, slots, tables, lens, M, max_nb);
+    free(fbuf);
+}
+
+static void attention_block(const DecodeLayer *l, const DecodeDims *d, const uint16_t *normed,
+                            uint16_t *qkv, float *qf, float *attn, uint16_t *attn16, uint16_t *o,
+                            const int64_t *pos, const int64_t *slots, const int64_t *tables,
+                            const int64_t *lens, int64_t M, int64_t max_nb) {
+    const int64_t qn = d->hq * d->head_dim, w = qn + 2 * d->hkv * d->head_dim;
+    gemv_bf16(normed, l->w_qkv, l->b_qkv, qkv, M, w, d->hidden);
+    attention_core(l, d, qkv, qf, attn, attn16, pos, slots, tables, lens, M, max_nb);
     gemv_bf16(attn16, l->w_o, NULL, o, M, d->hidden, qn);
 }
 

@@ -13,7 +13,8 @@ import torch
 from raylm.kernels.cpu_build import CLibrary
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-_LIB = CLibrary("cpu_decode_stack.c", {"decode_stack_bf16": [_PTR, _I64, _PTR] + [_PTR] * 8 + [_I64] * 2},
+_LIB = CLibrary("cpu_decode_stack.c", {"decode_stack_bf16": [_PTR, _I64, _PTR] + [_PTR] * 8 + [_I64] * 2,
+                                       "decode_attention_bf16": [_PTR] * 8 + [_I64] * 2},
                 includes=("cpu_ops.c", "paged_attention_cpu.c"))
 
 
@@ -57,3 +58,17 @@ def decode_stack(layers: ctypes.Array, dims: DecodeDims, x: torch.Tensor, residu
                                   out.data_ptr(), res_out.data_ptr(), positions.data_ptr(), slots.data_ptr(),
                                   tables.data_ptr(), lens.data_ptr(), m, tables.shape[1])
     return out, res_out
+
+
+def decode_attention(layers: ctypes.Array, index: int, dims: DecodeDims, qkv: torch.Tensor,
+                     positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
+                     lens: torch.Tensor) -> torch.Tensor:
+    """Layer `index`'s attention for a decode batch: qkv [M, (hq + 2 hkv) D] bf16 (rotated in
+    place), K/V stored, -> [M, hq D] bf16. Index tensors int64 and contiguous."""
+    m = qkv.shape[0]
+    assert qkv.is_contiguous() and qkv.dtype == torch.bfloat16
+    out = torch.empty(m, dims.hq * dims.head_dim, dtype=qkv.dtype)
+    _LIB.load().decode_attention_bf16(ctypes.addressof(layers) + index * ctypes.sizeof(DecodeLayer),
+                                      ctypes.addressof(dims), qkv.data_ptr(), out.data_ptr(), positions.data_ptr(),
+                                      slots.data_ptr(), tables.data_ptr(), lens.data_ptr(), m, tables.shape[1])
+    return out

@@ -37,7 +37,7 @@ static inline uint16_t to_bf16(float f) {
 
 #define DEFINE_OPS(S, T)                                                                        \
     /* out = rmsnorm(x [+ residual]) * w; with residual, res_out = x + residual (rounded) */    \
-    void add_rms_norm_##S(const T *x, const T *res, const T *w, T *out, T *res_out,             \
+    static void add_rms_norm_scalar_##S(const T *x, const T *res, const T *w, T *out, T *res_out, \
                           int64_t rows, int64_t n, int64_t x_stride, int64_t r_stride,          \
                           float eps) {                                                          \
         _Pragma("omp parallel for if (rows >= 32)")                                             \
@@ -119,6 +119,68 @@ static inline uint16_t to_bf16(float f) {
 
 DEFINE_OPS(f32, float)
 DEFINE_OPS(bf16, uint16_t)
+
+void add_rms_norm_f32(const float *x, const float *res, const float *w, float *out, float *res_out,
+                      int64_t rows, int64_t n, int64_t x_stride, int64_t r_stride, float eps) {
+    add_rms_norm_scalar_f32(x, res, w, out, res_out, rows, n, x_stride, r_stride, eps);
+}
+
+/* bf16 add + RMSNorm with AVX-512 when rows are whole vectors: the scalar loop's rounding
+ * (to_bf16: round to nearest even, NaN kept quiet) vectorized, so x + residual is the same
+ * bit for bit; the sum of squares runs in 16 lanes (another order: the norm may differ in
+ * the last bit). The scalar loop did not vectorize (~1.2 ns an element at decode sizes). */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline __m512 load_bf16x16(const uint16_t *p) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+static inline __m256i round_bf16x16(__m512 v) {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+static void add_rms_norm_row_avx512(const uint16_t *x, const uint16_t *res, const uint16_t *w,
+                                    uint16_t *o, uint16_t *ro, int64_t n, float eps) {
+    __m512 ss = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        __m512 s = load_bf16x16(x + i);
+        if (res) {
+            const __m256i r = round_bf16x16(_mm512_add_ps(s, load_bf16x16(res + i)));
+            _mm256_storeu_si256((__m256i *)(ro + i), r);
+            s = load_bf16x16(ro + i);
+        }
+        ss = _mm512_fmadd_ps(s, s, ss);
+    }
+    const float inv = 1.f / sqrtf(_mm512_reduce_add_ps(ss) / (float)n + eps);
+    const uint16_t *src = res ? ro : x;
+    for (int64_t i = 0; i < n; i += 16) {
+        const __m512 v = _mm512_mul_ps(_mm512_mul_ps(load_bf16x16(src + i), _mm512_set1_ps(inv)),
+                                       load_bf16x16(w + i));
+        _mm256_storeu_si256((__m256i *)(o + i), round_bf16x16(v));
+    }
+}
+#endif
+
+void add_rms_norm_bf16(const uint16_t *x, const uint16_t *res, const uint16_t *w, uint16_t *out,
+                       uint16_t *res_out, int64_t rows, int64_t n, int64_t x_stride,
+                       int64_t r_stride, float eps) {
+#if defined(__AVX512F__)
+    if (n % 16 == 0) {
+        _Pragma("omp parallel for if (rows >= 32)")
+        for (int64_t r = 0; r < rows; r++)
+            add_rms_norm_row_avx512(x + r * x_stride, res ? res + r * r_stride : NULL, w,
+                                    out + r * n, res ? res_out + r * n : NULL, n, eps);
+        return;
+    }
+#endif
+    add_rms_norm_scalar_bf16(x, res, w, out, res_out, rows, n, x_stride, r_stride, eps);
+}
 
 /* Decode-sized bf16 GEMM: y [M, N] = x [M, K] w [N, K]^T (+ bias), for M of a few rows, where
  * oneDNN's per-call cost (~20 us) dominates and the work is streaming w once. Each output

@@ -31,19 +31,21 @@ def _run(llm, prompts, n=10):
 
 @needs_stack
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])  # qwen2: the q/k/v bias
-@pytest.mark.parametrize("batch", [1, 3, 4, 6])  # 6: over GEMV_MAX_ROWS, the per-op path
+@pytest.mark.parametrize("batch", [1, 3, 4, 6])  # 6: over GEMV_MAX_ROWS, oneDNN's GEMMs
 def test_fused_stack_equals_the_per_op_path_exactly(tiny_root, monkeypatch, kind, batch):
     path = make_tiny_model(tiny_root, kind)
     prompts = random_prompts(batch, seed=batch, lo=5, hi=40)  # decodes cross block boundaries
-    calls = []
-    real = cpu_decode_stack.decode_stack
-    monkeypatch.setattr(cpu_decode_stack, "decode_stack", lambda *a: calls.append(a[2].shape[0]) or real(*a))
+    calls = {"stack": [], "batched": []}
+    stack, attention = cpu_decode_stack.decode_stack, cpu_decode_stack.decode_attention
+    monkeypatch.setattr(cpu_decode_stack, "decode_stack", lambda *a: calls["stack"].append(a[2].shape[0]) or stack(*a))
+    monkeypatch.setattr(cpu_decode_stack, "decode_attention",
+                        lambda *a: calls["batched"].append(a[3].shape[0]) or attention(*a))
     fused, _ = _llm(path, fused=True)
     got = _run(fused, prompts)
-    if batch <= cpu_ops.GEMV_MAX_ROWS:
-        assert calls and set(calls) == {batch}, "the fused stack did not run every decode step"
-    else:  # every decode step holds all 6 (same lengths, EOS ignored)
-        assert not calls, "batches over GEMV_MAX_ROWS rows must take the per-op path"
+    # every decode step holds all the requests (same lengths, EOS ignored)
+    one_call = "stack" if batch <= cpu_ops.GEMV_MAX_ROWS else "batched"  # the C stack, or oneDNN + C
+    assert calls[one_call] and set(calls[one_call]) == {batch}, "the fast path did not run every step"
+    assert not calls["batched" if one_call == "stack" else "stack"]
     per_op, _ = _llm(path, fused=False)
     assert got == _run(per_op, prompts)
     assert_all_free(fused)
@@ -52,6 +54,7 @@ def test_fused_stack_equals_the_per_op_path_exactly(tiny_root, monkeypatch, kind
 @needs_stack
 def test_smollm2_greedy_is_unchanged_by_the_fused_stack(smollm2_path):
     prompts = [[1, 504, 3458, 282, 4649, 314], [1, 20, 2521, 4744, 3155, 282, 1326, 335, 253]]
+    prompts += random_prompts(6, seed=4, lo=5, hi=30, vocab=49152)  # 8 rows: the batched path too
     fused, _ = _llm(smollm2_path, fused=True)
     per_op, _ = _llm(smollm2_path, fused=False)
     assert _run(fused, prompts, 24) == _run(per_op, prompts, 24)

@@ -92,12 +92,19 @@ def _gen(request):
 @CPU_OPS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 7, 40])
-def test_add_rms_norm_matches_reference(request, poisoned, dtype, rows):
+@pytest.mark.parametrize("n", [96, 100])  # whole AVX-512 vectors (bf16: the vector path), or not
+def test_add_rms_norm_matches_reference(request, poisoned, dtype, rows, n):
     g = _gen(request)
-    x, res, w = (torch.randn(*s, generator=g).to(dtype) for s in ((rows, 96), (rows, 96), (96,)))
-    for got, want in zip(cpu_ops.rms_norm(x, w, 1e-6, res), reference.rms_norm(x, w, 1e-6, res)):
-        torch.testing.assert_close(got, want, atol=OPS_TOL[dtype], rtol=OPS_TOL[dtype])
-    heads = x.view(rows, 3, 32)  # per-head norm (Qwen3's q/k norm) on strided rows
+    x, res, w = (torch.randn(*s, generator=g).to(dtype) for s in ((rows, n), (rows, n), (n,)))
+    x[0, 5] = float("nan")  # a NaN stays in its row (and rounds to a NaN in bf16)
+    got, want = cpu_ops.rms_norm(x, w, 1e-6, res), reference.rms_norm(x, w, 1e-6, res)
+    assert torch.equal(got[1].isnan(), want[1].isnan()) and torch.equal(got[0].isnan(), want[0].isnan())
+    ok = ~want[1].isnan()
+    assert torch.equal(got[1][ok], want[1][ok]), "x + residual is one rounding: it must be exact"
+    torch.testing.assert_close(got[0][1:], want[0][1:], atol=OPS_TOL[dtype], rtol=OPS_TOL[dtype])
+    x = x[:, :96]
+    x[0, 5] = 1.0
+    heads = x.reshape(rows, 3, 32)  # per-head norm (Qwen3's q/k norm) on strided rows
     torch.testing.assert_close(cpu_ops.rms_norm(heads, w[:32], 1e-5), reference.rms_norm(heads, w[:32], 1e-5),
                                atol=OPS_TOL[dtype], rtol=OPS_TOL[dtype])
 

@@ -1,12 +1,13 @@
 """The CPU decode fast path for dense Llama-family stacks: a decode step of a few rows runs
 all of a stage's layers in one C call (raylm.kernels.cpu_decode_stack) instead of ~10 ops
-per layer from Python. Same kernels, order and roundings as the per-op path with
-fused_ops="cpu", so the outputs are equal; it only removes dispatch (~4 ms of a ~14 ms
-SmolLM2 step at batch 1).
+per layer from Python; a bigger decode batch runs oneDNN's GEMMs and three C calls per
+layer. Same kernels, order and roundings as the per-op path with fused_ops="cpu", so the
+outputs are equal; it only removes dispatch (~4-6 ms of a ~14 ms SmolLM2 step at batch 1,
+~3 ms of ~45 at batch 32).
 
 It applies where the per-op path would run the C kernels on every op: bf16 weights kept
-plain for the GEMV, the cpu attention backend, tensor parallel size 1, no q/k norms, a
-dense MLP; per step, a pure decode batch of at most GEMV_MAX_ROWS rows that stores K/V."""
+plain for the GEMV and prepacked for oneDNN, the cpu attention backend, tensor parallel
+size 1, no q/k norms, a dense MLP; per step, a pure decode batch that stores K/V."""
 from __future__ import annotations
 
 import logging
@@ -17,6 +18,7 @@ import torch
 from raylm.attention import AttentionMetadata
 from raylm.kernels import cpu_decode_stack as kernel
 from raylm.kernels import cpu_ops, ops
+from raylm.models.layers import packed_linear
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +58,33 @@ class FusedDecodeStack:
 
     def applies(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
         return (ops.mode() == "cpu" and x.dtype == torch.bfloat16 and not meta.prefills and meta.store_kv
-                and 0 < x.shape[0] == meta.num_decodes <= cpu_ops.GEMV_MAX_ROWS)
+                and 0 < x.shape[0] == meta.num_decodes)
 
     def __call__(self, positions: torch.Tensor, x: torch.Tensor, residual: Optional[torch.Tensor],
                  meta: AttentionMetadata) -> Tuple[torch.Tensor, torch.Tensor]:
-        return kernel.decode_stack(self.array, self.dims, x.contiguous(), residual, positions,
-                                   meta.slot_mapping, meta.decode_block_table, meta.decode_lens)
+        index = [t.contiguous() for t in (positions, meta.slot_mapping, meta.decode_block_table,
+                                          meta.decode_lens)]
+        if x.shape[0] <= cpu_ops.GEMV_MAX_ROWS:
+            return kernel.decode_stack(self.array, self.dims, x.contiguous(), residual, *index)
+        return self._batched(x, residual, index)
+
+    def _batched(self, x: torch.Tensor, residual: Optional[torch.Tensor], index: List[torch.Tensor]):
+        """Bigger decode batches: oneDNN's GEMMs from here, the rest in three C calls a layer
+        (add + RMSNorm twice; rotary + KV store + attention + bf16 rounding; SiLU-and-mul),
+        the per-op path's kernels in its order, without its module and tensor glue."""
+        for i, layer in enumerate(self.layers):
+            a, mlp = layer.self_attn, layer.mlp
+            ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+            if residual is None:
+                residual, h = x, cpu_ops.rms_norm(x, ln1.weight, ln1.eps)
+            else:
+                h, residual = cpu_ops.rms_norm(x, ln1.weight, ln1.eps, residual)
+            qkv = packed_linear(h, a.qkv_proj.packed, a.qkv_proj.bias)
+            attn = kernel.decode_attention(self.array, i, self.dims, qkv, *index)
+            h, residual = cpu_ops.rms_norm(packed_linear(attn, a.o_proj.packed), ln2.weight, ln2.eps, residual)
+            gate_up = packed_linear(h, mlp.gate_up_proj.packed)
+            x = packed_linear(cpu_ops.silu_and_mul(gate_up), mlp.down_proj.packed)
+        return x, residual
 
 
 def why_not(layers: List[torch.nn.Module], tp_size: int) -> Optional[str]:
@@ -78,7 +101,7 @@ def why_not(layers: List[torch.nn.Module], tp_size: int) -> Optional[str]:
     for layer in layers:
         a, mlp = layer.self_attn, layer.mlp
         linears = (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        if any(lin.plain is None for lin in linears) or a.o_proj.bias is not None:
+        if any(lin.plain is None or lin.packed is None for lin in linears) or a.o_proj.bias is not None:
             return "weights not bf16 with plain GEMV copies"
         if a.qk_norm or a.attn.pool is None or a.attn.pool.backend.name != "cpu":
             return "q/k norms or not the cpu attention backend"
