@@ -20,8 +20,8 @@ run() {  # REF NAME ARGS...: one raylm bench from REF's worktree
   (cd /tmp/raylm-bench-$REF && PYTHONPATH=/tmp/raylm-bench-$REF $PY -m raylm.cli bench "$@" \
      --output-json "$OUT/$NAME-$REF.json" 2>&1 | tail -1 | sed "s/^/$NAME $REF: /")
 }
-$PY -m raylm.cli bench kernels --dtype bfloat16 --output-json "$OUT/kernels-bf16.json" | head -1
-$PY -m raylm.cli bench kernels --dtype float32 --output-json "$OUT/kernels-fp32.json" | head -1
+$PY -m raylm.cli bench kernels --dtype bfloat16 --output-json "$OUT/kernels-bf16.json" > "$OUT/kernels-bf16.txt"; head -1 "$OUT/kernels-bf16.txt"
+$PY -m raylm.cli bench kernels --dtype float32 --output-json "$OUT/kernels-fp32.json" > "$OUT/kernels-fp32.txt"; head -1 "$OUT/kernels-fp32.txt"
 for ROUND in 1 2; do
   for REF in $BEFORE $AFTER; do
     run $REF latency-r$ROUND latency --input-len 128 --output-len 128 --iters 5
