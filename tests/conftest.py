@@ -3,6 +3,7 @@ HF transformers greedy references on the same weights."""
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 from typing import List
 
@@ -55,6 +56,12 @@ def _tiny_config(kind: str):
         return tf.Qwen3MoeConfig(intermediate_size=128, moe_intermediate_size=48, num_experts=4,
                                  num_experts_per_tok=2, norm_topk_prob=True, head_dim=16, **common)
     raise ValueError(kind)
+
+
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    """A generator seeded from the test's id: fresh inputs per test, reproducible per test."""
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 def make_tiny_model(root: Path, kind: str, seed: int = 0) -> Path:

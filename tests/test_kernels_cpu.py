@@ -2,7 +2,6 @@
 dense softmax attention written out in the test."""
 from __future__ import annotations
 
-import zlib
 
 import pytest
 import torch
@@ -85,16 +84,13 @@ def poisoned(monkeypatch):
     monkeypatch.setattr(cpu_ops, "_empty", lambda *shape, dtype: torch.full(shape, float("nan"), dtype=dtype))
 
 
-def _gen(request):
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
-
 
 @CPU_OPS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 7, 40])
 @pytest.mark.parametrize("n", [96, 100])  # whole AVX-512 vectors (bf16: the vector path), or not
-def test_add_rms_norm_matches_reference(request, poisoned, dtype, rows, n):
-    g = _gen(request)
+def test_add_rms_norm_matches_reference(gen, poisoned, dtype, rows, n):
+    g = gen
     x, res, w = (torch.randn(*s, generator=g).to(dtype) for s in ((rows, n), (rows, n), (n,)))
     x[0, 5] = float("nan")  # a NaN stays in its row (and rounds to a NaN in bf16)
     got, want = cpu_ops.rms_norm(x, w, 1e-6, res), reference.rms_norm(x, w, 1e-6, res)
@@ -112,8 +108,8 @@ def test_add_rms_norm_matches_reference(request, poisoned, dtype, rows, n):
 @CPU_OPS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("neox", [True, False])
-def test_rotary_in_place_matches_reference(request, dtype, neox):
-    g = _gen(request)
+def test_rotary_in_place_matches_reference(gen, dtype, neox):
+    g = gen
     tokens, hq, hkv, d = 5, 6, 2, 64
     qkv = torch.randn(tokens, (hq + 2 * hkv) * d, generator=g).to(dtype)
     q, k = qkv[:, :hq * d].view(tokens, hq, d), qkv[:, hq * d:(hq + hkv) * d].view(tokens, hkv, d)
@@ -130,20 +126,20 @@ def test_rotary_in_place_matches_reference(request, dtype, neox):
 @CPU_OPS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 33])
-def test_silu_and_mul_matches_reference(request, poisoned, dtype, rows):
-    x = (torch.randn(rows, 2 * 200, generator=_gen(request)) * 3).to(dtype)
+def test_silu_and_mul_matches_reference(gen, poisoned, dtype, rows):
+    x = (torch.randn(rows, 2 * 200, generator=gen) * 3).to(dtype)
     torch.testing.assert_close(cpu_ops.silu_and_mul(x).float(), reference.silu_and_mul(x.float()),
                                atol=OPS_TOL[dtype], rtol=OPS_TOL[dtype])
 
 
 @CPU_OPS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_store_kv_matches_the_backends_index_path(request, dtype):
+def test_store_kv_matches_the_backends_index_path(gen, dtype):
     """The C store writes the cpu backend's layout (K transposed per block) exactly as its
     torch index path does, and nothing else."""
     from raylm.attention.cpu_backend import CpuAttentionBackend
 
-    g = _gen(request)
+    g = gen
     hkv, d, bs, nb, tokens = 2, 16, 4, 6, 9
     qkv = torch.randn(tokens, 3 * hkv * d, generator=g).to(dtype)
     k, v = qkv[:, hkv * d:2 * hkv * d].view(tokens, hkv, d), qkv[:, 2 * hkv * d:].view(tokens, hkv, d)
@@ -159,10 +155,10 @@ def test_store_kv_matches_the_backends_index_path(request, dtype):
 @pytest.mark.skipif(not cpu_ops.gemv_available(), reason="the bf16 GEMV needs AVX512-BF16 and a C compiler")
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 8])
 @pytest.mark.parametrize("bias", [False, True])
-def test_gemv_matches_a_float_matmul(request, poisoned, rows, bias):
+def test_gemv_matches_a_float_matmul(gen, poisoned, rows, bias):
     """K = 600 (not a multiple of 32: the tail loop), N = 70, up to 8 rows (two passes of 4),
     against an fp32 matmul of the same bf16 values; within one bf16 rounding of the output."""
-    g = _gen(request)
+    g = gen
     x, w = torch.randn(rows, 600, generator=g).bfloat16(), torch.randn(70, 600, generator=g).bfloat16()
     b = torch.randn(70, generator=g).bfloat16() if bias else None
     got = cpu_ops.gemv(x, w, b)

@@ -3,8 +3,6 @@ min_tokens masking, min-p / top-k / top-p supports and renormalised distribution
 temperature, seeded reproducibility, and logprobs from the raw logits."""
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 import pytest
 import torch
@@ -443,8 +441,8 @@ def _allowed_picks(logits, temps, u, rel=1e-5):
 @needs_c
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("vocab", [7, 16, 1000, 49152])  # under, at and over a 16-token chunk
-def test_c_draw_is_the_inverse_cdf_draw_of_its_uniforms(request, dtype, vocab):
-    g = torch.Generator().manual_seed(zlib.crc32(request.node.name.encode()))
+def test_c_draw_is_the_inverse_cdf_draw_of_its_uniforms(gen, dtype, vocab):
+    g = gen
     rows = 24
     logits = (torch.randn(rows, vocab + 5, generator=g) * 3).to(dtype)[:, :vocab]  # a strided view
     temps = torch.tensor([0.0, 0.5, 1.0, 1.7] * (rows // 4), dtype=torch.float32)

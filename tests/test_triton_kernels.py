@@ -7,7 +7,6 @@ write fails the comparison. On CPU the kernels run under TRITON_INTERPRET=1 (con
 fp32 and fp16 (the interpreter gets bf16 wrong); on CUDA also in bf16."""
 from __future__ import annotations
 
-import zlib
 
 import pytest
 import torch
@@ -22,11 +21,6 @@ DTYPES = [torch.float32, torch.float16] + \
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 NAN = float("nan")
 
-
-@pytest.fixture
-def gen(request):
-    """A generator seeded from the test's id: fresh inputs per test, reproducible per test."""
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 def rand(gen, *shape, dtype=torch.float32, scale=1.0):
