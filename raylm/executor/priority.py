@@ -1,9 +1,11 @@
-"""Engine processes run at normal CPU priority.
+"""Engine and ingress processes run at normal CPU priority.
 
 Ray starts its worker processes niced (15 by default, Ray's `worker_niceness`), so an
 engine replica or worker actor ran below the HTTP proxy, the ingress, the GCS and the load
 generator sharing its cores, and waited behind their per-token work under load. The engine
-sets every thread of its process back to nice 0 when it starts (Linux niceness is per
+(and the ingress, whose per-token work would otherwise wait behind the engine: the HTTP
+proxy is Ray's and keeps its niceness) sets every thread of its process back to nice 0 when
+it starts (Linux niceness is per
 thread; threads made later, torch's OpenMP pool included, inherit it from the thread that
 makes them). Raising priority needs root or CAP_SYS_NICE: without them the engine keeps
 Ray's niceness and says how to change it (`RAY_worker_niceness=0` before `ray start`).
