@@ -13,9 +13,16 @@ for REF in $BEFORE $AFTER; do
   ln -sfn ../kernels "$WT/raylm/kernels"; ln -sfn ../deployments "$WT/raylm/deployments"
 done
 cli() { (cd /tmp/raylm-bench-$1 && shift && PYTHONPATH=. $PY -m raylm.cli "$@"); }
+# run with &: the background subshell execs the CLI, so $! is the server itself
+serve_from() { cd /tmp/raylm-bench-$1 && shift && PYTHONPATH=. exec $PY -m raylm.cli serve "$@"; }
+port_free() {  # wait (at most 120 s) until nothing answers on the port: the next server's own
+  for _ in $(seq 1 120); do curl -s "http://127.0.0.1:$1/health" >/dev/null 2>&1 || return 0; sleep 1; done
+  echo "port $1 still answers" >&2; return 1
+}
+port_free $PORT
 for ROUND in ${ROUNDS:-1}; do
   for REF in $BEFORE $AFTER; do
-    cli $REF serve --dp 1 --port $PORT --max-model-len 2048 > "$OUT/server-$REF-r$ROUND.log" 2>&1 &
+    serve_from $REF --dp 1 --port $PORT --max-model-len 2048 > "$OUT/server-$REF-r$ROUND.log" 2>&1 &
     SERVER=$!
     wait_ready $PORT
     for C in 32 1; do
@@ -26,6 +33,7 @@ for ROUND in ${ROUNDS:-1}; do
     ps -eo ni,comm,args | grep -E "LLMServer|ServeReplica" | grep -v grep | cut -c1-80 \
       > "$OUT/nice-$REF-r$ROUND.txt" || true
     kill -TERM $SERVER; wait $SERVER || true
+    port_free $PORT
   done
 done
 cli $AFTER bench throughput --backend raylm --num-prompts $N32 --max-num-seqs 32 \
