@@ -10,7 +10,6 @@ from raylm.config import EngineConfig, num_threads
 from raylm.executor.sched_output import ModelRunnerOutput, SchedulerOutput
 from raylm.distributed.communicator import free_port, init_world
 from raylm.executor.model_runner import ModelRunner
-from raylm.executor.priority import run_at_normal_priority
 from raylm.distributed.parallel_state import init_expert_dp, init_parallel_groups
 
 
@@ -33,7 +32,6 @@ class Worker:
     def init_device(self, rendezvous: Optional[Tuple[str, int]] = None) -> None:
         """Threads, seed, and (world > 1) the process group and this rank's TP/PP groups; all
         ranks must call it at once: joining the group blocks until everyone has."""
-        run_at_normal_priority()  # every thread now, and threads made later inherit it
         threads = num_threads()
         if threads:
             torch.set_num_threads(threads)

@@ -159,10 +159,8 @@ class OpenAIIngress:
                  autoscaling: bool = False) -> None:
         from ray import serve
 
-        from raylm.executor.priority import run_at_normal_priority
         from raylm.serve.elastic import ElasticScaler, ScaleLimits
 
-        run_at_normal_priority()  # its per-token work must not wait behind the engine at nice 0
         tokenizer, max_len = tokenizer_and_max_len(engine_config["model"])
         self.sink = PromSink()
         admission = Admission(max_ongoing_requests, request_timeout)
