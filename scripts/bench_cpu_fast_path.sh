@@ -10,11 +10,8 @@ OUT=$(realpath -m "$1"); BEFORE=$2; AFTER=$3
 PY=$PWD/.venv/bin/python
 PEER=${LLAMA_PEER:-$HOME/.cache/llama-peer}
 mkdir -p "$OUT"
-for REF in $BEFORE $AFTER; do
-  WT=/tmp/raylm-bench-$REF
-  [ -d "$WT" ] || git worktree add -q --detach "$WT" "$REF"
-  ln -sfn ../kernels "$WT/raylm/kernels"; ln -sfn ../deployments "$WT/raylm/deployments"
-done
+source "$(dirname "$0")/bench_worktrees.sh"
+bench_worktrees $BEFORE $AFTER
 run() {  # REF NAME ARGS...: one raylm bench from REF's worktree
   local REF=$1 NAME=$2; shift 2
   (cd /tmp/raylm-bench-$REF && PYTHONPATH=/tmp/raylm-bench-$REF $PY -m raylm.cli bench "$@" \

@@ -7,11 +7,8 @@ source "$(dirname "$0")/bench_common.sh"
 OUT=$(realpath -m "$1"); BEFORE=$2; AFTER=$3
 PY=$PWD/.venv/bin/python; PORT=8012; N32=${N32:-64}; N1=${N1:-8}
 mkdir -p "$OUT"
-for REF in $BEFORE $AFTER; do
-  WT=/tmp/raylm-bench-$REF
-  [ -d "$WT" ] || git worktree add -q --detach "$WT" "$REF"
-  ln -sfn ../kernels "$WT/raylm/kernels"; ln -sfn ../deployments "$WT/raylm/deployments"
-done
+source "$(dirname "$0")/bench_worktrees.sh"
+bench_worktrees $BEFORE $AFTER
 cli() { (cd /tmp/raylm-bench-$1 && shift && PYTHONPATH=. $PY -m raylm.cli "$@"); }
 # run with &: the background subshell execs the CLI, so $! is the server itself
 serve_from() { cd /tmp/raylm-bench-$1 && shift && PYTHONPATH=. exec $PY -m raylm.cli serve "$@"; }
