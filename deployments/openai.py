@@ -13,8 +13,8 @@ from typing import Any, Dict, List, Optional
 
 from pydantic import ConfigDict, Field, model_validator
 
-from raylm.config import EngineConfig, default_admin_api_key, default_api_key
-from raylm.executor.placement import group_strategy, worker_bundle
+from raylm.config import EngineConfig, default_admin_api_key, default_api_key, usable_cores
+from raylm.executor.placement import group_strategy, placement_device, worker_bundle
 from raylm.options import EngineArgs
 from raylm.serve.middleware import OPEN_PATHS
 
@@ -31,7 +31,9 @@ class ServeArgs(EngineArgs):
 
     served_model_name: Optional[str] = Field(None, description="the model's name in the API (default: --model)")
     dp: int = Field(1, gt=0, description="data-parallel engine replicas")
-    num_cpus_per_replica: float = Field(1.0, ge=0, description="CPUs Ray reserves for each engine replica")
+    num_cpus_per_replica: Optional[float] = Field(
+        None, ge=0, description="CPUs Ray reserves for each engine replica; on CPU without TP/PP also the "
+                                "threads its model runs on (default: there, this machine's cores over dp; else 1)")
     # Serve autoscaling of the dense DP replica set, in Serve's own shape (min_replicas,
     # max_replicas, target_ongoing_requests, upscale_delay_s, ...); replaces a fixed dp.
     # `raylm serve --autoscale MIN:MAX` fills it.
@@ -103,12 +105,23 @@ class ServeArgs(EngineArgs):
         a CUDA TP group share a node."""
         world = self.tp * self.pp
         if world == 1:
-            alone = worker_bundle(self.num_cpus_per_replica, self.device)
+            alone = worker_bundle(self.replica_cpus, self.device)
             return {"ray_actor_options": {"num_cpus": alone["CPU"], "num_gpus": alone.get("GPU", 0)}}
-        replica = {"CPU": max(self.num_cpus_per_replica, 0.01)}  # an empty bundle is not allowed
+        replica = {"CPU": max(self.replica_cpus, 0.01)}  # an empty bundle is not allowed
         return {"ray_actor_options": {"num_cpus": replica["CPU"]},
                 "placement_group_bundles": [replica] + [worker_bundle(self.worker_num_cpus, self.device)] * world,
                 "placement_group_strategy": group_strategy(self.device, self.pp)}
+
+    @property
+    def replica_cpus(self) -> float:
+        """`num_cpus_per_replica`, or its default. Ray gives an actor floor(num_cpus) OpenMP
+        threads, so a CPU replica that runs its model itself reserves its share of this
+        machine's cores: at 1 CPU it would run on one core of two (measured: 0.52x offline)."""
+        if self.num_cpus_per_replica is not None:
+            return self.num_cpus_per_replica
+        if placement_device(self.device) != "cpu" or self.tp * self.pp > 1:
+            return 1.0
+        return float(max(1, usable_cores() // self.max_replicas))
 
     def replica_resources(self) -> Dict[str, float]:
         """What Ray must place for one more replica (the replica and its TP/PP workers)."""

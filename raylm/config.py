@@ -25,6 +25,11 @@ def num_threads() -> Optional[int]:
     return int(value) if value else None
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    return len(os.sched_getaffinity(0))
+
+
 def log_level() -> str:
     return os.environ.get("RAYLM_LOG_LEVEL", "INFO").upper()
 

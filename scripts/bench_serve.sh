@@ -1,46 +1,59 @@
 #!/usr/bin/env bash
-# Serving benchmarks for the README / issue notes: raylm serve at dp 1 and 2, loaded by
-# raylm bench serve at concurrency 1 and 32, plus the offline throughput on the same
-# workload (for the HTTP/offline ratio) and the whole app's PSS at idle, under load and after.
-# Usage: scripts/bench_serve.sh [dtype] [outdir]     (run on an otherwise idle machine)
+# Serving benchmarks (issue 17), all in one run on an otherwise idle machine:
+#   references without HTTP/Serve: the offline LLM on the 64 concurrency-32 requests, and the
+#     in-process AsyncEngine on the 8 concurrency-1 requests (same client, same timing);
+#   raylm serve at dp 1 and dp 2 (a fresh server each): concurrency 32, then 1, and the whole
+#     app's PSS idle and under load (`raylm bench memory`: the server and every descendant);
+#   llama.cpp's llama-server (2 threads, -np 32 --no-kv-unified -cb), restarted before each
+#     run (its prompt cache would make a repeat of the same prompts look faster).
+# The concurrency-1 requests use seed 1, so they never hit a prefix cached by the c32 run.
+# Usage: scripts/bench_serve.sh OUTDIR   (then: python scripts/serve_summary.py OUTDIR)
 source "$(dirname "$0")/bench_common.sh"
-DTYPE=${1:-bfloat16}
-OUT=${2:-docs/bench}
-MODEL=smollm2-135m-instruct
-PORT=8011
-N32=${N32:-100}
-N1=${N1:-12}
+OUT=$(realpath -m "${1:-docs/bench/serve}")
+PORT=8011; PEER_PORT=8013; N32=${N32:-64}; N1=${N1:-8}
+PEER=${PEER:-$HOME/.cache/llama-peer}
+HF=${RAYLM_CACHE_DIR:-$HOME/.cache/raylm}/models/smollm2-135m-instruct
 mkdir -p "$OUT"
+c32=(--num-prompts $N32 --max-concurrency 32 --disable-tqdm)
+c1=(--num-prompts $N1 --max-concurrency 1 --seed 1 --disable-tqdm)
 
-# references, without HTTP/Serve/Ray: the same workload through an in-process AsyncEngine at
-# the same concurrency (same client-side timing), and the offline LLM API's throughput
-if [ -z "${SKIP_OFFLINE:-}" ]; then
-  for C in 1 32; do
-    N=$([ $C = 1 ] && echo $N1 || echo $N32)
-    $RAYLM bench serve --backend inprocess --model $MODEL --dtype $DTYPE --max-model-len 2048 --num-prompts $N \
-      --max-concurrency $C --output-json "$OUT/inprocess-c$C-$DTYPE.json" --disable-tqdm
-  done
-  $RAYLM bench throughput --model $MODEL --dtype $DTYPE --backend raylm --num-prompts $N32 --max-num-seqs 32 \
-    --output-json "$OUT/offline-$DTYPE-n$N32-c32.json" --disable-tqdm
-fi
+$RAYLM bench throughput --backend raylm --num-prompts $N32 --max-num-seqs 32 \
+  --output-json "$OUT/offline-c32.json" --disable-tqdm | tail -1
+$RAYLM bench serve --backend inprocess --max-model-len 2048 "${c1[@]}" \
+  --output-json "$OUT/inprocess-c1.json" | grep -E "TTFT|TPOT"
 
-CORES=${CORES:-$(nproc)}
 for DP in ${DPS:-1 2}; do
-  # each replica gets CORES/DP CPUs: Ray sets OMP_NUM_THREADS to that, so torch in a dp=1
-  # replica uses every core, as the offline reference does
-  CPUS=$(python3 -c "print($CORES / $DP)")
-  $RAYLM serve --model $MODEL --dtype $DTYPE --dp $DP --port $PORT --max-model-len 2048 \
-    --num-cpus-per-replica $CPUS &
+  # run with &: the subshell execs the server, so $! is raylm serve itself (kill reaches it)
+  (exec $RAYLM serve --dp $DP --port $PORT --max-model-len 2048 > "$OUT/server-dp$DP.log" 2>&1) &
   SERVER=$!
-  wait_ready $PORT
-  $RAYLM bench memory --pid $SERVER > "$OUT/memory-idle-dp$DP-$DTYPE.json"
-  $RAYLM bench serve --base-url http://127.0.0.1:$PORT --model $MODEL --num-prompts $N1 \
-    --max-concurrency 1 --output-json "$OUT/serve-dp$DP-c1-$DTYPE.json" --disable-tqdm
-  ( sleep 20; $RAYLM bench memory --pid $SERVER > "$OUT/memory-load-dp$DP-$DTYPE.json" ) &
-  $RAYLM bench serve --base-url http://127.0.0.1:$PORT --model $MODEL --num-prompts $N32 \
-    --max-concurrency 32 --output-json "$OUT/serve-dp$DP-c32-$DTYPE.json" --disable-tqdm
-  wait %2 2>/dev/null || true
-  $RAYLM bench memory --pid $SERVER > "$OUT/memory-after-dp$DP-$DTYPE.json"
+  wait_ready $PORT 300
+  $RAYLM bench memory --pid $SERVER > "$OUT/memory-idle-dp$DP.json"
+  ( sleep 20; $RAYLM bench memory --pid $SERVER > "$OUT/memory-load-dp$DP.json" ) &
+  MEM=$!
+  $RAYLM bench serve --base-url http://127.0.0.1:$PORT "${c32[@]}" \
+    --output-json "$OUT/serve-dp$DP-c32.json" | grep -E "output tok/s|TTFT"
+  wait $MEM || true
+  $RAYLM bench serve --base-url http://127.0.0.1:$PORT "${c1[@]}" \
+    --output-json "$OUT/serve-dp$DP-c1.json" | grep -E "TTFT|TPOT"
   kill -TERM $SERVER; wait $SERVER || true
-  sleep 3
+  .venv/bin/ray stop --force >/dev/null 2>&1 || true  # nothing of this app may load the next
 done
+
+if [ -x "$PEER/bin/llama-server" ]; then
+  for C in 32 1; do
+    LD_LIBRARY_PATH=$PEER/bin "$PEER/bin/llama-server" -m "$PEER/smollm2-bf16.gguf" -t 2 -tb 2 \
+      -np 32 -c 32768 --no-kv-unified -cb --host 127.0.0.1 --port $PEER_PORT \
+      > "$OUT/llama-server-c$C.log" 2>&1 &
+    PEER_PID=$!
+    wait_ready $PEER_PORT 120
+    ARGS=c$C[@]
+    ( sleep 20; $RAYLM bench memory --pid $PEER_PID > "$OUT/memory-load-llama-c$C.json" ) &
+    MEM=$!
+    $RAYLM bench serve --base-url http://127.0.0.1:$PEER_PORT --model smollm2-bf16.gguf --tokenizer "$HF" \
+      "${!ARGS}" --output-json "$OUT/llama-server-c$C.json" | grep -E "output tok/s|TTFT"
+    wait $MEM || true
+    kill $PEER_PID; wait $PEER_PID || true
+  done
+else
+  echo "no llama-server at $PEER (../shared/peers/build_llama_cpp.sh builds it): peer skipped"
+fi

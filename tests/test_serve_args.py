@@ -91,3 +91,19 @@ def test_cuda_replicas_ask_ray_for_one_gpu_per_worker():
     assert all("GPU" not in b for b in cpu.replica_placement()["placement_group_bundles"])
     assert cpu.replica_resources() == {"CPU": 3.0}
     assert ServeArgs(device="cpu").replica_placement()["ray_actor_options"]["num_gpus"] == 0
+
+
+@pytest.mark.parametrize("cores, dp, want", [(2, 1, 2.0), (2, 2, 1.0), (2, 3, 1.0), (16, 3, 5.0)])
+def test_a_cpu_replica_reserves_its_share_of_the_cores_by_default(monkeypatch, cores, dp, want):
+    """Ray gives an actor floor(num_cpus) OpenMP threads: a CPU replica that runs its model
+    reserves cores // dp (at least 1); TP/PP replicas and CUDA keep 1; an explicit value wins."""
+    from raylm.deployments import openai as builder
+
+    monkeypatch.setattr(builder, "usable_cores", lambda: cores)
+    args = ServeArgs(device="cpu", dp=dp)
+    assert args.replica_placement()["ray_actor_options"]["num_cpus"] == want
+    assert args.replica_resources() == {"CPU": want * 1}
+    assert ServeArgs(device="cpu", autoscaling_config={"max_replicas": dp}).replica_cpus == want
+    assert ServeArgs(device="cpu", dp=dp, tp=2).replica_cpus == 1.0
+    assert ServeArgs(device="cuda", dp=dp).replica_cpus == 1.0
+    assert ServeArgs(device="cpu", dp=dp, num_cpus_per_replica=0.5).replica_cpus == 0.5

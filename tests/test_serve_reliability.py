@@ -279,23 +279,23 @@ async def _stop_then_kill(pid: int, sentinels) -> tuple:
 
 
 async def _kill_when_busy(http, long_work, victim: int, pid: int, state: dict) -> None:
-    """Start SENTINELS long requests pinned to `victim`; once the engines' own counters show
-    both ranks busy and 2+ sentinels are mid-stream, stop the victim and kill it with
-    sentinels provably unfinished on it (`_stop_then_kill`). A round whose sentinels all
-    finish first is retried (they are short on a fast machine)."""
+    """Once the engines' own counters show both ranks busy, start SENTINELS long requests
+    pinned to `victim`; as soon as 2+ of them are mid-stream (seen here, without a round trip
+    to the server, so however fast the engine is), stop the victim and kill it with sentinels
+    provably unfinished on it (`_stop_then_kill`). A round whose sentinels all finish first
+    is retried."""
+
+    async def both_busy():
+        running = parse_metric((await http.get("/metrics")).text, "num_requests_running")
+        return running if min(running.get(0, 0), running.get(1, 0)) >= 2 else None
+
     for _ in range(5):
+        state["running"] = await async_wait_for(both_busy, 60, "2+ requests running on each rank")
         sentinels = [Record(client=-1 - i, rank=victim, start=time.monotonic()) for i in range(SENTINELS)]
         tasks = [asyncio.ensure_future(stream_one(http, long_work, s, i, False)) for i, s in enumerate(sentinels)]
-
-        async def busy():
-            running = parse_metric((await http.get("/metrics")).text, "num_requests_running")
-            done = all(s.end for s in sentinels)
-            ready = min(running.get(0, 0), running.get(1, 0)) >= 2 and len(_midstream(sentinels)) >= 2
-            return (running, done) if done or ready else None
-
-        state["running"], done = await async_wait_for(
-            busy, 60, f"2+ requests running on each rank, 2+ sentinels mid-stream on rank {victim}")
-        if not done:
+        await async_wait_for(lambda: len(_midstream(sentinels)) >= 2 or all(s.end for s in sentinels), 60,
+                             f"2+ sentinels mid-stream on rank {victim}", 0.002)
+        if len(_midstream(sentinels)) >= 2:
             state["kill"], state["sentinels"] = await _stop_then_kill(pid, sentinels)
         await asyncio.gather(*tasks)
         if state.get("sentinels"):

@@ -21,6 +21,7 @@ from raylm.dp.metrics import publish_lockstep
 from raylm.exceptions import EngineUnavailableError
 from raylm.serve.admission import Admission
 from raylm.serve.errors import APIError
+from raylm.serve.output_channel import OutputReceiver
 from raylm.serve.metrics import PromSink, RequestTimer, publish_engine_stats
 from raylm.serve.middleware import OPEN_PATHS
 
@@ -29,13 +30,42 @@ logger = logging.getLogger(__name__)
 RANK_WAIT_S = 5  # how long a request pinned to a rank not (yet) in the load table waits for it
 
 
+_CALL_ENDED = object()  # queued when the replica's Serve call returns or fails
+LOST_OUTPUT_WAIT_S = 30.0  # after the call returned, how long its last output may still take
+
+
+async def _result(call):
+    return await call
+
+
+def _retrieve(done: asyncio.Future) -> None:
+    """Mark a finished call's error as seen (the stream raised it, or no longer cares)."""
+    if not done.cancelled():
+        done.exception()
+
+
+async def _last(queue: asyncio.Queue, done: asyncio.Future):
+    """The next output once the replica's call has ended: its error if it failed, else what
+    is still on its way over the channel (sent before the call returned)."""
+    if done.exception() is not None:
+        raise done.exception()
+    while True:
+        try:
+            item = await asyncio.wait_for(queue.get(), LOST_OUTPUT_WAIT_S)
+        except asyncio.TimeoutError:
+            raise EngineUnavailableError("the engine replica finished the request but its last "
+                                         "outputs never arrived") from None
+        if item is not _CALL_ENDED:
+            return item
+
+
 class ServeEngineClient(EngineClient):
     """EngineClient over Serve: streams from whichever replica the router picks."""
 
     def __init__(self, handle, model_name: str, tokenizer, max_model_len: int, sink: Optional[PromSink],
                  admission: Optional[Admission] = None) -> None:
-        self.handle = handle.options(stream=True)
         self.unary = handle
+        self.outputs = OutputReceiver(ray.util.get_node_ip_address())
         self.model_name, self.tokenizer, self.max_model_len = model_name, tokenizer, max_model_len
         self.sink = sink
         self.admission = admission or Admission(max_ongoing_requests=1 << 30)
@@ -88,18 +118,34 @@ class ServeEngineClient(EngineClient):
         return {s.get("dp_rank") for s in await self.stats()}
 
     async def _stream(self, prompt_token_ids, params, request_id, rank, wants_delta):
-        stream = self.handle.generate.remote(prompt_token_ids, params, request_id, data_parallel_rank=rank)
+        """Send the request through Serve (its router picks the replica); read its outputs
+        from this ingress's output channel. The Serve call ends after the last output was
+        sent; an error in it (bad input, a dead replica) ends the stream with that error."""
+        channel = await self.outputs.address()
+        key, queue = self.outputs.open()
+        call = self.unary.generate.remote(channel, key, prompt_token_ids, params, request_id,
+                                          data_parallel_rank=rank)
+        done = asyncio.ensure_future(_result(call))
+        done.add_done_callback(lambda _: queue.put_nowait(_CALL_ENDED))
+        done.add_done_callback(_retrieve)
         timer = (RequestTimer(self.sink, self.model_name, len(prompt_token_ids), deltas=wants_delta)
                  if self.sink else None)
-        acc = None
+        acc, finished = None, False
         try:
-            async for delta in stream:
+            while not finished:
+                delta = await (queue.get() if not done.done() else _last(queue, done))
+                if delta is _CALL_ENDED:
+                    continue
                 out = delta if wants_delta else (acc := merge_delta(acc, delta))
                 if timer is not None:
                     timer.update(out, out.metrics.get("dp_rank", 0))
+                finished = out.finished
                 yield out
         finally:
-            stream.cancel()  # client gone or error: the replica aborts the request and frees its blocks
+            self.outputs.close(key)
+            if not finished and not done.done():
+                call.cancel()  # client gone or error: the replica aborts the request, frees its blocks
+                done.cancel()
 
     async def check_health(self) -> None:
         if self.admission.draining:

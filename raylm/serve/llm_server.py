@@ -11,13 +11,14 @@ import asyncio
 import logging
 import os
 import time
-from typing import Any, AsyncIterator, Dict, List, Optional
+from functools import partial
+from typing import Any, Dict, List, Optional
 
 from raylm.config import EngineConfig
 from raylm.engine.async_engine import AsyncEngine
-from raylm.outputs import RequestOutput
 from raylm.sampling_params import SamplingParams
 from raylm.serve.lockstep import LockstepMember
+from raylm.serve.output_channel import ChannelAddress, OutputSender
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class LLMServer:
         self._pusher: Optional[asyncio.Task] = None
         self._last_pushed: Optional[Dict] = None
         self._metrics = None
+        self.sender = OutputSender()
+        self.engine.add_step_listener(self.sender.flush)
         logger.info("LLMServer dp_rank=%d ready (%s)", self.dp_rank, model_name)
 
     def __del__(self) -> None:
@@ -61,6 +64,7 @@ class LLMServer:
         metrics and routers forget this replica; stop the engine's worker actors."""
         try:
             self.coordinator.remove.remote(self.replica_key)
+            self.sender.close()
             self.engine.shutdown()
         except Exception:  # shutting down anyway
             pass
@@ -70,22 +74,43 @@ class LLMServer:
         """DP rank: the group's for expert-parallel replicas (it changes on re-forming), else Serve's."""
         return self.lockstep.rank if self.lockstep is not None else self.dp_rank
 
-    async def generate(self, prompt_token_ids: List[int], params: SamplingParams, request_id: str,
-                       data_parallel_rank: Optional[int] = None) -> AsyncIterator[RequestOutput]:
-        """Stream outputs (deltas when `params.output_kind == "delta"`, as the ingress asks);
-        cancelling the stream aborts the request. `data_parallel_rank` is a routing hint
-        the router has already acted on."""
+    async def generate(self, channel: ChannelAddress, key: int, prompt_token_ids: List[int],
+                       params: SamplingParams, request_id: str, data_parallel_rank: Optional[int] = None) -> None:
+        """Run one request, sending its outputs (deltas when `params.output_kind == "delta"`,
+        as the ingress asks) to the ingress's output channel under `key`: every step's in one
+        frame, sent before the next step starts. Returns once the last one is on its way;
+        cancelling the call aborts the request. `data_parallel_rank` is a routing hint the
+        router has already acted on."""
         self._ensure_pusher()
         timer = self._timer(len(prompt_token_ids), params.output_kind == "delta")
         self._inflight += 1
         try:
-            async for out in self.engine.generate({"prompt_token_ids": prompt_token_ids}, params, request_id):
-                out.metrics["dp_rank"] = self.rank
-                if timer is not None:
-                    timer.update(out, self.rank)
-                yield out
+            conn = await self.sender.connection(channel)
+            done = asyncio.get_running_loop().create_future()
+            self.engine.submit({"prompt_token_ids": prompt_token_ids}, params, request_id,
+                               partial(self._forward, conn, key, timer, done))
+            try:
+                await done
+            finally:
+                finished = done.done() and not done.cancelled() and done.exception() is None
+                self.engine.release(request_id, finished)
+            await conn.drain()
         finally:
             self._inflight -= 1
+
+    def _forward(self, conn, key: int, timer, done: asyncio.Future, item) -> None:
+        """A request's output sink, on the engine loop: outputs to the channel, the end to `done`."""
+        if done.done():
+            return
+        if isinstance(item, BaseException):
+            done.set_exception(item)
+            return
+        item.metrics["dp_rank"] = self.rank
+        if timer is not None:
+            timer.update(item, self.rank)
+        conn.send(key, item)
+        if item.finished:
+            done.set_result(None)
 
     def stats(self) -> Dict[str, Any]:
         s = self.engine.stats()

@@ -1,0 +1,52 @@
+"""Markdown tables from a scripts/bench_serve.sh output folder: the serving path against its
+references (offline LLM, in-process AsyncEngine) and against llama-server.
+Usage: python scripts/serve_summary.py OUTDIR"""
+import json
+import sys
+from pathlib import Path
+
+
+def load(folder: Path, name: str):
+    path = folder / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def serve_row(label: str, data, ref_tok_s=None, ref_ttft=None) -> str:
+    if data is None:
+        return f"| {label} | (not run) | | | | |"
+    r = data["results"]
+    ratio = f" ({r['output_throughput'] / ref_tok_s:.2f}x offline)" if ref_tok_s else ""
+    added = f" (+{r['median_ttft_ms'] - ref_ttft:.1f})" if ref_ttft is not None else ""
+    return (f"| {label} | {r['completed']}/{r['completed'] + r['failed']} | "
+            f"{r['output_throughput']:.1f}{ratio} | {r['median_ttft_ms']:.1f}{added} | "
+            f"{r['p99_ttft_ms']:.1f} | {r['median_tpot_ms']:.2f} |")
+
+
+def main(folder: Path) -> None:
+    offline = load(folder, "offline-c32.json")
+    ref_tok_s = offline["raylm"]["output_tok_s"] if offline else None
+    inproc = load(folder, "inprocess-c1.json")
+    ref_ttft = inproc["results"]["median_ttft_ms"] if inproc else None
+    print("| run | completed | output tok/s | median TTFT ms | p99 TTFT ms | median TPOT ms |")
+    print("|---|---:|---:|---:|---:|---:|")
+    if ref_tok_s:
+        print(f"| offline `LLM`, 32 seqs | | {ref_tok_s:.1f} | | | |")
+    print(serve_row("in-process `AsyncEngine`, c1", inproc))
+    for dp in (1, 2):
+        print(serve_row(f"raylm serve dp {dp}, c32", load(folder, f"serve-dp{dp}-c32.json"), ref_tok_s))
+        print(serve_row(f"raylm serve dp {dp}, c1", load(folder, f"serve-dp{dp}-c1.json"), None, ref_ttft))
+    for c in (32, 1):
+        print(serve_row(f"llama-server, c{c}", load(folder, f"llama-server-c{c}.json")))
+    print("\n| app PSS MiB | idle | under load (c32) |\n|---|---:|---:|")
+    for dp in (1, 2):
+        idle, busy = load(folder, f"memory-idle-dp{dp}.json"), load(folder, f"memory-load-dp{dp}.json")
+        if idle:
+            print(f"| raylm serve dp {dp} ({idle['processes']} processes) | {idle['pss_mib']:.0f} | "
+                  f"{busy['pss_mib']:.0f} |" if busy else "|")
+    peer = load(folder, "memory-load-llama-c32.json")
+    if peer:
+        print(f"| llama-server | | {peer['pss_mib']:.0f} |")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
