@@ -24,7 +24,7 @@ def serve_row(label: str, data, ref_tok_s=None, ref_ttft=None) -> str:
 
 def main(folder: Path) -> None:
     offline = load(folder, "offline-c32.json")
-    ref_tok_s = offline["raylm"]["output_tok_s"] if offline else None
+    ref_tok_s = offline["results"]["raylm"]["output_tok_s"] if offline else None
     inproc = load(folder, "inprocess-c1.json")
     ref_ttft = inproc["results"]["median_ttft_ms"] if inproc else None
     print("| run | completed | output tok/s | median TTFT ms | p99 TTFT ms | median TPOT ms |")
@@ -32,11 +32,18 @@ def main(folder: Path) -> None:
     if ref_tok_s:
         print(f"| offline `LLM`, 32 seqs | | {ref_tok_s:.1f} | | | |")
     print(serve_row("in-process `AsyncEngine`, c1", inproc))
+    # c1 rows: TTFT (+ added over the in-process reference); c32 rows: throughput / offline
     for dp in (1, 2):
         print(serve_row(f"raylm serve dp {dp}, c32", load(folder, f"serve-dp{dp}-c32.json"), ref_tok_s))
         print(serve_row(f"raylm serve dp {dp}, c1", load(folder, f"serve-dp{dp}-c1.json"), None, ref_ttft))
     for c in (32, 1):
-        print(serve_row(f"llama-server, c{c}", load(folder, f"llama-server-c{c}.json")))
+        print(serve_row(f"llama-server, c{c}", load(folder, f"llama-server-c{c}.json"), ref_tok_s if c == 32
+                        else None, ref_ttft if c == 1 else None))
+    for c in (32, 1):
+        before = load(folder, f"before-dp1-c{c}.json")
+        if before:
+            print(serve_row(f"before (previous main) dp 1, c{c}", before, ref_tok_s if c == 32 else None,
+                            ref_ttft if c == 1 else None))
     print("\n| app PSS MiB | idle | under load (c32) |\n|---|---:|---:|")
     for dp in (1, 2):
         idle, busy = load(folder, f"memory-idle-dp{dp}.json"), load(folder, f"memory-load-dp{dp}.json")
