@@ -99,10 +99,14 @@ def test_a_broken_connection_is_replaced_on_next_use():
     async def main():
         receiver = OutputReceiver("127.0.0.1")
         address = await receiver.address()
+        gone = OutputReceiver("127.0.0.1")  # another ingress, which then goes away
         sender = OutputSender()
+        (await sender.connection(await gone.address())).writer.close()
         first = await sender.connection(address)
         first.writer.close()
         second = await sender.connection(address)
+        assert list(sender._conns) == [address]  # the broken one to `gone` was dropped too
+        gone.shutdown()
         key, queue = receiver.open()
         second.send(key, _out("a", 3))
         await second.drain()

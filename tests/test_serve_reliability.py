@@ -385,8 +385,12 @@ async def _draining(http: httpx.AsyncClient) -> bool:
 
 def test_sigterm_drains_then_cuts_off_with_an_error(server, long_work):
     """Streams running at SIGTERM finish or end with an in-band error naming the shutdown;
-    requests arriving after it get 503; the server exits cleanly."""
+    requests arriving after it get 503; the server exits cleanly. The engines are paused
+    (SIGSTOP) from just before the SIGTERM until the late request is answered, so however
+    fast they are, the drain cannot end (and the server go away) before it arrives."""
     url = server.url
+    engines = list(_stable_replicas(url).values())
+
     async def main():
         task = asyncio.ensure_future(soak(url, long_work, clients=60, duration_s=0.5))
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
@@ -395,10 +399,16 @@ def test_sigterm_drains_then_cuts_off_with_an_error(server, long_work):
                 return sum(running.values()) >= 16
 
             await async_wait_for(streams_running, 60, "16+ streams running in the engines")
-            server.proc.send_signal(signal.SIGTERM)  # the CLI only: Ray's processes are in its group
-            await async_wait_for(lambda: _draining(http), 10, "/health answering 503 (draining)",
-                                 interval_s=0.05)
-            late = await http.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 2}, headers=AUTH)
+            for pid in engines:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                server.proc.send_signal(signal.SIGTERM)  # the CLI only: Ray's processes are in its group
+                await async_wait_for(lambda: _draining(http), 10, "/health answering 503 (draining)",
+                                     interval_s=0.05)
+                late = await http.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 2}, headers=AUTH)
+            finally:
+                for pid in engines:
+                    os.kill(pid, signal.SIGCONT)
         return await task, late
 
     report, late = asyncio.run(main())

@@ -124,10 +124,11 @@ class OutputSender:
         self._conns: Dict[ChannelAddress, asyncio.Future] = {}
 
     async def connection(self, address: ChannelAddress) -> _Connection:
+        """The open connection to `address`; a broken one (that ingress restarted or went
+        away) is dropped, here and for every other address, and a new one opened."""
+        for addr in [a for a, f in self._conns.items() if _broken(f)]:
+            del self._conns[addr]
         fut = self._conns.get(address)
-        if fut is not None and fut.done() and (fut.cancelled() or fut.exception()
-                                               or fut.result().writer.is_closing()):
-            fut = None  # broken: open a new one
         if fut is None:
             fut = self._conns[address] = asyncio.ensure_future(self._open(address))
         return await asyncio.shield(fut)
@@ -138,14 +139,21 @@ class OutputSender:
         writer.write(address.token.encode("ascii") + b"\n")
         return _Connection(writer)
 
+    def _open_connections(self) -> List[_Connection]:
+        return [f.result() for f in self._conns.values() if f.done() and not _broken(f)]
+
     def flush(self) -> None:
         """Send what every connection buffered (the engine calls this after each step)."""
-        for fut in self._conns.values():
-            if fut.done() and not fut.cancelled() and not fut.exception():
-                fut.result().flush()
+        for conn in self._open_connections():
+            conn.flush()
 
     def close(self) -> None:
-        for fut in self._conns.values():
-            if fut.done() and not fut.cancelled() and not fut.exception():
-                fut.result().writer.close()
+        for conn in self._open_connections():
+            conn.writer.close()
         self._conns.clear()
+
+
+def _broken(fut: asyncio.Future) -> bool:
+    """A connection attempt that failed, or a connection since closed (pending: not broken)."""
+    return fut.done() and (fut.cancelled() or fut.exception() is not None
+                           or fut.result().writer.is_closing())
