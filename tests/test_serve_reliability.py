@@ -192,7 +192,10 @@ def test_two_load_rounds_lose_nothing_free_every_block_and_keep_rss_steady(serve
     assert growth < 0.10
 
 
-def _burst(url: str, work: Workload, n: int, rank=None):
+def _burst(url: str, work: Workload, n: int, rank=None, paused_pid=None):
+    """`n` completions at once. With `paused_pid` (the pinned rank's engine process), that
+    engine is stopped until the app's bound has answered the requests past it (429s), so
+    the admitted ones all reach its queue before it runs one step, however fast it is."""
     headers = {**AUTH, **({"X-data-parallel-rank": str(rank)} if rank is not None else {})}
 
     async def one(http, i):
@@ -204,7 +207,17 @@ def _burst(url: str, work: Workload, n: int, rank=None):
     async def main():
         limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
         async with httpx.AsyncClient(base_url=url, timeout=180, limits=limits) as http:
-            return await asyncio.gather(*(one(http, i) for i in range(n)))
+            if paused_pid is not None:
+                os.kill(paused_pid, signal.SIGSTOP)
+            try:
+                tasks = [asyncio.ensure_future(one(http, i)) for i in range(n)]
+                if paused_pid is not None:
+                    await async_wait_for(lambda: sum(t.done() for t in tasks) >= n - MAX_ONGOING, 60,
+                                         "the requests past the app's bound answered")
+            finally:
+                if paused_pid is not None:
+                    os.kill(paused_pid, signal.SIGCONT)
+            return await asyncio.gather(*tasks)
 
     return asyncio.run(main())
 
@@ -212,8 +225,9 @@ def _burst(url: str, work: Workload, n: int, rank=None):
 def test_burst_past_the_bounds_gets_429s_and_correct_completions(server, long_work):
     rss_before = rss_mib()
     kinds = {}
+    paused = _stable_replicas(server.url)[0]
     for n, rank in ((300, None), (120, 0)):  # the app's bound, then one replica's queue bound
-        results = _burst(server.url, long_work, n, rank)
+        results = _burst(server.url, long_work, n, rank, paused if rank == 0 else None)
         for i, r in results:
             if r.status_code == 200:
                 assert r.json()["choices"][0]["text"] == long_work.expected[i % len(long_work.prompts)]
@@ -385,20 +399,22 @@ async def _draining(http: httpx.AsyncClient) -> bool:
 
 def test_sigterm_drains_then_cuts_off_with_an_error(server, long_work):
     """Streams running at SIGTERM finish or end with an in-band error naming the shutdown;
-    requests arriving after it get 503; the server exits cleanly. The engines are paused
-    (SIGSTOP) from just before the SIGTERM until the late request is answered, so however
-    fast they are, the drain cannot end (and the server go away) before it arrives."""
+    requests arriving after it get 503; the server exits cleanly. SIGTERM comes once 16+
+    streams are mid-stream (seen by the client, without a round trip); the engines are
+    paused (SIGSTOP) from just before it until the late request is answered, so however fast
+    they are, the drain cannot end (and the server go away) before that request arrives."""
     url = server.url
     engines = list(_stable_replicas(url).values())
 
     async def main():
-        task = asyncio.ensure_future(soak(url, long_work, clients=60, duration_s=0.5))
-        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-            async def streams_running():
-                running = parse_metric((await http.get("/metrics", headers=AUTH)).text, "num_requests_running")
-                return sum(running.values()) >= 16
-
-            await async_wait_for(streams_running, 60, "16+ streams running in the engines")
+        limits = httpx.Limits(max_connections=70, max_keepalive_connections=70)
+        async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as http:
+            records = [Record(client=i, rank=None, start=time.monotonic()) for i in range(60)]
+            tasks = [asyncio.ensure_future(stream_one(http, long_work, r, i % len(long_work.prompts), False))
+                     for i, r in enumerate(records)]
+            await async_wait_for(lambda: len(_midstream(records)) >= 16 or all(r.end for r in records), 60,
+                                 "16+ streams mid-stream", 0.002)
+            assert len(_midstream(records)) >= 16, counts(records)
             for pid in engines:
                 os.kill(pid, signal.SIGSTOP)
             try:
@@ -409,15 +425,15 @@ def test_sigterm_drains_then_cuts_off_with_an_error(server, long_work):
             finally:
                 for pid in engines:
                     os.kill(pid, signal.SIGCONT)
-        return await task, late
+            await asyncio.gather(*tasks)
+        return records, late
 
-    report, late = asyncio.run(main())
+    records, late = asyncio.run(main())
     assert late.status_code == 503 and "shutting down" in late.json()["error"]["message"], late.text
-    counts = report.counts()
-    cut = [x for x in report.records if x.outcome.startswith("error")]
+    cut = [x for x in records if x.outcome.startswith("error")]
     # an in-band SSE error once the stream has started, a 503 before that; both name the shutdown
     assert all(x.outcome in ("error:engine_unavailable", "error:503") and "shut down" in x.detail
                for x in cut), {(x.outcome, x.detail) for x in cut}
-    assert not [x for x in report.records if x.outcome in ("lost", "mismatch")], counts
+    assert not [x for x in records if x.outcome in ("lost", "mismatch")], counts(records)
     assert server.proc.wait(60) == 0
-    print(f"\nSIGTERM with 60 streams in flight (--shutdown-timeout 2): {counts}")
+    print(f"\nSIGTERM with 60 streams in flight (--shutdown-timeout 2): {counts(records)}")
