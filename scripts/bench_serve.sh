@@ -2,8 +2,9 @@
 # Serving benchmarks (issue 17), all in one run on an otherwise idle machine:
 #   references without HTTP/Serve: the offline LLM on the 64 concurrency-32 requests, and the
 #     in-process AsyncEngine on the 8 concurrency-1 requests (same client, same timing);
-#   raylm serve at dp 1 and dp 2 (a fresh server each): concurrency 32, then 1, and the whole
-#     app's PSS idle and under load (`raylm bench memory`: the server and every descendant);
+#   raylm serve at dp 1 and dp 2 (a fresh server each; HTTP from the ingress replica, the
+#     default), and dp 1 through Serve's HTTP proxy (`--proxy`, tagged dp1p): concurrency 32,
+#     then 1, and the whole app's PSS idle and under load (the server and every descendant);
 #   llama.cpp's llama-server (2 threads, -np 32 --no-kv-unified -cb), restarted before each
 #     run (its prompt cache would make a repeat of the same prompts look faster).
 # The concurrency-1 requests use seed 1, so they never hit a prefix cached by the c32 run.
@@ -22,9 +23,10 @@ $RAYLM bench throughput --backend raylm --num-prompts $N32 --max-num-seqs 32 \
 $RAYLM bench serve --backend inprocess --max-model-len 2048 "${c1[@]}" \
   --output-json "$OUT/inprocess-c1.json" | grep -E "TTFT|TPOT"
 
-for DP in ${DPS:-1 2}; do
+for DP in ${DPS:-1 2 1p}; do
+  FLAGS=(--dp ${DP%p}); [ "$DP" = "${DP%p}" ] || FLAGS+=(--proxy)
   # run with &: the subshell execs the server, so $! is raylm serve itself (kill reaches it)
-  (exec $RAYLM serve --dp $DP --port $PORT --max-model-len 2048 > "$OUT/server-dp$DP.log" 2>&1) &
+  (exec $RAYLM serve "${FLAGS[@]}" --port $PORT --max-model-len 2048 > "$OUT/server-dp$DP.log" 2>&1) &
   SERVER=$!
   wait_ready $PORT 300
   $RAYLM bench memory --pid $SERVER > "$OUT/memory-idle-dp$DP.json"

@@ -6,6 +6,10 @@ import sys
 from pathlib import Path
 
 
+# (file tag, label): bench_serve.sh's servers (dp1p: dp 1 through Serve's HTTP proxy)
+RUNS = [("1", "dp 1"), ("2", "dp 2"), ("1p", "dp 1 --proxy")]
+
+
 def load(folder: Path, name: str):
     path = folder / name
     return json.loads(path.read_text()) if path.exists() else None
@@ -33,9 +37,9 @@ def main(folder: Path) -> None:
         print(f"| offline `LLM`, 32 seqs | | {ref_tok_s:.1f} | | | |")
     print(serve_row("in-process `AsyncEngine`, c1", inproc))
     # c1 rows: TTFT (+ added over the in-process reference); c32 rows: throughput / offline
-    for dp in (1, 2):
-        print(serve_row(f"raylm serve dp {dp}, c32", load(folder, f"serve-dp{dp}-c32.json"), ref_tok_s))
-        print(serve_row(f"raylm serve dp {dp}, c1", load(folder, f"serve-dp{dp}-c1.json"), None, ref_ttft))
+    for dp, how in RUNS:
+        print(serve_row(f"raylm serve {how}, c32", load(folder, f"serve-dp{dp}-c32.json"), ref_tok_s))
+        print(serve_row(f"raylm serve {how}, c1", load(folder, f"serve-dp{dp}-c1.json"), None, ref_ttft))
     for c in (32, 1):
         print(serve_row(f"llama-server, c{c}", load(folder, f"llama-server-c{c}.json"), ref_tok_s if c == 32
                         else None, ref_ttft if c == 1 else None))
@@ -45,10 +49,10 @@ def main(folder: Path) -> None:
             print(serve_row(f"before (previous main) dp 1, c{c}", before, ref_tok_s if c == 32 else None,
                             ref_ttft if c == 1 else None))
     print("\n| app PSS MiB | idle | under load (c32) |\n|---|---:|---:|")
-    for dp in (1, 2):
+    for dp, how in RUNS:
         idle, busy = load(folder, f"memory-idle-dp{dp}.json"), load(folder, f"memory-load-dp{dp}.json")
         if idle:
-            print(f"| raylm serve dp {dp} ({idle['processes']} processes) | {idle['pss_mib']:.0f} | "
+            print(f"| raylm serve {how} ({idle['processes']} processes) | {idle['pss_mib']:.0f} | "
                   f"{busy['pss_mib']:.0f} |" if busy else "|")
     peer = load(folder, "memory-load-llama-c32.json")
     if peer:

@@ -107,3 +107,22 @@ def test_a_cpu_replica_reserves_its_share_of_the_cores_by_default(monkeypatch, c
     assert ServeArgs(device="cpu", dp=dp, tp=2).replica_cpus == 1.0
     assert ServeArgs(device="cuda", dp=dp).replica_cpus == 1.0
     assert ServeArgs(device="cpu", dp=dp, num_cpus_per_replica=0.5).replica_cpus == 0.5
+
+
+@pytest.mark.parametrize("argv, joining, proxy_port, direct", [
+    ([], False, 0, True), (["--proxy"], False, 8123, False), ([], True, 8123, False)])
+def test_direct_ingress_by_default_on_a_cluster_serve_starts(monkeypatch, argv, joining, proxy_port, direct):
+    """`raylm serve` serves --port from the ingress replica (Ray's direct ingress settings, read
+    by the Ray processes it starts); --proxy, or joining a running cluster, keeps Serve's proxy."""
+    import os
+
+    from raylm.cli import build_parser
+    from raylm.serve.launcher import http_options
+
+    monkeypatch.setattr(os, "environ", {"RAY_ADDRESS": "10.0.0.1:6379"} if joining else {})
+    options = http_options(build_parser().parse_args(["serve", "--port", "8123", *argv]))
+    assert options == {"host": "127.0.0.1", "port": proxy_port}
+    assert (os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1") == direct
+    if direct:
+        assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "8123"
+        assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "0"

@@ -21,6 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
+import psutil
 import pytest
 
 from raylm.distributed.communicator import free_port
@@ -137,6 +138,31 @@ def test_auth_refuses_wrong_missing_and_probed_keys(server):
     assert _get(url, "/health").status_code == 200  # probes stay open
     ok = httpx.post(url + "/v1/completions", json=body, headers=AUTH, timeout=60)
     assert ok.status_code == 200 and ok.json()["choices"][0]["text"] is not None
+
+
+def test_the_ingress_replica_itself_serves_the_port_with_unchanged_outputs(server, work):
+    """Direct ingress (the default): --port is the ingress replica's own listener, Serve's proxy
+    listens elsewhere; streamed and non-streamed completions equal the offline LLM's text."""
+    port = int(server.url.rsplit(":", 1)[1])
+
+    def listening(proc) -> set:
+        return {c.laddr.port for c in proc.net_connections("tcp") if c.status == "LISTEN"}
+
+    assert [port in listening(p) for p in replicas("OpenAIIngress")] == [True]
+    proxies = [p for p in psutil.process_iter(["cmdline"]) if "ray::ProxyActor" in " ".join(p.info["cmdline"] or [])]
+    assert proxies and all(port not in listening(p) for p in proxies)
+    for i in range(4):
+        body = {"prompt": work.prompts[i], "max_tokens": work.max_tokens[i], "temperature": 0, "ignore_eos": True}
+        r = httpx.post(server.url + "/v1/completions", json=body, headers=AUTH, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == work.expected[i], r.text
+    rec = [Record(client=i, rank=None, start=time.monotonic()) for i in range(4)]
+
+    async def stream_all():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+            await asyncio.gather(*(stream_one(http, work, rec[i], i, leave=False) for i in range(4)))
+
+    asyncio.run(stream_all())
+    assert [r.outcome for r in rec] == ["ok"] * 4, rec  # "ok": the streamed text is the offline one
 
 
 def test_fuzz_against_the_served_app(server):
