@@ -159,7 +159,8 @@ class LLMServer:
         while True:
             stats = self.stats()
             load = {k: stats[k] for k in ("num_waiting", "num_running", "num_free_blocks", "dp_rank")}
-            load.update({k: stats.get(k) for k in ("dp_running", "dp_dummy_steps")})
+            # the expert assignment too: a re-formed EP group must show in the table at once
+            load.update({k: stats.get(k) for k in ("dp_running", "dp_dummy_steps", "dp_experts")})
             # on change, and at least every HEARTBEAT_S: a silent replica is presumed gone
             if load != self._last_pushed or time.monotonic() - last_push > HEARTBEAT_S:
                 last_push = time.monotonic()
