@@ -9,7 +9,7 @@ LeastLoadedRouter from the DP coordinator (a deployment-scoped actor of LLMServe
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -34,6 +34,12 @@ class ServeArgs(EngineArgs):
     num_cpus_per_replica: Optional[float] = Field(
         None, ge=0, description="CPUs Ray reserves for each engine replica; on CPU without TP/PP also the "
                                 "threads its model runs on (default: there, this machine's cores over dp; else 1)")
+    placement_strategy: Optional[Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"]] = Field(
+        None, description="a TP/PP replica's placement group strategy (default: STRICT_PACK for a CUDA TP group, "
+                          "PACK otherwise); STRICT_SPREAD puts the replica and each stage on its own node")
+    max_replicas_per_node: Optional[int] = Field(
+        None, gt=0, description="engine replicas per node at most, for replicas without TP/PP (Serve's option; "
+                                "1: one per node)")
     # Serve autoscaling of the dense DP replica set, in Serve's own shape (min_replicas,
     # max_replicas, target_ongoing_requests, upscale_delay_s, ...); replaces a fixed dp.
     # `raylm serve --autoscale MIN:MAX` fills it.
@@ -81,6 +87,12 @@ class ServeArgs(EngineArgs):
         if self.max_data_parallel_size is not None and self.max_replicas > self.max_data_parallel_size:
             raise ValueError(f"dp {self.max_replicas} exceeds "
                              f"max_data_parallel_size {self.max_data_parallel_size}")
+        grouped = self.tp * self.pp > 1
+        if self.placement_strategy and not grouped:
+            raise ValueError("placement_strategy places a TP/PP replica's workers: it needs tp or pp > 1")
+        if self.max_replicas_per_node and grouped:  # Serve refuses it with placement group bundles
+            raise ValueError("max_replicas_per_node is for replicas without TP/PP; place TP/PP replicas "
+                             "with placement_strategy")
         if self.enable_expert_parallel and self.dp > 1 and self.pp > 1:
             raise ValueError("expert parallelism across DP replicas needs pp=1 (lockstep runs one batch per step)")
         return self
@@ -102,15 +114,16 @@ class ServeArgs(EngineArgs):
         itself (one GPU on CUDA). With TP/PP, a placement group whose bundle 0 is the replica
         and bundles 1..tp*pp its workers, one GPU each on CUDA (the RayExecutor uses them in
         order); PACK keeps a replica's workers on one node when they fit, STRICT_PACK makes
-        a CUDA TP group share a node."""
+        a CUDA TP group share a node, unless `placement_strategy` says otherwise."""
         world = self.tp * self.pp
         if world == 1:
             alone = worker_bundle(self.replica_cpus, self.device)
-            return {"ray_actor_options": {"num_cpus": alone["CPU"], "num_gpus": alone.get("GPU", 0)}}
+            spread = {"max_replicas_per_node": self.max_replicas_per_node} if self.max_replicas_per_node else {}
+            return {"ray_actor_options": {"num_cpus": alone["CPU"], "num_gpus": alone.get("GPU", 0)}, **spread}
         replica = {"CPU": max(self.replica_cpus, 0.01)}  # an empty bundle is not allowed
         return {"ray_actor_options": {"num_cpus": replica["CPU"]},
                 "placement_group_bundles": [replica] + [worker_bundle(self.worker_num_cpus, self.device)] * world,
-                "placement_group_strategy": group_strategy(self.device, self.pp)}
+                "placement_group_strategy": self.placement_strategy or group_strategy(self.device, self.pp)}
 
     @property
     def replica_cpus(self) -> float:

@@ -126,3 +126,18 @@ def test_direct_ingress_by_default_on_a_cluster_serve_starts(monkeypatch, argv, 
     if direct:
         assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "8123"
         assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "0"
+
+
+def test_placement_options_place_tp_pp_groups_and_spread_single_replicas():
+    grouped = ServeArgs(pp=2, placement_strategy="STRICT_SPREAD").replica_placement()
+    assert grouped["placement_group_strategy"] == "STRICT_SPREAD" and len(grouped["placement_group_bundles"]) == 3
+    assert ServeArgs(pp=2).replica_placement()["placement_group_strategy"] == "PACK"  # the default
+    alone = ServeArgs(dp=4, max_replicas_per_node=1).replica_placement()
+    assert alone["max_replicas_per_node"] == 1 and "placement_group_bundles" not in alone
+    assert "max_replicas_per_node" not in ServeArgs(dp=4).replica_placement()
+    with pytest.raises(ValueError, match="needs tp or pp"):
+        ServeArgs(placement_strategy="SPREAD")
+    with pytest.raises(ValueError, match="without TP/PP"):
+        ServeArgs(tp=2, max_replicas_per_node=1)
+    with pytest.raises(ValueError, match="placement_strategy"):
+        ServeArgs(pp=2, placement_strategy="EVERYWHERE")
