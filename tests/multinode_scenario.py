@@ -20,6 +20,7 @@ import time
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 WORKER_IPS = ["127.0.0.2", "127.0.0.3"]  # Ray rewrites 127.0.0.1 to the eth0 address
 DEADLINE_S = 240.0
+STARTED = []  # clusters to shut down however the scenario ends
 
 
 def wait_until(check, timeout_s: float, what: str, every_s: float = 0.5):
@@ -62,6 +63,7 @@ def start(cpus: list, app: dict):
     from raylm.distributed.communicator import free_port
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus[0], "include_dashboard": True})
+    STARTED.append(cluster)
     workers = [cluster.add_node(num_cpus=n, node_ip_address=ip) for n, ip in zip(cpus[1:], WORKER_IPS)]
     cluster.connect()
     port = free_port("127.0.0.1")
@@ -94,7 +96,14 @@ def pp_scenario(model: str, prompts, max_tokens: int) -> dict:
 def main(argv) -> None:
     scenario, model, prompts, max_tokens = argv[1], argv[2], json.loads(argv[3]), int(argv[4])
     run = {"dp": dp_scenario, "pp": pp_scenario}[scenario]
-    print("REPORT " + json.dumps(run(model, prompts, max_tokens)), flush=True)
+    try:
+        print("REPORT " + json.dumps(run(model, prompts, max_tokens)), flush=True)
+    finally:  # also forgets the cluster's address, which a later ray.init() would otherwise join
+        import ray
+
+        ray.shutdown()  # the driver first: a cluster will not remove the node it is connected to
+        for cluster in STARTED:
+            cluster.shutdown()
 
 
 if __name__ == "__main__":

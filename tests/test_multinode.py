@@ -23,8 +23,17 @@ MAX_TOKENS = 12
 def _run(scenario: str, model: Path, prompts) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "disabled"
-    proc = subprocess.run([sys.executable, str(SCENARIO), scenario, str(model), json.dumps(prompts), str(MAX_TOKENS)],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=SCENARIO.parent.parent)
+    address_file = Path("/tmp/ray/ray_current_cluster")  # what a plain ray.init() joins
+    before = address_file.read_text() if address_file.exists() else None
+    try:
+        proc = subprocess.run([sys.executable, str(SCENARIO), scenario, str(model), json.dumps(prompts),
+                               str(MAX_TOKENS)], capture_output=True, text=True, timeout=600, env=env,
+                              cwd=SCENARIO.parent.parent)
+    finally:  # a killed scenario must not leave its dead cluster for the next test to join
+        if before is None:
+            address_file.unlink(missing_ok=True)
+        else:
+            address_file.write_text(before)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads(lines[-1][len("REPORT "):])

@@ -219,11 +219,17 @@ def test_bad_requests_through_serve_get_4xx_and_serving_continues(server):
 
 def test_metrics_reach_ray_metrics_export(server):
     """The replicas' ray.util.metrics (what the Ray dashboard shows) appear on the node's
-    Prometheus export, labelled by DP rank, after some traffic."""
+    Prometheus export, labelled by DP rank, after some traffic: every series the Grafana
+    dashboard reads that one request touches, the engine gauges and counters included."""
     import ray
 
     node = ray.nodes()[0]
     export = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    from tests.test_grafana_dashboard import dashboard_series
+
+    # the Grafana dashboard's series (its Ray-export flavour) that one request touches
+    touched = {n for n in dashboard_series("ray_raylm_") if "preemptions" not in n and "cache_hits" not in n}
+    exported = set()
     httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 4}, timeout=60)
     deadline = time.time() + 90  # Ray exports on a period (several seconds)
     while time.time() < deadline:
@@ -232,7 +238,8 @@ def test_metrics_reach_ray_metrics_export(server):
         except httpx.HTTPError:
             text = ""
         lines = [l for l in text.splitlines() if l.startswith("ray_raylm_generation_tokens")]
-        if any('dp_rank="' in l for l in lines):
+        exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("ray_raylm_")}
+        if any('dp_rank="' in l for l in lines) and touched <= exported:
             return
         time.sleep(3)
-    pytest.fail(f"no raylm metrics on {export}")
+    pytest.fail(f"not every raylm metric on {export}; missing: {sorted(touched - exported)}")

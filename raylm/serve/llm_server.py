@@ -55,6 +55,7 @@ class LLMServer:
         self._pusher: Optional[asyncio.Task] = None
         self._last_pushed: Optional[Dict] = None
         self._metrics = None
+        self._published: Dict[str, Dict] = {}  # the last stats published per rank (counter deltas)
         self.sender = OutputSender()
         self.engine.add_step_listener(self.sender.flush)
         logger.info("LLMServer dp_rank=%d ready (%s)", self.dp_rank, model_name)
@@ -167,9 +168,21 @@ class LLMServer:
                 try:
                     await self.coordinator.report.remote(self.replica_key, stats)
                     self._last_pushed = load
+                    self._publish(stats)
                 except Exception as exc:  # coordinator being recreated: retry next tick
                     logger.warning("cannot reach the DP coordinator: %s", exc)
             await asyncio.sleep(PUSH_INTERVAL_S)
+
+    def _publish(self, stats: Dict[str, Any]) -> None:
+        """The engine's gauges and counters (running, waiting, KV use, prefix cache,
+        preemptions) on Ray's metrics export too, where the dashboard reads them."""
+        from raylm.serve.metrics import RaySink, publish_engine_stats
+
+        try:
+            self._metrics = self._metrics or RaySink()
+            publish_engine_stats(self._metrics, self.model_name, [stats], self._published)
+        except Exception as exc:  # metrics must never stop serving
+            logger.debug("engine metrics not published: %r", exc)
 
     def _timer(self, num_prompt_tokens: int, deltas: bool):
         from raylm.serve.metrics import RaySink, RequestTimer

@@ -104,6 +104,9 @@ class RaySink:
     def set(self, name: str, value: float, tags: Dict[str, str]) -> None:
         self.gauges[name].set(value, tags=tags)
 
+    def set_engines(self, model_name: str, stats: List[Dict]) -> None:
+        """`engine_info` lives on the ingress's /metrics only (it lists every replica)."""
+
 
 class RequestTimer:
     """Feed it each output of one request (cumulative, or deltas when `deltas`); on finish
