@@ -42,7 +42,8 @@ def test_the_gpu_cluster_has_an_engine_free_head_and_an_autoscaled_gpu_worker_ty
     types = config["available_node_types"]
     head, worker = types[config["head_node_type"]], types["gpu_worker"]
     assert "GPU" not in head["resources"] and head["max_workers"] == 0
-    assert worker["node_config"]["InstanceType"].startswith("g5") and 1 <= worker["min_workers"] < worker["max_workers"]
+    assert worker["node_config"]["InstanceType"].startswith("g5")
+    assert 1 <= worker["min_workers"] < worker["max_workers"]
     assert "download.pytorch.org/whl/cu" in " ".join(config["setup_commands"])  # a CUDA torch build
 
 

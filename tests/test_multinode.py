@@ -44,7 +44,8 @@ def _offline(model: Path, prompts, **kw) -> list:
 
     llm = LLM(str(model), dtype="float32", max_model_len=128, num_blocks=64, **kw)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    return [o.outputs[0].text for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [o.outputs[0].text for o in outs]
 
 
 @pytest.fixture(scope="module")
