@@ -176,19 +176,25 @@ class LLMServer:
     def _publish(self, stats: Dict[str, Any]) -> None:
         """The engine's gauges and counters (running, waiting, KV use, prefix cache,
         preemptions) on Ray's metrics export too, where the dashboard reads them."""
-        from raylm.serve.metrics import RaySink, publish_engine_stats
+        from raylm.serve.metrics import publish_engine_stats
 
         try:
-            self._metrics = self._metrics or RaySink()
-            publish_engine_stats(self._metrics, self.model_name, [stats], self._published)
+            publish_engine_stats(self._sink(), self.model_name, [stats], self._published)
         except Exception as exc:  # metrics must never stop serving
             logger.debug("engine metrics not published: %r", exc)
 
+    def _sink(self):
+        """This replica's RaySink, made on first use (raises if Ray's metrics are unavailable)."""
+        from raylm.serve.metrics import RaySink
+
+        self._metrics = self._metrics or RaySink()
+        return self._metrics
+
     def _timer(self, num_prompt_tokens: int, deltas: bool):
-        from raylm.serve.metrics import RaySink, RequestTimer
+        from raylm.serve.metrics import RequestTimer
 
         try:
-            self._metrics = self._metrics or RaySink()
+            sink = self._sink()
         except Exception:  # metrics must never fail a request
             return None
-        return RequestTimer(self._metrics, self.model_name, num_prompt_tokens, deltas)
+        return RequestTimer(sink, self.model_name, num_prompt_tokens, deltas)
