@@ -8,29 +8,20 @@ Scenarios:
       replicas serve again, and the completions repeat.
   pp: head (1 CPU) and workers A, B (3 CPUs each); one `--pp 2` replica asked to span nodes
       (STRICT_SPREAD: either worker could hold the replica and both stages); greedy completions.
-Usage: python tests/multinode_scenario.py dp|pp MODEL PROMPTS_JSON MAX_TOKENS
+Usage: python -m tests.multinode_scenario dp|pp MODEL PROMPTS_JSON MAX_TOKENS
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
-import time
+
+from tests.waiting import wait_for
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 WORKER_IPS = ["127.0.0.2", "127.0.0.3"]  # Ray rewrites 127.0.0.1 to the eth0 address
 DEADLINE_S = 240.0
 STARTED = []  # clusters to shut down however the scenario ends
-
-
-def wait_until(check, timeout_s: float, what: str, every_s: float = 0.5):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        value = check()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 def replicas_by_node(class_name: str) -> dict:
@@ -43,14 +34,14 @@ def replicas_by_node(class_name: str) -> dict:
     return {a.actor_id: ips.get(a.node_id, "gone") for a in actors}
 
 
-def complete(url: str, prompts, max_tokens: int) -> list:
+def complete(url: str, prompts, max_tokens: int, headers=None) -> list:
     """Greedy completions (None where the request failed)."""
     import httpx
 
     texts = []
     for prompt in prompts:
         body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
-        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        r = httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=60)
         texts.append(r.json()["choices"][0]["text"] if r.status_code == 200 else None)
     return texts
 
@@ -79,8 +70,8 @@ def dp_scenario(model: str, prompts, max_tokens: int) -> dict:
     report = {"placement": sorted(replicas_by_node("ServeReplica:raylm:LLMServer").values())}
     report["texts"] = complete(url, prompts, max_tokens)
     cluster.remove_node(workers[0], allow_graceful=False)  # worker A's raylet and processes die
-    wait_until(lambda: sorted(replicas_by_node("ServeReplica:raylm:LLMServer").values()) == [WORKER_IPS[1]] * 2,
-               DEADLINE_S, "two replicas on the remaining worker")
+    wait_for(lambda: sorted(replicas_by_node("ServeReplica:raylm:LLMServer").values()) == [WORKER_IPS[1]] * 2,
+             DEADLINE_S, "two replicas on the remaining worker", interval_s=0.5)
     report["after_placement"] = sorted(replicas_by_node("ServeReplica:raylm:LLMServer").values())
     report["after_texts"] = complete(url, prompts, max_tokens)
     return report

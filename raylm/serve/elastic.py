@@ -174,25 +174,51 @@ def _too_big(n: int, limit: str) -> APIError:
 
 def cluster_capacity(replica_resources: Dict[str, float]) -> Optional[Tuple[int, str]]:
     """(replicas, why): how many replicas needing `replica_resources` the cluster can hold,
-    from its resources as Ray reports them or, where a configured autoscaler may grow the
-    cluster, its maximum; None when a replica needs no resources (nothing bounds it here)."""
+    from its resources as Ray reports them or, where an autoscaler publishes its node types x
+    max counts (autoscaler v2, KubeRay), that maximum. None when nothing bounds it here: a
+    replica needs no resources, or Ray's v1 autoscaler runs (it publishes no maximum; the
+    scale's timeout then bounds the wait for nodes it may or may not add)."""
     import ray
 
-    total = ray.cluster_resources()
-    try:  # the autoscaler's node types x max counts (None without an autoscaler)
-        from ray._private.state import state
-
-        grown = state.get_max_resources_from_cluster_config() or {}
-    except Exception:
-        grown = {}
-    best = None
+    grown = _published_max_resources()
+    if grown is None and _v1_autoscaler_running():
+        return None
+    total, best = ray.cluster_resources(), None
     for name, need in replica_resources.items():
         if need > 0:
-            have = max(float(total.get(name, 0.0)), float(grown.get(name) or 0))
+            have = max(float(total.get(name, 0.0)), float((grown or {}).get(name) or 0))
             fits = int(have / need + 1e-9)
             if best is None or fits < best[0]:
                 best = (fits, f"{have:g} {name} in the cluster / {need:g} per replica")
     return best
+
+
+def _published_max_resources() -> Optional[Dict[str, float]]:
+    try:
+        from ray._private.state import state
+
+        return state.get_max_resources_from_cluster_config()
+    except Exception:  # a private API: no answer is "not published"
+        return None
+
+
+def _v1_autoscaler_running() -> bool:
+    """Whether the cluster's monitor runs an autoscaler over configured node types. Its status
+    in the GCS names each node's type: a plain `ray start` has the read-only provider, which
+    makes one type up per node (Ray's `format_readonly_node_type`) and never adds nodes."""
+    import json
+
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:
+        from ray.autoscaler._private.util import format_readonly_node_type
+
+        raw = _internal_kv_get("__autoscaling_status")  # ray_constants.DEBUG_AUTOSCALING_STATUS
+        report = (json.loads(raw) if raw else {}).get("autoscaler_report") or {}
+        types = report.get("node_type_mapping") or {}
+        return any(kind != format_readonly_node_type(node) for node, kind in types.items())
+    except Exception:  # private APIs: no answer is "no autoscaler" (the bound stays on)
+        return False
 
 
 class ScaleGuardMiddleware:
