@@ -7,7 +7,8 @@ Scenarios:
       completions; then worker A's processes are killed and the app is followed until two
       replicas serve again, and the completions repeat.
   pp: head (1 CPU) and workers A, B (3 CPUs each); one `--pp 2` replica asked to span nodes
-      (STRICT_SPREAD: either worker could hold the replica and both stages); greedy completions.
+      (STRICT_SPREAD: either worker could hold the replica and both stages); greedy
+      completions; then redeployed with the default strategy (PACK), completions again.
 Usage: python -m tests.multinode_scenario dp|pp MODEL PROMPTS_JSON MAX_TOKENS
 """
 from __future__ import annotations
@@ -78,10 +79,22 @@ def dp_scenario(model: str, prompts, max_tokens: int) -> dict:
 
 
 def pp_scenario(model: str, prompts, max_tokens: int) -> dict:
+    from raylm.deployments.openai import run_app
+
     app = {"model": model, "dtype": "float32", "dp": 1, "pp": 2, "max_model_len": 128, "num_blocks": 64,
            "num_cpus_per_replica": 1, "worker_num_cpus": 1, "placement_strategy": "STRICT_SPREAD"}
     _, _, url = start([1, 3, 3], app)
-    return {"placement": sorted(replicas_by_node("Worker").values()), "texts": complete(url, prompts, max_tokens)}
+    report = {"placement": sorted(replicas_by_node("Worker").values()), "texts": complete(url, prompts, max_tokens)}
+    run_app({**app, "placement_strategy": None})  # the default (PACK): one node when they fit
+    report["packed_placement"] = wait_for(lambda: _packed(replicas_by_node("Worker")), DEADLINE_S,
+                                          "the redeployed replica's two stages", interval_s=0.5)
+    report["packed_texts"] = complete(url, prompts, max_tokens)
+    return report
+
+
+def _packed(workers: dict):
+    """The stages' nodes once only the new replica's two remain (the old ones stop after)."""
+    return sorted(workers.values()) if len(workers) == 2 else None
 
 
 def main(argv) -> None:

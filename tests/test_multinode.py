@@ -65,11 +65,15 @@ def test_dp_replicas_spread_over_worker_nodes_and_survive_losing_one(tiny_llama,
 
 
 def test_a_pp2_replica_spanning_nodes_gives_the_pp1_tokens(tiny_llama, prompts):
-    """`placement_strategy: STRICT_SPREAD` puts the replica and its two stages on three nodes
-    (PACK puts all three on one worker: each has room for them)."""
+    """`placement_strategy: STRICT_SPREAD` puts the replica and its two stages on three nodes;
+    redeployed with the default (PACK), both stages share one worker (each has room for the
+    replica and both). Both give the pp 1 engine's greedy tokens."""
     report = _run("pp", tiny_llama, prompts)
+    expected = _offline(tiny_llama, prompts)  # pp 1, in this process
     assert len(set(report["placement"])) == 2, report  # the stages' nodes
-    assert report["texts"] == _offline(tiny_llama, prompts)  # pp 1, in this process
+    assert report["texts"] == expected
+    assert len(set(report["packed_placement"])) == 1, report
+    assert report["packed_texts"] == expected
 
 
 def test_elastic_scaling_past_the_cluster_makes_the_autoscaler_add_a_node(tiny_llama, prompts):
