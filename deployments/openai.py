@@ -5,7 +5,7 @@
     serve run raylm.deployments.openai:build_app model=M dp=2
 
 The app: OpenAIIngress (FastAPI) -> LLMServer x dp (one AsyncEngine each), routed by
-LeastLoadedRouter from the DP coordinator (a deployment-scoped actor of LLMServer).
+DPRouter from the DP coordinator (a deployment-scoped actor of LLMServer).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Literal, Optional
 from pydantic import ConfigDict, Field, model_validator
 
 from raylm.config import EngineConfig, default_admin_api_key, default_api_key, usable_cores
+from raylm.dp.policies import ROUTING_POLICIES
 from raylm.executor.placement import group_strategy, placement_device, worker_bundle
 from raylm.options import EngineArgs
 from raylm.serve.middleware import OPEN_PATHS
@@ -34,6 +35,9 @@ class ServeArgs(EngineArgs):
     num_cpus_per_replica: Optional[float] = Field(
         None, ge=0, description="CPUs Ray reserves for each engine replica; on CPU without TP/PP also the "
                                 "threads its model runs on (default: there, this machine's cores over dp; else 1)")
+    routing_policy: Literal[tuple(ROUTING_POLICIES)] = Field(
+        "least_loaded", description="how requests pick an engine replica: " + ", ".join(ROUTING_POLICIES)
+                                    + " (raylm.dp.policies)")
     placement_strategy: Optional[Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"]] = Field(
         None, description="a TP/PP replica's placement group strategy (default: STRICT_PACK for a CUDA TP group, "
                           "PACK otherwise); STRICT_SPREAD puts the replica and each stage on its own node")
@@ -185,7 +189,7 @@ def build_app(args: Dict[str, Any]):
     from ray.serve.config import DeploymentActorConfig, RequestRouterConfig
 
     from raylm.dp.coordinator import DPCoordinator
-    from raylm.dp.router import LeastLoadedRouter
+    from raylm.dp.router import DPRouter
     from raylm.serve.ingress import OpenAIIngress
     from raylm.serve.llm_server import COORDINATOR_ACTOR, LLMServer
 
@@ -194,7 +198,8 @@ def build_app(args: Dict[str, Any]):
     llm = serve.deployment(
         LLMServer, name="LLMServer", max_ongoing_requests=a.max_ongoing_requests,
         **a.replica_count(), **a.replica_placement(),
-        request_router_config=RequestRouterConfig(request_router_class=LeastLoadedRouter,
+        request_router_config=RequestRouterConfig(request_router_class=DPRouter,
+                                                  request_router_kwargs={"policy": a.routing_policy},
                                                   request_routing_stats_period_s=1.0),
         deployment_actors=[DeploymentActorConfig(name=COORDINATOR_ACTOR, actor_class=ray.remote(DPCoordinator),
                                                  actor_options={"num_cpus": 0})],

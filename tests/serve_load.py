@@ -8,6 +8,26 @@ import contextlib
 import httpx
 
 
+@contextlib.contextmanager
+def served_app(tiny_root, **app_args):
+    """A tiny-Llama app on a fresh Serve (on the session's Ray); yields (model path, base URL)."""
+    from ray import serve
+
+    from raylm.deployments.openai import run_app
+    from raylm.distributed.communicator import free_port
+    from tests.conftest import make_tiny_model
+
+    path = make_tiny_model(tiny_root, "llama")
+    port = free_port("127.0.0.1")
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        run_app({"model": str(path), "served_model_name": "tiny", "dtype": "float32", "max_model_len": 512,
+                 "num_blocks": 128, "num_cpus_per_replica": 0.5, **app_args})
+        yield path, f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
 async def complete(client: httpx.AsyncClient, url: str, prompt, max_tokens: int, rank=None) -> httpx.Response:
     body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
     headers = {} if rank is None else {"X-data-parallel-rank": str(rank)}

@@ -6,7 +6,7 @@ import asyncio
 
 from collections import deque
 
-from raylm.dp.router import REPORT_LAG_S, WAITING_WEIGHT, LeastLoadedRouter, _Routed
+from raylm.dp.router import REPORT_LAG_S, WAITING_WEIGHT, DPRouter, _Routed
 
 
 def test_a_report_absorbs_only_requests_routed_well_before_it():
@@ -16,18 +16,18 @@ def test_a_report_absorbs_only_requests_routed_well_before_it():
                            "new": [_Routed("A", WAITING_WEIGHT, t - REPORT_LAG_S / 2)],
                            "other": [_Routed("B", WAITING_WEIGHT, t - 1.0)]})
     r._delta.update({"A": 2 * WAITING_WEIGHT, "B": WAITING_WEIGHT})
-    LeastLoadedRouter._absorb_report(r, "A", computed_at=t)
+    DPRouter._absorb_report(r, "A", computed_at=t)
     # "old" is in the report (its running slot, 1, comes off when it completes); "new" may
     # not have reached the replica when the report was computed: it keeps its +4
     assert r._delta["A"] == WAITING_WEIGHT and r._delta["B"] == WAITING_WEIGHT
     assert r._outstanding["old"][0].weight == 1 and r._outstanding["new"][0].weight == WAITING_WEIGHT
-    LeastLoadedRouter.on_request_completed(r, SimpleNamespace(unique_id="A"), "old")
-    LeastLoadedRouter.on_request_completed(r, SimpleNamespace(unique_id="A"), "new")
+    DPRouter.on_request_completed(r, SimpleNamespace(unique_id="A"), "old")
+    DPRouter.on_request_completed(r, SimpleNamespace(unique_id="A"), "new")
     assert r._delta["A"] == -1 and "old" not in r._outstanding
 
 
 def _router():
-    r = object.__new__(LeastLoadedRouter)  # Serve's constructor needs a running deployment
+    r = object.__new__(DPRouter)  # Serve's constructor needs a running deployment
     r.initialize_state()
     return r
 
@@ -55,10 +55,10 @@ def test_a_burst_chosen_before_any_confirmation_spreads_evenly():
     firsts = [_first_choice(r, replicas, p) for p in pending]
     assert firsts.count("A") == firsts.count("B") == 8, firsts
     # confirmed elsewhere (A refused, B took it): the count moves with it
-    LeastLoadedRouter.on_request_routed(r, pending[0], SimpleNamespace(unique_id="B"), None)
+    DPRouter.on_request_routed(r, pending[0], SimpleNamespace(unique_id="B"), None)
     moved = 1 if firsts[0] == "A" else 0
     assert (r._delta["A"], r._delta["B"]) == (WAITING_WEIGHT * (8 - moved), WAITING_WEIGHT * (8 + moved))
-    LeastLoadedRouter.on_request_completed(r, SimpleNamespace(unique_id="B"), "r0")
+    DPRouter.on_request_completed(r, SimpleNamespace(unique_id="B"), "r0")
     assert r._delta["A"] + r._delta["B"] == WAITING_WEIGHT * 15
 
 
@@ -81,10 +81,10 @@ def test_a_choice_goes_to_the_request_it_was_made_for():
         assert not older.future.done()
         # the same replica routed twice under one id: each completion takes back its own count
         for p in siblings:
-            LeastLoadedRouter.on_request_routed(r, p, rank1.replica_id, None)
+            DPRouter.on_request_routed(r, p, rank1.replica_id, None)
         assert r._delta["B"] == 2 * WAITING_WEIGHT
         for _ in siblings:
-            LeastLoadedRouter.on_request_completed(r, rank1.replica_id, "http-2")
+            DPRouter.on_request_completed(r, rank1.replica_id, "http-2")
         assert r._delta["B"] == 0 and not r._outstanding
 
     asyncio.run(run())

@@ -5,16 +5,14 @@ succeeds across the resizes, or (elastic) gets 503 + Retry-After while the scale
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import time
 
 import httpx
 import pytest
 
-from raylm.distributed.communicator import free_port
-from tests.conftest import hf_greedy, make_tiny_model, random_prompts
-from tests.serve_load import ADMIN_KEY, SteadyLoad, cluster_full, continuation, scale
+from tests.conftest import hf_greedy, random_prompts
+from tests.serve_load import ADMIN_KEY, SteadyLoad, cluster_full, continuation, scale, served_app
 from tests.waiting import async_wait_for, wait_for
 
 pytestmark = pytest.mark.slow
@@ -27,29 +25,11 @@ def _running_replicas() -> int:
     return status.replica_states.get("RUNNING", 0)
 
 
-@contextlib.contextmanager
-def _served(tiny_root, **app_args):
-    """A tiny-Llama app on a fresh Serve (on the session's Ray); yields (model path, base URL)."""
-    from ray import serve
-
-    from raylm.deployments.openai import run_app
-
-    path = make_tiny_model(tiny_root, "llama")
-    port = free_port("127.0.0.1")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        run_app({"model": str(path), "served_model_name": "tiny", "dtype": "float32", "max_model_len": 512,
-                 "num_blocks": 128, "num_cpus_per_replica": 0.5, **app_args})
-        yield path, f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-
-
 @pytest.mark.timeout(400)
 def test_autoscaling_grows_and_shrinks_without_losing_requests(tiny_root, ray_session):
     scaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 2,
                "downscale_delay_s": 5, "metrics_interval_s": 1, "look_back_period_s": 2}
-    with _served(tiny_root, autoscaling_config=scaling) as (path, base):
+    with served_app(tiny_root, autoscaling_config=scaling) as (path, base):
         url = base + "/v1/completions"
         assert _running_replicas() == 1
         prompts = random_prompts(10, seed=31)
@@ -102,7 +82,7 @@ def test_elastic_scale_of_a_dense_app_is_bounded_rolls_back_and_resizes(tiny_roo
     cluster cannot place (its CPUs held elsewhere) answers 504 within its timeout with the
     target rolled back; then 1 -> 2 -> 1 works. A dense app serves throughout: every request
     succeeds with HF's greedy text, none gets a 503."""
-    with _served(tiny_root, dp=1, admin_api_key=ADMIN_KEY) as (path, url):
+    with served_app(tiny_root, dp=1, admin_api_key=ADMIN_KEY) as (path, url):
         _elastic_round_trip(path, url)
 
 

@@ -25,6 +25,7 @@ from raylm.dp.waves import WaveTable
 JOIN_TIMEOUT_S = 300.0  # a replica waits this long for the rest of its generation
 STALE_REPORT_S = 30.0  # a replica silent this long (it reports every second) has gone
 GONE_FROM_TABLE_S = 10.0  # metrics and rank checks leave out a replica silent this long (killed)
+PREFIX_KEYS = ("prefix_blocks", "prefix_version")  # a replica's prefix summary, sent on change
 
 
 class _Broadcast:
@@ -71,10 +72,16 @@ class DPCoordinator:
 
     # ---- load table ----------------------------------------------------------------
 
-    async def report(self, replica_key: str, stats: Dict[str, Any]) -> None:
-        self.stats[replica_key] = {**stats, "reported_at": time.time()}
+    async def report(self, replica_key: str, stats: Dict[str, Any]) -> Optional[int]:
+        """A replica's latest stats. Its prefix summary (`prefix_blocks`, raylm.dp.prefix)
+        comes only when it changed: a report without one keeps the last. Returns the
+        `prefix_version` held, so a replica re-sends a summary this coordinator lacks (one
+        recreated since)."""
+        held = {k: v for k, v in self.stats.get(replica_key, {}).items() if k in PREFIX_KEYS}
+        self.stats[replica_key] = {**held, **stats, "reported_at": time.time()}
         self._stats.bump()
         self._export()
+        return self.stats[replica_key].get("prefix_version")
 
     async def remove(self, replica_key: str) -> None:
         """A replica is shutting down (scale-down, redeploy)."""

@@ -1,4 +1,5 @@
-"""A Serve request router that sends each request to the least-loaded engine replica.
+"""A Serve request router for the DP engine replicas: a routing policy (raylm.dp.policies;
+least-loaded by default) chooses among them on load scores and prefix-cache summaries.
 
 Score = waiting * 4 + running, from the DP coordinator's table (long-polled, so it is
 fresh within ~100 ms), corrected by what this router saw since that replica's last
@@ -8,8 +9,8 @@ completed there takes back what it added (-4), or, if a report already counted i
 running slot the report most likely gave it (-1), so a replica that just finished is not
 mistaken for a busy one. Reports carry when they were computed; only requests routed well
 before that count as included in them (an engine that was mid-step when a burst arrived
-reports late, with stale counts). The lowest-scoring replica (random among ties) is the
-only first-rank choice, so Serve's queue-length probing cannot override the score.
+reports late, with stale counts). The policy's choice is the only first-rank replica, so
+Serve's queue-length probing cannot override it.
 
 A request counts at its replica from the moment it is chosen: Serve confirms a routing
 (on_request_routed) only after a round trip to the replica, and every request of a burst
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -42,6 +42,7 @@ import ray
 from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
 from raylm.dp.coordinator import score
+from raylm.dp.policies import Candidate, create_routing_policy
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +60,11 @@ class _Routed:
     at: float
 
 
-class LeastLoadedRouter(RequestRouter):
-    def initialize_state(self, poll_timeout_s: float = 1.0) -> None:
+class DPRouter(RequestRouter):
+    def initialize_state(self, policy: str = "least_loaded", poll_timeout_s: float = 1.0, **options) -> None:
+        """Serve calls this with the deployment's `request_router_kwargs`: the policy's name
+        and its options."""
+        self.policy = create_routing_policy(policy, **options)
         self._poll_timeout_s = poll_timeout_s
         self._table: Dict[str, Dict] = {}
         self._version = -1
@@ -83,12 +87,17 @@ class LeastLoadedRouter(RequestRouter):
         pinned = await self._wait_for_pinned(candidate_replicas, pending_request)
         if pinned:
             return [pinned]
-        scored = sorted(((self.replica_score(r), random.random(), r) for r in candidate_replicas),
-                        key=lambda t: (t[0], t[1]))
-        self._choose(pending_request, scored[0][2].replica_id.unique_id)
-        # One replica in the first rank (ties broken at random above), the rest as fallbacks
-        # should it refuse: Serve's queue-length probing must not override the score.
-        return [[scored[0][2]], [r for _, _, r in scored[1:]]] if len(scored) > 1 else [[scored[0][2]]]
+        prompt = pending_request.kwargs.get("prompt_token_ids", ()) if pending_request is not None else ()
+        ranked = [c.replica for c in self.policy.order([self._candidate(r) for r in candidate_replicas], prompt)]
+        self._choose(pending_request, ranked[0].replica_id.unique_id)
+        # One replica in the first rank, the rest as fallbacks should it refuse: Serve's
+        # queue-length probing must not override the policy.
+        return [[ranked[0]], ranked[1:]] if len(ranked) > 1 else [[ranked[0]]]
+
+    def _candidate(self, replica: RunningReplica) -> Candidate:
+        stats = self._table.get(replica.replica_id.unique_id) or {}
+        return Candidate(replica.replica_id.unique_id, self.replica_score(replica),
+                         stats.get("prefix_blocks") or frozenset(), stats.get("block_size"), replica)
 
     def _rank_of(self, replica: RunningReplica) -> Optional[int]:
         return (self._table.get(replica.replica_id.unique_id) or replica.routing_stats or {}).get("dp_rank")

@@ -233,6 +233,9 @@ class AsyncEngine:
     def stats(self):
         return self.engine.core.stats()
 
+    def prefix_summary(self):
+        return self.engine.core.prefix_summary()
+
     def check_health(self) -> None:
         if self.dead is not None:
             raise EngineDeadError(f"engine is dead: {self.dead!r}")

@@ -1,9 +1,14 @@
-"""Physical KV blocks: reference counts, the free queue (LRU) and the prefix-cache index."""
+"""Physical KV blocks: reference counts, the free queue (LRU), the prefix-cache index and
+its summary for routers (raylm.dp.prefix)."""
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, FrozenSet, Iterable, List, Optional, Set, Tuple
+
+from raylm.dp.prefix import hash_block, is_summary_depth
+
+__all__ = ["Block", "BlockPool", "hash_block"]
 
 
 @dataclass(eq=False)
@@ -11,15 +16,6 @@ class Block:
     block_id: int
     ref_cnt: int = 0
     block_hash: Optional[int] = None  # set once the block is full and registered in the cache
-
-
-def hash_block(parent_hash: Optional[int], token_ids: Sequence[int]) -> int:
-    """Chained block hash: a block's identity is its tokens *and* everything before it.
-
-    Python's tuple hash is deterministic for ints across processes (PYTHONHASHSEED only
-    salts str/bytes) and 64-bit; at ~1e5 cached blocks a collision has odds ~1e-9.
-    """
-    return hash((parent_hash, tuple(token_ids)))
 
 
 class BlockPool:
@@ -33,6 +29,8 @@ class BlockPool:
         self.free_queue: "OrderedDict[int, None]" = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: Dict[int, Block] = {}
         self.num_evictions = 0
+        self._summary: Set[int] = set()  # cached hashes at summary depths (what routers see)
+        self.summary_version = 0  # bumped whenever _summary changes
 
     @property
     def num_free_blocks(self) -> int:
@@ -70,18 +68,31 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self.free_queue[block.block_id] = None
 
-    def cache_block(self, block: Block, block_hash: int) -> None:
+    def cache_block(self, block: Block, block_hash: int, depth: int = 0) -> None:
+        """Register `block` under `block_hash`; `depth` is the length in blocks of the prefix
+        it ends (0: unknown, never summarized)."""
         if not self.enable_caching or block.block_hash is not None:
             return
         if block_hash in self.cached:  # same content computed twice (concurrent misses): keep the first
             return
         block.block_hash = block_hash
         self.cached[block_hash] = block
+        if is_summary_depth(depth):
+            self._summary.add(block_hash)
+            self.summary_version += 1
+
+    def prefix_summary(self) -> Tuple[int, FrozenSet[int]]:
+        """(version, hashes): the cached blocks at summary depths. Safe to call from another
+        thread than the engine's: frozenset() copies a set without releasing the GIL."""
+        return self.summary_version, frozenset(self._summary)
 
     def _evict(self, block: Block) -> None:
         if block.block_hash is not None:
             if self.cached.get(block.block_hash) is block:
                 del self.cached[block.block_hash]
+                if block.block_hash in self._summary:
+                    self._summary.discard(block.block_hash)
+                    self.summary_version += 1
             block.block_hash = None
             self.num_evictions += 1
 
@@ -92,4 +103,6 @@ class BlockPool:
         for block in self.blocks:
             block.block_hash = None
         self.cached.clear()
+        self._summary.clear()
+        self.summary_version += 1
         return True

@@ -117,5 +117,11 @@ class EngineCore:
         return EngineStats(s.num_waiting, s.num_running, kv.usage, kv.num_free_blocks, kv.num_blocks,
                            s.num_preemptions, kv.prefix_queries, kv.prefix_hits)
 
+    def prefix_summary(self):
+        """(block_size, version, hashes): what routers learn of this engine's prefix cache
+        (raylm.dp.prefix)."""
+        kv = self.scheduler.kv
+        return (kv.block_size, *kv.pool.prefix_summary())
+
     def shutdown(self) -> None:
         self.executor.shutdown()

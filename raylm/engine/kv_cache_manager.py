@@ -91,7 +91,7 @@ class KVCacheManager:
         self._update_hashes(request)
         blocks = self.req_to_blocks[request.request_id]
         for i in range(start, num_full):
-            self.pool.cache_block(blocks[i], request.block_hashes[i])
+            self.pool.cache_block(blocks[i], request.block_hashes[i], depth=i + 1)
         self.num_registered[request.request_id] = num_full
 
     def free(self, request: Request) -> None:

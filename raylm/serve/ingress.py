@@ -1,5 +1,5 @@
 """The OpenAI ingress deployment: FastAPI inside Serve, talking to the LLMServer replicas
-through a DeploymentHandle whose router is raylm.dp.router.LeastLoadedRouter."""
+through a DeploymentHandle whose router is raylm.dp.router.DPRouter."""
 from __future__ import annotations
 
 import asyncio
@@ -123,8 +123,8 @@ class ServeEngineClient(EngineClient):
         sent; an error in it (bad input, a dead replica) ends the stream with that error."""
         channel = await self.outputs.address()
         key, queue = self.outputs.open()
-        call = self.unary.generate.remote(channel, key, prompt_token_ids, params, request_id,
-                                          data_parallel_rank=rank)
+        call = self.unary.generate.remote(channel, key, prompt_token_ids=prompt_token_ids, params=params,
+                                          request_id=request_id, data_parallel_rank=rank)  # the router reads them
         done = asyncio.ensure_future(_result(call))
         done.add_done_callback(lambda _: queue.put_nowait(_CALL_ENDED))
         done.add_done_callback(_retrieve)

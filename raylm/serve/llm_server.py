@@ -156,17 +156,22 @@ class LLMServer:
             self.lockstep.ensure_watching()
 
     async def _push_loop(self) -> None:
-        last_push = 0.0
+        last_push, held_prefix = 0.0, None  # the prefix summary version the coordinator holds
         while True:
             stats = self.stats()
+            block_size, prefix_version, prefix_blocks = self.engine.prefix_summary()
             load = {k: stats[k] for k in ("num_waiting", "num_running", "num_free_blocks", "dp_rank")}
             # the expert assignment too: a re-formed EP group must show in the table at once
             load.update({k: stats.get(k) for k in ("dp_running", "dp_dummy_steps", "dp_experts")})
+            load["prefix_version"] = prefix_version
             # on change, and at least every HEARTBEAT_S: a silent replica is presumed gone
             if load != self._last_pushed or time.monotonic() - last_push > HEARTBEAT_S:
                 last_push = time.monotonic()
+                stats["block_size"] = block_size
+                if prefix_version != held_prefix:  # the summary only when the coordinator lacks it
+                    stats.update(prefix_blocks=prefix_blocks, prefix_version=prefix_version)
                 try:
-                    await self.coordinator.report.remote(self.replica_key, stats)
+                    held_prefix = await self.coordinator.report.remote(self.replica_key, stats)
                     self._last_pushed = load
                     self._publish(stats)
                 except Exception as exc:  # coordinator being recreated: retry next tick
