@@ -166,8 +166,14 @@ class ParallelConfig(_Config):
     tensor_parallel_size: int = Field(1, gt=0, validation_alias=AliasChoices("tensor_parallel_size", "tp"))
     pipeline_parallel_size: int = Field(1, gt=0, validation_alias=AliasChoices("pipeline_parallel_size", "pp"))
     data_parallel_size: int = Field(default=1, gt=0)  # set by the serving layer (its replica count)
-    distributed_executor_backend: Literal["uni", "ray"] = Field(
-        "uni", description="uni: the model in this process; ray: on Ray worker actors (implied by tp*pp > 1)")
+    distributed_executor_backend: Literal["uni", "ray", "sim"] = Field(
+        "uni", validation_alias=AliasChoices("distributed_executor_backend", "executor"),
+        description="uni: the model in this process; ray: on Ray worker actors (implied by tp*pp > 1); "
+                    "sim: no model, each step sleeps for its roofline time (raylm.executor.sim)")
+    sim_device: str = Field("h100", description="sim executor: the device, a preset (h100, h200, a100, l4) or "
+                                                "name:GBps:TFLOPs:GiB[:step_ms[:layer_us]]")
+    sim_model: Optional[str] = Field(None, description="sim executor: the simulated model's shape, a preset "
+                                                       "(llama-3-8b, ...; default: --model's own config)")
     pipeline_layer_split: Optional[List[int]] = Field(
         None, description="decoder layers per pipeline stage, e.g. 10 14 (default: even)")
     worker_num_cpus: float = Field(1.0, gt=0, description="CPUs per TP/PP Ray worker actor (its bundle)")

@@ -25,7 +25,8 @@ ENGINE_GROUPS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": Schedu
 RUNTIME_ONLY = frozenset({"data_parallel_size", "data_parallel_rank", "data_parallel_store",
                           "data_parallel_group"})
 # Extra spellings of some flags (vLLM's short ones, or the long one of a short field name).
-FLAG_ALIASES = {"tensor_parallel_size": ["--tp"], "pipeline_parallel_size": ["--pp"], "dp": ["--data-parallel-size"]}
+FLAG_ALIASES = {"tensor_parallel_size": ["--tp"], "pipeline_parallel_size": ["--pp"], "dp": ["--data-parallel-size"],
+                "distributed_executor_backend": ["--executor"]}
 
 
 def engine_options() -> Dict[str, Tuple[str, FieldInfo]]:

@@ -21,7 +21,7 @@ OPTIONS = engine_options()
 # A value to set where the type alone does not give a valid one, and options it needs.
 SAMPLES = {"model": "/models/x", "tokenizer": "/tokenizers/x", "dtype": "float32", "attention_backend": "torch",
            "kv_cache_dtype": "float32", "kv_cache_memory": "1GiB", "pipeline_layer_split": [2, 3],
-           "expert_placement": [0]}
+           "expert_placement": [0], "sim_device": "a100", "sim_model": "llama-3-8b"}
 NEEDS = {"expert_placement": {"enable_expert_parallel": True}}
 # Where serving deliberately differs from the engine's default (ServeArgs declares why).
 SERVE_DEFAULTS = {"max_waiting_requests": 256}

@@ -1,11 +1,11 @@
-"""`raylm bench ...` subcommands: throughput, step, memory, latency, serve, kernels."""
+"""`raylm bench ...` subcommands: throughput, step, memory, latency, serve, kernels, sim-check."""
 from __future__ import annotations
 
 
 def add_bench_parser(sub, add_engine_args) -> None:
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    from raylm.bench import kernels, latency, memory, serve, step, throughput
+    from raylm.bench import kernels, latency, memory, serve, sim_check, step, throughput
 
     throughput.add_parser(bench_sub, add_engine_args)
     step.add_parser(bench_sub, add_engine_args)
@@ -13,3 +13,4 @@ def add_bench_parser(sub, add_engine_args) -> None:
     latency.add_parser(bench_sub, add_engine_args)
     serve.add_parser(bench_sub, add_engine_args)
     kernels.add_parser(bench_sub)
+    sim_check.add_parser(bench_sub, add_engine_args)

@@ -61,7 +61,12 @@ class Executor(ABC):
 
 
 def create_executor(config: EngineConfig, model_path: str) -> Executor:
-    """In-process for one worker; the Ray actor-group executor for TP/PP (or when asked)."""
+    """In-process for one worker; the Ray actor-group executor for TP/PP (or when asked);
+    the simulated one when asked."""
+    if config.parallel.distributed_executor_backend == "sim":
+        from raylm.executor.sim import SimExecutor
+
+        return SimExecutor(config, model_path)
     if config.parallel.world_size > 1 or config.parallel.distributed_executor_backend == "ray":
         from raylm.executor.ray_executor import RayExecutor
 

@@ -1,0 +1,73 @@
+"""The simulated executor: its roofline step time against hand-computed values, device and
+model parsing, and the real engine running on it (every request gets exactly its tokens,
+through chunked prefill and preemption)."""
+import pytest
+
+from raylm.executor.roofline import DeviceProfile, ModelShape, kv_blocks, step_time
+from raylm.executor.sim import parse_device
+
+# 1 layer, hidden 8, 2 heads x 4 dims (1 KV head), MLP 16, vocab 10, 1-byte weights:
+# layer params = 8*4*(2*2 + 2*1) + 3*8*16 = 192 + 384 = 576; weights = 576 + 10*8 = 656 B;
+# KV per token = 2 * 1 * 1 * 4 * 1 = 8 B
+SHAPE = ModelShape("toy", 1, 8, 2, 1, 4, 16, 10, dtype_bytes=1)
+DEVICE = DeviceProfile("toy", mem_bandwidth=1000.0, flops=2000.0, memory_bytes=10_000, step_overhead_s=0.5,
+                       layer_overhead_s=0.25)
+
+
+def test_shape_sizes_by_hand():
+    assert (SHAPE.layer_params, SHAPE.weight_bytes, SHAPE.kv_bytes_per_token) == (576, 656, 8)
+
+
+def test_a_decode_step_is_bound_by_reading_the_weights():
+    # one sequence, 9 cached tokens, 1 new, samples: linear FLOPs 2*(576 + 80) = 1312 -> 0.656 s
+    # vs 656 B -> 0.656 s (equal by construction); attention pairs 1*(9 + 1) = 10 -> FLOPs
+    # 4*1*2*4*10 = 320 -> 0.16 s vs KV 8*(9 + 1) = 80 B -> 0.08 s; + 0.5 + 0.25
+    assert step_time(SHAPE, DEVICE, [(9, 1, True)]) == pytest.approx(0.656 + 0.16 + 0.75)
+
+
+def test_a_prefill_chunk_is_bound_by_compute_and_samples_nothing():
+    # 4 new tokens after 2 cached, no sample: linear FLOPs 2*576*4 = 4608 -> 2.304 s (> 0.656);
+    # pairs 4*(2 + 2.5) = 18 -> 4*2*4*18 = 576 FLOPs -> 0.288 s vs KV 8*6 = 48 B -> 0.048 s
+    assert step_time(SHAPE, DEVICE, [(2, 4, False)]) == pytest.approx(2.304 + 0.288 + 0.75)
+    assert step_time(SHAPE, DEVICE, []) == 0.0
+
+
+def test_kv_blocks_fill_what_the_weights_leave():
+    # 0.9 * 10000 - 656 = 8344 B over 8 B/token * 4 tokens/block = 260 blocks
+    assert kv_blocks(SHAPE, DEVICE, block_size=4) == 260
+    with pytest.raises(ValueError, match="does not fit"):
+        kv_blocks(SHAPE, DeviceProfile("tiny", 1, 1, memory_bytes=100), block_size=4)
+
+
+def test_devices_by_name_or_measured_figures():
+    assert parse_device("h100").name.startswith("H100")
+    d = parse_device("cpu:30:0.4:24:2:60")
+    assert (d.mem_bandwidth, d.flops, d.memory_bytes, d.step_overhead_s, d.layer_overhead_s) == pytest.approx(
+        (30e9, 0.4e12, 24 * (1 << 30), 2e-3, 60e-6))
+    for bad in ("tpu", "cpu:30", "cpu:a:1:1", "cpu:-1:1:1"):
+        with pytest.raises(ValueError, match="sim_device must be one of h100"):
+            parse_device(bad)
+
+
+def test_the_engine_on_the_simulator_gives_every_request_its_tokens(tiny_llama):
+    """Chunked prefills (prompts past the token budget), a KV pool too small for every
+    sequence at once (preemption): each request still ends with exactly max_tokens tokens,
+    and the executor slept for the roofline time of what it was given."""
+    from raylm import LLM, SamplingParams
+
+    llm = LLM(str(tiny_llama), executor="sim", sim_device="toy:1000:1000:1", max_model_len=256,
+              max_num_batched_tokens=48, num_blocks=24, block_size=16)
+    prompts = [[5 + i] * (20 + 30 * i) for i in range(6)]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(max_tokens=40, ignore_eos=True), use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [40] * 6
+    core = llm.engine.core
+    assert core.scheduler.num_preemptions > 0
+    assert core.executor.device.name == "toy" and core.executor.simulated_s > 0
+
+
+def test_the_simulator_refuses_what_it_cannot_model(tiny_llama):
+    from raylm import LLM
+
+    with pytest.raises(ValueError, match="sim_model must be one of llama-3-8b"):
+        LLM(str(tiny_llama), executor="sim", sim_model="gpt-5")
