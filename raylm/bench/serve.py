@@ -28,8 +28,8 @@ import numpy as np
 from raylm.bench.report import machine_info, print_table, write_json
 from raylm.bench.serve_client import RequestOutput, is_chat_endpoint, request_body, send_request
 from raylm.bench.serve_local import add_inprocess_args, inprocess_sender
-from raylm.bench.workload import (BenchRequest, WorkloadSpec, add_workload_args, build_workload, summarize,
-                                  workload_spec)
+from raylm.bench.traces import add_replay_args, replay_workload
+from raylm.bench.workload import BenchRequest, add_workload_args, build_workload, summarize, workload_spec
 
 SLO_METRICS = ("ttft", "tpot", "e2el")
 LATENCY_METRICS = [("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2el", "E2E latency")]
@@ -65,6 +65,7 @@ def add_parser(sub, add_engine_args=None) -> None:
     p.add_argument("--disable-tqdm", action="store_true")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     add_workload_args(p)
+    add_replay_args(p)
     add_inprocess_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -122,22 +123,30 @@ def tokenizer_path(args: argparse.Namespace) -> str:
                          "embedded model name or a local dir holding the served model's tokenizer")
 
 
-def load_requests(args: argparse.Namespace) -> Tuple[WorkloadSpec, List[BenchRequest], str]:
-    """Workload A (with the command line's overrides) for the tokenizer."""
+def load_requests(args: argparse.Namespace) -> Tuple[dict, List[BenchRequest], str, Optional[np.ndarray]]:
+    """(workload description, requests, tokenizer dir, send offsets: None for --request-rate):
+    a trace replay, the prefix-sharing workload, or workload A with the command line's overrides."""
     from transformers import AutoTokenizer
 
-
     path = tokenizer_path(args)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    replay = replay_workload(args, tokenizer)
+    if replay is not None:
+        info, requests, offsets = replay
+        return info, requests, path, offsets
     spec = workload_spec(args)
-    return spec, build_workload(spec, AutoTokenizer.from_pretrained(path)), path
+    return spec.to_dict(), build_workload(spec, tokenizer), path, None
 
 
-async def run_requests(args: argparse.Namespace, requests: List[BenchRequest]) -> Tuple[List[RequestOutput], float]:
-    """Send every request on its arrival schedule, at most --max-concurrency at a time;
-    returns the outputs (in request order) and the wall time from first send to last reply."""
+async def run_requests(args: argparse.Namespace, requests: List[BenchRequest],
+                       offsets: Optional[np.ndarray] = None) -> Tuple[List[RequestOutput], float]:
+    """Send every request on its arrival schedule (`offsets`, else --request-rate), at most
+    --max-concurrency at a time; returns the outputs (in request order) and the wall time
+    from first send to last reply."""
     from tqdm import tqdm
 
-    offsets = send_offsets(len(requests), args.request_rate, args.burstiness, args.seed)
+    if offsets is None:
+        offsets = send_offsets(len(requests), args.request_rate, args.burstiness, args.seed)
     sem = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else contextlib.nullcontext()
     opener = inprocess_sender if args.backend == "inprocess" else http_sender
     with tqdm(total=len(requests), disable=args.disable_tqdm) as pbar:
@@ -233,14 +242,14 @@ async def benchmark(args: argparse.Namespace) -> dict:
     """The whole run: draw the workload, send it, measure; returns the report (the JSON object)."""
     slos = parse_goodput(args.goodput)
     percentiles = parse_percentiles(args.percentiles)
-    spec, requests, tok_path = load_requests(args)
-    outputs, duration = await run_requests(args, requests)
+    workload, requests, tok_path, offsets = load_requests(args)
+    outputs, duration = await run_requests(args, requests, offsets)
     return {"benchmark": "serve", "backend": args.backend,
             "base_url": args.base_url if args.backend == "http" else None, "endpoint": args.endpoint,
             "model": args.model, "tokenizer": tok_path, "args": _jsonable_args(args),
             "sampling": {"temperature": args.temperature, "ignore_eos": args.ignore_eos},
             "goodput_slos_ms": slos, "percentiles": percentiles,
-            "workload": {**spec.to_dict(), **summarize(requests)}, "machine": machine_info(),
+            "workload": {**workload, **summarize(requests)}, "machine": machine_info(),
             "results": compute_metrics(outputs, duration, percentiles, slos),
             "requests": per_request(outputs)}
 
