@@ -71,3 +71,14 @@ def test_the_simulator_refuses_what_it_cannot_model(tiny_llama):
 
     with pytest.raises(ValueError, match="sim_model must be one of llama-3-8b"):
         LLM(str(tiny_llama), executor="sim", sim_model="gpt-5")
+
+
+def test_a_measured_gemm_curve_sets_the_linear_layers_rate():
+    """Between measured points the rate is interpolated, flat past the ends: at 3 rows of a
+    curve (2, 100), (4, 300) it is 200 FLOP/s; a 3-row prefill chunk of SHAPE then takes
+    2*576*3 / 200 = 17.28 s of linear time (> 0.656 s of weights)."""
+    curve = DeviceProfile("c", 1000.0, 1e9, 10_000, gemm_curve=((2, 100.0), (4, 300.0)))
+    assert [curve.gemm_flops(r) for r in (1, 2, 3, 4, 9)] == [100.0, 100.0, 200.0, 300.0, 300.0]
+    # attention: pairs 3*(0 + 2) = 6 -> 4*1*2*4*6 = 192 FLOPs at the large-GEMM rate (~0 s)
+    # vs KV 8*3 = 24 B -> 0.024 s
+    assert step_time(SHAPE, curve, [(0, 3, False)]) == pytest.approx(17.28 + 0.024)

@@ -1,21 +1,19 @@
 """`raylm bench sim-check`: the simulated executor's step times against the real executor's,
 on this machine, for one model at several decode batch sizes.
 
-The simulator is given this machine as a device: its limits measured here (a large copy's
-bytes/s and a GEMM's FLOP/s, as `raylm bench kernels` measures them) and its fixed costs,
-measured on the same model cut to 1 and 2 decoder layers (batch-1 decode steps: the part of
-their time the roofline does not explain is a per-step cost plus a per-layer one). Then for
-each batch size the full model's real decode steps are timed (the executor's part: inputs,
-forward, logits, sampling) and compared with the roofline time the simulator would sleep for
-the same batch. Prints a table (ratio sim / real) and writes JSON.
+The simulator is given this machine as its device, with limits measured here: a large copy's
+bytes/s (as `raylm bench kernels` measures it) and the GEMM rate of the model's own layer
+shapes at 8 to 256 rows, in the weights' dtype (a CPU's skinny GEMMs run far below its
+large-GEMM rate, so one FLOP/s figure would not do), and as its fixed cost per step this
+engine's input preparation and sampling at the smallest batch. Then for each batch size
+the full model's real decode steps are timed (the executor's part: inputs, forward, logits,
+sampling) and compared with the roofline time the simulator would sleep for the same batch.
+Prints a table (ratio sim / real) and writes JSON.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
-import tempfile
+import time
 from typing import Dict, Tuple
 
 from raylm.bench.report import machine_info, print_table, write_json
@@ -33,23 +31,35 @@ def add_parser(sub, add_engine_args) -> None:
     p.set_defaults(func=cmd_sim_check)
 
 
-def truncated_copy(model_dir: str, layers: int, into: str) -> str:
-    """`model_dir` with only its first `layers` decoder layers (config edited, files linked;
-    the loader skips the other layers' weights)."""
-    out = os.path.join(into, f"layers{layers}")
-    os.makedirs(out)
-    for name in os.listdir(model_dir):
-        if name != "config.json":
-            os.symlink(os.path.join(model_dir, name), os.path.join(out, name))
-    with open(os.path.join(model_dir, "config.json")) as f:
-        config = json.load(f)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump({**config, "num_hidden_layers": layers}, f)
-    return out
+def gemm_curve(model, dtype, rows=(8, 32, 64, 128, 256)) -> Tuple[Tuple[int, float], ...]:
+    """(rows, FLOP/s) of the model's linear layers (q/k/v, o, gate+up, down, LM head; each
+    timed, best of 5) at each row count. From 8 rows: the engine runs steps of up to 4 rows
+    through its fused CPU decode kernel, which streams the weights (the memory term)."""
+    import torch
+
+    qkv = (model.num_heads + 2 * model.num_kv_heads) * model.head_dim
+    shapes = [(model.hidden, qkv), (model.num_heads * model.head_dim, model.hidden),
+              (model.hidden, 2 * model.intermediate), (model.intermediate, model.hidden), (model.hidden, model.vocab)]
+    weights = [torch.randn(n, k).to(dtype) for k, n in shapes]
+    curve = []
+    for m in rows:
+        xs = [torch.randn(m, k).to(dtype) for k, _ in shapes]
+        best = min(_time(lambda: [torch.nn.functional.linear(x, w) for x, w in zip(xs, weights)]) for _ in range(5))
+        curve.append((m, 2 * m * sum(k * n for k, n in shapes) / best))
+    return tuple(curve)
 
 
-def executor_ms(kwargs: Dict, batch: int, input_len: int, steps: int) -> Tuple[float, object]:
-    """Median ms of the executor's part of a decode step at `batch`; and the weights' dtype."""
+def _time(fn, calls: int = 5) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+def executor_ms(kwargs: Dict, batch: int, input_len: int, steps: int) -> Tuple[float, float, object]:
+    """Median ms of the executor's part of a decode step at `batch`, of the part of it outside
+    the model (input preparation and sampling), and the weights' dtype."""
     from raylm import LLM
     from raylm.bench.step import _fill, time_steps
 
@@ -58,7 +68,7 @@ def executor_ms(kwargs: Dict, batch: int, input_len: int, steps: int) -> Tuple[f
     med = time_steps(llm, steps)
     dtype = next(llm.engine.core.executor.worker.runner.model.parameters()).dtype
     llm.engine.core.shutdown()
-    return med["total"] - med["schedule"] - med["update"], dtype
+    return med["total"] - med["schedule"] - med["update"], med["prepare"] + med["sample"], dtype
 
 
 def cmd_sim_check(args: argparse.Namespace) -> int:
@@ -70,37 +80,30 @@ def cmd_sim_check(args: argparse.Namespace) -> int:
     from raylm.options import engine_kwargs
 
     kwargs = engine_kwargs(args)
-    path = resolve_model_path(kwargs["model"])
     ctx = args.input_len + 5 + args.steps // 2  # the median step's context (5 warm-up steps)
-    rows, tmp = [], tempfile.mkdtemp(prefix="raylm-simcheck-")
-    try:
-        small = {n: executor_ms({**kwargs, "model": truncated_copy(path, n, tmp)}, 1, args.input_len, args.steps)
-                 for n in (1, 2)}
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    dtype = small[1][1]
+    real = {b: executor_ms(kwargs, b, args.input_len, args.steps) for b in args.batch_size}
+    dtype = next(iter(real.values()))[2]
+    fixed_ms = real[min(real)][1]  # this engine's own per-step cost, from the smallest batch
+    model = ModelShape.from_hf_config(load_hf_config(resolve_model_path(kwargs["model"])), dtype_bytes=dtype.itemsize)
     with torch.inference_mode():
         limits = measure_limits(torch.device("cpu"), dtype, repeats=5)
-    bare = DeviceProfile("this CPU", limits["bandwidth_gb_s"] * 1e9, limits["gemm_tflop_s"] * 1e12, 0)
-    full = ModelShape.from_hf_config(load_hf_config(path), dtype_bytes=dtype.itemsize)
-    cut = {n: ModelShape(**{**full.__dict__, "num_layers": n}) for n in (1, 2)}
-    unexplained = {n: small[n][0] / 1e3 - step_time(cut[n], bare, [(ctx, 1, True)]) for n in (1, 2)}
-    per_layer = max(0.0, unexplained[2] - unexplained[1])
-    per_step = max(0.0, unexplained[1] - per_layer)
-    device = DeviceProfile("this CPU (measured)", bare.mem_bandwidth, bare.flops, 0, per_step, per_layer)
-    for batch in args.batch_size:
-        real_ms, _ = executor_ms(kwargs, batch, args.input_len, args.steps)
-        sim_ms = step_time(full, device, [(ctx, 1, True)] * batch) * 1e3
+        curve = gemm_curve(model, dtype)
+    device = DeviceProfile("this CPU (measured)", limits["bandwidth_gb_s"] * 1e9, limits["gemm_tflop_s"] * 1e12, 0,
+                           step_overhead_s=fixed_ms / 1e3, gemm_curve=curve)
+    rows = []
+    for batch, (real_ms, _, _) in real.items():
+        sim_ms = step_time(model, device, [(ctx, 1, True)] * batch) * 1e3
         rows.append({"batch": batch, "real_ms": real_ms, "sim_ms": sim_ms, "ratio": sim_ms / real_ms,
                      "within_aim": abs(sim_ms / real_ms - 1) <= AIM})
-    print(f"SIMULATION CHECK on {machine_info()['processor']}: copy {limits['bandwidth_gb_s']:.1f} GB/s, "
-          f"{dtype} GEMM {limits['gemm_tflop_s']:.2f} TFLOP/s; fixed costs from 1- and 2-layer cuts: "
-          f"{per_step * 1e3:.2f} ms per step, {per_layer * 1e6:.0f} us per layer (ctx {ctx}).")
+    gemm = ", ".join(f"{m}: {f / 1e9:.0f}" for m, f in curve)
+    print(f"SIMULATION CHECK on {machine_info()['processor']}: copy {limits['bandwidth_gb_s']:.1f} GB/s; {dtype} "
+          f"GEMM GFLOP/s at the model's shapes by rows {{{gemm}}}; per step (inputs, sampling at batch "
+          f"{min(real)}) {fixed_ms:.2f} ms; context {ctx} tokens.")
     print_table(rows, [("batch", "batch"), ("real_ms", "real ms", ".2f"), ("sim_ms", "sim ms", ".2f"),
                        ("ratio", "sim / real", ".2f"), ("within_aim", f"within {AIM:.0%}")])
     if args.output_json:
         write_json(args.output_json, {"benchmark": "sim-check", "model": kwargs["model"], "dtype": str(dtype),
-                                      "machine": machine_info(), "limits": limits, "input_len": args.input_len,
-                                      "step_overhead_ms": per_step * 1e3, "layer_overhead_us": per_layer * 1e6,
-                                      "results": rows})
+                                      "machine": machine_info(), "limits": limits, "gemm_curve": curve,
+                                      "step_overhead_ms": fixed_ms,
+                                      "input_len": args.input_len, "context": ctx, "results": rows})
     return 0

@@ -57,13 +57,29 @@ class ModelShape:
 @dataclass(frozen=True)
 class DeviceProfile:
     """What one accelerator (or this CPU) sustains: bytes/s from memory, FLOP/s at the
-    model's dtype, memory for weights and KV, and fixed costs per step and per layer."""
+    model's dtype, memory for weights and KV, and fixed costs per step and per layer.
+    `gemm_curve`, if given, is the GEMM rate measured at several row counts ((rows, FLOP/s),
+    rows ascending): a CPU's skinny GEMMs run far below its large-GEMM rate."""
     name: str
     mem_bandwidth: float
     flops: float
     memory_bytes: float
     step_overhead_s: float = 0.0
     layer_overhead_s: float = 0.0
+    gemm_curve: Tuple[Tuple[int, float], ...] = ()
+
+    def gemm_flops(self, rows: int) -> float:
+        """FLOP/s of the linear layers for a step of `rows` tokens (linear between measured
+        points, flat past the ends; `flops` without a curve)."""
+        curve = self.gemm_curve
+        if not curve:
+            return self.flops
+        if rows <= curve[0][0]:
+            return curve[0][1]
+        for (r0, f0), (r1, f1) in zip(curve, curve[1:]):
+            if rows <= r1:
+                return f0 + (f1 - f0) * (rows - r0) / (r1 - r0)
+        return curve[-1][1]
 
 
 # Datasheet bandwidth x 0.8 and dense bf16 FLOPs x 0.6 (what tuned kernels sustain), CUDA
@@ -94,7 +110,7 @@ def step_time(model: ModelShape, device: DeviceProfile, seqs: Sequence[SeqStep])
         return 0.0
     samples = sum(1 for _, _, s in seqs if s)
     flops = 2 * (model.num_layers * model.layer_params * tokens + model.vocab * model.hidden * samples)
-    linear = max(flops / device.flops, model.weight_bytes / device.mem_bandwidth)
+    linear = max(flops / device.gemm_flops(tokens), model.weight_bytes / device.mem_bandwidth)
     pairs = sum(q * (c + (q + 1) / 2) for c, q, _ in seqs)  # causal: query i sees c + i + 1 keys
     attn_flops = 4 * model.num_layers * model.num_heads * model.head_dim * pairs
     kv_bytes = model.kv_bytes_per_token * sum(c + q for c, q, _ in seqs)
