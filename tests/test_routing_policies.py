@@ -135,3 +135,31 @@ def test_block_hashes_are_the_same_in_every_process():
     others = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
               for _ in range(2)}
     assert others == {f"{prefix_hashes(list(range(40)), 16)}\n"}
+
+
+def test_routers_get_only_what_changed_and_keep_summaries_they_hold():
+    """The coordinator's long poll sends the entries reported since the router's version,
+    with a prefix summary only where that changed too; the router merges them into its table
+    (keeping summaries it holds) and drops replicas the coordinator no longer has."""
+    from raylm.dp.coordinator import DPCoordinator
+
+    async def run():
+        c, r = DPCoordinator(), _router("prefix_aware")
+        await c.report("A", {"num_running": 1, "prefix_blocks": frozenset({1}), "prefix_version": 1})
+        await c.report("B", {"num_running": 2, "prefix_blocks": frozenset({2}), "prefix_version": 1})
+        v, changed, keys = await c.changes(-1, 0.0)
+        assert sorted(changed) == ["A", "B"] and changed["A"]["prefix_blocks"] == {1}
+        r._merge(changed, keys)
+        await c.report("A", {"num_running": 3})  # load only: the summary is held
+        v2, changed, keys = await c.changes(v, 0.0)
+        assert list(changed) == ["A"] and "prefix_blocks" not in changed["A"]
+        r._merge(changed, keys)
+        assert r._table["A"]["num_running"] == 3 and r._table["A"]["prefix_blocks"] == {1}
+        await c.report("B", {"num_running": 2, "prefix_blocks": frozenset({2, 3}), "prefix_version": 2})
+        await c.remove("A")
+        _, changed, keys = await c.changes(v2, 0.0)
+        assert list(changed) == ["B"] and changed["B"]["prefix_blocks"] == {2, 3} and keys == ["B"]
+        r._merge(changed, keys)
+        assert list(r._table) == ["B"] and r._table["B"]["prefix_blocks"] == {2, 3}
+
+    asyncio.run(run())

@@ -2,7 +2,9 @@
 
 Load: every engine replica pushes its load (waiting, running, KV usage, counters) here
 when it changes (at most every ~100 ms, at least every second); request routers
-long-poll `snapshot()` and get the new table as soon as it changes. The coordinator never
+long-poll `changes()` and get the entries that changed as soon as any does (only those:
+at 64 replicas the whole table, prefix summaries included, is ~220 KiB to pickle per
+change); `snapshot()` is the whole table, for occasional readers. The coordinator never
 sits on the request path: if it dies, routers keep their last table plus their own
 optimistic counts until Serve recreates it.
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import ray
 
@@ -51,6 +53,7 @@ class _Broadcast:
 class DPCoordinator:
     def __init__(self) -> None:
         self.stats: Dict[str, Dict[str, Any]] = {}  # replica key -> latest stats
+        self._changed: Dict[str, Tuple[int, int]] = {}  # key -> (version of its last report, of its summary)
         self._stats = _Broadcast()
         self._control = _Broadcast()
         self.waves = WaveTable()
@@ -80,11 +83,14 @@ class DPCoordinator:
         held = {k: v for k, v in self.stats.get(replica_key, {}).items() if k in PREFIX_KEYS}
         self.stats[replica_key] = {**held, **stats, "reported_at": time.time()}
         self._stats.bump()
+        summary_at = self._stats.version if "prefix_blocks" in stats else self._changed.get(replica_key, (0, 0))[1]
+        self._changed[replica_key] = (self._stats.version, summary_at)
         self._export()
         return self.stats[replica_key].get("prefix_version")
 
     async def remove(self, replica_key: str) -> None:
         """A replica is shutting down (scale-down, redeploy)."""
+        self._changed.pop(replica_key, None)
         if self.stats.pop(replica_key, None) is not None:
             self._stats.bump()
         if self.membership is not None:
@@ -97,6 +103,20 @@ class DPCoordinator:
         it next changes or after `timeout_s`."""
         await self._stats.wait_past(known_version, timeout_s)
         return self._stats.version, dict(self.stats)
+
+    async def changes(self, known_version: int = -1,
+                      timeout_s: float = 1.0) -> Tuple[int, Dict[str, Dict], List[str]]:
+        """Long poll for routers: (version, the entries reported since `known_version`, every
+        key in the table now). An entry carries its prefix summary only if that changed
+        since `known_version` too; the reader keeps the one it has otherwise."""
+        await self._stats.wait_past(known_version, timeout_s)
+        changed = {}
+        for key, (at, summary_at) in self._changed.items():
+            if at > known_version:
+                stats = self.stats[key]
+                changed[key] = stats if summary_at > known_version else {
+                    k: v for k, v in stats.items() if k not in PREFIX_KEYS}
+        return self._stats.version, changed, list(self.stats)
 
     # ---- control: group, waves, scaling ---------------------------------------------
 

@@ -41,7 +41,7 @@ from typing import Dict, List, Optional, Tuple
 import ray
 from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
-from raylm.dp.coordinator import score
+from raylm.dp.coordinator import PREFIX_KEYS, score
 from raylm.dp.policies import Candidate, create_routing_policy
 
 logger = logging.getLogger(__name__)
@@ -195,14 +195,26 @@ class DPRouter(RequestRouter):
         """Follow the coordinator's table until it goes away (then the next choose_replicas
         starts a new poller from fresh routing stats)."""
         coordinator = ray.get_actor(name, namespace=namespace)
+        self._version = -1  # a new poller (or coordinator) starts from the whole table
         while True:
             try:
-                version, table = await coordinator.snapshot.remote(self._version, self._poll_timeout_s)
+                version, changed, keys = await coordinator.changes.remote(self._version, self._poll_timeout_s)
             except Exception as exc:  # coordinator restarting: keep the last table
                 logger.warning("DP coordinator unreachable (%s); routing on the last table", exc)
                 return
-            if version != self._version:
-                for key, stats in table.items():
-                    if stats.get("reported_at") != self._table.get(key, {}).get("reported_at"):
-                        self._absorb_report(key, stats.get("computed_at", stats.get("reported_at", 0.0)))
-                self._table, self._version = table, version
+            if version < self._version:  # a recreated coordinator counts from 0 again
+                self._version = -1
+            elif version != self._version:
+                self._merge(changed, keys)
+                self._version = version
+
+    def _merge(self, changed: Dict[str, Dict], keys: List[str]) -> None:
+        """Apply the coordinator's changes: new reports (an entry without a prefix summary
+        keeps the one held), and replicas gone from its table."""
+        table = {k: self._table[k] for k in keys if k in self._table}
+        for key, stats in changed.items():
+            held = {k: v for k, v in table.get(key, {}).items() if k in PREFIX_KEYS}
+            if stats.get("reported_at") != table.get(key, {}).get("reported_at"):
+                self._absorb_report(key, stats.get("computed_at", stats.get("reported_at", 0.0)))
+            table[key] = {**held, **stats}
+        self._table = table
