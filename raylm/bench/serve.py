@@ -61,6 +61,7 @@ def add_parser(sub, add_engine_args=None) -> None:
     p.add_argument("--data-parallel-rank", type=int, default=None,
                    help="send every request to this DP replica (header X-data-parallel-rank)")
     p.add_argument("--percentiles", default="50,90,99")
+    p.add_argument("--label", default=None, help="tag stored in the report (raylm bench plot groups by it)")
     p.add_argument("--output-json", default=None, help="write the results here (atomically)")
     p.add_argument("--disable-tqdm", action="store_true")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
@@ -244,7 +245,7 @@ async def benchmark(args: argparse.Namespace) -> dict:
     percentiles = parse_percentiles(args.percentiles)
     workload, requests, tok_path, offsets = load_requests(args)
     outputs, duration = await run_requests(args, requests, offsets)
-    return {"benchmark": "serve", "backend": args.backend,
+    return {"benchmark": "serve", "label": args.label, "backend": args.backend,
             "base_url": args.base_url if args.backend == "http" else None, "endpoint": args.endpoint,
             "model": args.model, "tokenizer": tok_path, "args": _jsonable_args(args),
             "sampling": {"temperature": args.temperature, "ignore_eos": args.ignore_eos},
