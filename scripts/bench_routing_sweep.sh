@@ -6,21 +6,28 @@
 # Time is dilated: the device is the h100 preset slowed 10x (bandwidth, FLOPs and the
 # 1 ms step cost), so the engines' real CPU work per step (scheduling, detokenizing, on
 # these 2 cores) stays small beside a simulated step. Read latencies /10 and rates x10 as
-# H100 figures. The KV pool is cut to NUM_BLOCKS per replica so that every shared prompt
+# H100 figures. A simulated replica runs no model: it reserves a quarter CPU, so DP of them
+# fit on this machine (at the default, one CPU each, only 2 of 4 were placed). The KV pool is cut to NUM_BLOCKS per replica so that every shared prompt
 # does not fit everywhere (the regime prefix-aware routing is for).
 set -euo pipefail
 OUT=${1:?usage: $0 OUT_DIR}
-DP=${DP:-4}; RATES=${RATES:-"1 2 4"}; N=${N:-120}; PORT=${PORT:-8200}
+DP=${DP:-4}; RATES=${RATES:-"2 4 6"}; N=${N:-120}; PORT=${PORT:-8200}
 NUM_BLOCKS=${NUM_BLOCKS:-640}; PREFIXES=${PREFIXES:-16}; POLICIES=${POLICIES:-"least_loaded power_of_two round_robin prefix_aware"}
 DEVICE=${DEVICE:-h100x0.1:268:59.34:80:10}; SIM_MODEL=${SIM_MODEL:-llama-3-8b}
 RAYLM=${RAYLM:-.venv/bin/raylm}
 mkdir -p "$OUT"
 for policy in $POLICIES; do
   "$RAYLM" serve --model smollm2-135m-instruct --executor sim --sim-device "$DEVICE" --sim-model "$SIM_MODEL" \
-    --dp "$DP" --routing-policy "$policy" --num-blocks "$NUM_BLOCKS" --max-model-len 4096 --port "$PORT" \
-    > "$OUT/serve_$policy.log" 2>&1 &
+    --dp "$DP" --num-cpus-per-replica 0.25 --routing-policy "$policy" --num-blocks "$NUM_BLOCKS" \
+    --max-model-len 4096 --port "$PORT" > "$OUT/serve_$policy.log" 2>&1 &
   server=$!
-  for _ in $(seq 1 120); do curl -sf -m 2 "http://127.0.0.1:$PORT/health" > /dev/null && break; sleep 2; done
+  # every engine up (the app answers /health with some replicas still pending)
+  for i in $(seq 1 120); do
+    up=$(curl -sf -m 2 "http://127.0.0.1:$PORT/metrics" | grep -c '^raylm:engine_info{' || true)
+    [ "$up" = "$DP" ] && break
+    [ "$i" = 120 ] && { echo "only $up of $DP engines came up" >&2; kill -KILL "$server"; exit 1; }
+    sleep 2
+  done
   for rate in $RATES; do
     timeout 900 "$RAYLM" bench serve --base-url "http://127.0.0.1:$PORT" --model smollm2-135m-instruct \
       --prefix-sharing --num-prefixes "$PREFIXES" --prefix-len 1024 --suffix-len 32 --output-median 64 \
