@@ -30,6 +30,11 @@ GONE_FROM_TABLE_S = 10.0  # metrics and rank checks leave out a replica silent t
 PREFIX_KEYS = ("prefix_blocks", "prefix_version")  # a replica's prefix summary, sent on change
 
 
+def over_held_summary(held: Dict[str, Any], stats: Dict[str, Any]) -> Dict[str, Any]:
+    """`stats` (a new report) keeping `held`'s prefix summary where the report has none."""
+    return {**{k: v for k, v in held.items() if k in PREFIX_KEYS}, **stats}
+
+
 class _Broadcast:
     """A version number and a way to wait for it to move past a known one."""
 
@@ -80,8 +85,8 @@ class DPCoordinator:
         comes only when it changed: a report without one keeps the last. Returns the
         `prefix_version` held, so a replica re-sends a summary this coordinator lacks (one
         recreated since)."""
-        held = {k: v for k, v in self.stats.get(replica_key, {}).items() if k in PREFIX_KEYS}
-        self.stats[replica_key] = {**held, **stats, "reported_at": time.time()}
+        self.stats[replica_key] = {**over_held_summary(self.stats.get(replica_key, {}), stats),
+                                   "reported_at": time.time()}
         self._stats.bump()
         summary_at = self._stats.version if "prefix_blocks" in stats else self._changed.get(replica_key, (0, 0))[1]
         self._changed[replica_key] = (self._stats.version, summary_at)

@@ -41,7 +41,7 @@ from typing import Dict, List, Optional, Tuple
 import ray
 from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
-from raylm.dp.coordinator import PREFIX_KEYS, score
+from raylm.dp.coordinator import over_held_summary, score
 from raylm.dp.policies import Candidate, create_routing_policy
 
 logger = logging.getLogger(__name__)
@@ -213,8 +213,7 @@ class DPRouter(RequestRouter):
         keeps the one held), and replicas gone from its table."""
         table = {k: self._table[k] for k in keys if k in self._table}
         for key, stats in changed.items():
-            held = {k: v for k, v in table.get(key, {}).items() if k in PREFIX_KEYS}
             if stats.get("reported_at") != table.get(key, {}).get("reported_at"):
                 self._absorb_report(key, stats.get("computed_at", stats.get("reported_at", 0.0)))
-            table[key] = {**held, **stats}
+            table[key] = over_held_summary(table.get(key, {}), stats)
         self._table = table
