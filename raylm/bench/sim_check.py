@@ -13,7 +13,6 @@ Prints a table (ratio sim / real) and writes JSON.
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Dict, Tuple
 
 from raylm.bench.report import machine_info, print_table, write_json
@@ -37,6 +36,8 @@ def gemm_curve(model, dtype, rows=(8, 32, 64, 128, 256)) -> Tuple[Tuple[int, flo
     through its fused CPU decode kernel, which streams the weights (the memory term)."""
     import torch
 
+    from raylm.bench.kernels import time_call
+
     qkv = (model.num_heads + 2 * model.num_kv_heads) * model.head_dim
     shapes = [(model.hidden, qkv), (model.num_heads * model.head_dim, model.hidden),
               (model.hidden, 2 * model.intermediate), (model.intermediate, model.hidden), (model.hidden, model.vocab)]
@@ -44,17 +45,10 @@ def gemm_curve(model, dtype, rows=(8, 32, 64, 128, 256)) -> Tuple[Tuple[int, flo
     curve = []
     for m in rows:
         xs = [torch.randn(m, k).to(dtype) for k, _ in shapes]
-        best = min(_time(lambda: [torch.nn.functional.linear(x, w) for x, w in zip(xs, weights)]) for _ in range(5))
+        best = time_call(lambda: [torch.nn.functional.linear(x, w) for x, w in zip(xs, weights)],
+                         torch.device("cpu"), repeats=5, stat=min)
         curve.append((m, 2 * m * sum(k * n for k, n in shapes) / best))
     return tuple(curve)
-
-
-def _time(fn, calls: int = 5) -> float:
-    fn()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls
 
 
 def executor_ms(kwargs: Dict, batch: int, input_len: int, steps: int) -> Tuple[float, float, object]:

@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from raylm.bench.workload import BenchRequest, sample_lengths, single_token_words
+from raylm.bench.workload import BenchRequest, random_request, sample_lengths, single_token_words
 
 
 @dataclass
@@ -52,7 +52,7 @@ def trace_requests(rows: Sequence[TraceRow], tokenizer, seed: int = 0, max_promp
     out = []
     for row in rows:
         n_in = min(row.prompt_len, max_prompt or row.prompt_len)
-        out.append(_request(rng, words, n_in, min(row.output_len, max_output or row.output_len)))
+        out.append(random_request(rng, words, n_in, min(row.output_len, max_output or row.output_len)))
     return out
 
 
@@ -70,19 +70,15 @@ def prefix_sharing_requests(n: int, tokenizer, num_prefixes: int = 4, prefix_len
     if min(n, num_prefixes, prefix_len) < 1 or suffix_len < 0:
         raise ValueError("prefix workload needs n, num_prefixes, prefix_len >= 1 and suffix_len >= 0")
     rng, words = np.random.default_rng(seed), single_token_words(tokenizer)
-    prefixes = [_request(rng, words, prefix_len, 1) for _ in range(num_prefixes)]
+    prefixes = [random_request(rng, words, prefix_len, 1) for _ in range(num_prefixes)]
     outs = sample_lengths(rng, n, output_median, 0.8, 8, 4 * int(output_median))
     requests = []
     for i in range(n):
-        shared, own = prefixes[int(rng.integers(num_prefixes))], _request(rng, words, suffix_len, 1)
+        shared, own = prefixes[int(rng.integers(num_prefixes))], random_request(rng, words, suffix_len, 1)
         requests.append(BenchRequest(shared.prompt_token_ids + own.prompt_token_ids, shared.prompt + own.prompt,
                                      int(outs[i])))
     return requests
 
-
-def _request(rng, words, n_in: int, n_out: int) -> BenchRequest:
-    picks = rng.integers(0, len(words), size=n_in)
-    return BenchRequest([words[k][0] for k in picks], "".join(" " + words[k][1] for k in picks), n_out)
 
 
 def add_replay_args(parser) -> None:

@@ -94,13 +94,16 @@ def build_workload(spec: WorkloadSpec, tokenizer, verify: bool = True) -> List[B
     vocab = single_token_words(tokenizer)
     requests = []
     for n_in, n_out in zip(in_lens.tolist(), out_lens.tolist()):
-        picks = rng.integers(0, len(vocab), size=n_in)
-        ids = [vocab[k][0] for k in picks]
-        text = "".join(" " + vocab[k][1] for k in picks)
-        requests.append(BenchRequest(ids, text, int(n_out)))
+        requests.append(random_request(rng, vocab, n_in, int(n_out)))
     if verify:
         _verify(requests, tokenizer)
     return requests
+
+
+def random_request(rng: np.random.Generator, words: List[tuple], n_in: int, n_out: int) -> BenchRequest:
+    """A prompt of `n_in` random single-token words (`single_token_words`), asking for `n_out`."""
+    picks = rng.integers(0, len(words), size=n_in)
+    return BenchRequest([words[k][0] for k in picks], "".join(" " + words[k][1] for k in picks), n_out)
 
 
 def _verify(requests: List[BenchRequest], tokenizer) -> None:
