@@ -110,6 +110,7 @@ def test_block_pool_summary_follows_caching_and_eviction():
     pool.get_new_blocks(32 - 20 + 5)  # the 12 never used, then 5 of the request's tail
     later, summary = pool.prefix_summary()
     assert later == version + 1 and cached_blocks(hashes, summary) == 8
+    assert pool.prefix_summary(known_version=later) == (later, None)  # unchanged: nothing copied
 
 
 def test_the_engines_summary_matches_the_routers_hashes(tiny_llama):

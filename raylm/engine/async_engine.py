@@ -233,8 +233,8 @@ class AsyncEngine:
     def stats(self):
         return self.engine.core.stats()
 
-    def prefix_summary(self):
-        return self.engine.core.prefix_summary()
+    def prefix_summary(self, known_version: int = -1):
+        return self.engine.core.prefix_summary(known_version)
 
     def check_health(self) -> None:
         if self.dead is not None:

@@ -81,10 +81,12 @@ class BlockPool:
             self._summary.add(block_hash)
             self.summary_version += 1
 
-    def prefix_summary(self) -> Tuple[int, FrozenSet[int]]:
-        """(version, hashes): the cached blocks at summary depths. Safe to call from another
-        thread than the engine's: frozenset() copies a set without releasing the GIL."""
-        return self.summary_version, frozenset(self._summary)
+    def prefix_summary(self, known_version: int = -1) -> Tuple[int, Optional[FrozenSet[int]]]:
+        """(version, hashes): the cached blocks at summary depths; hashes None when the
+        version is still `known_version` (no copy made). Safe to call from another thread
+        than the engine's: frozenset() copies a set without releasing the GIL."""
+        version = self.summary_version
+        return version, None if version == known_version else frozenset(self._summary)
 
     def _evict(self, block: Block) -> None:
         if block.block_hash is not None:

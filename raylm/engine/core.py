@@ -117,11 +117,11 @@ class EngineCore:
         return EngineStats(s.num_waiting, s.num_running, kv.usage, kv.num_free_blocks, kv.num_blocks,
                            s.num_preemptions, kv.prefix_queries, kv.prefix_hits)
 
-    def prefix_summary(self):
+    def prefix_summary(self, known_version: int = -1):
         """(block_size, version, hashes): what routers learn of this engine's prefix cache
-        (raylm.dp.prefix)."""
+        (raylm.dp.prefix); hashes None while the version is still `known_version`."""
         kv = self.scheduler.kv
-        return (kv.block_size, *kv.pool.prefix_summary())
+        return (kv.block_size, *kv.pool.prefix_summary(known_version))
 
     def shutdown(self) -> None:
         self.executor.shutdown()

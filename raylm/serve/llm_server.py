@@ -159,7 +159,9 @@ class LLMServer:
         last_push, held_prefix = 0.0, None  # the prefix summary version the coordinator holds
         while True:
             stats = self.stats()
-            block_size, prefix_version, prefix_blocks = self.engine.prefix_summary()
+            # the summary is copied only when the coordinator lacks this version of it
+            held = -1 if held_prefix is None else held_prefix
+            block_size, prefix_version, prefix_blocks = self.engine.prefix_summary(held)
             load = {k: stats[k] for k in ("num_waiting", "num_running", "num_free_blocks", "dp_rank")}
             # the expert assignment too: a re-formed EP group must show in the table at once
             load.update({k: stats.get(k) for k in ("dp_running", "dp_dummy_steps", "dp_experts")})
