@@ -38,6 +38,12 @@ class ServeArgs(EngineArgs):
     routing_policy: Literal[tuple(ROUTING_POLICIES)] = Field(
         "least_loaded", description="how requests pick an engine replica: " + ", ".join(ROUTING_POLICIES)
                                     + " (raylm.dp.policies)")
+    prefix_max_imbalance: int = Field(
+        8, ge=0, description="prefix_aware routing: how far above the lowest load score (waiting*4 + running) "
+                             "a replica holding the prompt's prefix may be and still get it")
+    engines_per_replica: int = Field(
+        1, gt=0, description="sim executor only: engines each replica process hosts, each its own DP rank "
+                             "(a fleet of dp x this on a small machine)")
     placement_strategy: Optional[Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"]] = Field(
         None, description="a TP/PP replica's placement group strategy (default: STRICT_PACK for a CUDA TP group, "
                           "PACK otherwise); STRICT_SPREAD puts the replica and each stage on its own node")
@@ -91,6 +97,10 @@ class ServeArgs(EngineArgs):
         if self.max_data_parallel_size is not None and self.max_replicas > self.max_data_parallel_size:
             raise ValueError(f"dp {self.max_replicas} exceeds "
                              f"max_data_parallel_size {self.max_data_parallel_size}")
+        if self.engines_per_replica > 1 and (self.distributed_executor_backend != "sim"
+                                             or self.enable_expert_parallel):
+            raise ValueError("engines_per_replica > 1 needs the sim executor (--executor sim), without "
+                             "expert parallelism")
         grouped = self.tp * self.pp > 1
         if self.placement_strategy and not grouped:
             raise ValueError("placement_strategy places a TP/PP replica's workers: it needs tp or pp > 1")
@@ -104,6 +114,12 @@ class ServeArgs(EngineArgs):
     def engine_config(self) -> EngineConfig:
         """The engine options, with the replica count the default KV budget is split over."""
         return super().engine_config(data_parallel_size=self.max_replicas)
+
+    def router_kwargs(self) -> Dict[str, Any]:
+        """DPRouter's options: the policy and what it takes."""
+        if self.routing_policy == "prefix_aware":
+            return {"policy": self.routing_policy, "max_imbalance": self.prefix_max_imbalance}
+        return {"policy": self.routing_policy}
 
     @property
     def tp(self) -> int:
@@ -199,13 +215,13 @@ def build_app(args: Dict[str, Any]):
         LLMServer, name="LLMServer", max_ongoing_requests=a.max_ongoing_requests,
         **a.replica_count(), **a.replica_placement(),
         request_router_config=RequestRouterConfig(request_router_class=DPRouter,
-                                                  request_router_kwargs={"policy": a.routing_policy},
+                                                  request_router_kwargs=a.router_kwargs(),
                                                   request_routing_stats_period_s=1.0),
         deployment_actors=[DeploymentActorConfig(name=COORDINATOR_ACTOR, actor_class=ray.remote(DPCoordinator),
                                                  actor_options={"num_cpus": 0})],
         health_check_period_s=5, health_check_timeout_s=30,
         graceful_shutdown_timeout_s=a.shutdown_timeout, graceful_shutdown_wait_loop_s=1,
-    ).bind(engine, a.model_name)
+    ).bind(engine, a.model_name, a.engines_per_replica)
     ingress_cls = serve.ingress()(OpenAIIngress)
     # Serve's own cap sits above the app's admission bound, so requests past the bound reach
     # the ingress and get a fast 429 instead of queueing in the HTTP proxy. On a redeploy the

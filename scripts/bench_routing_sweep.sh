@@ -15,28 +15,18 @@ DP=${DP:-4}; RATES=${RATES:-"2 4 6"}; N=${N:-120}; PORT=${PORT:-8200}
 NUM_BLOCKS=${NUM_BLOCKS:-640}; PREFIXES=${PREFIXES:-16}; POLICIES=${POLICIES:-"least_loaded power_of_two round_robin prefix_aware"}
 DEVICE=${DEVICE:-h100x0.1:268:59.34:80:10}; SIM_MODEL=${SIM_MODEL:-llama-3-8b}
 RAYLM=${RAYLM:-.venv/bin/raylm}
+source "$(dirname "$0")/sim_server.sh"
 mkdir -p "$OUT"
 for policy in $POLICIES; do
-  "$RAYLM" serve --model smollm2-135m-instruct --executor sim --sim-device "$DEVICE" --sim-model "$SIM_MODEL" \
-    --dp "$DP" --num-cpus-per-replica 0.25 --routing-policy "$policy" --num-blocks "$NUM_BLOCKS" \
-    --max-model-len 4096 --port "$PORT" > "$OUT/serve_$policy.log" 2>&1 &
-  server=$!
-  # every engine up (the app answers /health with some replicas still pending)
-  for i in $(seq 1 120); do
-    up=$(curl -sf -m 2 "http://127.0.0.1:$PORT/metrics" | grep -c '^raylm:engine_info{' || true)
-    [ "$up" = "$DP" ] && break
-    [ "$i" = 120 ] && { echo "only $up of $DP engines came up" >&2; kill -KILL "$server"; exit 1; }
-    sleep 2
-  done
+  start_sim_server "$OUT/serve_$policy.log" "$DP" --sim-device "$DEVICE" --sim-model "$SIM_MODEL" --dp "$DP" \
+    --num-cpus-per-replica 0.25 --routing-policy "$policy" --num-blocks "$NUM_BLOCKS" --max-model-len 4096
   for rate in $RATES; do
     timeout 900 "$RAYLM" bench serve --base-url "http://127.0.0.1:$PORT" --model smollm2-135m-instruct \
       --prefix-sharing --num-prefixes "$PREFIXES" --prefix-len 1024 --suffix-len 32 --output-median 64 \
       --num-prompts "$N" --request-rate "$rate" --seed 1 --label "$policy" --goodput ttft:5000 tpot:500 \
       --disable-tqdm --output-json "$OUT/${policy}_r${rate}.json" | tail -n 25 > "$OUT/${policy}_r${rate}.txt"
   done
-  kill -TERM "$server"  # raylm serve drains on SIGTERM
-  for _ in $(seq 1 60); do kill -0 "$server" 2> /dev/null || break; sleep 1; done
-  kill -KILL "$server" 2> /dev/null || true; wait "$server" || true
+  stop_sim_server
 done
 "$RAYLM" bench plot "$OUT"/*.json --out "$OUT/plots" \
   --title "dp $DP, simulated Llama-3-8B on H100 (time x10), $PREFIXES shared prompts"

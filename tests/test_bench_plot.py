@@ -49,3 +49,31 @@ def test_other_reports_are_refused(tmp_path):
     path.write_text(json.dumps({"benchmark": "throughput"}))
     with pytest.raises(ValueError, match="not a `raylm bench serve` report"):
         load([str(path)])
+
+
+def test_queue_depth_samples_become_a_heat_map(tmp_path):
+    """--sample-queues scrapes (parsed from a real Prometheus exposition) -> per-rank rows of
+    waiting + running, nan where a rank was not scraped yet -> queues_<level>.png."""
+    import math
+
+    from raylm.bench.plot import plot_queues, queue_matrix
+    from raylm.bench.queues import QueueSampler, parse_queues
+
+    text = ('# TYPE raylm:num_requests_waiting gauge\n'
+            'raylm:num_requests_waiting{dp_rank="0",model_name="m"} 2.0\n'
+            'raylm:num_requests_waiting{dp_rank="1",model_name="m"} 0.0\n'
+            '# TYPE raylm:num_requests_running gauge\n'
+            'raylm:num_requests_running{dp_rank="0",model_name="m"} 3.0\n'
+            'raylm:num_requests_running{dp_rank="1",model_name="m"} 1.0\n'
+            '# TYPE raylm:e2e_request_latency_seconds histogram\n'
+            'raylm:e2e_request_latency_seconds_count{dp_rank="0"} 5.0\n')
+    assert parse_queues(text) == {"waiting": {"0": 2.0, "1": 0.0}, "running": {"0": 3.0, "1": 1.0}}
+    sampler = QueueSampler("http://x", {}, 0.5)
+    sampler.add(0.0, {"waiting": {"0": 1.0}, "running": {"0": 0.0}})
+    sampler.add(0.5, parse_queues(text))
+    report = {**_report("a", 2.0, 1, 1), "queue_depth": sampler.report()}
+    t, ranks, rows = queue_matrix(report)
+    assert (t, ranks) == ([0.0, 0.5], ["0", "1"])
+    assert rows[0] == [1.0, 5.0] and math.isnan(rows[1][0]) and rows[1][1] == 1.0
+    written = plot_queues([report, _report("b", 2.0, 1, 1)], str(tmp_path), "t")
+    assert [p.rsplit("/", 1)[1] for p in written] == ["queues_2.png"]

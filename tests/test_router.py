@@ -112,3 +112,23 @@ def test_a_pinned_request_waits_for_a_starting_replicas_rank(monkeypatch):
         assert len(late[0]) == 1  # deadline passed: by load
 
     asyncio.run(run())
+
+
+def test_replicas_hosting_several_engines_are_routed_per_engine():
+    """A replica hosting two simulated engines has two table entries (`A/0`, `A/1`): a burst
+    of 8 over two such replicas puts 2 on each engine, names the engine in the call, and the
+    count follows the engine through confirmation and completion. A pinned rank goes to the
+    engine holding it."""
+    r, replicas = _router(), [_replica("A"), _replica("B")]
+    r._table = {f"{rep}/{i}": {"replica": rep, "engine_index": i, "dp_rank": 2 * n + i, "num_waiting": 0,
+                               "num_running": 0} for n, rep in enumerate("AB") for i in range(2)}
+    pending = [_pending(f"r{i}") for i in range(8)]
+    firsts = [_first_choice(r, replicas, p) for p in pending]
+    chosen = [f"{rep}/{p.kwargs['engine_index']}" for rep, p in zip(firsts, pending)]
+    assert sorted(chosen) == sorted(2 * list(r._table)), chosen
+    assert {k: r._delta[k] for k in r._table} == dict.fromkeys(r._table, 2 * WAITING_WEIGHT)
+    DPRouter.on_request_routed(r, pending[0], SimpleNamespace(unique_id=firsts[0]), None)
+    DPRouter.on_request_completed(r, SimpleNamespace(unique_id=firsts[0]), "r0")
+    assert r._delta[chosen[0]] == WAITING_WEIGHT  # the other request chosen there still counts
+    pinned = _pending("p", rank=3)
+    assert _first_choice(r, replicas, pinned) == "B" and pinned.kwargs["engine_index"] == 1

@@ -19,10 +19,23 @@ def test_api_key_defaults_to_the_environment_and_never_shows_in_repr(monkeypatch
     ({"dp": 2, "pp": 2, "enable_expert_parallel": True}, "pp=1"),
     ({"autoscaling_config": {"min_replicas": 1, "max_replicas": 2}, "enable_expert_parallel": True}, "elastic"),
     ({"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}}, "min_replicas"),
+    ({"engines_per_replica": 2}, "sim executor"),
+    ({"engines_per_replica": 2, "executor": "sim", "enable_expert_parallel": True}, "sim executor"),
 ])
 def test_bad_combinations_are_clear_errors(fields, word):
     with pytest.raises(ValueError, match=word):
         ServeArgs(**fields)
+
+
+def test_routing_flags_reach_the_router_and_the_replicas():
+    from raylm.cli import build_parser
+    from raylm.serve.launcher import serve_args
+
+    argv = ["serve", "--routing-policy", "prefix_aware", "--prefix-max-imbalance", "4", "--executor", "sim",
+            "--engines-per-replica", "8"]
+    a = serve_args(build_parser().parse_args(argv))
+    assert a.router_kwargs() == {"policy": "prefix_aware", "max_imbalance": 4} and a.engines_per_replica == 8
+    assert ServeArgs(routing_policy="round_robin", prefix_max_imbalance=4).router_kwargs() == {"policy": "round_robin"}
 
 
 def test_serve_flags_reach_the_admission_auth_and_shutdown_options():

@@ -72,3 +72,28 @@ def _grown(before: dict, total):
     now = _cache_counters()
     grew = {k: (q - before.get(k, (0, 0))[0], h - before.get(k, (0, 0))[1]) for k, (q, h) in now.items()}
     return grew if total is None or sum(q for q, _ in grew.values()) == total else None
+
+
+@pytest.mark.timeout(300)
+def test_simulated_replicas_hosting_two_engines_each_serve_every_rank(tiny_root, ray_session):
+    """dp 2 with 2 simulated engines per replica: 4 DP ranks in the coordinator's table, two
+    per replica process; a request pinned to each rank runs on that engine (its prompt shows
+    in that engine's prefix-cache lookups, nowhere else), and unpinned ones complete."""
+    prompts = [[7] * (20 + 8 * rank) for rank in range(4)]
+    with served_app(tiny_root, dp=2, executor="sim", sim_device="h100", engines_per_replica=2) as (_, base):
+        wait_for(lambda: len(_coordinator_table()) == 4, 60, "4 engines reporting")
+        table = _coordinator_table()
+        assert sorted(s["dp_rank"] for s in table.values()) == [0, 1, 2, 3]
+        assert len({s["pid"] for s in table.values()}) == 2  # two engines per process
+        for rank, prompt in enumerate(prompts):
+            before = _cache_counters()
+            body = {"model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS, "ignore_eos": True}
+            r = httpx.post(base + "/v1/completions", json=body, headers={"X-data-parallel-rank": str(rank)},
+                           timeout=60)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == MAX_TOKENS, r.text
+            grew = wait_for(lambda: _grown(before, len(prompt)), 30, f"rank {rank}'s lookup reported",
+                            detail=lambda: _grown(before, None))
+            ranks = {table[k]["dp_rank"] for k, (q, _) in grew.items() if q > 0}
+            assert ranks == {rank}, grew
+        for prompt in prompts:
+            assert _complete(base, prompt + [9]) is not None

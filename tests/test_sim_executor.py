@@ -82,3 +82,47 @@ def test_a_measured_gemm_curve_sets_the_linear_layers_rate():
     # attention: pairs 3*(0 + 2) = 6 -> 4*1*2*4*6 = 192 FLOPs at the large-GEMM rate (~0 s)
     # vs KV 8*3 = 24 B -> 0.024 s
     assert step_time(SHAPE, curve, [(0, 3, False)]) == pytest.approx(17.28 + 0.024)
+
+
+def test_simulated_engines_sharing_an_event_loop_step_concurrently(tiny_llama):
+    """A replica may host several simulated engines on one event loop: an engine in a
+    simulated step (here one of 60 s) must not hold up another's steps. The second engine's
+    request completes while the first's step is still due; a step slept through in the loop
+    would hold it for the whole 60 s, past the wait's deadline."""
+    import asyncio
+
+    from raylm.config import EngineConfig
+    from raylm.engine.async_engine import AsyncEngine
+    from raylm.sampling_params import SamplingParams
+
+    def engine(device):
+        return AsyncEngine(EngineConfig(model={"model": str(tiny_llama), "max_model_len": 64},
+                                        parallel={"executor": "sim", "sim_device": device}))
+
+    async def run():
+        slow, fast = engine("slow:1000:1000:1:60000"), engine("toy:1000:1000:1")
+        got = {"slow": [], "fast": asyncio.get_running_loop().create_future()}
+        params = SamplingParams(max_tokens=4, ignore_eos=True)
+        slow.submit({"prompt_token_ids": [5, 6, 7]}, params, "s", got["slow"].append)
+        fast.submit({"prompt_token_ids": [5, 6, 7]}, params, "f",
+                    lambda out: out.finished and not got["fast"].done() and got["fast"].set_result(out))
+        try:
+            out = await asyncio.wait_for(got["fast"], 30)
+            assert len(out.outputs[0].token_ids) == 4 and got["slow"] == []
+            assert slow.engine.core.executor.due_in() > 0  # its first step is still running
+        finally:
+            slow.shutdown()
+            fast.shutdown()
+
+    asyncio.run(run())
+
+
+def test_a_requests_device_time_and_a_fleets_capacity_by_hand():
+    from raylm.executor.roofline import fleet_capacity, request_seconds
+
+    # prefill of 4 (samples 1): FLOPs 2*(576*4 + 80) = 4768 -> 2.384 s; pairs 4*2.5 = 10 -> 320
+    # FLOPs -> 0.16 s; + 0.75 = 3.294. Decode at mid length 4 + 1 = 5, batch 2: FLOPs
+    # 2*(576*2 + 80*2) = 2624 -> 1.312 s; pairs 2*6 = 12 -> 0.192 s; + 0.75 = 2.254 / 2 per
+    # sequence, for 3 - 1 tokens
+    assert request_seconds(SHAPE, DEVICE, 4, 3, batch=2) == pytest.approx(3.294 + 2.254)
+    assert fleet_capacity(SHAPE, DEVICE, [(4, 3)] * 3, batch=2, engines=10) == pytest.approx(10 / 5.548)

@@ -5,7 +5,7 @@ from __future__ import annotations
 def add_bench_parser(sub, add_engine_args) -> None:
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    from raylm.bench import kernels, latency, memory, plot, routing, serve, sim_check, step, throughput
+    from raylm.bench import capacity, kernels, latency, memory, plot, routing, serve, sim_check, step, throughput
 
     throughput.add_parser(bench_sub, add_engine_args)
     step.add_parser(bench_sub, add_engine_args)
@@ -16,3 +16,4 @@ def add_bench_parser(sub, add_engine_args) -> None:
     sim_check.add_parser(bench_sub, add_engine_args)
     routing.add_parser(bench_sub)
     plot.add_parser(bench_sub)
+    capacity.add_parser(bench_sub)

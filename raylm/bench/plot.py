@@ -3,7 +3,9 @@
 Reports are grouped by their `--label` (e.g. the routing policy the server ran), one line
 per label: TTFT (p50 solid, p99 dashed), ITL likewise, and goodput (requests/s meeting the
 run's --goodput SLOs; request throughput when it had none). The x axis is the run's
---request-rate, or for a trace replay its --trace-time-scale.
+--request-rate, or for a trace replay its --trace-time-scale. Reports made with
+--sample-queues also give, per load level, `queues_<level>.png`: each engine's requests
+(waiting + running) over time, one heat map per label.
   raylm bench plot runs/*.json --out plots/ --title "dp 4, prefix sharing"
 """
 from __future__ import annotations
@@ -93,9 +95,54 @@ def plot(data: Dict[str, Dict[str, List[Tuple[float, float]]]], out_dir: str, ti
     return written
 
 
+def queue_matrix(report: dict) -> Tuple[List[float], List[str], List[List[float]]]:
+    """(sample times, DP ranks, [rank][sample] waiting + running; nan where not scraped)."""
+    q = report.get("queue_depth") or {}
+    ranks = list(q.get("waiting", {}))
+    rows = []
+    for r in ranks:
+        pairs = zip(q["waiting"][r], q.get("running", {}).get(r) or [None] * len(q["waiting"][r]))
+        rows.append([math.nan if w is None else w + (n or 0) for w, n in pairs])
+    return q.get("t", []), ranks, rows
+
+
+def plot_queues(reports: Sequence[dict], out_dir: str, title: str) -> List[str]:
+    """Per load level, one heat map per label of every engine's requests over time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels: Dict[float, List[dict]] = defaultdict(list)
+    for report in reports:
+        if report.get("queue_depth"):
+            levels[rate_of(report)].append(report)
+    written = []
+    for level, group in sorted(levels.items()):
+        group = sorted(group, key=lambda r: r.get("label") or "")
+        top = max((v for r in group for row in queue_matrix(r)[2] for v in row if not math.isnan(v)), default=1)
+        fig, axes = plt.subplots(len(group), 1, figsize=(8, 1.6 + 1.5 * len(group)), squeeze=False,
+                                 constrained_layout=True)
+        for ax, report in zip(axes[:, 0], group):
+            t, ranks, rows = queue_matrix(report)
+            image = ax.imshow(rows, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=top,
+                              extent=(t[0] if t else 0, t[-1] if t else 1, len(ranks) - 0.5, -0.5))
+            ax.set_title(f"{report.get('label') or 'run'}", fontsize=9)
+            ax.set_ylabel("DP rank")
+        axes[-1, 0].set_xlabel("time (s)")
+        fig.colorbar(image, ax=axes[:, 0].tolist(), label="requests (waiting + running)")
+        fig.suptitle(f"{title} (load level {level:.3g})" if title else f"load level {level:.3g}", fontsize=10)
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, f"queues_{level:.3g}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     reports = load(args.reports)
     x_label = "trace time scale" if reports[0].get("args", {}).get("trace") else "request rate (req/s)"
-    for path in plot(series(reports), args.out, args.title, x_label):
+    for path in plot(series(reports), args.out, args.title, x_label) + plot_queues(reports, args.out, args.title):
         print(path)
     return 0

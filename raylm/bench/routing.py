@@ -10,7 +10,8 @@ coordinator: the time of one replica's report, and of the long poll that hands i
 router (`changes`, pickled as Ray would) with its size; the whole table pickled, which
 the routers used to receive at every change, for comparison. At a push per replica every
 100 ms, the coordinator's work per second is (report + poll x routers) x 10 x replicas.
-No Ray RPCs are timed here: they add a fixed cost per call, not per replica.
+No Ray RPCs are timed here; `--ray` measures the coordinator over real ones instead
+(raylm.bench.routing_ray: its CPU per report, the push round trip, the update latency).
 """
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--cached-blocks", type=int, default=2048, help="cached KV blocks per replica")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ray", action="store_true", help="the coordinator over real Ray RPCs (routing_ray)")
+    p.add_argument("--engines-per-process", type=int, default=8, help="--ray: engines per reporting process")
+    p.add_argument("--seconds", type=float, default=10.0, help="--ray: measured seconds per fleet size")
     p.add_argument("--output-json", default=None)
     p.set_defaults(func=cmd_routing)
 
@@ -103,9 +107,27 @@ async def time_coordinator(table: Dict[str, Dict], rounds: int = 200) -> Dict[st
             "poll_kib": len(change) / 1024, "full_us": full_s * 1e6, "full_kib": len(full) / 1024}
 
 
+def cmd_routing_ray(args: argparse.Namespace) -> int:
+    from raylm.bench.routing_ray import run
+
+    rows = run(args.replicas, args.engines_per_process, args.seconds)
+    print(f"DP coordinator over Ray RPCs ({machine_info()['processor']}): every engine reports a changed "
+          f"load every 100 ms, {args.engines_per_process} engines per reporting process, one router polling.")
+    print_table(rows, [("engines", "engines"), ("processes", "processes"),
+                       ("coordinator_core_pct", "coordinator % core", ".1f"),
+                       ("cpu_us_per_report", "CPU us/report", ".1f"), ("push_rtt_ms_p50", "push RTT ms", ".2f"),
+                       ("update_ms_p50", "update ms p50", ".2f"), ("update_ms_p99", "update ms p99", ".2f")])
+    if args.output_json:
+        write_json(args.output_json, {"benchmark": "routing_ray", "args": vars(args) | {"func": None},
+                                      "machine": machine_info(), "results": rows})
+    return 0
+
+
 def cmd_routing(args: argparse.Namespace) -> int:
     from raylm.dp.policies import ROUTING_POLICIES
 
+    if args.ray:
+        return cmd_routing_ray(args)
     rng = random.Random(args.seed)
     prompts = [[rng.randrange(50_000) for _ in range(args.prompt_len)] for _ in range(16)]
     rows = []

@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from raylm.bench.queues import QueueSampler, sampling
 from raylm.bench.report import machine_info, print_table, write_json
 from raylm.bench.serve_client import RequestOutput, is_chat_endpoint, request_body, send_request
 from raylm.bench.serve_local import add_inprocess_args, inprocess_sender
@@ -61,6 +62,8 @@ def add_parser(sub, add_engine_args=None) -> None:
     p.add_argument("--data-parallel-rank", type=int, default=None,
                    help="send every request to this DP replica (header X-data-parallel-rank)")
     p.add_argument("--percentiles", default="50,90,99")
+    p.add_argument("--sample-queues", type=float, default=None, metavar="SECONDS",
+                   help="scrape every engine's queue depth from /metrics this often (plotted by bench plot)")
     p.add_argument("--label", default=None, help="tag stored in the report (raylm bench plot groups by it)")
     p.add_argument("--output-json", default=None, help="write the results here (atomically)")
     p.add_argument("--disable-tqdm", action="store_true")
@@ -139,11 +142,11 @@ def load_requests(args: argparse.Namespace) -> Tuple[dict, List[BenchRequest], s
     return spec.to_dict(), build_workload(spec, tokenizer), path, None
 
 
-async def run_requests(args: argparse.Namespace, requests: List[BenchRequest],
-                       offsets: Optional[np.ndarray] = None) -> Tuple[List[RequestOutput], float]:
+async def run_requests(args: argparse.Namespace, requests: List[BenchRequest], offsets: Optional[np.ndarray] = None,
+                       sampler: Optional[QueueSampler] = None) -> Tuple[List[RequestOutput], float]:
     """Send every request on its arrival schedule (`offsets`, else --request-rate), at most
     --max-concurrency at a time; returns the outputs (in request order) and the wall time
-    from first send to last reply."""
+    from first send to last reply. `sampler` scrapes queue depths meanwhile."""
     from tqdm import tqdm
 
     if offsets is None:
@@ -162,7 +165,8 @@ async def run_requests(args: argparse.Namespace, requests: List[BenchRequest],
                 pbar.update(1)
                 return out
 
-            outputs = await asyncio.gather(*(one(i) for i in range(len(requests))))
+            async with sampling(sampler, t0):
+                outputs = await asyncio.gather(*(one(i) for i in range(len(requests))))
             duration = time.perf_counter() - t0
     return list(outputs), duration
 
@@ -174,8 +178,7 @@ async def http_sender(args: argparse.Namespace, requests: List[BenchRequest]):
 
     chat = is_chat_endpoint(args.endpoint)
     url = args.base_url.rstrip("/") + "/" + args.endpoint.lstrip("/")
-    api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    headers = auth_headers(args)
     if args.data_parallel_rank is not None:
         headers["X-data-parallel-rank"] = str(args.data_parallel_rank)
     bodies = [request_body(chat, args.model, r.prompt, r.output_len, args.temperature, args.ignore_eos)
@@ -183,6 +186,11 @@ async def http_sender(args: argparse.Namespace, requests: List[BenchRequest]):
     connector = aiohttp.TCPConnector(limit=args.max_concurrency or len(requests))
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=args.timeout)) as s:
         yield lambda i: send_request(s, url, bodies[i], headers, chat, requests[i].prompt_len)
+
+
+def auth_headers(args: argparse.Namespace) -> Dict[str, str]:
+    api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 def meets_slos(out: RequestOutput, slos: Dict[str, float]) -> bool:
@@ -244,7 +252,10 @@ async def benchmark(args: argparse.Namespace) -> dict:
     slos = parse_goodput(args.goodput)
     percentiles = parse_percentiles(args.percentiles)
     workload, requests, tok_path, offsets = load_requests(args)
-    outputs, duration = await run_requests(args, requests, offsets)
+    sampler = None
+    if args.sample_queues and args.backend == "http":
+        sampler = QueueSampler(args.base_url, auth_headers(args), args.sample_queues)
+    outputs, duration = await run_requests(args, requests, offsets, sampler)
     return {"benchmark": "serve", "label": args.label, "backend": args.backend,
             "base_url": args.base_url if args.backend == "http" else None, "endpoint": args.endpoint,
             "model": args.model, "tokenizer": tok_path, "args": _jsonable_args(args),
@@ -252,7 +263,7 @@ async def benchmark(args: argparse.Namespace) -> dict:
             "goodput_slos_ms": slos, "percentiles": percentiles,
             "workload": {**workload, **summarize(requests)}, "machine": machine_info(),
             "results": compute_metrics(outputs, duration, percentiles, slos),
-            "requests": per_request(outputs)}
+            "requests": per_request(outputs), "queue_depth": sampler.report() if sampler else None}
 
 
 def print_report(report: dict) -> None:

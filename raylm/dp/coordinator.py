@@ -85,13 +85,20 @@ class DPCoordinator:
         comes only when it changed: a report without one keeps the last. Returns the
         `prefix_version` held, so a replica re-sends a summary this coordinator lacks (one
         recreated since)."""
-        self.stats[replica_key] = {**over_held_summary(self.stats.get(replica_key, {}), stats),
-                                   "reported_at": time.time()}
+        return (await self.report_many({replica_key: stats}))[replica_key]
+
+    async def report_many(self, reports: Dict[str, Dict[str, Any]]) -> Dict[str, Optional[int]]:
+        """`report` for several engines at once (a process hosting several simulated
+        engines sends one call per tick); one version bump for all of them."""
         self._stats.bump()
-        summary_at = self._stats.version if "prefix_blocks" in stats else self._changed.get(replica_key, (0, 0))[1]
-        self._changed[replica_key] = (self._stats.version, summary_at)
+        held = {}
+        for key, stats in reports.items():
+            self.stats[key] = {**over_held_summary(self.stats.get(key, {}), stats), "reported_at": time.time()}
+            summary_at = self._stats.version if "prefix_blocks" in stats else self._changed.get(key, (0, 0))[1]
+            self._changed[key] = (self._stats.version, summary_at)
+            held[key] = self.stats[key].get("prefix_version")
         self._export()
-        return self.stats[replica_key].get("prefix_version")
+        return held
 
     async def remove(self, replica_key: str) -> None:
         """A replica is shutting down (scale-down, redeploy)."""

@@ -33,7 +33,9 @@ class Candidate:
     load: int  # waiting * 4 + running, with the router's corrections (lower is better)
     prefix_blocks: FrozenSet[int] = frozenset()  # its prefix summary (raylm.dp.prefix)
     block_size: Optional[int] = None  # of its KV cache (None: not reported yet)
-    replica: Any = field(default=None, repr=False)  # the router's handle on it
+    replica: Any = field(default=None, repr=False)  # the router's handle on its Serve replica
+    engine: Optional[int] = None  # its index in that replica (which may host several)
+    rank: Optional[int] = None  # its DP rank (None: not reported yet)
 
 
 class BaseRoutingPolicy(ABC):

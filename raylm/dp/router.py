@@ -28,6 +28,10 @@ default matches by internal request id, which every handle call made while servi
 HTTP request shares (a multi-prompt completion's later prompts then waited forever). For
 the same reason the bookkeeping keys choices by request object and keeps a list of routings
 per request id.
+
+The candidates are engines, not Serve replicas: a replica hosting several simulated engines
+(raylm.serve.llm_server) has one coordinator entry per engine, each with its own DP rank;
+the router scores and counts each, and names the chosen one in the call (`engine_index`).
 """
 from __future__ import annotations
 
@@ -54,10 +58,11 @@ PIN_WAIT_S = 5.0  # a pinned request waits this long for a starting replica's ra
 
 @dataclass
 class _Routed:
-    """A request Serve routed to replica `key`; `weight` is what it adds to that score."""
+    """A request Serve routed to engine `key`; `weight` is what it adds to that score."""
     key: str
     weight: int
     at: float
+    replica: Optional[str] = None  # the Serve replica hosting it (None: the same as `key`)
 
 
 class DPRouter(RequestRouter):
@@ -73,10 +78,16 @@ class DPRouter(RequestRouter):
         # id(pending request) -> (it, replica key, when): chosen, not yet confirmed by Serve
         self._chosen: Dict[int, Tuple[PendingRequest, str, float]] = {}
         self._poller: Optional[asyncio.Task] = None
+        self._host: Dict[str, str] = {}  # engine key -> its Serve replica's (when they differ)
+        self._hosted_table: Optional[Dict] = None  # the table `_hosted_keys` was computed from
+        self._hosted_keys: Dict[str, List[str]] = {}
 
     def replica_score(self, replica: RunningReplica) -> int:
-        key = replica.replica_id.unique_id
-        stats = self._table.get(key) or replica.routing_stats  # table first; Serve's poll as fallback
+        """A replica's score, by its own entry (one engine) or Serve's stats as the fallback."""
+        return self._score(replica.replica_id.unique_id, replica.routing_stats)
+
+    def _score(self, key: str, fallback: Optional[Dict] = None) -> int:
+        stats = self._table.get(key) or fallback  # table first; Serve's poll as fallback
         return max(0, score(stats) + self._delta[key])
 
     async def choose_replicas(self, candidate_replicas: List[RunningReplica],
@@ -84,34 +95,53 @@ class DPRouter(RequestRouter):
         if not candidate_replicas:
             return []
         self._ensure_poller(candidate_replicas)
+        engines = self._candidates(candidate_replicas)
         pinned = await self._wait_for_pinned(candidate_replicas, pending_request)
-        if pinned:
-            return [pinned]
         prompt = pending_request.kwargs.get("prompt_token_ids", ()) if pending_request is not None else ()
-        ranked = [c.replica for c in self.policy.order([self._candidate(r) for r in candidate_replicas], prompt)]
-        self._choose(pending_request, ranked[0].replica_id.unique_id)
+        ranked = pinned or self.policy.order(engines, prompt)
+        first = ranked[0]
+        self._choose(pending_request, first.key)
+        if pending_request is not None and first.key != first.replica.replica_id.unique_id:
+            pending_request.kwargs["engine_index"] = first.engine  # one of several engines there
         # One replica in the first rank, the rest as fallbacks should it refuse: Serve's
         # queue-length probing must not override the policy.
-        return [[ranked[0]], ranked[1:]] if len(ranked) > 1 else [[ranked[0]]]
+        rest, seen = [], {id(first.replica)}
+        for c in ranked[1:]:
+            if id(c.replica) not in seen:
+                seen.add(id(c.replica))
+                rest.append(c.replica)
+        return [[first.replica], rest] if rest else [[first.replica]]
 
-    def _candidate(self, replica: RunningReplica) -> Candidate:
-        stats = self._table.get(replica.replica_id.unique_id) or {}
-        return Candidate(replica.replica_id.unique_id, self.replica_score(replica),
-                         stats.get("prefix_blocks") or frozenset(), stats.get("block_size"), replica)
+    def _candidates(self, replicas: List[RunningReplica]) -> List[Candidate]:
+        """Every engine of `replicas` in the table; a replica not in it yet counts as one."""
+        hosted = self._hosted()
+        out = []
+        for r in replicas:
+            for key in hosted.get(r.replica_id.unique_id) or [r.replica_id.unique_id]:
+                stats = self._table.get(key) or r.routing_stats or {}
+                out.append(Candidate(key, self._score(key, r.routing_stats), stats.get("prefix_blocks") or frozenset(),
+                                     stats.get("block_size"), r, stats.get("engine_index"), stats.get("dp_rank")))
+        return out
 
-    def _rank_of(self, replica: RunningReplica) -> Optional[int]:
-        return (self._table.get(replica.replica_id.unique_id) or replica.routing_stats or {}).get("dp_rank")
+    def _hosted(self) -> Dict[str, List[str]]:
+        """Serve replica key -> its engines' keys in the table (computed once per table)."""
+        if self._hosted_table is not self._table:
+            self._hosted_table, self._hosted_keys, self._host = self._table, defaultdict(list), {}
+            for key, stats in self._table.items():
+                self._host[key] = stats.get("replica", key)
+                self._hosted_keys[self._host[key]].append(key)
+        return self._hosted_keys
 
-    def _pinned(self, replicas: List[RunningReplica], pending: Optional[PendingRequest]) -> List[RunningReplica]:
-        """Replicas matching the request's `data_parallel_rank` hint (vLLM's targeted DP
+    def _pinned(self, replicas: List[RunningReplica], pending: Optional[PendingRequest]) -> List[Candidate]:
+        """Engines matching the request's `data_parallel_rank` hint (vLLM's targeted DP
         routing, HTTP header X-data-parallel-rank); empty when there is no hint."""
         rank = pending.kwargs.get("data_parallel_rank") if pending is not None else None
         if rank is None:
             return []
-        return [r for r in replicas if self._rank_of(r) == rank]
+        return [c for c in self._candidates(replicas) if c.rank == rank]
 
     async def _wait_for_pinned(self, replicas: List[RunningReplica],
-                               pending: Optional[PendingRequest]) -> List[RunningReplica]:
+                               pending: Optional[PendingRequest]) -> List[Candidate]:
         """`_pinned`, but while a candidate's rank is still unknown (a replica that has not
         reported yet: right after start), wait up to PIN_WAIT_S for it rather than route a
         pinned request by load to another rank."""
@@ -120,7 +150,7 @@ class DPRouter(RequestRouter):
             pinned = self._pinned(replicas, pending)
             if pinned or pending is None or pending.kwargs.get("data_parallel_rank") is None:
                 return pinned
-            if all(self._rank_of(r) is not None for r in replicas) or time.monotonic() > deadline:
+            if all(c.rank is not None for c in self._candidates(replicas)) or time.monotonic() > deadline:
                 return []
             self._ensure_poller(replicas)
             await asyncio.sleep(0.05)  # the coordinator's table arrives by long poll
@@ -153,21 +183,24 @@ class DPRouter(RequestRouter):
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: ReplicaResult) -> None:
-        key, rid = replica_id.unique_id, pending_request.metadata.internal_request_id
+        replica, rid = replica_id.unique_id, pending_request.metadata.internal_request_id
+        _, chosen, _ = self._chosen.get(id(pending_request), (None, None, 0.0))
+        # the engine chosen, if the request went to its replica (else a fallback took it)
+        key = chosen if chosen is not None and self._host.get(chosen, chosen) == replica else replica
         self._unchoose(id(pending_request))  # the provisional count becomes the confirmed one
         self._delta[key] += WAITING_WEIGHT
-        self._outstanding[rid].append(_Routed(key, WAITING_WEIGHT, time.time()))
+        self._outstanding[rid].append(_Routed(key, WAITING_WEIGHT, time.time(), replica))
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         key, routed = replica_id.unique_id, self._outstanding.get(internal_request_id, [])
-        done = next((x for x in routed if x.key == key), None)
+        done = next((x for x in routed if (x.replica or x.key) == key), None)
         if done is None:  # routed before this router knew it (e.g. it restarted)
             self._delta[key] -= 1
             return
         routed.remove(done)
         if not routed:
             del self._outstanding[internal_request_id]
-        self._delta[key] -= done.weight
+        self._delta[done.key] -= done.weight
 
     def _absorb_report(self, key: str, computed_at: float) -> None:
         """A fresh report from `key` counts the requests routed there well before it was

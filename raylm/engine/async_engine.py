@@ -55,6 +55,9 @@ class AsyncEngine:
         self._step_started: Optional[float] = None  # monotonic time the running step began
         self._watchdog: Optional[threading.Thread] = None
         self._stopped = threading.Event()  # set by shutdown(): the watchdog exits at once
+        # A simulated device's step time is awaited here rather than slept through in the
+        # step, so engines sharing one event loop (sim fleets) step concurrently.
+        self.engine.core.executor.defer_device_time()
 
     @property
     def tokenizer(self):
@@ -199,6 +202,9 @@ class AsyncEngine:
                 self._step_started = time.monotonic()
                 outputs = self.engine.step()
                 self._step_started = None
+                due = self.engine.core.executor.due_in()
+                if due > 0:  # a simulated step: its outputs are due after its device time
+                    await asyncio.sleep(due)
                 if self.dead is not None:  # the watchdog gave up on this step while it ran
                     raise self.dead
                 for out in outputs:

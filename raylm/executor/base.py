@@ -52,6 +52,17 @@ class Executor(ABC):
         Executors that cannot overlap steps run it now."""
         return _Done(self.execute_model(sched))
 
+    def due_in(self) -> float:
+        """Seconds until the last step's results are due. A real executor returns once they
+        are (0); the simulated one, told `defer_device_time()`, returns at once instead of
+        sleeping through its simulated step, and its caller waits this long without
+        blocking its event loop (several simulated engines then share one process)."""
+        return 0.0
+
+    def defer_device_time(self) -> None:
+        """Let `execute_model` return before its (simulated) device time has passed; see
+        `due_in`. A no-op for executors whose device work is real."""
+
     def check_health(self) -> None:
         if not all(self.collective_rpc("check_health")):
             raise RuntimeError("a worker reported unhealthy")

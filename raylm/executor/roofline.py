@@ -125,3 +125,22 @@ def kv_blocks(model: ModelShape, device: DeviceProfile, block_size: int, utiliza
         raise ValueError(f"{model.name} ({model.weight_bytes / GiB:.1f} GiB of weights) does not fit in "
                          f"{device.name} ({device.memory_bytes / GiB:.0f} GiB)")
     return int(free // (model.kv_bytes_per_token * block_size))
+
+
+def request_seconds(model: ModelShape, device: DeviceProfile, prompt_len: int, output_len: int,
+                    batch: int) -> float:
+    """Device time one request costs an engine that keeps `batch` sequences decoding: its
+    prefill as a step of its own, plus its share (1/batch) of each decode step it is in
+    (sequences at this one's mid-decode length). An estimate for sizing loads, not a step."""
+    prefill = step_time(model, device, [(0, prompt_len, True)])
+    mid = prompt_len + output_len // 2
+    decode = step_time(model, device, [(mid, 1, True)] * batch) / batch
+    return prefill + max(0, output_len - 1) * decode
+
+
+def fleet_capacity(model: ModelShape, device: DeviceProfile, lengths: Sequence[Tuple[int, int]],
+                   batch: int, engines: int) -> float:
+    """Requests/s `engines` engines sustain on requests of these (prompt, output) lengths,
+    with no prefix-cache hits: engines over the mean `request_seconds`."""
+    mean = sum(request_seconds(model, device, p, o, batch) for p, o in lengths) / len(lengths)
+    return engines / mean

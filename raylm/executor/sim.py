@@ -60,6 +60,8 @@ class SimExecutor(Executor):
         self.known: Dict[str, int] = {}  # request -> tokens it has (prompt + sampled)
         self.sampled = 0
         self.simulated_s = 0.0  # the sum of every step's roofline time
+        self.deferred = False  # defer_device_time(): the caller waits out each step (due_in)
+        self.due_at = 0.0  # perf_counter time the last step's results are due
 
     def initialize(self) -> int:
         blocks = self.config.cache.num_blocks
@@ -90,8 +92,16 @@ class SimExecutor(Executor):
             self.known[rid] += int(samples)
         t = step_time(self.model, self.device, seqs)
         self.simulated_s += t
-        time.sleep(max(0.0, t - (time.perf_counter() - start)))
+        self.due_at = start + t
+        if not self.deferred:
+            time.sleep(self.due_in())
         return ModelRunnerOutput(sampled, timings={"forward": t, "simulated": 1.0})
+
+    def defer_device_time(self) -> None:
+        self.deferred = True
+
+    def due_in(self) -> float:
+        return max(0.0, self.due_at - time.perf_counter())
 
     def _next_token(self) -> int:
         self.sampled += 1

@@ -4,6 +4,12 @@ Each replica owns an AsyncEngine and its executor, knows its DP rank (Serve's re
 rank), pushes its load to the DP coordinator when it changes (at most every ~100 ms),
 and records the same metrics to the Ray dashboard. Serve calls `check_health` on a
 period; a dead engine loop or executor fails it and Serve replaces the replica.
+
+With the simulated executor a replica may host several engines (`engines_per_replica`,
+for fleet studies on a small machine): each is its own DP rank (replica rank * K + i) and
+its own entry in the coordinator's table (key `replica/i`); the router picks one and
+names it in the call (`engine_index`). Their loops share the replica's event loop, which
+waits out simulated steps instead of sleeping through them.
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import asyncio
 import logging
 import os
 import time
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Dict, List, Optional
 
@@ -28,8 +35,21 @@ COORDINATOR_ACTOR = "dp_coordinator"
 DEAD_REPLICA_WAITING = 1 << 20
 
 
+@dataclass
+class _Slot:
+    """One engine of this replica and its reporting state."""
+    engine: AsyncEngine
+    key: str  # its entry in the coordinator's table
+    index: int
+    inflight: int = 0  # generate() calls for it, whether or not the engine has them yet
+    held_prefix: Optional[int] = None  # the prefix summary version the coordinator holds
+    last_pushed: Optional[Dict] = None  # the load last pushed (what a change is measured against)
+    pending_load: Optional[Dict] = None  # the load being pushed
+    last_push: float = 0.0
+
+
 class LLMServer:
-    def __init__(self, engine_config: Dict[str, Any], model_name: str) -> None:
+    def __init__(self, engine_config: Dict[str, Any], model_name: str, engines_per_replica: int = 1) -> None:
         import ray
         from ray import serve
 
@@ -46,83 +66,105 @@ class LLMServer:
             self.lockstep = LockstepMember(self.coordinator, self.replica_key, config.parallel.data_parallel_size)
             config = config.model_copy(update={"parallel": config.parallel.model_copy(
                 update=self.lockstep.parallel_fields())})
-        self.engine = AsyncEngine(config)
+        self.slots = [_Slot(AsyncEngine(config), self._key(i, engines_per_replica), i)
+                      for i in range(engines_per_replica)]
+        self.engine = self.slots[0].engine
         if self.lockstep is not None:
             self.lockstep.attach(self.engine)  # no warmup: a lone forward would wait on the others
         else:
-            self.engine.warmup()  # the first request must not pay for oneDNN's JIT (~10 s)
-        self._inflight = 0  # generate() calls in this replica, whether or not the engine has them yet
+            for slot in self.slots:
+                slot.engine.warmup()  # the first request must not pay for oneDNN's JIT (~10 s)
         self._pusher: Optional[asyncio.Task] = None
-        self._last_pushed: Optional[Dict] = None
         self._metrics = None
         self._published: Dict[str, Dict] = {}  # the last stats published per rank (counter deltas)
         self.sender = OutputSender()
-        self.engine.add_step_listener(self.sender.flush)
+        for slot in self.slots:
+            slot.engine.add_step_listener(self.sender.flush)
         logger.info("LLMServer dp_rank=%d ready (%s)", self.dp_rank, model_name)
 
     def __del__(self) -> None:
         """Serve's shutdown hook (scale-down, redeploy): leave the coordinator's table so
         metrics and routers forget this replica; stop the engine's worker actors."""
         try:
-            self.coordinator.remove.remote(self.replica_key)
+            for slot in self.slots:
+                self.coordinator.remove.remote(slot.key)
             self.sender.close()
-            self.engine.shutdown()
+            for slot in self.slots:
+                slot.engine.shutdown()
         except Exception:  # shutting down anyway
             pass
 
-    @property
-    def rank(self) -> int:
-        """DP rank: the group's for expert-parallel replicas (it changes on re-forming), else Serve's."""
-        return self.lockstep.rank if self.lockstep is not None else self.dp_rank
+    def _key(self, index: int, count: int) -> str:
+        return self.replica_key if count == 1 else f"{self.replica_key}/{index}"
+
+    def rank(self, slot: _Slot) -> int:
+        """DP rank: the group's for expert-parallel replicas (it changes on re-forming), else
+        Serve's (times the engines per replica, plus the engine's index)."""
+        if self.lockstep is not None:
+            return self.lockstep.rank
+        return self.dp_rank * len(self.slots) + slot.index
+
+    def _slot(self, engine_index: Optional[int], data_parallel_rank: Optional[int]) -> _Slot:
+        """The engine a call runs on: the router's pick, else the pinned rank's, else the
+        one with the fewest calls in flight."""
+        if engine_index is not None and 0 <= engine_index < len(self.slots):
+            return self.slots[engine_index]
+        pinned = [s for s in self.slots if self.rank(s) == data_parallel_rank]
+        return pinned[0] if pinned else min(self.slots, key=lambda s: s.inflight)
 
     async def generate(self, channel: ChannelAddress, key: int, prompt_token_ids: List[int],
-                       params: SamplingParams, request_id: str, data_parallel_rank: Optional[int] = None) -> None:
+                       params: SamplingParams, request_id: str, data_parallel_rank: Optional[int] = None,
+                       engine_index: Optional[int] = None) -> None:
         """Run one request, sending its outputs (deltas when `params.output_kind == "delta"`,
         as the ingress asks) to the ingress's output channel under `key`: every step's in one
         frame, sent before the next step starts. Returns once the last one is on its way;
         cancelling the call aborts the request. `data_parallel_rank` is a routing hint the
-        router has already acted on."""
+        router has already acted on; `engine_index` is the router's choice of engine here."""
         self._ensure_pusher()
+        slot = self._slot(engine_index, data_parallel_rank)
         timer = self._timer(len(prompt_token_ids), params.output_kind == "delta")
-        self._inflight += 1
+        slot.inflight += 1
         try:
             conn = await self.sender.connection(channel)
             done = asyncio.get_running_loop().create_future()
-            self.engine.submit({"prompt_token_ids": prompt_token_ids}, params, request_id,
-                               partial(self._forward, conn, key, timer, done))
+            slot.engine.submit({"prompt_token_ids": prompt_token_ids}, params, request_id,
+                               partial(self._forward, conn, key, timer, done, slot))
             try:
                 await done
             finally:
                 finished = done.done() and not done.cancelled() and done.exception() is None
-                self.engine.release(request_id, finished)
+                slot.engine.release(request_id, finished)
             await conn.drain()
         finally:
-            self._inflight -= 1
+            slot.inflight -= 1
 
-    def _forward(self, conn, key: int, timer, done: asyncio.Future, item) -> None:
+    def _forward(self, conn, key: int, timer, done: asyncio.Future, slot: _Slot, item) -> None:
         """A request's output sink, on the engine loop: outputs to the channel, the end to `done`."""
         if done.done():
             return
         if isinstance(item, BaseException):
             done.set_exception(item)
             return
-        item.metrics["dp_rank"] = self.rank
+        rank = item.metrics["dp_rank"] = self.rank(slot)  # a lockstep rank may change mid-request
         if timer is not None:
-            timer.update(item, self.rank)
+            timer.update(item, rank)
         conn.send(key, item)
         if item.finished:
             done.set_result(None)
 
-    def stats(self) -> Dict[str, Any]:
-        s = self.engine.stats()
+    def stats(self, slot: Optional[_Slot] = None) -> Dict[str, Any]:
+        """One engine's load and counters (the first's by default)."""
+        slot = slot or self.slots[0]
+        s = slot.engine.stats()
         # Requests accepted here but not yet in the engine's queues count as waiting: a report
         # must not make a replica look idler than it is (the router trusts fresh reports).
-        waiting = max(s.num_waiting, self._inflight - s.num_running)
-        if self.engine.dead is not None:
+        waiting = max(s.num_waiting, slot.inflight - s.num_running)
+        if slot.engine.dead is not None:
             # A dead engine (e.g. a TP worker died) is idle and would win every routing
             # decision until Serve replaces it; report it as unreachable instead.
             waiting = DEAD_REPLICA_WAITING
-        return {"dp_rank": self.rank, "replica": self.replica_key, "computed_at": time.time(),
+        return {"dp_rank": self.rank(slot), "replica": self.replica_key, "engine_index": slot.index,
+                "computed_at": time.time(),
                 "pid": os.getpid(), "node_ip": self.node_ip, "num_waiting": waiting,
                 "num_running": s.num_running, "kv_cache_usage": s.kv_cache_usage,
                 "num_free_blocks": s.num_free_blocks, "num_blocks": s.num_blocks,
@@ -142,7 +184,8 @@ class LLMServer:
         return {**self.stats(), "coordinator": self.coordinator_identity}
 
     async def check_health(self) -> None:
-        self.engine.check_health()
+        for slot in self.slots:
+            slot.engine.check_health()
 
     def coordinator_info(self):
         return self.coordinator_identity
@@ -156,37 +199,45 @@ class LLMServer:
             self.lockstep.ensure_watching()
 
     async def _push_loop(self) -> None:
-        last_push, held_prefix = 0.0, None  # the prefix summary version the coordinator holds
         while True:
-            stats = self.stats()
-            # the summary is copied only when the coordinator lacks this version of it
-            held = -1 if held_prefix is None else held_prefix
-            block_size, prefix_version, prefix_blocks = self.engine.prefix_summary(held)
-            load = {k: stats[k] for k in ("num_waiting", "num_running", "num_free_blocks", "dp_rank")}
-            # the expert assignment too: a re-formed EP group must show in the table at once
-            load.update({k: stats.get(k) for k in ("dp_running", "dp_dummy_steps", "dp_experts")})
-            load["prefix_version"] = prefix_version
-            # on change, and at least every HEARTBEAT_S: a silent replica is presumed gone
-            if load != self._last_pushed or time.monotonic() - last_push > HEARTBEAT_S:
-                last_push = time.monotonic()
-                stats["block_size"] = block_size
-                if prefix_version != held_prefix:  # the summary only when the coordinator lacks it
-                    stats.update(prefix_blocks=prefix_blocks, prefix_version=prefix_version)
+            reports = {slot.key: stats for slot in self.slots if (stats := self._report(slot)) is not None}
+            if reports:
                 try:
-                    held_prefix = await self.coordinator.report.remote(self.replica_key, stats)
-                    self._last_pushed = load
-                    self._publish(stats)
+                    held = await self.coordinator.report_many.remote(reports)
+                    for slot in self.slots:
+                        if slot.key in held:
+                            slot.held_prefix, slot.last_pushed = held[slot.key], slot.pending_load
+                    self._publish(list(reports.values()))
                 except Exception as exc:  # coordinator being recreated: retry next tick
                     logger.warning("cannot reach the DP coordinator: %s", exc)
             await asyncio.sleep(PUSH_INTERVAL_S)
 
-    def _publish(self, stats: Dict[str, Any]) -> None:
+    def _report(self, slot: _Slot) -> Optional[Dict[str, Any]]:
+        """`slot`'s stats if they are due to be pushed (changed, or a heartbeat), else None.
+        The prefix summary rides along only when the coordinator lacks its version."""
+        stats = self.stats(slot)
+        held = -1 if slot.held_prefix is None else slot.held_prefix
+        block_size, prefix_version, prefix_blocks = slot.engine.prefix_summary(held)
+        load = {k: stats[k] for k in ("num_waiting", "num_running", "num_free_blocks", "dp_rank")}
+        # the expert assignment too: a re-formed EP group must show in the table at once
+        load.update({k: stats.get(k) for k in ("dp_running", "dp_dummy_steps", "dp_experts")})
+        load["prefix_version"] = prefix_version
+        # on change, and at least every HEARTBEAT_S: a silent replica is presumed gone
+        if load == slot.last_pushed and time.monotonic() - slot.last_push <= HEARTBEAT_S:
+            return None
+        slot.last_push = time.monotonic()
+        stats["block_size"], slot.pending_load = block_size, load
+        if prefix_version != slot.held_prefix:
+            stats.update(prefix_blocks=prefix_blocks, prefix_version=prefix_version)
+        return stats
+
+    def _publish(self, stats: List[Dict[str, Any]]) -> None:
         """The engine's gauges and counters (running, waiting, KV use, prefix cache,
         preemptions) on Ray's metrics export too, where the dashboard reads them."""
         from raylm.serve.metrics import publish_engine_stats
 
         try:
-            publish_engine_stats(self._sink(), self.model_name, [stats], self._published)
+            publish_engine_stats(self._sink(), self.model_name, stats, self._published)
         except Exception as exc:  # metrics must never stop serving
             logger.debug("engine metrics not published: %r", exc)
 
