@@ -2,7 +2,8 @@
 # Routing policies on a simulated fleet (issue 19): ENGINES simulated engines (PER in each
 # Serve replica process, each its own DP rank), every policy in turn, on the Azure
 # conversation trace and on the prefix-sharing workload, each at LOADS x the fleet's
-# roofline capacity (`raylm bench sim-capacity`), then `raylm bench plot`.
+# capacity (`raylm bench sim-capacity`: one engine's saturated throughput on the same
+# requests, measured on the simulator, times ENGINES), then `raylm bench plot`.
 # Usage: scripts/bench_routing_fleet.sh OUT_DIR   (ENGINES=64 PER=8 LOADS="0.8" by default)
 #
 # Time is dilated 100x: the device is the h100 preset at 1/100 of its bandwidth, FLOPs and
@@ -32,7 +33,8 @@ declare -A RATE
 for w in $WORKLOADS; do
   for load in $LOADS; do
     cap=$("$RAYLM" bench sim-capacity --sim-device "$DEVICE" --sim-model "$SIM_MODEL" --engines "$ENGINES" \
-          --max-num-seqs "$MAX_SEQS" --load "$load" --num-prompts "$N" --seed 1 ${WORK[$w]} | tail -n 1)
+          --max-num-seqs "$MAX_SEQS" --num-blocks "$NUM_BLOCKS" --load "$load" --num-prompts "$N" --seed 1 ${WORK[$w]} \
+          | tail -n 1)
     echo "$cap" > "$OUT/capacity_${w}_l${load}.json"
     if [ "$w" = trace ]; then
       RATE[$w,$load]="--trace-time-scale $(python3 -c "import json,sys; print(json.loads(sys.argv[1])['trace_time_scale'])" "$cap")"
