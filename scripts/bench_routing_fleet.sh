@@ -16,6 +16,7 @@ set -euo pipefail
 OUT=${1:?usage: $0 OUT_DIR}
 ENGINES=${ENGINES:-64}; PER=${PER:-8}; LOADS=${LOADS:-0.8}; N=${N:-600}; PORT=${PORT:-8200}
 MAX_SEQS=${MAX_SEQS:-8}; NUM_BLOCKS=${NUM_BLOCKS:-640}; PREFIXES=${PREFIXES:-32}; PREFIX_OUT=${PREFIX_OUT:-64}
+TRACE_OUT=${TRACE_OUT:-64}  # the trace's outputs are clipped to this many tokens
 POLICIES=${POLICIES:-"least_loaded power_of_two round_robin prefix_aware"}
 WORKLOADS=${WORKLOADS:-"trace prefix"}
 DEVICE=${DEVICE:-h100x0.01:26.8:5.934:80:100}; SIM_MODEL=${SIM_MODEL:-llama-3-8b}
@@ -24,7 +25,7 @@ GOODPUT=${GOODPUT:-"ttft:20000 tpot:1500"}  # 200 ms / 15 ms on the H100 time sc
 RAYLM=${RAYLM:-.venv/bin/raylm}
 source "$(dirname "$0")/sim_server.sh"
 declare -A WORK=(
-  [trace]="--trace $TRACE --max-prompt-len 2048 --max-output-len 64"
+  [trace]="--trace $TRACE --max-prompt-len 2048 --max-output-len $TRACE_OUT"
   [prefix]="--prefix-sharing --num-prefixes $PREFIXES --prefix-len 1024 --suffix-len 32 --output-median $PREFIX_OUT"
 )
 mkdir -p "$OUT"
