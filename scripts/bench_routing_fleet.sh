@@ -22,6 +22,7 @@ WORKLOADS=${WORKLOADS:-"trace prefix"}
 DEVICE=${DEVICE:-h100x0.01:26.8:5.934:80:100}; SIM_MODEL=${SIM_MODEL:-llama-3-8b}
 TRACE=${TRACE:-../shared/traces/azure_llm_2023_conv.csv}
 GOODPUT=${GOODPUT:-"ttft:20000 tpot:1500"}  # 200 ms / 15 ms on the H100 time scale
+EXTRA=${EXTRA:-}  # more `raylm serve` flags, e.g. "--prefix-max-imbalance 2"
 RAYLM=${RAYLM:-.venv/bin/raylm}
 source "$(dirname "$0")/sim_server.sh"
 declare -A WORK=(
@@ -47,7 +48,7 @@ done
 for policy in $POLICIES; do
   start_sim_server "$OUT/serve_$policy.log" "$ENGINES" --sim-device "$DEVICE" --sim-model "$SIM_MODEL" \
     --dp $((ENGINES / PER)) --engines-per-replica "$PER" --num-cpus-per-replica "$(python3 -c "print(2 / ($ENGINES / $PER))")" \
-    --routing-policy "$policy" --num-blocks "$NUM_BLOCKS" --max-num-seqs "$MAX_SEQS" --max-model-len 4096
+    --routing-policy "$policy" --num-blocks "$NUM_BLOCKS" --max-num-seqs "$MAX_SEQS" --max-model-len 4096 $EXTRA
   for w in $WORKLOADS; do
     mkdir -p "$OUT/$w"
     for load in $LOADS; do
