@@ -39,7 +39,7 @@ class ServeArgs(EngineArgs):
         "least_loaded", description="how requests pick an engine replica: " + ", ".join(ROUTING_POLICIES)
                                     + " (raylm.dp.policies)")
     prefix_max_imbalance: int = Field(
-        8, ge=0, description="prefix_aware routing: how far above the lowest load score (waiting*4 + running) "
+        2, ge=0, description="prefix_aware routing: how far above the lowest load score (waiting*4 + running) "
                              "a replica holding the prompt's prefix may be and still get it")
     engines_per_replica: int = Field(
         1, gt=0, description="sim executor only: engines each replica process hosts, each its own DP rank "
