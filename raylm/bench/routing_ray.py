@@ -97,7 +97,8 @@ def measure(engines: int, per_process: int, seconds: float) -> Dict[str, float]:
     for actor in hosts + [poller, coordinator]:
         ray.kill(actor)
     reports = engines / PUSH_S * wall
-    return {"engines": engines, "processes": len(hosts), "engines_seen": seen, "coordinator_core_pct": 100 * cpu / wall,
+    return {"engines": engines, "processes": len(hosts), "engines_seen": seen,
+            "coordinator_core_pct": 100 * cpu / wall,
             "cpu_us_per_report": 1e6 * cpu / reports, "push_rtt_ms_p50": 1e3 * statistics.median(rtts),
             "update_ms_p50": 1e3 * statistics.median(lags), "update_ms_p99": 1e3 * _p99(lags)}
 

@@ -119,8 +119,9 @@ class DPRouter(RequestRouter):
         for r in replicas:
             for key in hosted.get(r.replica_id.unique_id) or [r.replica_id.unique_id]:
                 stats = self._table.get(key) or r.routing_stats or {}
-                out.append(Candidate(key, self._score(key, r.routing_stats), stats.get("prefix_blocks") or frozenset(),
-                                     stats.get("block_size"), r, stats.get("engine_index"), stats.get("dp_rank")))
+                summary = stats.get("prefix_blocks") or frozenset()
+                out.append(Candidate(key, self._score(key, r.routing_stats), summary, stats.get("block_size"), r,
+                                     stats.get("engine_index"), stats.get("dp_rank")))
         return out
 
     def _hosted(self) -> Dict[str, List[str]]:
