@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import statistics
 import time
 from typing import Dict, List
 
@@ -82,6 +81,8 @@ def measure(engines: int, per_process: int, seconds: float) -> Dict[str, float]:
     """One fleet size on the running Ray cluster; medians and p99s in us / ms."""
     import ray
 
+    from raylm.bench.serve import latency_stats
+
     coordinator = ray.remote(_coordinator_class()).options(num_cpus=0).remote()
     hosts = [ray.remote(_EngineHost).options(num_cpus=0).remote(coordinator, f"replica-{p}", per_process)
              for p in range(max(1, engines // per_process))]
@@ -97,15 +98,11 @@ def measure(engines: int, per_process: int, seconds: float) -> Dict[str, float]:
     for actor in hosts + [poller, coordinator]:
         ray.kill(actor)
     reports = engines / PUSH_S * wall
+    rtt, lag = latency_stats(rtts, [99]), latency_stats(lags, [99])
     return {"engines": engines, "processes": len(hosts), "engines_seen": seen,
             "coordinator_core_pct": 100 * cpu / wall,
-            "cpu_us_per_report": 1e6 * cpu / reports, "push_rtt_ms_p50": 1e3 * statistics.median(rtts),
-            "update_ms_p50": 1e3 * statistics.median(lags), "update_ms_p99": 1e3 * _p99(lags)}
-
-
-def _p99(values: List[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+            "cpu_us_per_report": 1e6 * cpu / reports, "push_rtt_ms_p50": rtt["median"],
+            "update_ms_p50": lag["median"], "update_ms_p99": lag["p99"]}
 
 
 def run(fleets: List[int], per_process: int, seconds: float) -> List[Dict[str, float]]:

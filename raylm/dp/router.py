@@ -95,10 +95,9 @@ class DPRouter(RequestRouter):
         if not candidate_replicas:
             return []
         self._ensure_poller(candidate_replicas)
-        engines = self._candidates(candidate_replicas)
         pinned = await self._wait_for_pinned(candidate_replicas, pending_request)
         prompt = pending_request.kwargs.get("prompt_token_ids", ()) if pending_request is not None else ()
-        ranked = pinned or self.policy.order(engines, prompt)
+        ranked = pinned or self.policy.order(self._candidates(candidate_replicas), prompt)
         first = ranked[0]
         self._choose(pending_request, first.key)
         if pending_request is not None and first.key != first.replica.replica_id.unique_id:
