@@ -106,9 +106,13 @@ def kill_tagged(tag: str) -> None:
 def replica_nodes() -> list:
     """The node IDs of the alive LLMServer replicas (the fake nodes share one IP), from
     Ray's state API (served by the head's dashboard)."""
+    import ray
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", REPLICA), ("state", "=", "ALIVE")])
+    # this cluster's address: a plain lookup refuses when another cluster runs on the host
+    # (the test session's own, once an earlier test started it)
+    alive = [("class_name", "=", REPLICA), ("state", "=", "ALIVE")]
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=alive)
     return sorted(a.node_id for a in actors)
 
 

@@ -31,7 +31,10 @@ def replicas_by_node(class_name: str) -> dict:
     from ray.util.state import list_actors
 
     ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
-    actors = list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
+    # this cluster's address: a plain lookup refuses when another cluster runs on the host
+    # (the test session's own, once an earlier test started it)
+    alive = [("class_name", "=", class_name), ("state", "=", "ALIVE")]
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=alive)
     return {a.actor_id: ips.get(a.node_id, "gone") for a in actors}
 
 
