@@ -20,10 +20,12 @@ mkdir -p "$OUT"
 for policy in $POLICIES; do
   start_sim_server "$OUT/serve_$policy.log" "$DP" --sim-device "$DEVICE" --sim-model "$SIM_MODEL" --dp "$DP" \
     --num-cpus-per-replica 0.25 --routing-policy "$policy" --num-blocks "$NUM_BLOCKS" --max-model-len 4096
+  seed=0
   for rate in $RATES; do
+    seed=$((seed + 1))  # each rate its own prompts: none may hit what an earlier rate cached
     timeout 900 "$RAYLM" bench serve --base-url "http://127.0.0.1:$PORT" --model smollm2-135m-instruct \
       --prefix-sharing --num-prefixes "$PREFIXES" --prefix-len 1024 --suffix-len 32 --output-median 64 \
-      --num-prompts "$N" --request-rate "$rate" --seed 1 --label "$policy" --goodput ttft:5000 tpot:500 \
+      --num-prompts "$N" --request-rate "$rate" --seed "$seed" --label "$policy" --goodput ttft:5000 tpot:500 \
       --disable-tqdm --output-json "$OUT/${policy}_r${rate}.json" | tail -n 25 > "$OUT/${policy}_r${rate}.txt"
   done
   stop_sim_server
