@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import List, Optional, Union
+from typing import Dict, List, Optional, Union
 
 _GREEDY_EPS = 1e-5
 OUTPUT_KINDS = ("cumulative", "delta")
@@ -36,6 +36,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
+    logit_bias: Optional[Dict[int, float]] = None  # token id -> bias in [-100, 100]
     skip_special_tokens: bool = True
     # How an AsyncEngine stream reports progress: "cumulative" (every output holds all text
     # and tokens so far; the offline API's form) or "delta" (only what is new since the last
@@ -53,6 +55,7 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
+        self.logit_bias = self.logit_bias or None
         if self.temperature < _GREEDY_EPS:
             # Greedy: the other filters cannot change an argmax.
             self.temperature, self.top_p, self.top_k, self.min_p = 0.0, 1.0, 0, 0.0
@@ -72,6 +75,11 @@ class SamplingParams:
             ("min_tokens", isinstance(self.min_tokens, int) and self.min_tokens >= 0, "must be an integer >= 0"),
             ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
              "must be an integer in [0, 20]"),
+            ("prompt_logprobs", self.prompt_logprobs is None
+             or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= 20),
+             "must be an integer in [0, 20]"),
+            ("logit_bias", self.logit_bias is None or _valid_bias(self.logit_bias),
+             "must map token ids (integers >= 0) to numbers in [-100, 100]"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
             ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "must be non-negative integers"),
@@ -90,3 +98,9 @@ class SamplingParams:
 
     def clone(self) -> "SamplingParams":
         return copy.deepcopy(self)
+
+
+def _valid_bias(bias) -> bool:
+    return isinstance(bias, dict) and all(
+        isinstance(t, int) and t >= 0 and isinstance(b, (int, float)) and -100 <= b <= 100
+        for t, b in bias.items())

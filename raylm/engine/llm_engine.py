@@ -84,6 +84,9 @@ class LLMEngine:
         bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
         if bad:  # they index the logits (min_tokens masks them): out of range would fail the whole step
             raise ValueError(f"stop_token_ids out of vocabulary (size {self.vocab_size}): {bad[:5]}")
+        bad = [t for t in params.logit_bias or () if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias token ids out of vocabulary (size {self.vocab_size}): {bad[:5]}")
 
     def add_request(self, prompt: PromptType, params: Optional[SamplingParams] = None,
                     request_id: Optional[str] = None) -> str:

@@ -98,7 +98,8 @@ class Scheduler:
         while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
                and len(num_scheduled) < self._limit):
             request = self.waiting[0]
-            computed, num_hit = self.kv.get_computed_blocks(request)
+            # a hit would skip the positions that prompt logprobs come from: recompute them
+            computed, num_hit = ([], 0) if request.needs_prompt_logprobs else self.kv.get_computed_blocks(request)
             # The KV manager counts the hits itself (request.num_computed_tokens + len(computed) *
             # block_size), so num_computed_tokens stays 0 until the hits are allocated.
             n = self._num_new_tokens(request, budget, num_hit)
@@ -166,6 +167,7 @@ class Scheduler:
             request = self.requests.get(req_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
+            self._collect_prompt_logprobs(request, output.prompt_logprobs.get(req_id))
             request.num_computed_tokens += n
             # Register blocks as soon as they are full, mid chunked prefill too, so a request
             # preempted mid-prefill (or one sharing its prefix) can reuse them.
@@ -180,8 +182,26 @@ class Scheduler:
                     self._finish(request, status)
                     break
             outputs.append(EngineCoreOutput(req_id, tokens, output.logprobs.get(req_id), request.finish_reason,
-                                            request.stop_reason, max(request.num_cached_tokens, 0)))
+                                            request.stop_reason, max(request.num_cached_tokens, 0),
+                                            self._take_prompt_logprobs(request)))
         return outputs
+
+    @staticmethod
+    def _collect_prompt_logprobs(request: Request, positions) -> None:
+        """Keep the positions not scored before: entry j of this step scores prompt token
+        start + 1 + j (start: the step's first position); a recompute after preemption
+        scores some again."""
+        start = request.num_computed_tokens
+        for j, position in enumerate(positions or ()):
+            if start + j == len(request.prompt_logprobs):
+                request.prompt_logprobs.append(position)
+
+    @staticmethod
+    def _take_prompt_logprobs(request: Request):
+        if request.sampling_params.prompt_logprobs is None or request.prompt_logprobs_sent:
+            return None
+        request.prompt_logprobs_sent = True
+        return request.prompt_logprobs
 
     def _check_stop(self, request: Request, token: int) -> Optional[RequestStatus]:
         params = request.sampling_params

@@ -60,6 +60,8 @@ class ModelRunnerOutput:
     # lockstep: how many DP ranks had unfinished work at this step (0: the wave is over);
     # None when the engine does not run in lockstep
     dp_unfinished: Optional[int] = None
+    # prompt_logprobs requests: the prompt positions this step computed, in order
+    prompt_logprobs: Dict[str, List[PositionLogprobs]] = field(default_factory=dict)
 
 
 @dataclass
@@ -70,6 +72,8 @@ class EngineCoreOutput:
     finish_reason: Optional[str] = None
     stop_reason: Optional[object] = None
     num_cached_tokens: int = 0
+    # every prompt token's after the first, with the request's first output (prompt_logprobs)
+    prompt_logprobs: Optional[List[PositionLogprobs]] = None
 
     @property
     def finished(self) -> bool:

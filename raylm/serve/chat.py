@@ -7,7 +7,7 @@ import uuid
 from typing import Any, AsyncIterator, Dict, List, Optional, Sequence
 
 from raylm.outputs import CompletionOutput, PositionLogprobs, RequestOutput
-from raylm.serve.context import ServingContext, clamp_logprob, usage
+from raylm.serve.context import ServingContext, clamp_logprob, prompt_logprobs_field, usage
 from raylm.serve.errors import sse_error_event, to_api_error
 from raylm.serve.protocol import (ChatCompletionChoice, ChatCompletionRequest, ChatCompletionResponse,
                                   ChatCompletionStreamChoice, ChatCompletionStreamResponse, ChatLogprobs,
@@ -69,7 +69,11 @@ def _response(prep: _Prepared, final: RequestOutput) -> ChatCompletionResponse:
                                     logprobs=prep.logprobs(c.token_ids, c.logprobs),
                                     finish_reason=c.finish_reason, stop_reason=c.stop_reason)
                for c in final.outputs]
-    return ChatCompletionResponse(id=prep.request_id, model=prep.model, choices=choices, usage=prep.usage(final))
+    response = ChatCompletionResponse(id=prep.request_id, model=prep.model, choices=choices,
+                                      usage=prep.usage(final))
+    if prep.req.prompt_logprobs is not None:
+        response.prompt_logprobs = prompt_logprobs_field(final.prompt_logprobs)
+    return response
 
 
 def _chunk(prep: _Prepared, choices: List[ChatCompletionStreamChoice], **extra: Any) -> str:

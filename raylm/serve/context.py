@@ -7,7 +7,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 from raylm.serve.engine_client import EngineClient
 from raylm.serve.errors import bad_request, model_not_found
-from raylm.serve.protocol import UsageInfo
+from raylm.outputs import PositionLogprobs
+from raylm.serve.protocol import PromptLogprob, PromptLogprobs, UsageInfo
 
 # Logprobs of -inf cannot go into JSON; OpenAI-compatible servers send a large negative number.
 MIN_LOGPROB = -9999.0
@@ -21,6 +22,15 @@ _RESERVED_TEMPLATE_KWARGS = {"conversation", "tokenize", "return_dict", "add_gen
 
 def clamp_logprob(value: float) -> float:
     return MIN_LOGPROB if math.isinf(value) or math.isnan(value) else max(value, MIN_LOGPROB)
+
+
+def prompt_logprobs_field(positions: Optional[Sequence[Optional[PositionLogprobs]]]) -> Optional[PromptLogprobs]:
+    """vLLM's `prompt_logprobs` response field from the engine's (None when not asked)."""
+    if positions is None:
+        return None
+    return [None if p is None else {str(t): PromptLogprob(logprob=clamp_logprob(lp.logprob), rank=lp.rank,
+                                                          decoded_token=lp.decoded_token)
+                                    for t, lp in p.items()} for p in positions]
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:

@@ -53,7 +53,7 @@ class _SamplingRequest(OpenAIModel):
     seed: Optional[SInt] = None
     presence_penalty: Optional[SFloat] = Field(default=None, ge=-2, le=2)
     frequency_penalty: Optional[SFloat] = Field(default=None, ge=-2, le=2)
-    logit_bias: Optional[Dict[str, float]] = None
+    logit_bias: Optional[Dict[str, SFloat]] = None  # token id (a JSON key: a string) -> bias
     user: Optional[SStr] = None
     # vLLM extras
     top_k: Optional[SInt] = Field(default=None, ge=-1)
@@ -64,14 +64,31 @@ class _SamplingRequest(OpenAIModel):
     stop_token_ids: Optional[List[SInt]] = None
     skip_special_tokens: SBool = True
     include_stop_str_in_output: SBool = False
+    prompt_logprobs: Optional[SInt] = Field(default=None, ge=0, le=20)
 
     @model_validator(mode="after")
     def _check_common(self):
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed when stream is true", "stream_options")
-        if self.logit_bias:
-            raise InvalidRequestError("logit_bias is not supported by this server", "logit_bias")
+        if self.prompt_logprobs is not None and self.stream:
+            raise InvalidRequestError("prompt_logprobs is not supported with stream (with echo, completions' "
+                                      "logprobs include the prompt's, streamed)", "prompt_logprobs")
+        self.token_bias()  # a bad key or value is a 400 now, not when sampling
         return self
+
+    def token_bias(self) -> Optional[Dict[int, float]]:
+        """logit_bias with integer token ids (OpenAI sends them as JSON object keys)."""
+        if not self.logit_bias:
+            return None
+        bias = {}
+        for key, value in self.logit_bias.items():
+            if not (key.isascii() and key.isdigit()):
+                raise InvalidRequestError(f"logit_bias keys must be token ids (got {key!r})", "logit_bias")
+            if not -100 <= value <= 100:
+                raise InvalidRequestError(f"logit_bias values must be in [-100, 100] (got {value} for token "
+                                          f"{key})", "logit_bias")
+            bias[int(key)] = value
+        return bias
 
     @property
     def include_usage(self) -> bool:
@@ -82,6 +99,9 @@ class _SamplingRequest(OpenAIModel):
 
     def _logprobs(self) -> Optional[int]:
         return None
+
+    def _prompt_logprobs(self) -> Optional[int]:
+        return self.prompt_logprobs
 
     def to_sampling_params(self, max_model_len: int, prompt_len: int) -> SamplingParams:
         """SamplingParams for one prompt of `prompt_len` tokens. max_tokens defaults to the
@@ -109,7 +129,8 @@ class _SamplingRequest(OpenAIModel):
         kwargs = {k: v for k, v in optional.items() if v is not None}
         kwargs.update(n=self.n, max_tokens=max_tokens, min_tokens=self.min_tokens, seed=self.seed,
                       stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
-                      logprobs=self._logprobs(), skip_special_tokens=self.skip_special_tokens,
+                      logprobs=self._logprobs(), prompt_logprobs=self._prompt_logprobs(),
+                      logit_bias=self.token_bias(), skip_special_tokens=self.skip_special_tokens,
                       include_stop_str_in_output=self.include_stop_str_in_output)
         return kwargs
 
@@ -121,8 +142,8 @@ class CompletionRequest(_SamplingRequest):
     """POST /v1/completions. `prompt` is text, token ids, or a batch of either."""
 
     prompt: PromptInput
-    # None (the default) means the rest of the context, as for chat. OpenAI's legacy default is 16.
-    max_tokens: Optional[SInt] = Field(default=16, ge=1)  # OpenAI's and vLLM's default for completions
+    # None means the rest of the context, as for chat; 0 (with echo) scores the prompt only.
+    max_tokens: Optional[SInt] = Field(default=16, ge=0)  # OpenAI's and vLLM's default for completions
     logprobs: Optional[SInt] = Field(default=None, ge=0, le=20)
     echo: SBool = False
     best_of: Optional[SInt] = Field(default=None, ge=1)
@@ -134,10 +155,24 @@ class CompletionRequest(_SamplingRequest):
             raise InvalidRequestError("best_of different from n is not supported", "best_of")
         if self.suffix:
             raise InvalidRequestError("suffix is not supported by this server", "suffix")
-        if self.echo and self.logprobs is not None:
-            raise InvalidRequestError("echo with logprobs is not supported (prompt logprobs are not computed)",
-                                      "echo")
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequestError("max_tokens must be at least 1 (0 only with echo, to score a prompt)",
+                                      "max_tokens")
         return self
+
+    @property
+    def scoring_only(self) -> bool:
+        """echo with max_tokens 0 (how evaluation harnesses score text): the engine samples
+        one token, which the response leaves out."""
+        return self.max_tokens == 0
+
+    def _requested_max_tokens(self) -> Optional[int]:
+        return 1 if self.scoring_only else self.max_tokens
+
+    def _prompt_logprobs(self) -> Optional[int]:
+        if self.prompt_logprobs is None and self.echo:
+            return self.logprobs  # echo's logprobs start with the prompt's
+        return self.prompt_logprobs
 
     def prompts(self) -> List[Union[str, List[int]]]:
         """The prompt batch: each item is text or token ids; an empty prompt is an error."""
@@ -184,7 +219,7 @@ class ChatMessage(OpenAIModel):
 
 
 class ChatCompletionRequest(_SamplingRequest):
-    """POST /v1/chat/completions. Tools and structured output are not supported (400)."""
+    """POST /v1/chat/completions."""
 
     messages: List[ChatMessage] = Field(min_length=1)
     max_tokens: Optional[SInt] = Field(default=None, ge=1)

@@ -65,12 +65,25 @@ class CompletionLogprobs(_Out):
     text_offset: List[int] = Field(default_factory=list)
 
 
+class PromptLogprob(_Out):
+    """vLLM's `prompt_logprobs` entry: one per candidate token of a prompt position."""
+
+    logprob: float
+    rank: int
+    decoded_token: Optional[str] = None
+
+
+# One per prompt token (None for the first), keyed by token id: vLLM's `prompt_logprobs`.
+PromptLogprobs = List[Optional[Dict[str, PromptLogprob]]]
+
+
 class CompletionChoice(_Out):
     index: int
     text: str
     logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[Union[int, str]] = None
+    prompt_logprobs: Optional[PromptLogprobs] = None
 
 
 class CompletionResponse(_Out):
@@ -133,6 +146,7 @@ class ChatCompletionResponse(_Out):
     choices: List[ChatCompletionChoice]
     usage: UsageInfo
     system_fingerprint: Optional[str] = None
+    prompt_logprobs: Optional[PromptLogprobs] = None
 
 
 class DeltaMessage(_Out):
@@ -173,7 +187,7 @@ class DetokenizeResponse(_Out):
 
 __all__ = [
     "UsageInfo", "ErrorInfo", "ErrorResponse", "ModelCard", "ModelList", "CompletionLogprobs",
-    "CompletionChoice", "CompletionResponse", "CompletionStreamResponse", "ChatTopLogprob",
+    "PromptLogprob", "PromptLogprobs", "CompletionChoice", "CompletionResponse", "CompletionStreamResponse", "ChatTopLogprob",
     "ChatLogprobToken", "ChatLogprobs", "ChatResponseMessage", "ChatCompletionChoice",
     "ChatCompletionResponse", "DeltaMessage", "ChatCompletionStreamChoice",
     "ChatCompletionStreamResponse", "TokenizeResponse", "DetokenizeResponse",
