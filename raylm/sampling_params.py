@@ -7,6 +7,34 @@ from typing import Dict, List, Optional, Union
 
 _GREEDY_EPS = 1e-5
 OUTPUT_KINDS = ("cumulative", "delta")
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """One constraint on the output, enforced by a token mask each step (vLLM's names):
+    `json` a JSON schema (dict or JSON text), `json_object` any JSON object, `regex`,
+    `choice` one of some strings, `grammar` an EBNF grammar. `field` names the request
+    field it came from, so an error about it names that field."""
+
+    json: Union[None, str, Dict] = None
+    json_object: bool = False
+    regex: Optional[str] = None
+    choice: Optional[List[str]] = None
+    grammar: Optional[str] = None
+    field: str = "structured_outputs"
+
+    def __post_init__(self) -> None:
+        given = [k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"{self.field} must set exactly one of {', '.join(STRUCTURED_KINDS)} "
+                             f"(got {', '.join(given) or 'none'})")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
+            raise ValueError(f"{self.field}: choice must be a non-empty list of strings")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False))
 
 
 @dataclass
@@ -38,6 +66,7 @@ class SamplingParams:
     logprobs: Optional[int] = None
     prompt_logprobs: Optional[int] = None
     logit_bias: Optional[Dict[int, float]] = None  # token id -> bias in [-100, 100]
+    structured_outputs: Optional[StructuredOutputsParams] = None
     skip_special_tokens: bool = True
     # How an AsyncEngine stream reports progress: "cumulative" (every output holds all text
     # and tokens so far; the offline API's form) or "delta" (only what is new since the last
@@ -85,6 +114,8 @@ class SamplingParams:
              "must be non-negative integers"),
             ("output_kind", self.output_kind in OUTPUT_KINDS, f"must be one of {OUTPUT_KINDS}"),
             ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer"),
+            ("structured_outputs", self.structured_outputs is None
+             or isinstance(self.structured_outputs, StructuredOutputsParams), "must be a StructuredOutputsParams"),
         ]
         for name, ok, why in checks:
             if not ok:

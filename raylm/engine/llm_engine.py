@@ -13,6 +13,7 @@ from raylm.engine.request import Request
 from raylm.models.loader import load_hf_config, resolve_model_path
 from raylm.outputs import RequestOutput
 from raylm.sampling_params import SamplingParams
+from raylm.structured import BaseGrammarBackend, create_grammar_backend
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class LLMEngine:
         self.core = EngineCore(config, self.model_path, self.max_model_len)
         self.processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
+        self._grammars: Optional[BaseGrammarBackend] = None  # made at the first structured request
 
     def _eos_ids(self) -> List[int]:
         ids = [self.tokenizer.eos_token_id]
@@ -87,6 +89,15 @@ class LLMEngine:
         bad = [t for t in params.logit_bias or () if t >= self.vocab_size]
         if bad:
             raise ValueError(f"logit_bias token ids out of vocabulary (size {self.vocab_size}): {bad[:5]}")
+        if params.structured_outputs is not None:
+            self.compile_grammar(params)  # a constraint that does not compile fails here
+
+    def compile_grammar(self, params: SamplingParams):
+        """The request's compiled constraint (the backend caches it: a second compile of the
+        same constraint is a lookup); a ValueError naming its field if it does not compile."""
+        if self._grammars is None:
+            self._grammars = create_grammar_backend("xgrammar", self.tokenizer, self.vocab_size)
+        return self._grammars.compile(params.structured_outputs)
 
     def add_request(self, prompt: PromptType, params: Optional[SamplingParams] = None,
                     request_id: Optional[str] = None) -> str:
@@ -98,8 +109,10 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         children = [self._child_params(params, i) for i in range(params.n)]
         ids = self.processor.add_request(request_id, text, prompt_ids, params, children)
+        compiled = self.compile_grammar(params) if params.structured_outputs is not None else None
         for cid, cp in zip(ids, children):
-            self.core.add_request(Request(cid, prompt_ids, cp))
+            grammar = self._grammars.matcher(compiled) if compiled is not None else None
+            self.core.add_request(Request(cid, prompt_ids, cp, grammar=grammar))
         return request_id
 
     def _child_params(self, params: SamplingParams, index: int) -> SamplingParams:

@@ -8,6 +8,7 @@ from typing import List, Optional
 
 from raylm.outputs import PositionLogprobs
 from raylm.sampling_params import SamplingParams
+from raylm.structured import BaseGrammar
 
 
 class RequestStatus(enum.Enum):
@@ -44,6 +45,7 @@ class Request:
     # prompt_logprobs requests: prompt tokens 1.. scored so far, sent with the first output
     prompt_logprobs: List[PositionLogprobs] = field(default_factory=list)
     prompt_logprobs_sent: bool = False
+    grammar: Optional[BaseGrammar] = None  # structured outputs: where the output is in its grammar
 
     def __post_init__(self) -> None:
         self.all_token_ids: List[int] = list(self.prompt_token_ids)

@@ -74,7 +74,21 @@ class Scheduler:
         new_reqs = [] if self._preempted_this_step else self._schedule_waiting(budget, num_scheduled)
         forget, self._forget = self._forget, set()
         self.in_flight.update(num_scheduled)
-        return SchedulerOutput(new_reqs, cached, num_scheduled, sum(num_scheduled.values()), forget)
+        out = SchedulerOutput(new_reqs, cached, num_scheduled, sum(num_scheduled.values()), forget)
+        out.grammar_req_ids, out.grammar_bitmask = self._grammar_bitmask(num_scheduled)
+        return out
+
+    def _grammar_bitmask(self, num_scheduled: Dict[str, int]):
+        """A bitmask row per constrained request whose scheduled tokens reach its end (it
+        samples this step), filled by its grammar."""
+        ids = [r for r, n in num_scheduled.items() if self.requests[r].grammar is not None
+               and self.requests[r].num_computed_tokens + n == self.requests[r].num_tokens]
+        if not ids:
+            return [], None
+        bitmask = self.requests[ids[0]].grammar.allocate_bitmask(len(ids))
+        for row, req_id in enumerate(ids):
+            self.requests[req_id].grammar.fill_bitmask(bitmask, row)
+        return ids, bitmask
 
     def _schedule_running(self, budget: int, num_scheduled: Dict[str, int]):
         cached = CachedRequestData()
@@ -205,6 +219,11 @@ class Scheduler:
 
     def _check_stop(self, request: Request, token: int) -> Optional[RequestStatus]:
         params = request.sampling_params
+        grammar = request.grammar
+        if grammar is not None and (not grammar.accept(token) or grammar.is_terminated()):
+            # complete (a rejected token: only from an executor that ignores the mask, the sim)
+            request.stop_reason = token if token in params.stop_token_ids else None
+            return RequestStatus.FINISHED_STOPPED
         # all_stop_token_ids = user stop ids + EOS ids (unless ignore_eos), filled by the engine
         if token in params.all_stop_token_ids and request.num_output_tokens >= params.min_tokens:
             request.stop_reason = token if token in params.stop_token_ids else None

@@ -21,6 +21,7 @@ from raylm.models.loader import checkpoint_dtype, load_hf_config, load_model
 from raylm.distributed.parallel_state import CommClock, get_ep_group, get_pp_group, get_tp_group
 from raylm.kernels import machine, ops
 from raylm.outputs import PositionLogprobs
+from raylm.structured import apply_bitmask
 
 logger = logging.getLogger(__name__)
 PROMPT_LOGITS_ROWS = 256
@@ -169,6 +170,9 @@ class ModelRunner:
             clock.mark("logits")
             if get_tp_group().rank != 0:
                 return ModelRunnerOutput({})  # only TP rank 0 of the last stage samples
+            if sched.grammar_req_ids:  # structured outputs: disallowed tokens to -inf
+                rows = {r: i for i, r in enumerate(step.sample_req_ids)}
+                apply_bitmask(logits, sched.grammar_bitmask, [rows[r] for r in sched.grammar_req_ids])
             result = self.sampler(logits, [self._sampling_input(r) for r in step.sample_req_ids])
             for req_id, token, lp in zip(step.sample_req_ids, result.token_ids, result.logprobs):
                 sampled[req_id] = [token]
