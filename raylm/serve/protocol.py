@@ -8,11 +8,14 @@ live in `raylm.serve.protocol_responses` and are re-exported here.
 """
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, ClassVar, Dict, List, Literal, Optional, Union
 
 from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
-from raylm.sampling_params import SamplingParams
+from raylm.sampling_params import SamplingParams, StructuredOutputsParams
+from raylm.serve.protocol_structured import ChatTool, NamedToolChoice, ResponseFormat, StructuredFields, ToolChoice
+from raylm.serve.tools import ToolPlan
 from raylm.serve.protocol_responses import *  # noqa: F401,F403  (one import surface for clients)
 
 # Strict scalars: JSON "5" is not an int, 1 is not a bool, NaN and Infinity are not numbers.
@@ -38,8 +41,9 @@ class StreamOptions(OpenAIModel):
     include_usage: Optional[SBool] = False
 
 
-class _SamplingRequest(OpenAIModel):
-    """Fields shared by completions and chat: OpenAI's sampling options plus vLLM's extras."""
+class _SamplingRequest(StructuredFields, OpenAIModel):
+    """Fields shared by completions and chat: OpenAI's sampling options plus vLLM's extras
+    (the output constraints among them: raylm.serve.protocol_structured)."""
 
     prompt_field: ClassVar[str] = "prompt"  # the field a too-long prompt error points at
 
@@ -74,7 +78,15 @@ class _SamplingRequest(OpenAIModel):
             raise InvalidRequestError("prompt_logprobs is not supported with stream (with echo, completions' "
                                       "logprobs include the prompt's, streamed)", "prompt_logprobs")
         self.token_bias()  # a bad key or value is a 400 now, not when sampling
+        self.constraint()
         return self
+
+    def constraint(self) -> Optional[StructuredOutputsParams]:
+        """The output constraint, if any (an incomplete one or two of them: a 400 naming it)."""
+        try:
+            return self.structured_params(getattr(self, "response_format", None))
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), re.match(r"[a-z_]*", str(exc)).group()) from None
 
     def token_bias(self) -> Optional[Dict[int, float]]:
         """logit_bias with integer token ids (OpenAI sends them as JSON object keys)."""
@@ -130,7 +142,8 @@ class _SamplingRequest(OpenAIModel):
         kwargs.update(n=self.n, max_tokens=max_tokens, min_tokens=self.min_tokens, seed=self.seed,
                       stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
                       logprobs=self._logprobs(), prompt_logprobs=self._prompt_logprobs(),
-                      logit_bias=self.token_bias(), skip_special_tokens=self.skip_special_tokens,
+                      logit_bias=self.token_bias(), structured_outputs=self.constraint(),
+                      skip_special_tokens=self.skip_special_tokens,
                       include_stop_str_in_output=self.include_stop_str_in_output)
         return kwargs
 
@@ -190,11 +203,14 @@ class CompletionRequest(_SamplingRequest):
 
 
 class ChatMessage(OpenAIModel):
-    """One chat turn. `content` may be a string or a list of text parts (joined with newlines)."""
+    """One chat turn. `content` may be a string or a list of text parts (joined with newlines);
+    an assistant turn may hold the `tool_calls` it made, a tool turn its `tool_call_id`."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[None, str, List[Dict[str, Any]]] = None
     name: Optional[SStr] = None
+    tool_calls: Optional[List[Dict[str, Any]]] = None
+    tool_call_id: Optional[SStr] = None
 
     @field_validator("content")
     @classmethod
@@ -213,8 +229,9 @@ class ChatMessage(OpenAIModel):
 
     def to_template_dict(self) -> Dict[str, Any]:
         out = {"role": self.role, "content": self.content or ""}
-        if self.name is not None:
-            out["name"] = self.name
+        for key in ("name", "tool_calls", "tool_call_id"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         return out
 
 
@@ -226,8 +243,9 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: Optional[SInt] = Field(default=None, ge=1)
     logprobs: SBool = False
     top_logprobs: Optional[SInt] = Field(default=None, ge=0, le=20)
-    tools: Optional[List[Dict[str, Any]]] = None
-    response_format: Optional[Dict[str, Any]] = None
+    tools: Optional[List[ChatTool]] = None
+    tool_choice: Optional[ToolChoice] = None
+    response_format: Optional[ResponseFormat] = None
     # vLLM extras
     add_generation_prompt: SBool = True
     chat_template_kwargs: Optional[Dict[str, Any]] = None
@@ -238,11 +256,30 @@ class ChatCompletionRequest(_SamplingRequest):
     def _check_chat(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", "top_logprobs")
-        if self.tools:
-            raise InvalidRequestError("tools are not supported by this server", "tools")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise InvalidRequestError("response_format other than 'text' is not supported", "response_format")
+        self.tool_plan()
         return self
+
+    def tool_plan(self) -> ToolPlan:
+        """What tools and tool_choice ask for (a 400 naming the field when they disagree)."""
+        tools = [t.model_dump(exclude_none=True) for t in self.tools or []]
+        choice = self.tool_choice if self.tool_choice is not None else ("auto" if tools else "none")
+        if isinstance(choice, NamedToolChoice):
+            names = [t["function"]["name"] for t in tools]
+            if choice.function.name not in names:
+                raise InvalidRequestError(f"tool_choice names {choice.function.name!r}, which is not in tools "
+                                          f"({', '.join(names) or 'none given'})", "tool_choice")
+            return ToolPlan("named", tools, choice.function.name)
+        if choice in ("auto", "required") and not tools:
+            raise InvalidRequestError(f"tool_choice {choice!r} needs tools", "tool_choice")
+        return ToolPlan(choice, tools)
+
+    def constraint(self) -> Optional[StructuredOutputsParams]:
+        plan = self.tool_plan()
+        own = super().constraint()
+        if plan.constrained and own is not None:
+            raise InvalidRequestError(f"tool_choice {plan.mode!r} constrains the output itself: it cannot be "
+                                      f"combined with {own.field}", "tool_choice")
+        return plan.constraint() if plan.constrained else own
 
     def _requested_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -124,10 +124,31 @@ class ChatLogprobs(_Out):
     refusal: Optional[List[ChatLogprobToken]] = None
 
 
+class FunctionCall(_Out):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(_Out):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaToolCall(_Out):
+    """A streamed call: here each arrives whole, in one delta."""
+
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(_Out):
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = None
     refusal: Optional[str] = None
+    tool_calls: List[ToolCall] = Field(default_factory=list)
 
 
 class ChatCompletionChoice(_Out):
@@ -152,6 +173,7 @@ class ChatCompletionResponse(_Out):
 class DeltaMessage(_Out):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: Optional[List[DeltaToolCall]] = None
 
 
 class ChatCompletionStreamChoice(_Out):
@@ -188,7 +210,8 @@ class DetokenizeResponse(_Out):
 __all__ = [
     "UsageInfo", "ErrorInfo", "ErrorResponse", "ModelCard", "ModelList", "CompletionLogprobs",
     "PromptLogprob", "PromptLogprobs", "CompletionChoice", "CompletionResponse", "CompletionStreamResponse", "ChatTopLogprob",
-    "ChatLogprobToken", "ChatLogprobs", "ChatResponseMessage", "ChatCompletionChoice",
+    "ChatLogprobToken", "ChatLogprobs", "FunctionCall", "ToolCall", "DeltaToolCall",
+    "ChatResponseMessage", "ChatCompletionChoice",
     "ChatCompletionResponse", "DeltaMessage", "ChatCompletionStreamChoice",
     "ChatCompletionStreamResponse", "TokenizeResponse", "DetokenizeResponse",
 ]
