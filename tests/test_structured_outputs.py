@@ -8,6 +8,7 @@ import json
 import re
 
 import jsonschema
+import torch
 import pytest
 
 from raylm import LLM, SamplingParams
@@ -98,3 +99,24 @@ def test_bad_constraints_are_value_errors_naming_the_field(llm, spec, why):
         llm.generate(["x"], SamplingParams(structured_outputs=Structured(**spec)), use_tqdm=False)
     assert why in str(err.value)
     assert_all_free(llm)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [96, 100])  # whole words, and a last word cut by the vocabulary
+def test_bitmask_kernel_equals_torch(gen, dtype, vocab):
+    """The CPU mask kernel against the bits unpacked by torch: some rows masked, others not."""
+    from raylm.kernels import cpu_ops
+    from raylm.structured import apply_bitmask
+
+    if not cpu_ops.available():
+        pytest.skip("no C compiler: apply_bitmask runs the torch path, which is this test's reference")
+    logits = torch.randn(6, vocab, generator=gen).to(dtype)
+    bitmask = torch.randint(-2 ** 31, 2 ** 31 - 1, (3, (vocab + 31) // 32), dtype=torch.int32, generator=gen)
+    bitmask[1, 0] = -1  # a word of all-allowed tokens
+    rows = [4, 0, 3]
+    bits = ((bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1).bool().flatten(1)[:, :vocab]
+    expected = logits.clone()
+    expected[rows] = expected[rows].masked_fill(~bits, float("-inf"))
+    got = logits.clone()
+    apply_bitmask(got, bitmask, rows)
+    assert torch.equal(got, expected)

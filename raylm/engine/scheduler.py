@@ -8,6 +8,7 @@ are admitted only in steps that preempted nothing.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Deque, Dict, Iterable, List, Optional
 
@@ -33,6 +34,7 @@ class Scheduler:
         # Scheduled, output not yet applied. Only non-empty with several steps in flight
         # (pipeline parallelism): such a request is neither scheduled again nor preempted.
         self.in_flight: set = set()
+        self.last_grammar_s = 0.0  # the latest step's bitmask filling
 
     # ---- queue management --------------------------------------------------------
 
@@ -75,7 +77,9 @@ class Scheduler:
         forget, self._forget = self._forget, set()
         self.in_flight.update(num_scheduled)
         out = SchedulerOutput(new_reqs, cached, num_scheduled, sum(num_scheduled.values()), forget)
+        start = time.perf_counter()
         out.grammar_req_ids, out.grammar_bitmask = self._grammar_bitmask(num_scheduled)
+        self.last_grammar_s = time.perf_counter() - start  # `raylm bench structured`
         return out
 
     def _grammar_bitmask(self, num_scheduled: Dict[str, int]):

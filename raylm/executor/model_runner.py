@@ -173,6 +173,7 @@ class ModelRunner:
             if sched.grammar_req_ids:  # structured outputs: disallowed tokens to -inf
                 rows = {r: i for i, r in enumerate(step.sample_req_ids)}
                 apply_bitmask(logits, sched.grammar_bitmask, [rows[r] for r in sched.grammar_req_ids])
+                clock.mark("grammar")
             result = self.sampler(logits, [self._sampling_input(r) for r in step.sample_req_ids])
             for req_id, token, lp in zip(step.sample_req_ids, result.token_ids, result.logprobs):
                 sampled[req_id] = [token]

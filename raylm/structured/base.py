@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, Sequence
 
 import torch
 
+from raylm.kernels import cpu_ops
 from raylm.sampling_params import StructuredOutputsParams
 
 
@@ -79,8 +80,13 @@ _SHIFTS: Dict[torch.device, torch.Tensor] = {}
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: Sequence[int]) -> None:
-    """Set logits[rows[i], t] to -inf wherever bit t of bitmask[i] is clear (in place)."""
+    """Set logits[rows[i], t] to -inf wherever bit t of bitmask[i] is clear (in place): a C
+    loop on CPU (raylm.kernels.cpu_ops.mask_rows, when built), else torch ops."""
     if not len(rows):
+        return
+    if (logits.device.type == "cpu" and logits.dtype in cpu_ops.DTYPES and logits.stride(1) == 1
+            and cpu_ops.available()):
+        cpu_ops.mask_rows(logits, bitmask, torch.tensor(list(rows), dtype=torch.long))
         return
     vocab = logits.shape[-1]
     bitmask = bitmask.to(logits.device, non_blocking=True)
