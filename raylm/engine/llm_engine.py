@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 from typing import Dict, List, Optional, Union
 
 from raylm.config import EngineConfig, ModelConfig
@@ -53,6 +54,7 @@ class LLMEngine:
         self.processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self._grammars: Optional[BaseGrammarBackend] = None  # made at the first structured request
+        self._grammars_lock = threading.Lock()  # compiles may come from threads (AsyncEngine.prepare)
 
     def _eos_ids(self) -> List[int]:
         ids = [self.tokenizer.eos_token_id]
@@ -95,8 +97,9 @@ class LLMEngine:
     def compile_grammar(self, params: SamplingParams):
         """The request's compiled constraint (the backend caches it: a second compile of the
         same constraint is a lookup); a ValueError naming its field if it does not compile."""
-        if self._grammars is None:
-            self._grammars = create_grammar_backend("xgrammar", self.tokenizer, self.vocab_size)
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = create_grammar_backend("xgrammar", self.tokenizer, self.vocab_size)
         return self._grammars.compile(params.structured_outputs)
 
     def add_request(self, prompt: PromptType, params: Optional[SamplingParams] = None,
