@@ -112,7 +112,8 @@ def test_tool_choice_required_and_named_always_parse(client, smol, stream):
 def test_tool_choice_auto_reads_hermes_calls(smol, stream):
     """The model's text decides under auto: a guided regex makes it write one call after some
     words, so the parser's work on real engine output is checked deterministically."""
-    regex = r'Checking\. <tool_call>\{"name": "get_weather", "arguments": \{"city": "Oslo", "unit": "C"\}\}</tool_call>'
+    regex = (r'Checking\. <tool_call>\{"name": "get_weather", '
+             r'"arguments": \{"city": "Oslo", "unit": "C"\}\}</tool_call>')
     body = {"model": "smol", "messages": ASK, "tools": [WEATHER], "max_tokens": 60, "temperature": 0,
             "guided_regex": regex}
     if stream:

@@ -56,8 +56,8 @@ def test_prompt_logprobs_after_a_prefix_hit(tiny_llama, hf_ref):
     first = llm.generate({"prompt_token_ids": PROMPT}, plain, use_tqdm=False)[0]
     hit = llm.generate({"prompt_token_ids": PROMPT}, plain, use_tqdm=False)[0]
     assert first.num_cached_tokens == 0 and hit.num_cached_tokens == 32  # the cache holds the prefix
-    scored = llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=0,
-                                                                       ignore_eos=True), use_tqdm=False)[0]
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=0, ignore_eos=True)
+    scored = llm.generate({"prompt_token_ids": PROMPT}, params, use_tqdm=False)[0]
     assert scored.num_cached_tokens == 0
     _check(scored, hf_ref, llm.get_tokenizer(), 0)
     assert scored.outputs[0].token_ids == hit.outputs[0].token_ids

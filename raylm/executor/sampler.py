@@ -191,7 +191,8 @@ class Sampler:
     def _plain(row: SamplingInput, greedy_only: bool = True) -> bool:
         """No logprobs, bias, penalties, min_tokens mask, or (unless greedy) filters."""
         p = row.params
-        plain = (p.logprobs is None and p.logit_bias is None and p.repetition_penalty == 1.0 and not p.frequency_penalty
+        plain = (p.logprobs is None and p.logit_bias is None and p.repetition_penalty == 1.0
+                 and not p.frequency_penalty
                  and not p.presence_penalty and len(row.output_token_ids) >= p.min_tokens)
         if p.greedy:
             return plain

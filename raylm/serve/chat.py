@@ -88,9 +88,9 @@ def _response(prep: _Prepared, final: RequestOutput) -> ChatCompletionResponse:
     choices = []
     for c in final.outputs:
         message = _message(prep, c.text)
-        choices.append(ChatCompletionChoice(index=c.index, message=message,
+        finish = _finish_reason(c.finish_reason, bool(message.tool_calls))
+        choices.append(ChatCompletionChoice(index=c.index, message=message, finish_reason=finish,
                                             logprobs=prep.logprobs(c.token_ids, c.logprobs),
-                                            finish_reason=_finish_reason(c.finish_reason, bool(message.tool_calls)),
                                             stop_reason=c.stop_reason))
     response = ChatCompletionResponse(id=prep.request_id, model=prep.model, choices=choices,
                                       usage=prep.usage(final))

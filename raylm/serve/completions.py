@@ -43,7 +43,8 @@ def echo_logprobs(first_token: str, prompt_ids: Sequence[int],
 
 def _join(a: CompletionLogprobs, b: CompletionLogprobs) -> CompletionLogprobs:
     return CompletionLogprobs(tokens=a.tokens + b.tokens, token_logprobs=a.token_logprobs + b.token_logprobs,
-                              top_logprobs=a.top_logprobs + b.top_logprobs, text_offset=a.text_offset + b.text_offset)
+                              top_logprobs=a.top_logprobs + b.top_logprobs,
+                              text_offset=a.text_offset + b.text_offset)
 
 
 class _Prepared:
@@ -144,7 +145,8 @@ def _delta_choice(prep: _Prepared, tracker: DeltaTracker, prompt_index: int, fin
     logprobs, state.extra["offset"] = prep.logprobs(prompt_index, ids, positions, state.extra["offset"],
                                                     final.prompt_logprobs if delta.first else None)
     return CompletionChoice(index=prompt_index * prep.n + out.index, text=text, logprobs=logprobs,
-                            finish_reason=finish, stop_reason=delta.stop_reason if finish == delta.finish_reason else None)
+                            finish_reason=finish,
+                            stop_reason=delta.stop_reason if finish == delta.finish_reason else None)
 
 
 async def _stream(prep: _Prepared, first: Tuple[int, RequestOutput],

@@ -227,7 +227,8 @@ class OpenAIIngress:
 
         app = create_app(self.client, api_key=self.api_key, max_body_bytes=self.max_body_bytes,
                          open_paths=self.open_paths, admin_api_key=self.admin_api_key,
-                         tool_call_parser=self.tool_call_parser, middleware=[(ScaleGuardMiddleware, {"scaler": self.scaler})])
+                         tool_call_parser=self.tool_call_parser,
+                         middleware=[(ScaleGuardMiddleware, {"scaler": self.scaler})])
         add_metrics_route(app, self.client, self.sink)
         if self.admin_api_key:  # admin routes exist only with their own key (README: elastic scaling)
             add_elastic_routes(app, self.scaler)

@@ -79,7 +79,8 @@ class StructuredFields(_Model):
     guided_choice: Optional[List[SStr]] = None
     guided_grammar: Optional[SStr] = None
 
-    def structured_params(self, response_format: Optional[ResponseFormat] = None) -> Optional[StructuredOutputsParams]:
+    def structured_params(self, response_format: Optional[ResponseFormat] = None
+                          ) -> Optional[StructuredOutputsParams]:
         """The one constraint given (None if none); a ValueError naming the field if more
         than one is given or one is incomplete."""
         found = {name: getattr(self, name) for name in ("structured_outputs",) + GUIDED
