@@ -78,7 +78,7 @@ def delta_output(out: RequestOutput, state: DeltaState) -> Optional[RequestOutpu
     prompt, prompt_ids = (None, []) if state.started else (out.prompt, out.prompt_token_ids)
     state.started = True
     prompt_logprobs = None if state.prompt_logprobs_sent else out.prompt_logprobs
-    state.prompt_logprobs_sent = prompt_logprobs is not None
+    state.prompt_logprobs_sent = state.prompt_logprobs_sent or prompt_logprobs is not None
     return RequestOutput(out.request_id, prompt, prompt_ids, choices, out.finished,
                          out.num_cached_tokens, dict(out.metrics), prompt_logprobs)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json as _json
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union
 
@@ -35,6 +36,11 @@ class StructuredOutputsParams:
     @property
     def kind(self) -> str:
         return next(k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+    def cache_key(self) -> tuple:
+        """The constraint itself (not the field it came from): equal constraints, one key."""
+        value = getattr(self, self.kind)
+        return self.kind, value if isinstance(value, str) else _json.dumps(value, sort_keys=True)
 
 
 @dataclass

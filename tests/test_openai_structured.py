@@ -90,19 +90,19 @@ def test_vllm_guided_fields_on_completions(smol, field, value, check):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_tool_choice_required_and_named_always_parse(client, smol, stream):
-    for choice, names in (("required", set(TOOLS)), ({"type": "function", "function": {"name": "get_time"}},
-                                                     {"get_time"})):
+    named = {"type": "function", "function": {"name": "get_time"}}
+    for choice, names, finish in (("required", set(TOOLS), "tool_calls"), (named, {"get_time"}, "stop")):
         kwargs = dict(model="smol", messages=ASK, tools=[WEATHER, TIME], tool_choice=choice, max_tokens=80,
                       temperature=1.0, seed=5)
         if not stream:
             out = client.chat.completions.create(**kwargs).choices[0]
-            assert out.finish_reason == "tool_calls" and out.message.content is None
+            assert out.finish_reason == finish and out.message.content is None  # forced: "stop", as OpenAI
             _check_calls(out.message.tool_calls, names)
             continue
         chunks = [c.choices[0] for c in client.chat.completions.create(**kwargs, stream=True) if c.choices]
         calls = [tc for c in chunks for tc in c.delta.tool_calls or []]
         assert [tc.index for tc in calls] == list(range(len(calls)))
-        assert chunks[-1].finish_reason == "tool_calls"
+        assert chunks[-1].finish_reason == finish
         assert not "".join(c.delta.content or "" for c in chunks)
         _check_calls(calls, names)
     wait_all_free(smol.engine)
@@ -152,6 +152,8 @@ def test_a_conversation_with_tool_results_renders(smol):
     ({"guided_regex": "[a-"}, "guided_regex"),
     ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice"),
     ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"function": "x"}]}, {"role": "user", "content": "hi"}]},
+     "messages"),
 ])
 def test_bad_constraints_are_400s_naming_the_field(smol, body, param):
     r = smol.http.post("/v1/chat/completions", json={"model": "smol", "messages": ASK, "max_tokens": 4, **body})

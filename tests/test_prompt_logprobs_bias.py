@@ -97,3 +97,20 @@ def test_logit_bias_refused_with_the_field_named(llm, bias, why):
         llm.generate({"prompt_token_ids": PROMPT[:5]}, SamplingParams(logit_bias=bias), use_tqdm=False)
     assert why in str(err.value)
     assert_all_free(llm)
+
+
+def test_prompt_logprobs_cross_a_delta_stream_once():
+    """Serve replicas send deltas: the prompt logprobs go out with the first delta that has
+    them, never again, and folding the deltas back keeps them."""
+    from raylm.outputs import CompletionOutput, DeltaState, Logprob, RequestOutput, delta_output, merge_delta
+
+    lps = [None, {5: Logprob(-1.0, 1)}]
+    state, acc, sent = DeltaState(), None, []
+    for step in range(1, 4):
+        out = RequestOutput("r", None, [4, 5], [CompletionOutput(0, "x" * step, [7] * step)], step == 3,
+                            prompt_logprobs=lps)
+        delta = delta_output(out, state)
+        sent.append(delta.prompt_logprobs)
+        acc = merge_delta(acc, delta)
+    assert sent == [lps, None, None]
+    assert acc.prompt_logprobs == lps and acc.outputs[0].token_ids == [7, 7, 7]

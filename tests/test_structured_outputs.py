@@ -60,6 +60,14 @@ def test_choice_and_grammar_outputs(llm):
         assert out.finish_reason == "stop" and re.fullmatch(r"\((\d|[1-9]\d)(,(\d|[1-9]\d)){0,2}\)", out.text)
 
 
+def test_min_tokens_yields_to_a_complete_grammar(llm):
+    """min_tokens masks EOS, but a complete grammar allows nothing else: the grammar wins."""
+    params = SamplingParams(temperature=0, max_tokens=30, min_tokens=25,
+                            structured_outputs=Structured(choice=["yes", "no"]))
+    out = llm.generate(["Is it?"], params, use_tqdm=False)[0].outputs[0]
+    assert out.text in ("yes", "no") and out.finish_reason == "stop"
+
+
 def _literal(text: str) -> str:
     """`text` as a regex matching only itself (xgrammar's regex syntax)."""
     return "".join("\\n" if c == "\n" else "\\" + c if c in r".^$*+?()[]{}|\/-" else c for c in text)

@@ -89,6 +89,7 @@ class AsyncEngine:
         this event loop, so a compile there would stall every request's next step. `submit`
         then finds it in the grammar cache (a constraint that does not compile raises here)."""
         if params.structured_outputs is not None:
+            self._admit()  # a replica that would refuse the request does not compile for it
             await asyncio.to_thread(self.engine.compile_grammar, params)
 
     def submit(self, prompt: PromptType, params: SamplingParams, request_id: str,

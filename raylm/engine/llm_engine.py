@@ -19,6 +19,7 @@ from raylm.structured import BaseGrammarBackend, create_grammar_backend
 logger = logging.getLogger(__name__)
 
 PromptType = Union[str, List[int], Dict]
+GRAMMAR_CACHE = 256  # compiled constraints kept per engine
 
 
 def max_model_len_for(model: ModelConfig, hf_config) -> int:
@@ -55,6 +56,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._grammars: Optional[BaseGrammarBackend] = None  # made at the first structured request
         self._grammars_lock = threading.Lock()  # compiles may come from threads (AsyncEngine.prepare)
+        self._compiled: Dict[tuple, object] = {}  # constraint -> compiled grammar, oldest first
 
     def _eos_ids(self) -> List[int]:
         ids = [self.tokenizer.eos_token_id]
@@ -95,12 +97,24 @@ class LLMEngine:
             self.compile_grammar(params)  # a constraint that does not compile fails here
 
     def compile_grammar(self, params: SamplingParams):
-        """The request's compiled constraint (the backend caches it: a second compile of the
-        same constraint is a lookup); a ValueError naming its field if it does not compile."""
+        """The request's compiled constraint; a ValueError naming its field if it does not
+        compile. The last GRAMMAR_CACHE compiled are kept, read without a lock, so a request
+        whose constraint was compiled (AsyncEngine.prepare, in a thread) never waits here
+        behind another one's compile."""
+        spec = params.structured_outputs
+        key = spec.cache_key()
+        compiled = self._compiled.get(key)
+        if compiled is not None:
+            return compiled
         with self._grammars_lock:
             if self._grammars is None:
                 self._grammars = create_grammar_backend("xgrammar", self.tokenizer, self.vocab_size)
-        return self._grammars.compile(params.structured_outputs)
+        compiled = self._grammars.compile(spec)  # the backend serializes compiles itself
+        with self._grammars_lock:
+            self._compiled[key] = compiled
+            while len(self._compiled) > GRAMMAR_CACHE:
+                self._compiled.pop(next(iter(self._compiled)))
+        return compiled
 
     def add_request(self, prompt: PromptType, params: Optional[SamplingParams] = None,
                     request_id: Optional[str] = None) -> str:

@@ -8,6 +8,7 @@ are admitted only in steps that preempted nothing.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from typing import Deque, Dict, Iterable, List, Optional
@@ -165,8 +166,11 @@ class Scheduler:
 
     def _new_request_data(self, request: Request, block_ids: List[int]) -> NewRequestData:
         request.num_synced_tokens = request.num_tokens
+        params = request.sampling_params
+        if params.prompt_logprobs is not None and not request.needs_prompt_logprobs:
+            params = dataclasses.replace(params, prompt_logprobs=None)  # resumed: scored already
         return NewRequestData(request.request_id, request.prompt_token_ids, list(request.output_token_ids),
-                              request.sampling_params, block_ids, request.num_computed_tokens)
+                              params, block_ids, request.num_computed_tokens)
 
     @staticmethod
     def _add_cached(cached: CachedRequestData, request: Request, block_ids: List[int]) -> None:

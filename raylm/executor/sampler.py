@@ -60,7 +60,9 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> torc
 def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> torch.Tensor:
     for i, row in enumerate(rows):
         p = row.params
-        if len(row.output_token_ids) < p.min_tokens and p.all_stop_token_ids:
+        # a constrained row's grammar decides where it ends (once complete it allows only EOS)
+        constrained = p.structured_outputs is not None
+        if len(row.output_token_ids) < p.min_tokens and p.all_stop_token_ids and not constrained:
             logits[i, list(p.all_stop_token_ids)] = float("-inf")
     return logits
 

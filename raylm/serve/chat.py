@@ -69,8 +69,11 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     return _response(prep, final)
 
 
-def _finish_reason(reason: Optional[str], made_calls: bool) -> Optional[str]:
-    return "tool_calls" if made_calls and reason == "stop" else reason
+def _finish_reason(prep: _Prepared, reason: Optional[str], made_calls: bool) -> Optional[str]:
+    """"tool_calls" when the model chose to call (auto, required); a forced named function
+    ends with "stop", as OpenAI's does."""
+    chose = made_calls and prep.plan.mode in ("auto", "required")
+    return "tool_calls" if chose and reason == "stop" else reason
 
 
 def _tool_calls(calls: Sequence[ParsedCall]) -> List[ToolCall]:
@@ -88,7 +91,7 @@ def _response(prep: _Prepared, final: RequestOutput) -> ChatCompletionResponse:
     choices = []
     for c in final.outputs:
         message = _message(prep, c.text)
-        finish = _finish_reason(c.finish_reason, bool(message.tool_calls))
+        finish = _finish_reason(prep, c.finish_reason, bool(message.tool_calls))
         choices.append(ChatCompletionChoice(index=c.index, message=message, finish_reason=finish,
                                             logprobs=prep.logprobs(c.token_ids, c.logprobs),
                                             stop_reason=c.stop_reason))
@@ -122,7 +125,7 @@ def _delta_choice(prep: _Prepared, tracker: DeltaTracker, out: CompletionOutput)
     if not (text or calls or logprobs or delta.finish_reason):
         return None  # held back (a tag's start, or a constrained call still growing)
     return ChatCompletionStreamChoice(index=out.index, delta=message, logprobs=logprobs,
-                                      finish_reason=_finish_reason(delta.finish_reason, tools.num_calls > 0),
+                                      finish_reason=_finish_reason(prep, delta.finish_reason, tools.num_calls > 0),
                                       stop_reason=delta.stop_reason)
 
 

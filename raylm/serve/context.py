@@ -103,9 +103,10 @@ class ServingContext:
         if not getattr(tok, "chat_template", None):
             raise bad_request("This model's tokenizer has no chat template; use /v1/completions.", "messages")
         extra = {k: v for k, v in (template_kwargs or {}).items() if k not in _RESERVED_TEMPLATE_KWARGS}
-        if tools and "tools" in tok.chat_template:
+        native = "tools" in str(tok.chat_template)  # (a dict of named templates: any of them)
+        if native and tools:
             extra["tools"] = tools
-        elif tools or any(m.get("tool_calls") for m in conversation):
+        elif not native and (tools or any(m.get("tool_calls") for m in conversation)):
             conversation = self.tool_parser.render(conversation, tools or [])
         try:
             out = tok.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,

@@ -14,7 +14,8 @@ from typing import Annotated, Any, ClassVar, Dict, List, Literal, Optional, Unio
 from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
 from raylm.sampling_params import SamplingParams, StructuredOutputsParams
-from raylm.serve.protocol_structured import ChatTool, NamedToolChoice, ResponseFormat, StructuredFields, ToolChoice
+from raylm.serve.protocol_structured import (ChatTool, MessageToolCall, NamedToolChoice, ResponseFormat,
+                                             StructuredFields, ToolChoice)
 from raylm.serve.tools import ToolPlan
 from raylm.serve.protocol_responses import *  # noqa: F401,F403  (one import surface for clients)
 
@@ -209,7 +210,7 @@ class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[None, str, List[Dict[str, Any]]] = None
     name: Optional[SStr] = None
-    tool_calls: Optional[List[Dict[str, Any]]] = None
+    tool_calls: Optional[List[MessageToolCall]] = None
     tool_call_id: Optional[SStr] = None
 
     @field_validator("content")
@@ -229,9 +230,11 @@ class ChatMessage(OpenAIModel):
 
     def to_template_dict(self) -> Dict[str, Any]:
         out = {"role": self.role, "content": self.content or ""}
-        for key in ("name", "tool_calls", "tool_call_id"):
+        for key in ("name", "tool_call_id"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
+        if self.tool_calls:
+            out["tool_calls"] = [c.to_template_dict() for c in self.tool_calls]
         return out
 
 

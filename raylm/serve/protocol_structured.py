@@ -4,6 +4,7 @@ vLLM's `structured_outputs` object and its older `guided_json` / `guided_regex` 
 `guided_choice` / `guided_grammar` fields, on both endpoints. At most one may be given."""
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, Strict
@@ -58,6 +59,28 @@ class NamedToolChoice(_Model):
 
 
 ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice]
+
+
+class _CalledFunction(_Model):
+    name: SStr
+    arguments: SStr  # JSON text, as the API returned it
+
+
+class MessageToolCall(_Model):
+    """A call an earlier assistant turn made (in `messages`)."""
+
+    id: Optional[SStr] = None
+    type: Literal["function"] = "function"
+    function: _CalledFunction
+
+    def to_template_dict(self) -> Dict[str, Any]:
+        """For chat templates, which write `arguments` out with `tojson`: a dict when the
+        text is a JSON object (else the text, as given)."""
+        try:
+            args = json.loads(self.function.arguments)
+        except ValueError:
+            args = self.function.arguments
+        return {"id": self.id, "type": "function", "function": {"name": self.function.name, "arguments": args}}
 
 
 class StructuredOutputsField(_Model):

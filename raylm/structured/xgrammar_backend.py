@@ -14,6 +14,8 @@ import xgrammar as xgr
 from raylm.sampling_params import StructuredOutputsParams
 from raylm.structured.base import BaseGrammar, BaseGrammarBackend, register_grammar_backend
 
+CACHE_BYTES = 64 << 20
+
 
 class XGrammar(BaseGrammar):
     def __init__(self, compiled: xgr.CompiledGrammar, vocab_size: int) -> None:
@@ -35,8 +37,9 @@ class XGrammarBackend(BaseGrammarBackend):
     def __init__(self, tokenizer: Any, vocab_size: int) -> None:
         super().__init__(tokenizer, vocab_size)
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
-        # its own cache keys on the grammar text: the same constraint compiles once
-        self.compiler = xgr.GrammarCompiler(info, max_threads=1)
+        # the engine keeps what it compiled (LLMEngine.compile_grammar); xgrammar's own cache
+        # is bounded, so many distinct schemas cannot grow it without limit
+        self.compiler = xgr.GrammarCompiler(info, max_threads=1, cache_limit_bytes=CACHE_BYTES)
         self._lock = threading.Lock()  # one compile at a time (max_threads=1 above)
 
     def compile(self, spec: StructuredOutputsParams) -> xgr.CompiledGrammar:
