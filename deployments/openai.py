@@ -18,6 +18,7 @@ from raylm.dp.policies import ROUTING_POLICIES
 from raylm.executor.placement import group_strategy, placement_device, worker_bundle
 from raylm.options import EngineArgs
 from raylm.serve.middleware import OPEN_PATHS
+from raylm.serve.tool_parsers import tool_parser_names
 
 INGRESS_HEADROOM = 64  # non-generation requests (health, metrics, tokenize) beside the admission bound
 INGRESS_SHUTDOWN_MARGIN_S = 10.0
@@ -66,6 +67,9 @@ class ServeArgs(EngineArgs):
         default_factory=lambda: list(OPEN_PATHS),
         description="routes open without the key (default: /health /ping /version; add /metrics to open it)")
     max_body_bytes: int = Field(1 << 20, gt=0, description="larger request bodies get 413")
+    tool_call_parser: Literal[tuple(tool_parser_names())] = Field(
+        "hermes", description="how tool calls are read out of the model's text on chat with tools: "
+                              + ", ".join(tool_parser_names()) + " (raylm.serve.tool_parsers)")
     max_ongoing_requests: int = Field(
         1024, gt=0, description="engine requests in flight in the app; past it 429 + Retry-After")
     request_timeout: Optional[float] = Field(
@@ -179,13 +183,13 @@ class ServeArgs(EngineArgs):
         return self.served_model_name or self.model
 
     def ingress_options(self) -> Dict[str, Any]:
-        """OpenAIIngress keyword arguments: auth, body limit, admission."""
+        """OpenAIIngress keyword arguments: auth, body limit, admission, tool calls."""
         limits = {"max_data_parallel_size": self.max_data_parallel_size,
                   "replica_resources": self.replica_resources(), "scale_timeout_s": self.scale_timeout}
         return {"api_key": self.api_key, "open_paths": self.open_paths, "max_body_bytes": self.max_body_bytes,
                 "max_ongoing_requests": self.max_ongoing_requests, "request_timeout": self.request_timeout,
                 "admin_api_key": self.admin_api_key, "scale_limits": limits,
-                "autoscaling": self.autoscaling_config is not None}
+                "autoscaling": self.autoscaling_config is not None, "tool_call_parser": self.tool_call_parser}
 
 
 def run_app(args: Dict[str, Any], name: str = "raylm", **kwargs):

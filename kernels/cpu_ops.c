@@ -290,3 +290,24 @@ void gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint1
 
 DEFINE_SAMPLE(f32, float)
 DEFINE_SAMPLE(bf16, uint16_t)
+
+/* Structured outputs: logits[rows[i], t] = -inf wherever bit t (bit t % 32 of word t / 32)
+   of bitmask row i is clear. Whole words of allowed tokens are skipped. */
+#define DEFINE_MASK(S, T, NEG)                                                                  \
+    void mask_rows_##S(T *logits, int64_t stride, int64_t vocab, const int32_t *bitmask,        \
+                       int64_t words, const int64_t *rows, int64_t n) {                         \
+        for (int64_t i = 0; i < n; i++) {                                                       \
+            T *l = logits + rows[i] * stride;                                                   \
+            const uint32_t *bits = (const uint32_t *)(bitmask + i * words);                     \
+            for (int64_t w = 0; w < words && w * 32 < vocab; w++) {                             \
+                uint32_t m = bits[w];                                                           \
+                if (m == 0xffffffffu) continue;                                                 \
+                int64_t base = w * 32, end = base + 32 < vocab ? base + 32 : vocab;             \
+                for (int64_t t = base; t < end; t++)                                            \
+                    if (!((m >> (t - base)) & 1u)) l[t] = NEG;                                  \
+            }                                                                                   \
+        }                                                                                       \
+    }
+
+DEFINE_MASK(f32, float, -INFINITY)
+DEFINE_MASK(bf16, uint16_t, 0xFF80) /* bf16 -inf */

@@ -20,6 +20,7 @@ _SIGNATURES = {
     "silu_and_mul": [_PTR] * 2 + [_I64] * 3,
     "store_kv": [_PTR] * 4 + [_I64] * 7,
     "sample_rows": [_PTR] + [_I64] * 3 + [_PTR] * 3,
+    "mask_rows": [_PTR] + [_I64] * 2 + [_PTR, _I64, _PTR, _I64],
 }
 _LIB = CLibrary("cpu_ops.c", {**{f"{name}_{s}": args for name, args in _SIGNATURES.items() for s in ("f32", "bf16")},
                               "gemv_bf16": [_PTR] * 4 + [_I64] * 3})
@@ -99,6 +100,14 @@ def sample_rows(logits: torch.Tensor, temps: torch.Tensor, u: torch.Tensor) -> t
     _fn("sample_rows", logits.dtype)(logits.data_ptr(), logits.shape[0], logits.shape[1], logits.stride(0),
                                      temps.contiguous().data_ptr(), u.contiguous().data_ptr(), out.data_ptr())
     return out
+
+
+def mask_rows(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+    """In place: logits[rows[i], t] = -inf where bit t of bitmask[i] (int32 words) is clear."""
+    assert logits.stride(1) == 1 and bitmask.dtype == torch.int32 and rows.dtype == torch.int64
+    bitmask, rows = bitmask.contiguous(), rows.contiguous()
+    _fn("mask_rows", logits.dtype)(logits.data_ptr(), logits.stride(0), logits.shape[1], bitmask.data_ptr(),
+                                   bitmask.shape[1], rows.data_ptr(), rows.shape[0])
 
 
 @lru_cache(maxsize=None)

@@ -39,6 +39,9 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0
     metrics: Dict[str, float] = field(default_factory=dict)
+    # prompt_logprobs requests: one entry per prompt token, None for the first (nothing
+    # predicts it); None until the prefill is done
+    prompt_logprobs: Optional[List[Optional[PositionLogprobs]]] = None
 
 
 # ---- delta streaming ------------------------------------------------------------------
@@ -53,6 +56,7 @@ class DeltaState:
     sent: Dict[int, Tuple[int, int]] = field(default_factory=dict)  # choice -> (text chars, tokens)
     done: set = field(default_factory=set)  # choices whose finish was sent
     started: bool = False  # the prompt ids go out with the first delta only
+    prompt_logprobs_sent: bool = False  # and the prompt logprobs with the first that has them
 
 
 def delta_output(out: RequestOutput, state: DeltaState) -> Optional[RequestOutput]:
@@ -73,8 +77,10 @@ def delta_output(out: RequestOutput, state: DeltaState) -> Optional[RequestOutpu
         return None
     prompt, prompt_ids = (None, []) if state.started else (out.prompt, out.prompt_token_ids)
     state.started = True
+    prompt_logprobs = None if state.prompt_logprobs_sent else out.prompt_logprobs
+    state.prompt_logprobs_sent = state.prompt_logprobs_sent or prompt_logprobs is not None
     return RequestOutput(out.request_id, prompt, prompt_ids, choices, out.finished,
-                         out.num_cached_tokens, dict(out.metrics))
+                         out.num_cached_tokens, dict(out.metrics), prompt_logprobs)
 
 
 def merge_delta(acc: Optional[RequestOutput], delta: RequestOutput) -> RequestOutput:
@@ -94,4 +100,6 @@ def merge_delta(acc: Optional[RequestOutput], delta: RequestOutput) -> RequestOu
             c.logprobs.extend(d.logprobs)
         c.cumulative_logprob, c.finish_reason, c.stop_reason = d.cumulative_logprob, d.finish_reason, d.stop_reason
     acc.finished, acc.num_cached_tokens, acc.metrics = delta.finished, delta.num_cached_tokens, delta.metrics
+    if delta.prompt_logprobs is not None:
+        acc.prompt_logprobs = delta.prompt_logprobs
     return acc

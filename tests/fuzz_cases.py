@@ -41,7 +41,9 @@ STREAM_OPTIONS = (st.fixed_dictionaries({}, optional={"include_usage": st.boolea
                   [{"include_usage": 1}, "yes", []], True)
 MODEL = (lambda d: d.choice(list(d.env.model_names)) if d.pct(90) else  # else unknown: 404
          d.value(st.sampled_from(["gpt-9", "", " tiny", "TINY", "🤖"]) | st.text(max_size=12)), [[], 5, {}], True)
-COMPLETION_FIELDS = {"logprobs": (12, *LOGPROBS), "echo": (25, *BOOL), "max_tokens": (92, *MAX_TOKENS)}
+# max_tokens 0 scores a prompt: valid with echo only (completion_case)
+COMPLETION_FIELDS = {"logprobs": (12, *LOGPROBS), "echo": (25, *BOOL),
+                     "max_tokens": (92, lambda d: 0 if d.pct(4) else d.value(MAX_TOKENS[0]), NOT_INT, True)}
 CHAT_FIELDS = {"logprobs": (12, *BOOL), "top_logprobs": (10, *LOGPROBS), "add_generation_prompt": (10, *BOOL)}
 TOKENIZE_FIELDS = {"add_special_tokens": (15, *BOOL), "add_generation_prompt": (15, *BOOL), "model": (40, *MODEL)}
 
@@ -67,7 +69,10 @@ def sampling_fields(v: int) -> Dict[str, tuple]:
                  ["", [""], ["w5", ""], 5, [5], [None], {"a": "b"}, NAN], True),
         "stop_token_ids": (20, st.lists(st.integers(0, v - 1), max_size=4),  # in the vocabulary, else 400
                            [[v], [v + 100, 0], [10 ** 30], [2 ** 64], [-1], [1.5], [None], [True], "2"], True, 40),
-        "logit_bias": (4, st.just({}), [{"5": 1.0}, {"5": "x"}, 5], True),  # not supported
+        "logit_bias": (8, st.dictionaries(st.integers(0, v - 1).map(str), floats(-100, 100), max_size=3),
+                       [{"5": "x"}, 5, {"x": 1.0}, {"5": 100.5}, {"-1": 1.0}, {str(v): 1.0}, {"\u00b2": 1.0},
+                        {"5": NAN}, {"5": True}], True),
+        "prompt_logprobs": (6, st.integers(0, 20), [21, -1] + NOT_INT, True),  # not with stream
     }
 
 
@@ -241,6 +246,7 @@ def put_common(d: Draw, specs: Dict[str, tuple]) -> None:
     stream = d.fields.get("stream") is True
     put_fields(d, {"stream_options": (40 if stream else 3, *STREAM_OPTIONS)})
     d.note(BAD if d.fields.get("stream_options") is not None and not stream else OK)
+    d.note(BAD if d.fields.get("prompt_logprobs") is not None and stream else OK)
 
 
 def post(d: Draw, label: str, path: str, prompts: Optional[int] = None) -> Case:
@@ -259,10 +265,12 @@ def completion_case(d: Draw) -> Case:
     prompts = completion_prompt(d)
     put_common(d, COMPLETION_FIELDS)
     f = d.fields
-    if f.get("echo") is True and f.get("logprobs") is not None:
-        d.note(BAD)  # not supported
-    for p in prompts if d.verdict != BAD else []:
-        d.note(fit(p.lo, p.hi, f.get("max_tokens", 16), f.get("min_tokens", 0), d.env.max_model_len))
+    scoring = f.get("max_tokens") == 0
+    if scoring and f.get("echo") is not True:
+        d.note(BAD)  # max_tokens 0 only scores an echoed prompt
+    for p in prompts if d.verdict != BAD else []:  # scoring samples one token (left out)
+        d.note(fit(p.lo, p.hi, 1 if scoring else f.get("max_tokens", 16), f.get("min_tokens", 0),
+                   d.env.max_model_len))
     return post(d, "completions", "/v1/completions", len(prompts))
 
 

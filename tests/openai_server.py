@@ -64,10 +64,18 @@ async def _serve_all(servers):
 def srv(tiny_llama):
     config = EngineConfig(model=ModelConfig(model=str(tiny_llama), dtype="float32", max_model_len=128),
                           cache=CacheConfig(num_blocks=64))
+    yield from serving(config, "tiny", ["tiny-alias"], TEMPLATE)
+
+
+def serving(config, name, aliases=(), template=None, **app_kwargs):
+    """An AsyncEngine behind two OpenAI apps on uvicorn (the second with API_KEY); yields
+    what the tests use of them and stops the servers after."""
     engine = AsyncEngine(config)
-    engine.tokenizer.chat_template = TEMPLATE
-    client = RecordingClient(engine, "tiny")
-    apps = [create_app(client, served_model_names=["tiny-alias"]), create_app(client, api_key=API_KEY)]
+    if template is not None:
+        engine.tokenizer.chat_template = template
+    client = RecordingClient(engine, name)
+    apps = [create_app(client, served_model_names=list(aliases), **app_kwargs),
+            create_app(client, api_key=API_KEY, **app_kwargs)]
     servers = [uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
                for app in apps]
     thread = threading.Thread(target=asyncio.run, args=(_serve_all(servers),), daemon=True)

@@ -98,7 +98,7 @@ def test_chat_equals_offline_and_streams(srv, ref):
     expected = offline(ref, {"prompt_token_ids": prompt_ids}, temperature=0, max_tokens=9, ignore_eos=True)
     assert data["object"] == "chat.completion" and data["id"].startswith("chatcmpl-")
     assert data["choices"][0]["message"] == {"role": "assistant", "content": expected.outputs[0].text,
-                                             "refusal": None}
+                                             "refusal": None, "tool_calls": []}
     assert data["usage"] == {"prompt_tokens": 4, "completion_tokens": 9, "total_tokens": 13}
     events = post_stream(srv.http, "/v1/chat/completions", {**body, "stream": True})
     assert events[-1] == "[DONE]" and events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}

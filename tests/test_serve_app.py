@@ -5,6 +5,7 @@ requests went; engine block accounting (via /metrics) for disconnects."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 
@@ -215,6 +216,35 @@ def test_bad_requests_through_serve_get_4xx_and_serving_continues(server):
             assert set(err) >= {"message", "type", "param", "code"}
         ok = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+def test_tools_constraints_and_scoring_through_serve(server, offline):
+    """Issue 20's surface crosses the ingress -> replica hop: constraints compile in the
+    replica (a bad one is a 400 naming its field), prompt logprobs come back, bias applies."""
+    from openai import BadRequestError, OpenAI
+
+    from raylm import SamplingParams
+
+    client = OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0)
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "required": ["city"], "properties": {"city": {"enum": ["Paris", "Oslo"]}}}}}
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Weather in Oslo?"}],
+                                         tools=[tool], tool_choice="required", max_tokens=40, temperature=0)
+    call = out.choices[0].message.tool_calls[0]
+    assert out.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments)["city"] in ("Paris", "Oslo")
+    with pytest.raises(BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body={"guided_regex": "[a-"})
+    assert err.value.body["param"] == "guided_regex"
+    prompt = "The capital of France is"
+    scored = client.completions.create(model=MODEL, prompt=prompt, echo=True, logprobs=1, max_tokens=0)
+    ref = offline.generate(prompt, SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)[0]
+    expected = [p[t].logprob for p, t in zip(ref.prompt_logprobs[1:], ref.prompt_token_ids[1:])]
+    assert scored.choices[0].logprobs.token_logprobs[0] is None
+    assert scored.choices[0].logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-3)
+    forced = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0,
+                                       logit_bias={"42": 100})
+    assert forced.choices[0].text == offline.get_tokenizer().decode([42] * 3)
 
 
 def test_metrics_reach_ray_metrics_export(server):

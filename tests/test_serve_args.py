@@ -45,14 +45,16 @@ def test_serve_flags_reach_the_admission_auth_and_shutdown_options():
 
     argv = ["serve", "--max-ongoing-requests", "40", "--max-waiting-requests", "8", "--request-timeout", "12.5",
             "--shutdown-timeout", "3", "--open-paths", "/health", "/metrics", "--admin-api-key", "sk-adm",
-            "--max-data-parallel-size", "6", "--scale-timeout", "45", "--tp", "2", "--num-cpus-per-replica", "0.5"]
+            "--max-data-parallel-size", "6", "--scale-timeout", "45", "--tp", "2", "--num-cpus-per-replica", "0.5",
+            "--tool-call-parser", "hermes"]
     a = serve_args(build_parser().parse_args(argv))
     assert (a.max_ongoing_requests, a.max_waiting_requests, a.request_timeout, a.shutdown_timeout) == (40, 8, 12.5, 3)
     assert a.engine_config().scheduler.max_waiting_requests == 8
     limits = {"max_data_parallel_size": 6, "replica_resources": {"CPU": 0.5 + 2 * 1.0}, "scale_timeout_s": 45}
     assert a.ingress_options() == {"api_key": a.api_key, "open_paths": ["/health", "/metrics"],
                                    "max_body_bytes": 1 << 20, "max_ongoing_requests": 40, "request_timeout": 12.5,
-                                   "admin_api_key": "sk-adm", "scale_limits": limits, "autoscaling": False}
+                                   "admin_api_key": "sk-adm", "scale_limits": limits, "autoscaling": False,
+                                   "tool_call_parser": "hermes"}
     assert "sk-adm" not in repr(a)
     defaults = serve_args(build_parser().parse_args(["serve"]))
     assert defaults.open_paths == ["/health", "/ping", "/version"] and defaults.request_timeout is None

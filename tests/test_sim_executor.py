@@ -126,3 +126,22 @@ def test_a_requests_device_time_and_a_fleets_capacity_by_hand():
     # sequence, for 3 - 1 tokens
     assert request_seconds(SHAPE, DEVICE, 4, 3, batch=2) == pytest.approx(3.294 + 2.254)
     assert fleet_capacity(SHAPE, DEVICE, [(4, 3)] * 3, batch=2, engines=10) == pytest.approx(10 / 5.548)
+
+
+def test_sim_check_streams_a_whole_model_through_the_gemv():
+    """The bandwidth sim-check gives the simulator: bytes of every layer's weights and the LM
+    head over the GEMV's time (none for fp32 weights, which the GEMV does not serve)."""
+    import torch
+
+    from raylm.bench import sim_check
+    from raylm.kernels import cpu_ops
+
+    shape = ModelShape("small", 2, 64, 4, 2, 16, 128, 256)
+    assert sim_check.stream_bandwidth(shape, torch.float32) is None
+    gbps = sim_check.stream_bandwidth(shape, torch.bfloat16)
+    if not cpu_ops.gemv_available():
+        assert gbps is None
+        return
+    per_layer = sum(k * n for k, n in sim_check._shapes(shape))
+    assert per_layer == 64 * (4 + 2 * 2) * 16 + 64 * 64 + 64 * 2 * 128 + 128 * 64  # qkv, o, gate+up, down
+    assert gbps > 0

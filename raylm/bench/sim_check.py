@@ -1,9 +1,11 @@
 """`raylm bench sim-check`: the simulated executor's step times against the real executor's,
 on this machine, for one model at several decode batch sizes.
 
-The simulator is given this machine as its device, with limits measured here: a large copy's
-bytes/s (as `raylm bench kernels` measures it) and the GEMM rate of the model's own layer
-shapes at 8 to 256 rows, in the weights' dtype (a CPU's skinny GEMMs run far below its
+The simulator is given this machine as its device, with limits measured here: the bytes/s
+at which this CPU streams the model's weights through the engine's own 1-row GEMV (every
+layer's weights once, as a decode step reads them; where the GEMV is not built, a large
+copy's bytes/s as `raylm bench kernels` measures it) and the GEMM rate of the model's own
+layer shapes at 8 to 256 rows, in the weights' dtype (a CPU's skinny GEMMs run far below its
 large-GEMM rate, so one FLOP/s figure would not do), and as its fixed cost per step this
 engine's input preparation and sampling at the smallest batch. Then for each batch size
 the full model's real decode steps are timed (the executor's part: inputs, forward, logits,
@@ -13,7 +15,7 @@ Prints a table (ratio sim / real) and writes JSON.
 from __future__ import annotations
 
 import argparse
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 from raylm.bench.report import machine_info, print_table, write_json
 
@@ -38,9 +40,7 @@ def gemm_curve(model, dtype, rows=(8, 32, 64, 128, 256)) -> Tuple[Tuple[int, flo
 
     from raylm.bench.kernels import time_call
 
-    qkv = (model.num_heads + 2 * model.num_kv_heads) * model.head_dim
-    shapes = [(model.hidden, qkv), (model.num_heads * model.head_dim, model.hidden),
-              (model.hidden, 2 * model.intermediate), (model.intermediate, model.hidden), (model.hidden, model.vocab)]
+    shapes = _shapes(model) + [(model.hidden, model.vocab)]
     weights = [torch.randn(n, k).to(dtype) for k, n in shapes]
     curve = []
     for m in rows:
@@ -49,6 +49,32 @@ def gemm_curve(model, dtype, rows=(8, 32, 64, 128, 256)) -> Tuple[Tuple[int, flo
                          torch.device("cpu"), repeats=5, stat=min)
         curve.append((m, 2 * m * sum(k * n for k, n in shapes) / best))
     return tuple(curve)
+
+
+def _shapes(model):
+    """(in, out) of one layer's linear weights (q/k/v fused, o, gate+up fused, down)."""
+    qkv = (model.num_heads + 2 * model.num_kv_heads) * model.head_dim
+    return [(model.hidden, qkv), (model.num_heads * model.head_dim, model.hidden),
+            (model.hidden, 2 * model.intermediate), (model.intermediate, model.hidden)]
+
+
+def stream_bandwidth(model, dtype) -> Optional[float]:
+    """Bytes/s of the engine's bf16 GEMV at 1 row over a whole model's worth of weights
+    (every layer's, then the LM head; none stays in cache), best of 5; None where the GEMV
+    is not built or the weights are not bf16."""
+    import torch
+
+    from raylm.bench.kernels import time_call
+    from raylm.kernels import cpu_ops
+
+    if dtype != torch.bfloat16 or not cpu_ops.gemv_available():
+        return None
+    shapes = _shapes(model) * model.num_layers + [(model.hidden, model.vocab)]
+    weights = [torch.randn(n, k).to(dtype) for k, n in shapes]
+    xs = {k: torch.randn(1, k).to(dtype) for k, _ in shapes}
+    best = time_call(lambda: [cpu_ops.gemv(xs[w.shape[1]], w) for w in weights], torch.device("cpu"),
+                     repeats=5, stat=min)
+    return sum(w.numel() * w.element_size() for w in weights) / best
 
 
 def executor_ms(kwargs: Dict, batch: int, input_len: int, steps: int) -> Tuple[float, float, object]:
@@ -82,7 +108,10 @@ def cmd_sim_check(args: argparse.Namespace) -> int:
     with torch.inference_mode():
         limits = measure_limits(torch.device("cpu"), dtype, repeats=5)
         curve = gemm_curve(model, dtype)
-    device = DeviceProfile("this CPU (measured)", limits["bandwidth_gb_s"] * 1e9, limits["gemm_tflop_s"] * 1e12, 0,
+        stream = stream_bandwidth(model, dtype)
+    limits["stream_gb_s"] = stream / 1e9 if stream else None
+    bandwidth = stream or limits["bandwidth_gb_s"] * 1e9
+    device = DeviceProfile("this CPU (measured)", bandwidth, limits["gemm_tflop_s"] * 1e12, 0,
                            step_overhead_s=fixed_ms / 1e3, gemm_curve=curve)
     rows = []
     for batch, (real_ms, _, _) in real.items():
@@ -90,7 +119,8 @@ def cmd_sim_check(args: argparse.Namespace) -> int:
         rows.append({"batch": batch, "real_ms": real_ms, "sim_ms": sim_ms, "ratio": sim_ms / real_ms,
                      "within_aim": abs(sim_ms / real_ms - 1) <= AIM})
     gemm = ", ".join(f"{m}: {f / 1e9:.0f}" for m, f in curve)
-    print(f"SIMULATION CHECK on {machine_info()['processor']}: copy {limits['bandwidth_gb_s']:.1f} GB/s; {dtype} "
+    print(f"SIMULATION CHECK on {machine_info()['processor']}: bandwidth {bandwidth / 1e9:.1f} GB/s "
+          f"({'weights through the GEMV' if stream else 'copy'}; copy {limits['bandwidth_gb_s']:.1f}); {dtype} "
           f"GEMM GFLOP/s at the model's shapes by rows {{{gemm}}}; per step (inputs, sampling at batch "
           f"{min(real)}) {fixed_ms:.2f} ms; context {ctx} tokens.")
     print_table(rows, [("batch", "batch"), ("real_ms", "real ms", ".2f"), ("sim_ms", "sim ms", ".2f"),

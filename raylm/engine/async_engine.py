@@ -84,6 +84,14 @@ class AsyncEngine:
         """Call `method` on every worker of this engine's executor; their answers in rank order."""
         return self.engine.core.executor.collective_rpc(method, args)
 
+    async def prepare(self, params: SamplingParams) -> None:
+        """Compile the request's output constraint, if any, in a thread: the step loop runs on
+        this event loop, so a compile there would stall every request's next step. `submit`
+        then finds it in the grammar cache (a constraint that does not compile raises here)."""
+        if params.structured_outputs is not None:
+            self._admit()  # a replica that would refuse the request does not compile for it
+            await asyncio.to_thread(self.engine.compile_grammar, params)
+
     def submit(self, prompt: PromptType, params: SamplingParams, request_id: str,
                sink: Callable[[object], None]) -> None:
         """Queue a request whose outputs the engine loop hands to `sink` (a RequestOutput, or
@@ -121,6 +129,7 @@ class AsyncEngine:
         `params.output_kind == "delta"`. Closing the generator early (client gone, task
         cancelled) aborts the request and frees its blocks."""
         queue: asyncio.Queue = asyncio.Queue()
+        await self.prepare(params)
         self.submit(prompt, params, request_id, queue.put_nowait)
         finished = False
         self._queue_consumers += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 from typing import Dict, List, Optional, Union
 
 from raylm.config import EngineConfig, ModelConfig
@@ -13,10 +14,12 @@ from raylm.engine.request import Request
 from raylm.models.loader import load_hf_config, resolve_model_path
 from raylm.outputs import RequestOutput
 from raylm.sampling_params import SamplingParams
+from raylm.structured import BaseGrammarBackend, create_grammar_backend
 
 logger = logging.getLogger(__name__)
 
 PromptType = Union[str, List[int], Dict]
+GRAMMAR_CACHE = 256  # compiled constraints kept per engine
 
 
 def max_model_len_for(model: ModelConfig, hf_config) -> int:
@@ -51,6 +54,9 @@ class LLMEngine:
         self.core = EngineCore(config, self.model_path, self.max_model_len)
         self.processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
+        self._grammars: Optional[BaseGrammarBackend] = None  # made at the first structured request
+        self._grammars_lock = threading.Lock()  # compiles may come from threads (AsyncEngine.prepare)
+        self._compiled: Dict[tuple, object] = {}  # constraint -> compiled grammar, oldest first
 
     def _eos_ids(self) -> List[int]:
         ids = [self.tokenizer.eos_token_id]
@@ -84,6 +90,31 @@ class LLMEngine:
         bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
         if bad:  # they index the logits (min_tokens masks them): out of range would fail the whole step
             raise ValueError(f"stop_token_ids out of vocabulary (size {self.vocab_size}): {bad[:5]}")
+        bad = [t for t in params.logit_bias or () if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias token ids out of vocabulary (size {self.vocab_size}): {bad[:5]}")
+        if params.structured_outputs is not None:
+            self.compile_grammar(params)  # a constraint that does not compile fails here
+
+    def compile_grammar(self, params: SamplingParams):
+        """The request's compiled constraint; a ValueError naming its field if it does not
+        compile. The last GRAMMAR_CACHE compiled are kept, read without a lock, so a request
+        whose constraint was compiled (AsyncEngine.prepare, in a thread) never waits here
+        behind another one's compile."""
+        spec = params.structured_outputs
+        key = spec.cache_key()
+        compiled = self._compiled.get(key)
+        if compiled is not None:
+            return compiled
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = create_grammar_backend("xgrammar", self.tokenizer, self.vocab_size)
+        compiled = self._grammars.compile(spec)  # the backend serializes compiles itself
+        with self._grammars_lock:
+            self._compiled[key] = compiled
+            while len(self._compiled) > GRAMMAR_CACHE:
+                self._compiled.pop(next(iter(self._compiled)))
+        return compiled
 
     def add_request(self, prompt: PromptType, params: Optional[SamplingParams] = None,
                     request_id: Optional[str] = None) -> str:
@@ -95,8 +126,10 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         children = [self._child_params(params, i) for i in range(params.n)]
         ids = self.processor.add_request(request_id, text, prompt_ids, params, children)
+        compiled = self.compile_grammar(params) if params.structured_outputs is not None else None
         for cid, cp in zip(ids, children):
-            self.core.add_request(Request(cid, prompt_ids, cp))
+            grammar = self._grammars.matcher(compiled) if compiled is not None else None
+            self.core.add_request(Request(cid, prompt_ids, cp, grammar=grammar))
         return request_id
 
     def _child_params(self, params: SamplingParams, index: int) -> SamplingParams:

@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Tuple
 
 from raylm.engine.detokenizer import IncrementalDetokenizer
 from raylm.executor.sched_output import EngineCoreOutput
-from raylm.outputs import CompletionOutput, RequestOutput
+from raylm.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from raylm.sampling_params import SamplingParams
 
 
@@ -65,6 +65,10 @@ class OutputProcessor:
                 to_abort.append(out.request_id)
             self._update_completion(child, out, finish, stop_reason)
             parent = self.parents[child.parent_id]
+            if out.prompt_logprobs is not None and parent.output.prompt_logprobs is None:
+                # every child scores the prompt (none may hit the cache): the first to finish
+                # its prefill fills them in, before its own first token is seen
+                parent.output.prompt_logprobs = [None] + [self._decoded(p) for p in out.prompt_logprobs]
             parent.output.num_cached_tokens = out.num_cached_tokens
             if finish is not None:
                 self._finish_child(out.request_id, parent)
@@ -77,12 +81,15 @@ class OutputProcessor:
         c.text = child.detok.visible_text(finished=finish is not None)
         if out.new_logprobs and c.logprobs is not None:
             for token, position in zip(out.new_token_ids, out.new_logprobs):
-                for tid, lp in position.items():
-                    lp.decoded_token = self.tokenizer.decode([tid])
-                c.logprobs.append(position)
+                c.logprobs.append(self._decoded(position))
                 c.cumulative_logprob += position[token].logprob
         if finish is not None:
             c.finish_reason, c.stop_reason = finish, stop_reason
+
+    def _decoded(self, position: PositionLogprobs) -> PositionLogprobs:
+        for tid, lp in position.items():
+            lp.decoded_token = self.tokenizer.decode([tid])
+        return position
 
     def _finish_child(self, cid: str, parent: _Parent) -> None:
         del self.children[cid]

@@ -6,7 +6,9 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from raylm.outputs import PositionLogprobs
 from raylm.sampling_params import SamplingParams
+from raylm.structured import BaseGrammar
 
 
 class RequestStatus(enum.Enum):
@@ -40,6 +42,10 @@ class Request:
     num_preemptions: int = 0
     stop_reason: Optional[object] = None
     block_hashes: List[int] = field(default_factory=list)  # chained hashes of full blocks
+    # prompt_logprobs requests: prompt tokens 1.. scored so far, sent with the first output
+    prompt_logprobs: List[PositionLogprobs] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
+    grammar: Optional[BaseGrammar] = None  # structured outputs: where the output is in its grammar
 
     def __post_init__(self) -> None:
         self.all_token_ids: List[int] = list(self.prompt_token_ids)
@@ -59,6 +65,12 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Asked for prompt logprobs and some are still to compute: no prefix-cache hits."""
+        return (self.sampling_params.prompt_logprobs is not None
+                and len(self.prompt_logprobs) < self.num_prompt_tokens - 1)
 
     @property
     def finish_reason(self) -> Optional[str]:

@@ -8,6 +8,8 @@ are admitted only in steps that preempted nothing.
 """
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections import deque
 from typing import Deque, Dict, Iterable, List, Optional
 
@@ -33,6 +35,7 @@ class Scheduler:
         # Scheduled, output not yet applied. Only non-empty with several steps in flight
         # (pipeline parallelism): such a request is neither scheduled again nor preempted.
         self.in_flight: set = set()
+        self.last_grammar_s = 0.0  # the latest step's bitmask filling
 
     # ---- queue management --------------------------------------------------------
 
@@ -74,7 +77,23 @@ class Scheduler:
         new_reqs = [] if self._preempted_this_step else self._schedule_waiting(budget, num_scheduled)
         forget, self._forget = self._forget, set()
         self.in_flight.update(num_scheduled)
-        return SchedulerOutput(new_reqs, cached, num_scheduled, sum(num_scheduled.values()), forget)
+        out = SchedulerOutput(new_reqs, cached, num_scheduled, sum(num_scheduled.values()), forget)
+        start = time.perf_counter()
+        out.grammar_req_ids, out.grammar_bitmask = self._grammar_bitmask(num_scheduled)
+        self.last_grammar_s = time.perf_counter() - start  # `raylm bench structured`
+        return out
+
+    def _grammar_bitmask(self, num_scheduled: Dict[str, int]):
+        """A bitmask row per constrained request whose scheduled tokens reach its end (it
+        samples this step), filled by its grammar."""
+        ids = [r for r, n in num_scheduled.items() if self.requests[r].grammar is not None
+               and self.requests[r].num_computed_tokens + n == self.requests[r].num_tokens]
+        if not ids:
+            return [], None
+        bitmask = self.requests[ids[0]].grammar.allocate_bitmask(len(ids))
+        for row, req_id in enumerate(ids):
+            self.requests[req_id].grammar.fill_bitmask(bitmask, row)
+        return ids, bitmask
 
     def _schedule_running(self, budget: int, num_scheduled: Dict[str, int]):
         cached = CachedRequestData()
@@ -98,7 +117,8 @@ class Scheduler:
         while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
                and len(num_scheduled) < self._limit):
             request = self.waiting[0]
-            computed, num_hit = self.kv.get_computed_blocks(request)
+            # a hit would skip the positions that prompt logprobs come from: recompute them
+            computed, num_hit = ([], 0) if request.needs_prompt_logprobs else self.kv.get_computed_blocks(request)
             # The KV manager counts the hits itself (request.num_computed_tokens + len(computed) *
             # block_size), so num_computed_tokens stays 0 until the hits are allocated.
             n = self._num_new_tokens(request, budget, num_hit)
@@ -146,8 +166,11 @@ class Scheduler:
 
     def _new_request_data(self, request: Request, block_ids: List[int]) -> NewRequestData:
         request.num_synced_tokens = request.num_tokens
+        params = request.sampling_params
+        if params.prompt_logprobs is not None and not request.needs_prompt_logprobs:
+            params = dataclasses.replace(params, prompt_logprobs=None)  # resumed: scored already
         return NewRequestData(request.request_id, request.prompt_token_ids, list(request.output_token_ids),
-                              request.sampling_params, block_ids, request.num_computed_tokens)
+                              params, block_ids, request.num_computed_tokens)
 
     @staticmethod
     def _add_cached(cached: CachedRequestData, request: Request, block_ids: List[int]) -> None:
@@ -166,6 +189,7 @@ class Scheduler:
             request = self.requests.get(req_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
+            self._collect_prompt_logprobs(request, output.prompt_logprobs.get(req_id))
             request.num_computed_tokens += n
             # Register blocks as soon as they are full, mid chunked prefill too, so a request
             # preempted mid-prefill (or one sharing its prefix) can reuse them.
@@ -180,11 +204,34 @@ class Scheduler:
                     self._finish(request, status)
                     break
             outputs.append(EngineCoreOutput(req_id, tokens, output.logprobs.get(req_id), request.finish_reason,
-                                            request.stop_reason, max(request.num_cached_tokens, 0)))
+                                            request.stop_reason, max(request.num_cached_tokens, 0),
+                                            self._take_prompt_logprobs(request)))
         return outputs
+
+    @staticmethod
+    def _collect_prompt_logprobs(request: Request, positions) -> None:
+        """Keep the positions not scored before: entry j of this step scores prompt token
+        start + 1 + j (start: the step's first position); a recompute after preemption
+        scores some again."""
+        start = request.num_computed_tokens
+        for j, position in enumerate(positions or ()):
+            if start + j == len(request.prompt_logprobs):
+                request.prompt_logprobs.append(position)
+
+    @staticmethod
+    def _take_prompt_logprobs(request: Request):
+        if request.sampling_params.prompt_logprobs is None or request.prompt_logprobs_sent:
+            return None
+        request.prompt_logprobs_sent = True
+        return request.prompt_logprobs
 
     def _check_stop(self, request: Request, token: int) -> Optional[RequestStatus]:
         params = request.sampling_params
+        grammar = request.grammar
+        if grammar is not None and (not grammar.accept(token) or grammar.is_terminated()):
+            # complete (a rejected token: only from an executor that ignores the mask, the sim)
+            request.stop_reason = token if token in params.stop_token_ids else None
+            return RequestStatus.FINISHED_STOPPED
         # all_stop_token_ids = user stop ids + EOS ids (unless ignore_eos), filled by the engine
         if token in params.all_stop_token_ids and request.num_output_tokens >= params.min_tokens:
             request.stop_reason = token if token in params.stop_token_ids else None

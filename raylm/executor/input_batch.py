@@ -2,8 +2,8 @@
 the flattening of one step into model inputs (ids, positions, slots, attention metadata)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -34,6 +34,8 @@ class StepInputs:
     req_ids: List[str]  # batch order (decodes first)
     logits_rows: torch.Tensor  # hidden-state row per request that samples this step
     sample_req_ids: List[str]
+    # requests that want prompt logprobs: (req_id, first row, the prompt tokens its rows predict)
+    prompt_rows: List[Tuple[str, int, List[int]]] = field(default_factory=list)
 
 
 class InputBatch:
@@ -62,7 +64,7 @@ class InputBatch:
 
     def prepare(self, sched: SchedulerOutput) -> StepInputs:
         order = sorted(sched.num_scheduled_tokens, key=lambda r: sched.num_scheduled_tokens[r] != 1)
-        ids, positions, slots, logits_rows, sample_ids = [], [], [], [], []
+        ids, positions, slots, logits_rows, sample_ids, prompt_rows = [], [], [], [], [], []
         prefills, decode_states = [], []
         for req_id in order:
             state, n = self.requests[req_id], sched.num_scheduled_tokens[req_id]
@@ -74,6 +76,9 @@ class InputBatch:
                 decode_states.append(state)
             else:
                 prefills.append(PrefillSeq(row, n, start + n, self._block_ids(state.block_ids, start + n)))
+            targets = self._prompt_targets(state, start, n)
+            if targets:
+                prompt_rows.append((req_id, row, targets))
             if start + n == len(state.token_ids):  # reached the end: this step samples
                 logits_rows.append(row + n - 1)
                 sample_ids.append(req_id)
@@ -85,7 +90,17 @@ class InputBatch:
         return StepInputs(to_device(torch.tensor(ids, dtype=torch.long), device),
                           to_device(torch.tensor(positions, dtype=torch.long), device),
                           self.backend.build_metadata(meta, self.block_size), order,
-                          to_device(torch.tensor(logits_rows, dtype=torch.long), device), sample_ids)
+                          to_device(torch.tensor(logits_rows, dtype=torch.long), device), sample_ids,
+                          prompt_rows)
+
+    @staticmethod
+    def _prompt_targets(state: CachedRequestState, start: int, n: int) -> List[int]:
+        """The prompt tokens that positions start..start+n-1 predict, if the request wants
+        prompt logprobs (the last prompt position predicts the first output: not one)."""
+        if state.sampling_params.prompt_logprobs is None:
+            return []
+        end = min(start + n, len(state.prompt_token_ids) - 1)
+        return state.prompt_token_ids[start + 1:end + 1]
 
     def _slot(self, block_ids: List[int], pos: int) -> int:
         return block_ids[pos // self.block_size] * self.block_size + pos % self.block_size

@@ -10,7 +10,7 @@ import torch
 
 from raylm.attention import AttentionMetadata, KVCachePool, PrefillSeq, create_attention_backend
 from raylm.config import EngineConfig, parse_memory
-from raylm.executor.sampler import Sampler, SamplingInput
+from raylm.executor.sampler import Sampler, SamplingInput, position_logprobs
 from raylm.executor.sched_output import ModelRunnerOutput, SchedulerOutput
 from raylm.executor.cuda_graphs import DecodeGraphs, capture_sizes
 from raylm.executor.input_batch import InputBatch, StepInputs
@@ -20,8 +20,11 @@ from raylm.models.layers import prepack_linears
 from raylm.models.loader import checkpoint_dtype, load_hf_config, load_model
 from raylm.distributed.parallel_state import CommClock, get_ep_group, get_pp_group, get_tp_group
 from raylm.kernels import machine, ops
+from raylm.outputs import PositionLogprobs
+from raylm.structured import apply_bitmask
 
 logger = logging.getLogger(__name__)
+PROMPT_LOGITS_ROWS = 256
 
 
 class ModelRunner:
@@ -161,11 +164,16 @@ class ModelRunner:
             return ModelRunnerOutput({})  # an earlier pipeline stage: its output went to the next
         sampled = {req_id: [] for req_id in step.req_ids}
         logprobs = {}
+        prompt_logprobs = self._prompt_logprobs(hidden, step) if step.prompt_rows else {}
         if step.sample_req_ids:
             logits = self.model.compute_logits(hidden[step.logits_rows])  # a TP collective: every rank
             clock.mark("logits")
             if get_tp_group().rank != 0:
                 return ModelRunnerOutput({})  # only TP rank 0 of the last stage samples
+            if sched.grammar_req_ids:  # structured outputs: disallowed tokens to -inf
+                rows = {r: i for i, r in enumerate(step.sample_req_ids)}
+                apply_bitmask(logits, sched.grammar_bitmask, [rows[r] for r in sched.grammar_req_ids])
+                clock.mark("grammar")
             result = self.sampler(logits, [self._sampling_input(r) for r in step.sample_req_ids])
             for req_id, token, lp in zip(step.sample_req_ids, result.token_ids, result.logprobs):
                 sampled[req_id] = [token]
@@ -173,7 +181,22 @@ class ModelRunner:
                     logprobs[req_id] = [lp]
             clock.mark("sample")
         self.last_step_times = {**clock.times, "comm": CommClock.take()}
-        return ModelRunnerOutput(sampled, logprobs, self.last_step_times, busy if ep.dp is not None else None)
+        return ModelRunnerOutput(sampled, logprobs, self.last_step_times, busy if ep.dp is not None else None,
+                                 prompt_logprobs)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, step) -> Dict[str, List[PositionLogprobs]]:
+        """Logprobs of the prompt tokens that this step's rows predict, for the requests that
+        asked, from the same forward; logits in slices of PROMPT_LOGITS_ROWS rows (a 2k-token
+        prompt's full logits would be 2k x vocab fp32)."""
+        out: Dict[str, List[PositionLogprobs]] = {}
+        for req_id, first, targets in step.prompt_rows:
+            top = self.batch.requests[req_id].sampling_params.prompt_logprobs
+            out[req_id] = []
+            for j in range(0, len(targets), PROMPT_LOGITS_ROWS):
+                part = targets[j:j + PROMPT_LOGITS_ROWS]
+                logits = self.model.compute_logits(hidden[first + j:first + j + len(part)])  # TP collective
+                out[req_id] += position_logprobs(logits, part, top) if get_tp_group().rank == 0 else []
+        return out if get_tp_group().rank == 0 else {}
 
     def _forward(self, step) -> Optional[torch.Tensor]:
         """The model's forward for this stage: receive (hidden, residual) from the previous

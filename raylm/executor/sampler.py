@@ -1,5 +1,5 @@
-"""Token sampling for one step: penalties -> min_tokens mask -> temperature -> min-p ->
-top-k -> top-p -> draw. Logprobs come from the raw logits (vLLM's default).
+"""Token sampling for one step: logit bias -> penalties -> min_tokens mask -> temperature ->
+min-p -> top-k -> top-p -> draw. Logprobs come from the raw logits (vLLM's default).
 
 A seeded request draws from a generator seeded by (seed, output position), so its tokens
 do not depend on batch composition, preemption or which worker runs it.
@@ -31,6 +31,15 @@ class SamplerOutput:
     logprobs: List[Optional[PositionLogprobs]]
 
 
+def apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> torch.Tensor:
+    for i, row in enumerate(rows):
+        bias = row.params.logit_bias
+        if bias:
+            ids = torch.tensor(list(bias), dtype=torch.long, device=logits.device)
+            logits[i, ids] += torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
+    return logits
+
+
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> torch.Tensor:
     vocab = logits.shape[-1]
     for i, row in enumerate(rows):
@@ -51,7 +60,9 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> torc
 def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> torch.Tensor:
     for i, row in enumerate(rows):
         p = row.params
-        if len(row.output_token_ids) < p.min_tokens and p.all_stop_token_ids:
+        # a constrained row's grammar decides where it ends (once complete it allows only EOS)
+        constrained = p.structured_outputs is not None
+        if len(row.output_token_ids) < p.min_tokens and p.all_stop_token_ids and not constrained:
             logits[i, list(p.all_stop_token_ids)] = float("-inf")
     return logits
 
@@ -136,6 +147,24 @@ def compute_logprobs(raw: torch.Tensor, token: int, top_n: int) -> PositionLogpr
     return out
 
 
+def position_logprobs(logits: torch.Tensor, targets: Sequence[int], top_n: int) -> List[PositionLogprobs]:
+    """Batched `compute_logprobs` for prompt positions: row j's logits scored against the
+    prompt token that follows it, `targets[j]`."""
+    logprobs = torch.log_softmax(logits.float(), -1)
+    ids = torch.tensor(targets, dtype=torch.long, device=logprobs.device)
+    chosen = logprobs.gather(1, ids.unsqueeze(1))
+    ranks = ((logprobs > chosen).sum(-1) + 1).tolist()
+    top = torch.topk(logprobs, top_n) if top_n else None
+    out = []
+    for j, (token, value) in enumerate(zip(targets, chosen.squeeze(1).tolist())):
+        position = {token: Logprob(value, ranks[j])}
+        if top is not None:
+            for rank, (v, t) in enumerate(zip(top.values[j].tolist(), top.indices[j].tolist()), start=1):
+                position.setdefault(t, Logprob(v, rank))
+        out.append(position)
+    return out
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingInput]) -> SamplerOutput:
         if self._c_path(logits, rows):  # the common case on CPU: no filters, penalties, logprobs
@@ -146,7 +175,7 @@ class Sampler:
         if all(self._plain(r) for r in rows):
             return SamplerOutput(logits.argmax(-1).tolist(), [None] * len(rows))
         raw = logits.clone() if any(r.params.logprobs is not None for r in rows) else None
-        logits = apply_min_tokens(apply_penalties(logits, rows), rows)
+        logits = apply_min_tokens(apply_penalties(apply_logit_bias(logits, rows), rows), rows)
         tokens = draw(logits, rows)
         logprobs = [compute_logprobs(raw[i], tokens[i], row.params.logprobs) if row.params.logprobs is not None
                     else None for i, row in enumerate(rows)]
@@ -162,9 +191,10 @@ class Sampler:
 
     @staticmethod
     def _plain(row: SamplingInput, greedy_only: bool = True) -> bool:
-        """No logprobs, penalties, min_tokens mask, or (unless greedy) filters."""
+        """No logprobs, bias, penalties, min_tokens mask, or (unless greedy) filters."""
         p = row.params
-        plain = (p.logprobs is None and p.repetition_penalty == 1.0 and not p.frequency_penalty
+        plain = (p.logprobs is None and p.logit_bias is None and p.repetition_penalty == 1.0
+                 and not p.frequency_penalty
                  and not p.presence_penalty and len(row.output_token_ids) >= p.min_tokens)
         if p.greedy:
             return plain

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set
 
 from raylm.outputs import PositionLogprobs
 from raylm.sampling_params import SamplingParams
@@ -41,6 +41,10 @@ class SchedulerOutput:
     # Expert parallelism across DP replicas (lockstep): 1 if this engine has unfinished
     # requests. Workers exchange it over the DP group; an empty step is then a dummy forward.
     dp_unfinished: int = 0
+    # structured outputs: one bitmask row (raylm.structured) per constrained request that
+    # samples this step, in the order of grammar_req_ids
+    grammar_req_ids: List[str] = field(default_factory=list)
+    grammar_bitmask: Optional[Any] = None  # int32 tensor [len(grammar_req_ids), ceil(vocab / 32)]
 
     @property
     def is_empty(self) -> bool:
@@ -60,6 +64,8 @@ class ModelRunnerOutput:
     # lockstep: how many DP ranks had unfinished work at this step (0: the wave is over);
     # None when the engine does not run in lockstep
     dp_unfinished: Optional[int] = None
+    # prompt_logprobs requests: the prompt positions this step computed, in order
+    prompt_logprobs: Dict[str, List[PositionLogprobs]] = field(default_factory=dict)
 
 
 @dataclass
@@ -70,6 +76,8 @@ class EngineCoreOutput:
     finish_reason: Optional[str] = None
     stop_reason: Optional[object] = None
     num_cached_tokens: int = 0
+    # every prompt token's after the first, with the request's first output (prompt_logprobs)
+    prompt_logprobs: Optional[List[PositionLogprobs]] = None
 
     @property
     def finished(self) -> bool:

@@ -7,12 +7,15 @@ import uuid
 from typing import Any, AsyncIterator, Dict, List, Optional, Sequence
 
 from raylm.outputs import CompletionOutput, PositionLogprobs, RequestOutput
-from raylm.serve.context import ServingContext, clamp_logprob, usage
+from raylm.serve.context import ServingContext, clamp_logprob, prompt_logprobs_field, usage
 from raylm.serve.errors import sse_error_event, to_api_error
 from raylm.serve.protocol import (ChatCompletionChoice, ChatCompletionRequest, ChatCompletionResponse,
                                   ChatCompletionStreamChoice, ChatCompletionStreamResponse, ChatLogprobs,
-                                  ChatLogprobToken, ChatResponseMessage, ChatTopLogprob, DeltaMessage)
+                                  ChatLogprobToken, ChatResponseMessage, ChatTopLogprob, DeltaMessage,
+                                  DeltaToolCall, FunctionCall, ToolCall)
 from raylm.serve.streaming import SSE_DONE, DeltaTracker, EventStreamResponse, sse
+from raylm.serve.tool_parsers import ParsedCall
+from raylm.serve.tools import ToolStream, call_id
 
 
 def chat_logprobs(token_ids: Sequence[int], positions: Sequence[PositionLogprobs], top_n: int) -> ChatLogprobs:
@@ -33,8 +36,10 @@ class _Prepared:
     def __init__(self, ctx: ServingContext, req: ChatCompletionRequest) -> None:
         self.model = ctx.resolve_model(req.model)
         self.req = req
+        self.plan = req.tool_plan()
+        self.parser = ctx.tool_parser
         self.prompt_ids = ctx.apply_chat_template(req.conversation(), req.add_generation_prompt,
-                                                  req.chat_template_kwargs)
+                                                  req.chat_template_kwargs, self.plan.template_tools())
         self.params = req.to_sampling_params(ctx.max_model_len, len(self.prompt_ids))
         self.top_n = req.top_logprobs or 0
         self.request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -64,12 +69,37 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     return _response(prep, final)
 
 
+def _finish_reason(prep: _Prepared, reason: Optional[str], made_calls: bool) -> Optional[str]:
+    """"tool_calls" when the model chose to call (auto, required); a forced named function
+    ends with "stop", as OpenAI's does."""
+    chose = made_calls and prep.plan.mode in ("auto", "required")
+    return "tool_calls" if chose and reason == "stop" else reason
+
+
+def _tool_calls(calls: Sequence[ParsedCall]) -> List[ToolCall]:
+    return [ToolCall(id=call_id(), function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
+
+
+def _message(prep: _Prepared, text: str) -> ChatResponseMessage:
+    if prep.plan.mode == "none":
+        return ChatResponseMessage(content=text)
+    content, calls = prep.plan.calls(text, prep.parser)
+    return ChatResponseMessage(content=content, tool_calls=_tool_calls(calls))
+
+
 def _response(prep: _Prepared, final: RequestOutput) -> ChatCompletionResponse:
-    choices = [ChatCompletionChoice(index=c.index, message=ChatResponseMessage(content=c.text),
-                                    logprobs=prep.logprobs(c.token_ids, c.logprobs),
-                                    finish_reason=c.finish_reason, stop_reason=c.stop_reason)
-               for c in final.outputs]
-    return ChatCompletionResponse(id=prep.request_id, model=prep.model, choices=choices, usage=prep.usage(final))
+    choices = []
+    for c in final.outputs:
+        message = _message(prep, c.text)
+        finish = _finish_reason(prep, c.finish_reason, bool(message.tool_calls))
+        choices.append(ChatCompletionChoice(index=c.index, message=message, finish_reason=finish,
+                                            logprobs=prep.logprobs(c.token_ids, c.logprobs),
+                                            stop_reason=c.stop_reason))
+    response = ChatCompletionResponse(id=prep.request_id, model=prep.model, choices=choices,
+                                      usage=prep.usage(final))
+    if prep.req.prompt_logprobs is not None:
+        response.prompt_logprobs = prompt_logprobs_field(final.prompt_logprobs)
+    return response
 
 
 def _chunk(prep: _Prepared, choices: List[ChatCompletionStreamChoice], **extra: Any) -> str:
@@ -82,10 +112,21 @@ def _delta_choice(prep: _Prepared, tracker: DeltaTracker, out: CompletionOutput)
     delta = tracker.delta(out.index, out)
     if delta is None:
         return None
-    message = DeltaMessage(content=delta.text) if delta.text else DeltaMessage()
-    return ChatCompletionStreamChoice(index=out.index, delta=message,
-                                      logprobs=prep.logprobs(delta.token_ids, delta.logprobs),
-                                      finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
+    state = tracker.state(out.index)
+    tools = state.extra.setdefault("tools", ToolStream(prep.plan, prep.parser))
+    text, calls = tools.feed(delta.text, finished=delta.finish_reason is not None)
+    message = DeltaMessage(content=text) if text else DeltaMessage()
+    if calls:
+        message.tool_calls = [DeltaToolCall(index=tools.num_calls + i, id=call_id(), type="function",
+                                            function=FunctionCall(name=c.name, arguments=c.arguments))
+                              for i, c in enumerate(calls)]
+        tools.num_calls += len(calls)
+    logprobs = prep.logprobs(delta.token_ids, delta.logprobs)
+    if not (text or calls or logprobs or delta.finish_reason):
+        return None  # held back (a tag's start, or a constrained call still growing)
+    return ChatCompletionStreamChoice(index=out.index, delta=message, logprobs=logprobs,
+                                      finish_reason=_finish_reason(prep, delta.finish_reason, tools.num_calls > 0),
+                                      stop_reason=delta.stop_reason)
 
 
 def _role_chunk(prep: _Prepared, extra: Dict[str, Any]) -> str:

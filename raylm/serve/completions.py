@@ -7,7 +7,7 @@ import uuid
 from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
 
 from raylm.outputs import CompletionOutput, PositionLogprobs, RequestOutput
-from raylm.serve.context import ServingContext, clamp_logprob, usage
+from raylm.serve.context import ServingContext, clamp_logprob, prompt_logprobs_field, usage
 from raylm.serve.errors import sse_error_event, to_api_error
 from raylm.serve.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                                   CompletionStreamResponse)
@@ -33,6 +33,20 @@ def completion_logprobs(token_ids: Sequence[int], positions: Sequence[PositionLo
     return out, offset
 
 
+def echo_logprobs(first_token: str, prompt_ids: Sequence[int],
+                  positions: Sequence[Optional[PositionLogprobs]]) -> CompletionLogprobs:
+    """The prompt's part of echo + logprobs: its first token has no logprob (None)."""
+    rest, _ = completion_logprobs(prompt_ids[1:], positions[1:], len(first_token))
+    return CompletionLogprobs(tokens=[first_token] + rest.tokens, token_logprobs=[None] + rest.token_logprobs,
+                              top_logprobs=[None] + rest.top_logprobs, text_offset=[0] + rest.text_offset)
+
+
+def _join(a: CompletionLogprobs, b: CompletionLogprobs) -> CompletionLogprobs:
+    return CompletionLogprobs(tokens=a.tokens + b.tokens, token_logprobs=a.token_logprobs + b.token_logprobs,
+                              top_logprobs=a.top_logprobs + b.top_logprobs,
+                              text_offset=a.text_offset + b.text_offset)
+
+
 class _Prepared:
     """A validated completion request: prompts as token ids, their echo text, params."""
 
@@ -44,6 +58,8 @@ class _Prepared:
         self.params = [req.to_sampling_params(ctx.max_model_len, len(ids)) for ids in self.prompt_ids]
         self.echo_text = ([p if isinstance(p, str) else ctx.tokenizer.decode(p) for p in prompts]
                           if req.echo else [""] * len(prompts))
+        self.echo_logprobs = req.echo and req.logprobs is not None
+        self.first_tokens = [ctx.tokenizer.decode(ids[:1]) for ids in self.prompt_ids]
         self.request_id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.n = req.n
@@ -53,8 +69,28 @@ class _Prepared:
                      for i, (ids, params) in enumerate(zip(self.prompt_ids, self.params))]
         return merge_async_iterators(iterators)
 
+    def visible(self, text: str, token_ids: List[int], positions: Optional[List[PositionLogprobs]],
+                finish_reason: Optional[str]):
+        """What the response shows of a choice: scoring only (max_tokens 0) drops the token
+        the engine had to sample."""
+        if not self.req.scoring_only:
+            return text, token_ids, positions, finish_reason
+        return "", [], None if positions is None else [], finish_reason and "length"
+
+    def logprobs(self, prompt_index: int, token_ids, positions, offset: int, prompt_positions=None):
+        """(logprobs of the sampled tokens from text `offset` on, with the prompt's first when
+        `prompt_positions` are given and echo asked for them; the offset after them)."""
+        if positions is None:
+            return None, offset
+        out, offset = completion_logprobs(token_ids, positions, offset)
+        if prompt_positions is not None and self.echo_logprobs:
+            out = _join(echo_logprobs(self.first_tokens[prompt_index], self.prompt_ids[prompt_index],
+                                      prompt_positions), out)
+        return out, offset
+
     def usage(self, finals: Sequence[Optional[RequestOutput]]):
         completion = sum(len(c.token_ids) for out in finals if out is not None for c in out.outputs)
+        completion = 0 if self.req.scoring_only else completion
         return usage(sum(len(ids) for ids in self.prompt_ids), completion)
 
 
@@ -71,17 +107,20 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest):
     return _response(prep, finals)
 
 
-def _choice(prep: _Prepared, prompt_index: int, out: CompletionOutput) -> CompletionChoice:
-    echo = prep.echo_text[prompt_index]
-    logprobs = None
-    if out.logprobs is not None:
-        logprobs, _ = completion_logprobs(out.token_ids, out.logprobs, len(echo))
-    return CompletionChoice(index=prompt_index * prep.n + out.index, text=echo + out.text, logprobs=logprobs,
-                            finish_reason=out.finish_reason, stop_reason=out.stop_reason)
+def _choice(prep: _Prepared, prompt_index: int, final: RequestOutput, out: CompletionOutput) -> CompletionChoice:
+    text, ids, positions, finish = prep.visible(out.text, out.token_ids, out.logprobs, out.finish_reason)
+    choice = CompletionChoice(
+        index=prompt_index * prep.n + out.index, text=prep.echo_text[prompt_index] + text,
+        logprobs=prep.logprobs(prompt_index, ids, positions, len(prep.echo_text[prompt_index]),
+                               final.prompt_logprobs)[0],
+        finish_reason=finish, stop_reason=out.stop_reason if finish == out.finish_reason else None)
+    if prep.req.prompt_logprobs is not None:
+        choice.prompt_logprobs = prompt_logprobs_field(final.prompt_logprobs)
+    return choice
 
 
 def _response(prep: _Prepared, finals: List[Optional[RequestOutput]]) -> CompletionResponse:
-    choices = [_choice(prep, i, c) for i, out in enumerate(finals) for c in out.outputs]
+    choices = [_choice(prep, i, out, c) for i, out in enumerate(finals) for c in out.outputs]
     return CompletionResponse(id=prep.request_id, model=prep.model, choices=choices, usage=prep.usage(finals))
 
 
@@ -91,23 +130,23 @@ def _chunk(prep: _Prepared, choices: List[CompletionChoice], **extra: Any) -> st
     return sse(chunk.model_dump_json(exclude_unset=True))
 
 
-def _delta_choice(prep: _Prepared, tracker: DeltaTracker, prompt_index: int,
+def _delta_choice(prep: _Prepared, tracker: DeltaTracker, prompt_index: int, final: RequestOutput,
                   out: CompletionOutput) -> Optional[CompletionChoice]:
     key = (prompt_index, out.index)
     delta = tracker.delta(key, out)
     if delta is None:
         return None
     state = tracker.state(key)
-    text = delta.text
+    text, ids, positions, finish = prep.visible(delta.text, delta.token_ids, delta.logprobs, delta.finish_reason)
     if delta.first:
         text = prep.echo_text[prompt_index] + text
         state.extra["offset"] = len(prep.echo_text[prompt_index])
-    logprobs = None
-    if delta.logprobs is not None:
-        logprobs, state.extra["offset"] = completion_logprobs(delta.token_ids, delta.logprobs,
-                                                              state.extra["offset"])
+    # the prompt's logprobs go with the first delta (they come with the first sampled token)
+    logprobs, state.extra["offset"] = prep.logprobs(prompt_index, ids, positions, state.extra["offset"],
+                                                    final.prompt_logprobs if delta.first else None)
     return CompletionChoice(index=prompt_index * prep.n + out.index, text=text, logprobs=logprobs,
-                            finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
+                            finish_reason=finish,
+                            stop_reason=delta.stop_reason if finish == delta.finish_reason else None)
 
 
 async def _stream(prep: _Prepared, first: Tuple[int, RequestOutput],
@@ -121,7 +160,7 @@ async def _stream(prep: _Prepared, first: Tuple[int, RequestOutput],
             i, out = item
             finals[i] = out
             for c in out.outputs:
-                choice = _delta_choice(prep, tracker, i, c)
+                choice = _delta_choice(prep, tracker, i, out, c)
                 if choice is not None:
                     yield _chunk(prep, [choice], **usage_field)
             item = await anext(merged, None)

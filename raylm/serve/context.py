@@ -7,7 +7,9 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 from raylm.serve.engine_client import EngineClient
 from raylm.serve.errors import bad_request, model_not_found
-from raylm.serve.protocol import UsageInfo
+from raylm.outputs import PositionLogprobs
+from raylm.serve.protocol import PromptLogprob, PromptLogprobs, UsageInfo
+from raylm.serve.tool_parsers import create_tool_parser
 
 # Logprobs of -inf cannot go into JSON; OpenAI-compatible servers send a large negative number.
 MIN_LOGPROB = -9999.0
@@ -21,6 +23,15 @@ _RESERVED_TEMPLATE_KWARGS = {"conversation", "tokenize", "return_dict", "add_gen
 
 def clamp_logprob(value: float) -> float:
     return MIN_LOGPROB if math.isinf(value) or math.isnan(value) else max(value, MIN_LOGPROB)
+
+
+def prompt_logprobs_field(positions: Optional[Sequence[Optional[PositionLogprobs]]]) -> Optional[PromptLogprobs]:
+    """vLLM's `prompt_logprobs` response field from the engine's (None when not asked)."""
+    if positions is None:
+        return None
+    return [None if p is None else {str(t): PromptLogprob(logprob=clamp_logprob(lp.logprob), rank=lp.rank,
+                                                          decoded_token=lp.decoded_token)
+                                    for t, lp in p.items()} for p in positions]
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
@@ -38,11 +49,14 @@ def check_text(text: str, param: str) -> str:
 
 
 class ServingContext:
-    """The engine client plus the model names this server answers to."""
+    """The engine client, the model names this server answers to, and how it reads tool
+    calls out of the model's text (`tool_call_parser`, raylm.serve.tool_parsers)."""
 
-    def __init__(self, client: EngineClient, aliases: Optional[Iterable[str]] = None) -> None:
+    def __init__(self, client: EngineClient, aliases: Optional[Iterable[str]] = None,
+                 tool_call_parser: str = "hermes") -> None:
         self.client = client
         self.model_names: List[str] = list(dict.fromkeys([client.model_name, *(aliases or [])]))
+        self.tool_parser = create_tool_parser(tool_call_parser)
 
     @property
     def tokenizer(self) -> Any:
@@ -79,13 +93,21 @@ class ServingContext:
             raise bad_request(f"{param} contains ids outside the vocabulary (size {vocab}): {bad[:5]}", param)
 
     def apply_chat_template(self, conversation: List[Dict[str, Any]], add_generation_prompt: bool = True,
-                            template_kwargs: Optional[Dict[str, Any]] = None) -> List[int]:
+                            template_kwargs: Optional[Dict[str, Any]] = None,
+                            tools: Optional[List[Dict[str, Any]]] = None) -> List[int]:
         """Token ids of the conversation through the tokenizer's chat template (400 when the
-        model has none or the template rejects the conversation)."""
+        model has none or the template rejects the conversation). `tools` go to a template
+        that renders them; for one that does not, the tool parser writes them into the
+        conversation (a system message describing them, earlier calls as its text)."""
         tok = self.tokenizer
         if not getattr(tok, "chat_template", None):
             raise bad_request("This model's tokenizer has no chat template; use /v1/completions.", "messages")
         extra = {k: v for k, v in (template_kwargs or {}).items() if k not in _RESERVED_TEMPLATE_KWARGS}
+        native = "tools" in str(tok.chat_template)  # (a dict of named templates: any of them)
+        if native and tools:
+            extra["tools"] = tools
+        elif not native and (tools or any(m.get("tool_calls") for m in conversation)):
+            conversation = self.tool_parser.render(conversation, tools or [])
         try:
             out = tok.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
                                           tokenize=True, return_dict=True, **extra)

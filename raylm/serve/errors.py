@@ -92,7 +92,9 @@ _OVERLOADED = {"EngineOverloadedError", "BackPressureError"}
 _KNOWN_PARAMS = {"n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                  "frequency_penalty", "repetition_penalty", "max_tokens", "min_tokens", "stop",
                  "stop_token_ids", "logprobs", "top_logprobs", "prompt", "prompt_token_ids", "messages",
-                 "tokens", "model", "request_id"}
+                 "tokens", "model", "request_id", "logit_bias", "prompt_logprobs",
+                 "response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                 "guided_grammar"}
 
 
 def _param_from_message(message: str) -> Optional[str]:

@@ -202,7 +202,7 @@ class OpenAIIngress:
                  api_key: Optional[str] = None, max_body_bytes: int = 1 << 20, max_ongoing_requests: int = 1024,
                  request_timeout: Optional[float] = None, open_paths: Sequence[str] = OPEN_PATHS,
                  admin_api_key: Optional[str] = None, scale_limits: Optional[Dict[str, Any]] = None,
-                 autoscaling: bool = False) -> None:
+                 autoscaling: bool = False, tool_call_parser: str = "hermes") -> None:
         from ray import serve
 
         from raylm.serve.elastic import ElasticScaler, ScaleLimits
@@ -215,7 +215,7 @@ class OpenAIIngress:
         self.client.max_dp_size = engine_config["parallel"]["data_parallel_size"]
         self.client.num_experts = num_experts(engine_config["model"]["model"])
         self.api_key, self.max_body_bytes, self.open_paths = api_key, max_body_bytes, open_paths
-        self.admin_api_key = admin_api_key
+        self.admin_api_key, self.tool_call_parser = admin_api_key, tool_call_parser
         self.scaler = ElasticScaler(self.client, serve.get_replica_context().app_name,
                                     ScaleLimits(**(scale_limits or {})))
         if not autoscaling:  # a fixed dp: the replica count to roll back to
@@ -227,6 +227,7 @@ class OpenAIIngress:
 
         app = create_app(self.client, api_key=self.api_key, max_body_bytes=self.max_body_bytes,
                          open_paths=self.open_paths, admin_api_key=self.admin_api_key,
+                         tool_call_parser=self.tool_call_parser,
                          middleware=[(ScaleGuardMiddleware, {"scaler": self.scaler})])
         add_metrics_route(app, self.client, self.sink)
         if self.admin_api_key:  # admin routes exist only with their own key (README: elastic scaling)

@@ -125,6 +125,7 @@ class LLMServer:
         timer = self._timer(len(prompt_token_ids), params.output_kind == "delta")
         slot.inflight += 1
         try:
+            await slot.engine.prepare(params)
             conn = await self.sender.connection(channel)
             done = asyncio.get_running_loop().create_future()
             slot.engine.submit({"prompt_token_ids": prompt_token_ids}, params, request_id,

@@ -101,7 +101,8 @@ def utility_router(ctx: ServingContext) -> APIRouter:
 
 def create_app(client: EngineClient, *, api_key: Optional[str] = None, max_body_bytes: int = 1 << 20,
                served_model_names: Optional[Iterable[str]] = None, middleware: Sequence = (),
-               open_paths: Iterable[str] = OPEN_PATHS, admin_api_key: Optional[str] = None) -> FastAPI:
+               open_paths: Iterable[str] = OPEN_PATHS, admin_api_key: Optional[str] = None,
+               tool_call_parser: str = "hermes") -> FastAPI:
     """An OpenAI-compatible app over `client`.
 
     api_key: when set, every route but `open_paths` (default /health, /ping, /version)
@@ -111,10 +112,11 @@ def create_app(client: EngineClient, *, api_key: Optional[str] = None, max_body_
     ASGI middleware to run after the API key and body checks (innermost first).
     admin_api_key: the key of the admin routes (ADMIN_PATHS: elastic scaling), which the
     caller adds only when it has one. The inference key never opens them, the admin key only them.
+    tool_call_parser: how tool calls are read out of the model's text (raylm.serve.tool_parsers).
     """
     from raylm import __version__
 
-    ctx = ServingContext(client, served_model_names)
+    ctx = ServingContext(client, served_model_names, tool_call_parser)
     app = FastAPI(title="raylm OpenAI-compatible server", version=__version__)
     app.state.serving = ctx
     install_exception_handlers(app)

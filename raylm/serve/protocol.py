@@ -8,11 +8,15 @@ live in `raylm.serve.protocol_responses` and are re-exported here.
 """
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, ClassVar, Dict, List, Literal, Optional, Union
 
 from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
-from raylm.sampling_params import SamplingParams
+from raylm.sampling_params import SamplingParams, StructuredOutputsParams
+from raylm.serve.protocol_structured import (ChatTool, MessageToolCall, NamedToolChoice, ResponseFormat,
+                                             StructuredFields, ToolChoice)
+from raylm.serve.tools import ToolPlan
 from raylm.serve.protocol_responses import *  # noqa: F401,F403  (one import surface for clients)
 
 # Strict scalars: JSON "5" is not an int, 1 is not a bool, NaN and Infinity are not numbers.
@@ -38,8 +42,9 @@ class StreamOptions(OpenAIModel):
     include_usage: Optional[SBool] = False
 
 
-class _SamplingRequest(OpenAIModel):
-    """Fields shared by completions and chat: OpenAI's sampling options plus vLLM's extras."""
+class _SamplingRequest(StructuredFields, OpenAIModel):
+    """Fields shared by completions and chat: OpenAI's sampling options plus vLLM's extras
+    (the output constraints among them: raylm.serve.protocol_structured)."""
 
     prompt_field: ClassVar[str] = "prompt"  # the field a too-long prompt error points at
 
@@ -53,7 +58,7 @@ class _SamplingRequest(OpenAIModel):
     seed: Optional[SInt] = None
     presence_penalty: Optional[SFloat] = Field(default=None, ge=-2, le=2)
     frequency_penalty: Optional[SFloat] = Field(default=None, ge=-2, le=2)
-    logit_bias: Optional[Dict[str, float]] = None
+    logit_bias: Optional[Dict[str, SFloat]] = None  # token id (a JSON key: a string) -> bias
     user: Optional[SStr] = None
     # vLLM extras
     top_k: Optional[SInt] = Field(default=None, ge=-1)
@@ -64,14 +69,39 @@ class _SamplingRequest(OpenAIModel):
     stop_token_ids: Optional[List[SInt]] = None
     skip_special_tokens: SBool = True
     include_stop_str_in_output: SBool = False
+    prompt_logprobs: Optional[SInt] = Field(default=None, ge=0, le=20)
 
     @model_validator(mode="after")
     def _check_common(self):
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed when stream is true", "stream_options")
-        if self.logit_bias:
-            raise InvalidRequestError("logit_bias is not supported by this server", "logit_bias")
+        if self.prompt_logprobs is not None and self.stream:
+            raise InvalidRequestError("prompt_logprobs is not supported with stream (with echo, completions' "
+                                      "logprobs include the prompt's, streamed)", "prompt_logprobs")
+        self.token_bias()  # a bad key or value is a 400 now, not when sampling
+        self.constraint()
         return self
+
+    def constraint(self) -> Optional[StructuredOutputsParams]:
+        """The output constraint, if any (an incomplete one or two of them: a 400 naming it)."""
+        try:
+            return self.structured_params(getattr(self, "response_format", None))
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), re.match(r"[a-z_]*", str(exc)).group()) from None
+
+    def token_bias(self) -> Optional[Dict[int, float]]:
+        """logit_bias with integer token ids (OpenAI sends them as JSON object keys)."""
+        if not self.logit_bias:
+            return None
+        bias = {}
+        for key, value in self.logit_bias.items():
+            if not (key.isascii() and key.isdigit()):
+                raise InvalidRequestError(f"logit_bias keys must be token ids (got {key!r})", "logit_bias")
+            if not -100 <= value <= 100:
+                raise InvalidRequestError(f"logit_bias values must be in [-100, 100] (got {value} for token "
+                                          f"{key})", "logit_bias")
+            bias[int(key)] = value
+        return bias
 
     @property
     def include_usage(self) -> bool:
@@ -82,6 +112,9 @@ class _SamplingRequest(OpenAIModel):
 
     def _logprobs(self) -> Optional[int]:
         return None
+
+    def _prompt_logprobs(self) -> Optional[int]:
+        return self.prompt_logprobs
 
     def to_sampling_params(self, max_model_len: int, prompt_len: int) -> SamplingParams:
         """SamplingParams for one prompt of `prompt_len` tokens. max_tokens defaults to the
@@ -109,7 +142,9 @@ class _SamplingRequest(OpenAIModel):
         kwargs = {k: v for k, v in optional.items() if v is not None}
         kwargs.update(n=self.n, max_tokens=max_tokens, min_tokens=self.min_tokens, seed=self.seed,
                       stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
-                      logprobs=self._logprobs(), skip_special_tokens=self.skip_special_tokens,
+                      logprobs=self._logprobs(), prompt_logprobs=self._prompt_logprobs(),
+                      logit_bias=self.token_bias(), structured_outputs=self.constraint(),
+                      skip_special_tokens=self.skip_special_tokens,
                       include_stop_str_in_output=self.include_stop_str_in_output)
         return kwargs
 
@@ -121,8 +156,8 @@ class CompletionRequest(_SamplingRequest):
     """POST /v1/completions. `prompt` is text, token ids, or a batch of either."""
 
     prompt: PromptInput
-    # None (the default) means the rest of the context, as for chat. OpenAI's legacy default is 16.
-    max_tokens: Optional[SInt] = Field(default=16, ge=1)  # OpenAI's and vLLM's default for completions
+    # None means the rest of the context, as for chat; 0 (with echo) scores the prompt only.
+    max_tokens: Optional[SInt] = Field(default=16, ge=0)  # OpenAI's and vLLM's default for completions
     logprobs: Optional[SInt] = Field(default=None, ge=0, le=20)
     echo: SBool = False
     best_of: Optional[SInt] = Field(default=None, ge=1)
@@ -134,10 +169,24 @@ class CompletionRequest(_SamplingRequest):
             raise InvalidRequestError("best_of different from n is not supported", "best_of")
         if self.suffix:
             raise InvalidRequestError("suffix is not supported by this server", "suffix")
-        if self.echo and self.logprobs is not None:
-            raise InvalidRequestError("echo with logprobs is not supported (prompt logprobs are not computed)",
-                                      "echo")
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequestError("max_tokens must be at least 1 (0 only with echo, to score a prompt)",
+                                      "max_tokens")
         return self
+
+    @property
+    def scoring_only(self) -> bool:
+        """echo with max_tokens 0 (how evaluation harnesses score text): the engine samples
+        one token, which the response leaves out."""
+        return self.max_tokens == 0
+
+    def _requested_max_tokens(self) -> Optional[int]:
+        return 1 if self.scoring_only else self.max_tokens
+
+    def _prompt_logprobs(self) -> Optional[int]:
+        if self.prompt_logprobs is None and self.echo:
+            return self.logprobs  # echo's logprobs start with the prompt's
+        return self.prompt_logprobs
 
     def prompts(self) -> List[Union[str, List[int]]]:
         """The prompt batch: each item is text or token ids; an empty prompt is an error."""
@@ -155,11 +204,14 @@ class CompletionRequest(_SamplingRequest):
 
 
 class ChatMessage(OpenAIModel):
-    """One chat turn. `content` may be a string or a list of text parts (joined with newlines)."""
+    """One chat turn. `content` may be a string or a list of text parts (joined with newlines);
+    an assistant turn may hold the `tool_calls` it made, a tool turn its `tool_call_id`."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[None, str, List[Dict[str, Any]]] = None
     name: Optional[SStr] = None
+    tool_calls: Optional[List[MessageToolCall]] = None
+    tool_call_id: Optional[SStr] = None
 
     @field_validator("content")
     @classmethod
@@ -178,21 +230,25 @@ class ChatMessage(OpenAIModel):
 
     def to_template_dict(self) -> Dict[str, Any]:
         out = {"role": self.role, "content": self.content or ""}
-        if self.name is not None:
-            out["name"] = self.name
+        for key in ("name", "tool_call_id"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.tool_calls:
+            out["tool_calls"] = [c.to_template_dict() for c in self.tool_calls]
         return out
 
 
 class ChatCompletionRequest(_SamplingRequest):
-    """POST /v1/chat/completions. Tools and structured output are not supported (400)."""
+    """POST /v1/chat/completions."""
 
     messages: List[ChatMessage] = Field(min_length=1)
     max_tokens: Optional[SInt] = Field(default=None, ge=1)
     max_completion_tokens: Optional[SInt] = Field(default=None, ge=1)
     logprobs: SBool = False
     top_logprobs: Optional[SInt] = Field(default=None, ge=0, le=20)
-    tools: Optional[List[Dict[str, Any]]] = None
-    response_format: Optional[Dict[str, Any]] = None
+    tools: Optional[List[ChatTool]] = None
+    tool_choice: Optional[ToolChoice] = None
+    response_format: Optional[ResponseFormat] = None
     # vLLM extras
     add_generation_prompt: SBool = True
     chat_template_kwargs: Optional[Dict[str, Any]] = None
@@ -203,11 +259,30 @@ class ChatCompletionRequest(_SamplingRequest):
     def _check_chat(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", "top_logprobs")
-        if self.tools:
-            raise InvalidRequestError("tools are not supported by this server", "tools")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise InvalidRequestError("response_format other than 'text' is not supported", "response_format")
+        self.tool_plan()
         return self
+
+    def tool_plan(self) -> ToolPlan:
+        """What tools and tool_choice ask for (a 400 naming the field when they disagree)."""
+        tools = [t.model_dump(exclude_none=True) for t in self.tools or []]
+        choice = self.tool_choice if self.tool_choice is not None else ("auto" if tools else "none")
+        if isinstance(choice, NamedToolChoice):
+            names = [t["function"]["name"] for t in tools]
+            if choice.function.name not in names:
+                raise InvalidRequestError(f"tool_choice names {choice.function.name!r}, which is not in tools "
+                                          f"({', '.join(names) or 'none given'})", "tool_choice")
+            return ToolPlan("named", tools, choice.function.name)
+        if choice in ("auto", "required") and not tools:
+            raise InvalidRequestError(f"tool_choice {choice!r} needs tools", "tool_choice")
+        return ToolPlan(choice, tools)
+
+    def constraint(self) -> Optional[StructuredOutputsParams]:
+        plan = self.tool_plan()
+        own = super().constraint()
+        if plan.constrained and own is not None:
+            raise InvalidRequestError(f"tool_choice {plan.mode!r} constrains the output itself: it cannot be "
+                                      f"combined with {own.field}", "tool_choice")
+        return plan.constraint() if plan.constrained else own
 
     def _requested_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

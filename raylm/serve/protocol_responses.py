@@ -65,12 +65,25 @@ class CompletionLogprobs(_Out):
     text_offset: List[int] = Field(default_factory=list)
 
 
+class PromptLogprob(_Out):
+    """vLLM's `prompt_logprobs` entry: one per candidate token of a prompt position."""
+
+    logprob: float
+    rank: int
+    decoded_token: Optional[str] = None
+
+
+# One per prompt token (None for the first), keyed by token id: vLLM's `prompt_logprobs`.
+PromptLogprobs = List[Optional[Dict[str, PromptLogprob]]]
+
+
 class CompletionChoice(_Out):
     index: int
     text: str
     logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[Union[int, str]] = None
+    prompt_logprobs: Optional[PromptLogprobs] = None
 
 
 class CompletionResponse(_Out):
@@ -111,10 +124,31 @@ class ChatLogprobs(_Out):
     refusal: Optional[List[ChatLogprobToken]] = None
 
 
+class FunctionCall(_Out):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(_Out):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaToolCall(_Out):
+    """A streamed call: here each arrives whole, in one delta."""
+
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(_Out):
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = None
     refusal: Optional[str] = None
+    tool_calls: List[ToolCall] = Field(default_factory=list)
 
 
 class ChatCompletionChoice(_Out):
@@ -133,11 +167,13 @@ class ChatCompletionResponse(_Out):
     choices: List[ChatCompletionChoice]
     usage: UsageInfo
     system_fingerprint: Optional[str] = None
+    prompt_logprobs: Optional[PromptLogprobs] = None
 
 
 class DeltaMessage(_Out):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: Optional[List[DeltaToolCall]] = None
 
 
 class ChatCompletionStreamChoice(_Out):
@@ -173,8 +209,10 @@ class DetokenizeResponse(_Out):
 
 __all__ = [
     "UsageInfo", "ErrorInfo", "ErrorResponse", "ModelCard", "ModelList", "CompletionLogprobs",
-    "CompletionChoice", "CompletionResponse", "CompletionStreamResponse", "ChatTopLogprob",
-    "ChatLogprobToken", "ChatLogprobs", "ChatResponseMessage", "ChatCompletionChoice",
+    "PromptLogprob", "PromptLogprobs", "CompletionChoice", "CompletionResponse", "CompletionStreamResponse",
+    "ChatTopLogprob",
+    "ChatLogprobToken", "ChatLogprobs", "FunctionCall", "ToolCall", "DeltaToolCall",
+    "ChatResponseMessage", "ChatCompletionChoice",
     "ChatCompletionResponse", "DeltaMessage", "ChatCompletionStreamChoice",
     "ChatCompletionStreamResponse", "TokenizeResponse", "DetokenizeResponse",
 ]
