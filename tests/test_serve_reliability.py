@@ -294,8 +294,9 @@ def _midstream(sentinels) -> list:
 
 async def _stop_then_kill(pid: int, sentinels) -> tuple:
     """SIGSTOP `pid`, wait until the sentinels' streams are quiet (what the engine produced
-    before it stopped has drained to the client: two polls a second apart see the same
-    progress), then SIGKILL it. Returns the sentinels open at the kill: unfinished on the
+    before it stopped has drained to the client: three polls a second apart see the same
+    progress; with two, a drain that paused a second under load let a finished request
+    look open), then SIGKILL it. Returns the sentinels open at the kill: unfinished on the
     engine, which could not run since. None open (the engine had finished them, the client
     was behind): SIGCONT, and [] so the caller tries again."""
     os.kill(pid, signal.SIGSTOP)
@@ -304,7 +305,7 @@ async def _stop_then_kill(pid: int, sentinels) -> tuple:
 
         def quiet():
             seen.append([(s.end, s.chunks) for s in sentinels])
-            return len(seen) > 1 and seen[-1] == seen[-2]
+            return len(seen) > 2 and seen[-1] == seen[-2] == seen[-3]
 
         await async_wait_for(quiet, 60, "the sentinels' streams quiet while the victim is stopped", 1.0)
         still_open = [s for s in sentinels if s.end == 0]
