@@ -36,6 +36,9 @@ class ServeArgs(EngineArgs):
     num_cpus_per_replica: Optional[float] = Field(
         None, ge=0, description="CPUs Ray reserves for each engine replica; on CPU without TP/PP also the "
                                 "threads its model runs on (default: there, this machine's cores over dp; else 1)")
+    share_cores: bool = Field(
+        True, description="CPU engines without TP/PP on one node lend each other their cores: one busy "
+                          "alone runs on every engine's share, several split them (raylm.executor.cpu_share)")
     routing_policy: Literal[tuple(ROUTING_POLICIES)] = Field(
         "least_loaded", description="how requests pick an engine replica: " + ", ".join(ROUTING_POLICIES)
                                     + " (raylm.dp.policies)")
@@ -225,7 +228,7 @@ def build_app(args: Dict[str, Any]):
                                                  actor_options={"num_cpus": 0})],
         health_check_period_s=5, health_check_timeout_s=30,
         graceful_shutdown_timeout_s=a.shutdown_timeout, graceful_shutdown_wait_loop_s=1,
-    ).bind(engine, a.model_name, a.engines_per_replica)
+    ).bind(engine, a.model_name, a.engines_per_replica, a.share_cores)
     ingress_cls = serve.ingress()(OpenAIIngress)
     # Serve's own cap sits above the app's admission bound, so requests past the bound reach
     # the ingress and get a fast 429 instead of queueing in the HTTP proxy. On a redeploy the

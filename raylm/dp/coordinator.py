@@ -28,6 +28,10 @@ JOIN_TIMEOUT_S = 300.0  # a replica waits this long for the rest of its generati
 STALE_REPORT_S = 30.0  # a replica silent this long (it reports every second) has gone
 GONE_FROM_TABLE_S = 10.0  # metrics and rank checks leave out a replica silent this long (killed)
 PREFIX_KEYS = ("prefix_blocks", "prefix_version")  # a replica's prefix summary, sent on change
+# The calls every replica and router makes several times a second (reports, long polls) record
+# no task events: each would be one more record for the GCS and the dashboard to take in, CPU
+# that on a small machine comes off the engine's cores (issue 17). Rare calls keep theirs.
+_periodic = ray.method(enable_task_events=False)
 
 
 def over_held_summary(held: Dict[str, Any], stats: Dict[str, Any]) -> Dict[str, Any]:
@@ -87,6 +91,7 @@ class DPCoordinator:
         recreated since)."""
         return (await self.report_many({replica_key: stats}))[replica_key]
 
+    @_periodic
     async def report_many(self, reports: Dict[str, Dict[str, Any]]) -> Dict[str, Optional[int]]:
         """`report` for several engines at once (a process hosting several simulated
         engines sends one call per tick); one version bump for all of them."""
@@ -110,12 +115,14 @@ class DPCoordinator:
             self._form()
             self._control.bump()
 
+    @_periodic
     async def snapshot(self, known_version: int = -1, timeout_s: float = 1.0) -> Tuple[int, Dict[str, Dict]]:
         """Long poll: returns at once if the table changed since `known_version`, else when
         it next changes or after `timeout_s`."""
         await self._stats.wait_past(known_version, timeout_s)
         return self._stats.version, dict(self.stats)
 
+    @_periodic
     async def changes(self, known_version: int = -1,
                       timeout_s: float = 1.0) -> Tuple[int, Dict[str, Dict], List[str]]:
         """Long poll for routers: (version, the entries reported since `known_version`, every
@@ -132,6 +139,7 @@ class DPCoordinator:
 
     # ---- control: group, waves, scaling ---------------------------------------------
 
+    @_periodic
     async def watch(self, known_version: int = -1, timeout_s: float = 5.0) -> Tuple[int, Dict[str, Any]]:
         """Long poll on the control state (see `control()`)."""
         await self._control.wait_past(known_version, timeout_s)

@@ -44,6 +44,7 @@ class AsyncEngine:
         self.engine = LLMEngine(config)
         self.streams: Dict[str, Callable[[object], None]] = {}  # request id -> its output sink
         self._step_listeners: List[Callable[[], None]] = []
+        self._busy_hook: Optional[Callable[[bool], None]] = None
         self._queue_consumers = 0  # generate() streams open
         self._deltas: Dict[str, DeltaState] = {}  # streams that asked for output_kind="delta"
         self._pending_adds: List[Tuple[PromptType, SamplingParams, str]] = []
@@ -122,6 +123,11 @@ class AsyncEngine:
         """Call `fn` after each step's outputs reached their sinks, before the next step (to
         send them on at once, in one message)."""
         self._step_listeners.append(fn)
+
+    def set_busy_hook(self, fn: Optional[Callable[[bool], None]]) -> None:
+        """Call `fn(True)` on the loop thread before each step, `fn(False)` when the loop
+        goes idle (raylm.executor.cpu_share sizes the step's threads with it)."""
+        self._busy_hook = fn
 
     async def generate(self, prompt: PromptType, params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
@@ -204,7 +210,10 @@ class AsyncEngine:
         try:
             while True:
                 self._apply_pending()
-                if not self.engine.has_unfinished_requests():
+                busy = self.engine.has_unfinished_requests()
+                if self._busy_hook is not None:
+                    self._busy_hook(busy)
+                if not busy:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue

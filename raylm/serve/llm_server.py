@@ -49,7 +49,8 @@ class _Slot:
 
 
 class LLMServer:
-    def __init__(self, engine_config: Dict[str, Any], model_name: str, engines_per_replica: int = 1) -> None:
+    def __init__(self, engine_config: Dict[str, Any], model_name: str, engines_per_replica: int = 1,
+                 share_cores: bool = False) -> None:
         import ray
         from ray import serve
 
@@ -77,6 +78,7 @@ class LLMServer:
         self._pusher: Optional[asyncio.Task] = None
         self._metrics = None
         self._published: Dict[str, Dict] = {}  # the last stats published per rank (counter deltas)
+        self.cpu_share = self._share_cores(config) if share_cores else None
         self.sender = OutputSender()
         for slot in self.slots:
             slot.engine.add_step_listener(self.sender.flush)
@@ -89,10 +91,31 @@ class LLMServer:
             for slot in self.slots:
                 self.coordinator.remove.remote(slot.key)
             self.sender.close()
+            if self.cpu_share is not None:
+                self.cpu_share.close()
             for slot in self.slots:
                 slot.engine.shutdown()
         except Exception:  # shutting down anyway
             pass
+
+    def _share_cores(self, config: EngineConfig):
+        """This engine's slot in its node's core-sharing table (raylm.executor.cpu_share), for a
+        CPU engine that runs its model in this process; None otherwise."""
+        import ray
+        from ray import serve
+
+        from raylm.executor.cpu_share import NodeCpuShare, table_path
+
+        own_model = config.parallel.world_size == 1 and config.parallel.distributed_executor_backend == "uni"
+        if (config.model.torch_device().type != "cpu" or not own_model or len(self.slots) > 1
+                or self.lockstep is not None):
+            return None
+        ctx = ray.get_runtime_context()
+        cores = int(ctx.get_assigned_resources().get("CPU", 1)) or 1
+        path = table_path(ctx.get_node_id(), serve.get_replica_context().app_name)
+        share = NodeCpuShare(path, self.dp_rank, cores)
+        self.engine.set_busy_hook(share.before_step)
+        return share
 
     def _key(self, index: int, count: int) -> str:
         return self.replica_key if count == 1 else f"{self.replica_key}/{index}"

@@ -1,0 +1,95 @@
+"""Cores shared by the CPU engines of one app on one node (issue 17).
+
+Two single-threaded engines on two cores serve more than one two-threaded engine under load
+(no OpenMP barrier waits on a thread the rest of the app took off its core), but alone, one
+of them prefills at half speed. So each engine owns its reservation (Ray's CPUs for its
+replica) and, while it is the only busy one, also runs on the idle engines' cores: before
+each step it marks itself busy in a small table in shared memory, counts the busy engines,
+and sets its OpenMP threads to its share of the cores they reserve together.
+
+The table is a file under /dev/shm, one slot per DP rank: (pid, cores reserved, busy). A
+slot whose process is gone counts as idle. A change in the others is seen at the next step,
+so for at most one step a newly busy engine shares its cores with a wider one.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import tempfile
+from typing import Optional
+
+SLOTS = 64
+_SLOT = struct.Struct("<iii")  # pid, cores reserved, busy
+
+
+def table_path(node_id: str, app: str) -> str:
+    """The table of one app's engines on one node (Ray's node id is new every session)."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    return os.path.join(base, f"raylm-cores-{node_id[:16]}-{app}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
+
+
+class NodeCpuShare:
+    """One engine's slot in its node's table; `before_step` sets the step thread's OpenMP
+    threads (it must run on the thread that steps the engine: the setting is per thread)."""
+
+    def __init__(self, path: str, rank: int, cores: int) -> None:
+        if not 0 <= rank < SLOTS:
+            raise ValueError(f"cpu sharing holds DP ranks 0..{SLOTS - 1} (got {rank})")
+        if cores < 1:
+            raise ValueError(f"an engine reserves at least one core (got {cores})")
+        self.path, self.rank, self.cores = path, rank, cores
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size < SLOTS * _SLOT.size:
+                os.ftruncate(fd, SLOTS * _SLOT.size)
+            self.table = mmap.mmap(fd, SLOTS * _SLOT.size)
+        finally:
+            os.close(fd)
+        self.threads: Optional[int] = None  # what the step thread was last set to
+        self._write(busy=False)
+
+    def _write(self, busy: bool) -> None:
+        _SLOT.pack_into(self.table, self.rank * _SLOT.size, os.getpid(), self.cores, int(busy))
+
+    def share(self) -> int:
+        """Threads for this engine, busy now: the cores every live engine reserves, split
+        among the busy ones (the first ranks take the remainder), at least its own."""
+        pool, busy_ranks = 0, []
+        for rank in range(SLOTS):
+            pid, cores, busy = _SLOT.unpack_from(self.table, rank * _SLOT.size)
+            if pid and (rank == self.rank or _alive(pid)):
+                pool += cores
+                if busy or rank == self.rank:
+                    busy_ranks.append(rank)
+        base, extra = divmod(pool, len(busy_ranks))
+        return max(self.cores, base + (busy_ranks.index(self.rank) < extra))
+
+    def before_step(self, busy: bool) -> None:
+        """Mark this engine busy (a step is next) or idle (it waits for work); when busy, set
+        the calling thread's OpenMP threads to `share()`."""
+        self._write(busy)
+        if not busy:
+            return
+        threads = self.share()
+        if threads != self.threads:
+            import torch
+
+            torch.set_num_threads(threads)
+            self.threads = threads
+
+    def close(self) -> None:
+        """Leave the table (this engine's cores count for nobody)."""
+        if not self.table.closed:
+            _SLOT.pack_into(self.table, self.rank * _SLOT.size, 0, 0, 0)
+            self.table.close()
