@@ -292,11 +292,14 @@ def _midstream(sentinels) -> list:
     return [s for s in sentinels if s.end == 0 and s.chunks > 0]
 
 
+QUIET_POLLS = 5
+
+
 async def _stop_then_kill(pid: int, sentinels) -> tuple:
     """SIGSTOP `pid`, wait until the sentinels' streams are quiet (what the engine produced
-    before it stopped has drained to the client: three polls a second apart see the same
-    progress; with two, a drain that paused a second under load let a finished request
-    look open), then SIGKILL it. Returns the sentinels open at the kill: unfinished on the
+    before it stopped has drained to the client: five polls a second apart see the same
+    progress; with two, then three, a drain that paused a second or two under load let a
+    finished request look open), then SIGKILL it. Returns the sentinels open at the kill: unfinished on the
     engine, which could not run since. None open (the engine had finished them, the client
     was behind): SIGCONT, and [] so the caller tries again."""
     os.kill(pid, signal.SIGSTOP)
@@ -305,7 +308,7 @@ async def _stop_then_kill(pid: int, sentinels) -> tuple:
 
         def quiet():
             seen.append([(s.end, s.chunks) for s in sentinels])
-            return len(seen) > 2 and seen[-1] == seen[-2] == seen[-3]
+            return len(seen) >= QUIET_POLLS and all(p == seen[-1] for p in seen[-QUIET_POLLS:])
 
         await async_wait_for(quiet, 60, "the sentinels' streams quiet while the victim is stopped", 1.0)
         still_open = [s for s in sentinels if s.end == 0]

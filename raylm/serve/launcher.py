@@ -7,6 +7,7 @@ from the ingress to the proxy, which cost ~2 ms of CPU per token on the cores th
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 
@@ -14,7 +15,7 @@ logger = logging.getLogger(__name__)
 
 # Direct ingress: the ingress replica takes the first free port of [--port, --port + span].
 DIRECT_INGRESS_PORT_SPAN = 15
-CONTROL_LOOP_INTERVAL_S = 0.5  # Serve's default is 0.1 (see quiet_control_plane_env)
+CONTROL_LOOP_INTERVAL_S = 0.5  # Serve's default is 0.1 (see local_serve_env)
 
 
 # ServeArgs fields the command line sets another way (--autoscale MIN:MAX)
@@ -73,11 +74,12 @@ def direct_ingress_env(port: int) -> dict:
             "RAY_SERVE_PORT_QUARANTINE_S": "0"}
 
 
-def quiet_control_plane_env() -> dict:
-    """Ray Serve settings for a cluster this command starts: its controller reconciles every
-    0.5 s instead of 0.1 s. On a small machine the control plane shares the engine's cores, and
-    each wake-up stalls the engine's OpenMP threads (issue 17: ~4% of a core idle, more than
-    that in throughput). Replicas still start, stop and get health-checked within a tick."""
+def local_serve_env() -> dict:
+    """Ray Serve settings for a cluster this command starts (issue 17; README "Decisions"): the
+    controller reconciles every 0.5 s instead of 0.1 s. On a small machine the control plane
+    shares the engine's cores, and each wake-up stalls the engine's OpenMP threads (~4% of a
+    core idle). Replicas still start, stop and get health-checked within a tick. (Serve's
+    throughput-optimized mode was measured and left off: docs/benchmarks.md, session 14.)"""
     return {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": str(CONTROL_LOOP_INTERVAL_S)}
 
 
@@ -88,7 +90,7 @@ def http_options(args: argparse.Namespace) -> dict:
     the settings it was started with, so there the proxy serves --port."""
     joining = bool(args.address or os.environ.get("RAY_ADDRESS"))
     if not joining:
-        os.environ.update(quiet_control_plane_env())
+        os.environ.update(local_serve_env())
     if args.proxy or joining:
         if joining and not args.proxy:
             logger.info("joining a running Ray cluster: HTTP goes through Serve's proxy "
@@ -111,17 +113,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     handle = run_app(app_args, blocking=False)
     logger.info("serving %s on http://%s:%d/v1 (dp=%d)", app_args.model_name, args.host, args.port, args.dp)
     wait_for_stop_signal()
-    drain(handle, app_args.shutdown_timeout)
-    serve.shutdown()
+    asyncio.run(stop(handle, app_args.shutdown_timeout))
     return 0
 
 
-def drain(handle, timeout_s: float) -> None:
+async def stop(handle, timeout_s: float) -> None:
+    """Drain, then shut Serve down, on one event loop (in Serve's throughput-optimized mode,
+    should a cluster run with it, a handle's router runs on its caller's loop: a synchronous
+    call from here would never be sent)."""
+    from ray import serve
+
+    await drain(handle, timeout_s)
+    await serve.shutdown_async()
+
+
+async def drain(handle, timeout_s: float) -> None:
     """Graceful stop: the ingress refuses new requests (503) and gives those in flight up to
     `timeout_s` to finish; the rest end with an error before the replicas stop."""
     logger.info("stopping: draining in-flight requests for up to %.0f s", timeout_s)
     try:
-        cut = handle.drain.remote(timeout_s).result(timeout_s=timeout_s + 30)
+        cut = await asyncio.wait_for(handle.drain.remote(timeout_s), timeout_s + 30)
         logger.info("drained; %d request(s) were cut off at the deadline", cut)
     except Exception as exc:  # the app is going away regardless
         logger.warning("drain did not complete: %r", exc)
