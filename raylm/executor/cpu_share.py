@@ -66,8 +66,7 @@ class NodeCpuShare:
         """Threads for this engine, busy now: the cores every live engine reserves, split
         among the busy ones (the first ranks take the remainder), at least its own."""
         pool, busy_ranks = 0, []
-        for rank in range(SLOTS):
-            pid, cores, busy = _SLOT.unpack_from(self.table, rank * _SLOT.size)
+        for rank, (pid, cores, busy) in enumerate(_SLOT.iter_unpack(self.table)):
             if pid and (rank == self.rank or _alive(pid)):
                 pool += cores
                 if busy or rank == self.rank:
