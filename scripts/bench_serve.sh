@@ -7,7 +7,9 @@
 #     then 1, and the whole app's PSS idle and under load (the server and every descendant);
 #   llama.cpp's llama-server (2 threads, -np 32 --no-kv-unified -cb), restarted before each
 #     run (its prompt cache would make a repeat of the same prompts look faster).
-# The concurrency-1 requests use seed 1, so they never hit a prefix cached by the c32 run.
+# The concurrency-1 requests use seed 1, so they never hit a prefix cached by the c32 run;
+# against a server they alternate, request by request, with an in-process engine in the
+# client (`--alternate-inprocess`), so the added TTFT is a paired difference.
 # Usage: scripts/bench_serve.sh OUTDIR   (then: python scripts/serve_summary.py OUTDIR)
 source "$(dirname "$0")/bench_common.sh"
 OUT=$(realpath -m "${1:-docs/bench/serve}")
@@ -17,6 +19,7 @@ HF=${RAYLM_CACHE_DIR:-$HOME/.cache/raylm}/models/smollm2-135m-instruct
 mkdir -p "$OUT"
 c32=(--num-prompts $N32 --max-concurrency 32 --disable-tqdm)
 c1=(--num-prompts $N1 --max-concurrency 1 --seed 1 --disable-tqdm)
+c1p=("${c1[@]}" --alternate-inprocess --max-model-len 2048)
 
 $RAYLM bench throughput --backend raylm --num-prompts $N32 --max-num-seqs 32 \
   --output-json "$OUT/offline-c32.json" --disable-tqdm | tail -1
@@ -35,8 +38,8 @@ for DP in ${DPS:-1 2 1p}; do
   $RAYLM bench serve --base-url http://127.0.0.1:$PORT "${c32[@]}" \
     --output-json "$OUT/serve-dp$DP-c32.json" | grep -E "output tok/s|TTFT"
   wait $MEM || true
-  $RAYLM bench serve --base-url http://127.0.0.1:$PORT "${c1[@]}" \
-    --output-json "$OUT/serve-dp$DP-c1.json" | grep -E "TTFT|TPOT"
+  $RAYLM bench serve --base-url http://127.0.0.1:$PORT "${c1p[@]}" \
+    --output-json "$OUT/serve-dp$DP-c1.json" | grep -E "TTFT|TPOT|added"
   kill -TERM $SERVER; wait $SERVER || true
   .venv/bin/ray stop --force >/dev/null 2>&1 || true  # nothing of this app may load the next
 done
@@ -48,11 +51,13 @@ if [ -x "$PEER/bin/llama-server" ]; then
       > "$OUT/llama-server-c$C.log" 2>&1 &
     PEER_PID=$!
     wait_ready $PEER_PORT 120
-    ARGS=c$C[@]
+    ARGS=c$C[@]; [ $C = 1 ] && ARGS=c1p[@]
     ( sleep 20; $RAYLM bench memory --pid $PEER_PID > "$OUT/memory-load-llama-c$C.json" ) &
     MEM=$!
-    $RAYLM bench serve --base-url http://127.0.0.1:$PEER_PORT --model smollm2-bf16.gguf --tokenizer "$HF" \
-      "${!ARGS}" --output-json "$OUT/llama-server-c$C.json" | grep -E "output tok/s|TTFT"
+    # --model: the HF dir (the in-process engine's weights when alternating; llama-server
+    # serves its one model whatever the body names)
+    $RAYLM bench serve --base-url http://127.0.0.1:$PEER_PORT --model "$HF" \
+      "${!ARGS}" --output-json "$OUT/llama-server-c$C.json" | grep -E "output tok/s|TTFT|added"
     wait $MEM || true
     kill $PEER_PID; wait $PEER_PID || true
   done

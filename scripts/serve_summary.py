@@ -16,13 +16,20 @@ def load(folder: Path, name: str):
 
 
 def serve_row(label: str, data, ref_tok_s=None, ref_ttft=None) -> str:
+    """One table row; c1 runs show what they added to the first token: paired with the
+    in-process engine request by request when they alternated with it, else against the
+    separate in-process run's median."""
     if data is None:
-        return f"| {label} | (not run) | | | | |"
-    r = data["results"]
+        return f"| {label} | (not run) | | | | | |"
+    r, paired = data["results"], data.get("paired")
     ratio = f" ({r['output_throughput'] / ref_tok_s:.2f}x offline)" if ref_tok_s else ""
-    added = f" (+{r['median_ttft_ms'] - ref_ttft:.1f})" if ref_ttft is not None else ""
+    added = ""
+    if paired:
+        added = f"{paired['added_ttft_ms']['median']:+.1f} (paired, {paired['pairs']})"
+    elif ref_ttft is not None:
+        added = f"{r['median_ttft_ms'] - ref_ttft:+.1f} (vs separate run)"
     return (f"| {label} | {r['completed']}/{r['completed'] + r['failed']} | "
-            f"{r['output_throughput']:.1f}{ratio} | {r['median_ttft_ms']:.1f}{added} | "
+            f"{r['output_throughput']:.1f}{ratio} | {r['median_ttft_ms']:.1f} | {added} | "
             f"{r['p99_ttft_ms']:.1f} | {r['median_tpot_ms']:.2f} |")
 
 
@@ -31,10 +38,11 @@ def main(folder: Path) -> None:
     ref_tok_s = offline["results"]["raylm"]["output_tok_s"] if offline else None
     inproc = load(folder, "inprocess-c1.json")
     ref_ttft = inproc["results"]["median_ttft_ms"] if inproc else None
-    print("| run | completed | output tok/s | median TTFT ms | p99 TTFT ms | median TPOT ms |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| run | completed | output tok/s | median TTFT ms | added TTFT ms (median) | p99 TTFT ms "
+          "| median TPOT ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     if ref_tok_s:
-        print(f"| offline `LLM`, 32 seqs | | {ref_tok_s:.1f} | | | |")
+        print(f"| offline `LLM`, 32 seqs | | {ref_tok_s:.1f} | | | | |")
     print(serve_row("in-process `AsyncEngine`, c1", inproc))
     # c1 rows: TTFT (+ added over the in-process reference); c32 rows: throughput / offline
     for dp, how in RUNS:

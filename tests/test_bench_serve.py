@@ -258,3 +258,23 @@ def test_inprocess_backend_runs_the_same_workload(tiny_llama):
     assert reqs["output_lens"] == [6] * 6 and reqs["prompt_lens"] == [16] * 6
     assert all(t is not None and t > 0 for t in reqs["ttfts"])
     assert all(e >= t for e, t in zip(reqs["e2els"], reqs["ttfts"]))
+
+
+def test_alternating_with_inprocess_pairs_each_request(fake_server, tiny_llama):
+    """--alternate-inprocess: request i runs in-process and over HTTP back to back (even i
+    in-process first, odd HTTP first), and the added TTFT/TPOT are the per-request
+    differences of those pairs."""
+    fake_server.reset()
+    report = asyncio.run(serve.benchmark(_args(
+        tiny_llama, fake_server.url, "--alternate-inprocess", "--max-concurrency", "1", "--model", str(tiny_llama),
+        "--dtype", "float32",
+        "--max-model-len", "128", "--kv-cache-memory", "4MiB")))
+    served, ref, paired = report["requests"], report["paired"]["reference_requests"], report["paired"]
+    assert paired["pairs"] == 8 and len(fake_server.bodies) == 8 and fake_server.max_in_flight == 1
+    assert ref["output_lens"] == served["output_lens"] == [6] * 8
+    assert [r < s for r, s in zip(ref["start_s"], served["start_s"])] == [True, False] * 4
+    added = np.subtract(served["ttfts"], ref["ttfts"]) * 1000
+    assert paired["added_ttft_ms"]["median"] == pytest.approx(float(np.median(added)))
+    assert paired["added_ttft_ms"]["mean"] == pytest.approx(float(np.mean(added)))
+    with pytest.raises(ValueError, match="--max-concurrency 1"):
+        asyncio.run(serve.benchmark(_args(tiny_llama, fake_server.url, "--alternate-inprocess")))

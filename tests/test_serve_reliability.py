@@ -384,8 +384,12 @@ def test_killing_an_engine_replica_under_load(server, work, long_work):
            for x in by_rank[1 - victim] if x.outcome not in ("ok", "disconnected")]
     assert not odd and counts(by_rank[victim]).get("ok", 0) > 0, ({r: counts(v) for r, v in by_rank.items()}, odd[:5])
     assert not report.lost(), report.lost()[:5]
-    # the requests mid-stream on the victim at the kill all got errors, none hangs
-    assert all(x.outcome.startswith("error") for x in inflight), [(x.outcome, x.chunks) for x in inflight]
+    # the requests open on the victim at the kill got errors, none hangs. One may still end ok
+    # with its exact text: the engine finished it before the stop and its delivery lagged past
+    # the quiet polls (quiet is evidence, not proof); a wrong or partial text fails here.
+    assert all(x.outcome.startswith("error") or x.outcome == "ok" for x in inflight), \
+        [(x.outcome, x.chunks) for x in inflight]
+    assert any(x.outcome.startswith("error") for x in inflight), [(x.outcome, x.chunks) for x in inflight]
     latency = max(x.end - kill for x in inflight)
     assert latency < 30, [x for x in inflight if x.end - kill >= 30][:3]
     recovery = _recovery_s(samples, victim, kill) or _wait_rank_serves(url, victim, kill)

@@ -27,8 +27,8 @@ import numpy as np
 
 from raylm.bench.queues import QueueSampler, sampling
 from raylm.bench.report import machine_info, print_table, write_json
-from raylm.bench.serve_client import RequestOutput, is_chat_endpoint, request_body, send_request
-from raylm.bench.serve_local import add_inprocess_args, inprocess_sender
+from raylm.bench.serve_client import RequestOutput, auth_headers, http_sender
+from raylm.bench.serve_local import add_inprocess_args, inprocess_sender, run_alternating
 from raylm.bench.traces import add_replay_args, replay_workload
 from raylm.bench.workload import BenchRequest, add_workload_args, build_workload, summarize, workload_spec
 
@@ -68,6 +68,9 @@ def add_parser(sub, add_engine_args=None) -> None:
     p.add_argument("--output-json", default=None, help="write the results here (atomically)")
     p.add_argument("--disable-tqdm", action="store_true")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--alternate-inprocess", action="store_true",
+                   help="with --max-concurrency 1: send each request through an in-process engine "
+                        "too, alternating, and report the paired added TTFT/TPOT of the HTTP path")
     add_workload_args(p)
     add_replay_args(p)
     add_inprocess_args(p)
@@ -171,28 +174,6 @@ async def run_requests(args: argparse.Namespace, requests: List[BenchRequest], o
     return list(outputs), duration
 
 
-@contextlib.asynccontextmanager
-async def http_sender(args: argparse.Namespace, requests: List[BenchRequest]):
-    """Yields send(i): POST request i as a streaming OpenAI request and time it."""
-    import aiohttp
-
-    chat = is_chat_endpoint(args.endpoint)
-    url = args.base_url.rstrip("/") + "/" + args.endpoint.lstrip("/")
-    headers = auth_headers(args)
-    if args.data_parallel_rank is not None:
-        headers["X-data-parallel-rank"] = str(args.data_parallel_rank)
-    bodies = [request_body(chat, args.model, r.prompt, r.output_len, args.temperature, args.ignore_eos)
-              for r in requests]
-    connector = aiohttp.TCPConnector(limit=args.max_concurrency or len(requests))
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=args.timeout)) as s:
-        yield lambda i: send_request(s, url, bodies[i], headers, chat, requests[i].prompt_len)
-
-
-def auth_headers(args: argparse.Namespace) -> Dict[str, str]:
-    api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
-
-
 def meets_slos(out: RequestOutput, slos: Dict[str, float]) -> bool:
     """True if `out` succeeded and every given SLO (ms) holds (TPOT of a 1-token reply: 0)."""
     if not out.success:
@@ -249,13 +230,21 @@ def _jsonable_args(args: argparse.Namespace) -> dict:
 
 async def benchmark(args: argparse.Namespace) -> dict:
     """The whole run: draw the workload, send it, measure; returns the report (the JSON object)."""
+    if args.alternate_inprocess and (args.backend != "http" or args.max_concurrency != 1):
+        raise ValueError("--alternate-inprocess times requests one at a time both ways: it needs "
+                         "--backend http and --max-concurrency 1")
     slos = parse_goodput(args.goodput)
     percentiles = parse_percentiles(args.percentiles)
     workload, requests, tok_path, offsets = load_requests(args)
     sampler = None
     if args.sample_queues and args.backend == "http":
         sampler = QueueSampler(args.base_url, auth_headers(args), args.sample_queues)
-    outputs, duration = await run_requests(args, requests, offsets, sampler)
+    paired = None
+    if args.alternate_inprocess:
+        outputs, reference, duration = await run_alternating(args, requests)
+        paired = paired_costs(outputs, reference, percentiles)
+    else:
+        outputs, duration = await run_requests(args, requests, offsets, sampler)
     return {"benchmark": "serve", "label": args.label, "backend": args.backend,
             "base_url": args.base_url if args.backend == "http" else None, "endpoint": args.endpoint,
             "model": args.model, "tokenizer": tok_path, "args": _jsonable_args(args),
@@ -263,7 +252,21 @@ async def benchmark(args: argparse.Namespace) -> dict:
             "goodput_slos_ms": slos, "percentiles": percentiles,
             "workload": {**workload, **summarize(requests)}, "machine": machine_info(),
             "results": compute_metrics(outputs, duration, percentiles, slos),
-            "requests": per_request(outputs), "queue_depth": sampler.report() if sampler else None}
+            "requests": per_request(outputs), "queue_depth": sampler.report() if sampler else None,
+            "paired": paired}
+
+
+def paired_costs(served: List[RequestOutput], reference: List[RequestOutput], percentiles) -> dict:
+    """What the HTTP path added to each request that succeeded both ways (served minus the
+    in-process run of the same request, right before or after it): TTFT and TPOT stats, ms."""
+    pairs = [(s, r) for s, r in zip(served, reference) if s.success and r.success]
+    ttft = [s.ttft - r.ttft for s, r in pairs]
+    tpot = [s.tpot - r.tpot for s, r in pairs if s.tpot is not None and r.tpot is not None]
+    return {"pairs": len(pairs),
+            "reference_ttft_ms": latency_stats([r.ttft for _, r in pairs], percentiles),
+            "added_ttft_ms": latency_stats(ttft, percentiles),
+            "added_tpot_ms": latency_stats(tpot, percentiles),
+            "reference_requests": per_request(reference)}
 
 
 def print_report(report: dict) -> None:
@@ -281,6 +284,12 @@ def print_report(report: dict) -> None:
     print()
     print_table([{"metric": label + " ms", **{s: r[f"{s}_{name}_ms"] for s in stats}}
                  for name, label in LATENCY_METRICS], ["metric"] + [(s, s, ".2f") for s in stats])
+    if report.get("paired"):
+        p = report["paired"]
+        ttft, tpot = p["added_ttft_ms"], p["added_tpot_ms"]
+        print(f"\nadded by the HTTP path (paired with in-process runs, {p['pairs']} requests): "
+              f"TTFT median {ttft['median']:.2f} ms, mean {ttft['mean']:.2f}; TPOT median "
+              f"{tpot['median']:.2f} ms (in-process TTFT median {p['reference_ttft_ms']['median']:.2f})")
     errors = Counter(e for e in report["requests"]["errors"] if e)
     for error, count in errors.most_common(3):
         print(f"error x{count}: {error[:200]}")

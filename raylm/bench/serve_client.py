@@ -7,14 +7,19 @@ arrival, not when its JSON is parsed.
 """
 from __future__ import annotations
 
+import argparse
 import codecs
+import contextlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-if TYPE_CHECKING:  # aiohttp is imported by the caller that opens the session
+if TYPE_CHECKING:  # aiohttp is imported where a session is opened
     import aiohttp
+
+    from raylm.bench.workload import BenchRequest
 
 
 def is_chat_endpoint(endpoint: str) -> bool:
@@ -169,3 +174,26 @@ async def _read_stream(resp: "aiohttp.ClientResponse", out: RequestOutput, chat:
             if payload.strip() == "[DONE]":
                 continue
             last = out.on_event(json.loads(payload), now, last, chat)
+
+
+@contextlib.asynccontextmanager
+async def http_sender(args: argparse.Namespace, requests: List[BenchRequest]):
+    """Yields send(i): POST request i as a streaming OpenAI request and time it."""
+    import aiohttp
+
+    chat = is_chat_endpoint(args.endpoint)
+    url = args.base_url.rstrip("/") + "/" + args.endpoint.lstrip("/")
+    headers = auth_headers(args)
+    if args.data_parallel_rank is not None:
+        headers["X-data-parallel-rank"] = str(args.data_parallel_rank)
+    bodies = [request_body(chat, args.model, r.prompt, r.output_len, args.temperature, args.ignore_eos)
+              for r in requests]
+    connector = aiohttp.TCPConnector(limit=args.max_concurrency or len(requests))
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=args.timeout)) as s:
+        yield lambda i: send_request(s, url, bodies[i], headers, chat, requests[i].prompt_len)
+
+
+def auth_headers(args: argparse.Namespace) -> Dict[str, str]:
+    """The bearer token header: --api-key, else $OPENAI_API_KEY (the OpenAI client's variable)."""
+    api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}

@@ -11,9 +11,9 @@ import argparse
 import contextlib
 import time
 import uuid
-from typing import AsyncIterator, Awaitable, Callable, List
+from typing import AsyncIterator, Awaitable, Callable, List, Tuple
 
-from raylm.bench.serve_client import RequestOutput
+from raylm.bench.serve_client import RequestOutput, http_sender
 from raylm.bench.workload import BenchRequest
 
 Sender = Callable[[int], Awaitable[RequestOutput]]
@@ -72,3 +72,23 @@ async def _send(engine, req: BenchRequest, args: argparse.Namespace) -> RequestO
     except Exception as exc:  # same contract as the HTTP sender: failures are data
         out.error = f"{type(exc).__name__}: {exc}"
     return out
+
+
+async def run_alternating(args: argparse.Namespace, requests: List[BenchRequest]
+                          ) -> Tuple[List[RequestOutput], List[RequestOutput], float]:
+    """`--alternate-inprocess`: each request in turn through an in-process AsyncEngine and
+    over HTTP, one at a time (even requests in-process first, odd ones HTTP first), so both
+    see the machine in the same state: a paired difference is the HTTP path's cost, whatever
+    the machine's speed did meanwhile. Returns (HTTP outputs, in-process outputs, the HTTP
+    requests' summed wall time)."""
+    served, reference = [], []
+    async with inprocess_sender(args, requests) as local, http_sender(args, requests) as remote:
+        t0 = time.perf_counter()
+        for i in range(len(requests)):
+            order = (local, remote) if i % 2 == 0 else (remote, local)
+            first, second = await order[0](i), await order[1](i)
+            ref, out = (first, second) if i % 2 == 0 else (second, first)
+            ref.start, out.start = ref.start - t0, out.start - t0
+            reference.append(ref)
+            served.append(out)
+    return served, reference, sum(o.e2el or 0.0 for o in served)
