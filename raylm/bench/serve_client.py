@@ -188,7 +188,10 @@ async def http_sender(args: argparse.Namespace, requests: List[BenchRequest]):
         headers["X-data-parallel-rank"] = str(args.data_parallel_rank)
     bodies = [request_body(chat, args.model, r.prompt, r.output_len, args.temperature, args.ignore_eos)
               for r in requests]
-    connector = aiohttp.TCPConnector(limit=args.max_concurrency or len(requests))
+    # alternating with an in-process run leaves a kept-alive connection idle for as long as
+    # a request takes; servers may close it meanwhile (llama-server did, every other request)
+    connector = aiohttp.TCPConnector(limit=args.max_concurrency or len(requests),
+                                     force_close=getattr(args, "alternate_inprocess", False))
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=args.timeout)) as s:
         yield lambda i: send_request(s, url, bodies[i], headers, chat, requests[i].prompt_len)
 
