@@ -1,5 +1,6 @@
 """Core sharing between a node's CPU engines (raylm.executor.cpu_share): shares against
 hand-counted splits, a dead engine's slot, and the step thread's torch threads."""
+import os
 import subprocess
 import sys
 
@@ -52,11 +53,13 @@ def test_a_dead_engines_slot_lends_nothing_and_takes_nothing(path):
     assert alive.share() == 1  # the dead one's 2 cores are not lent, nor is it counted busy
 
 
-def test_a_closed_slot_is_free(path):
+def test_a_closed_slot_is_free_and_the_last_one_out_removes_the_table(path):
     a, b = NodeCpuShare(path, 0, 1), NodeCpuShare(path, 1, 1)
     assert a.share() == 2
     b.close()
-    assert a.share() == 1
+    assert a.share() == 1 and os.path.exists(path)  # a still uses it
+    a.close()
+    assert not os.path.exists(path)
 
 
 def test_bad_slots_are_value_errors(path):

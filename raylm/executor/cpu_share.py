@@ -88,7 +88,16 @@ class NodeCpuShare:
             self.threads = threads
 
     def close(self) -> None:
-        """Leave the table (this engine's cores count for nobody)."""
-        if not self.table.closed:
-            _SLOT.pack_into(self.table, self.rank * _SLOT.size, 0, 0, 0)
-            self.table.close()
+        """Leave the table (this engine's cores count for nobody); the last live engine out
+        removes the file. (An engine starting at that moment may keep an unlinked table and
+        the next one a new file: both then count only themselves until they restart.)"""
+        if self.table.closed:
+            return
+        _SLOT.pack_into(self.table, self.rank * _SLOT.size, 0, 0, 0)
+        others = any(pid and _alive(pid) for pid, _, _ in _SLOT.iter_unpack(self.table))
+        self.table.close()
+        if not others:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
