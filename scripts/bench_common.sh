@@ -12,3 +12,6 @@ wait_ready() {
   done
   echo "server on port $1 did not come up" >&2; return 1
 }
+
+# a script that stops early (a server that never came up) leaves no server behind
+trap 'jobs -p | xargs -r kill -TERM 2>/dev/null || true' EXIT

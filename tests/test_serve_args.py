@@ -159,3 +159,34 @@ def test_placement_options_place_tp_pp_groups_and_spread_single_replicas():
         ServeArgs(tp=2, max_replicas_per_node=1)
     with pytest.raises(ValueError, match="placement_strategy"):
         ServeArgs(pp=2, placement_strategy="EVERYWHERE")
+
+
+def test_the_cli_waits_out_time_wait_on_its_port_and_refuses_a_taken_one():
+    """Serve's ingress replica binds --port without SO_REUSEADDR, so a port a stopped server
+    closed connections on (TIME_WAIT) fails that bind for a minute; the CLI waits for it, and
+    a port another server listens on is an error naming it."""
+    import socket
+
+    from raylm.serve.launcher import wait_port_bindable
+
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    with pytest.raises(ValueError, match=f"another server listens on 127.0.0.1:{port}"):
+        wait_port_bindable("127.0.0.1", port)
+    server.accept()[0].close()  # the check's own connection
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    conn, _ = server.accept()
+    conn.close()  # the server side closes first: its end of the connection is in TIME_WAIT
+    client.recv(1)
+    client.close()
+    server.close()
+    with pytest.raises(ValueError, match=f"--port {port}: still in use on 127.0.0.1 after 0 s"):
+        wait_port_bindable("127.0.0.1", port, timeout_s=0.0)
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    free_port = free.getsockname()[1]
+    free.close()
+    wait_port_bindable("127.0.0.1", free_port)  # returns at once

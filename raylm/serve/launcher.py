@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
+import socket
+import time
 
 logger = logging.getLogger(__name__)
 
 # Direct ingress: the ingress replica takes the first free port of [--port, --port + span].
 DIRECT_INGRESS_PORT_SPAN = 15
 CONTROL_LOOP_INTERVAL_S = 0.5  # Serve's default is 0.1 (see local_serve_env)
+PORT_WAIT_S = 70.0  # Linux holds a port a server closed connections on in TIME_WAIT for 60 s
 
 
 # ServeArgs fields the command line sets another way (--autoscale MIN:MAX)
@@ -100,8 +104,43 @@ def http_options(args: argparse.Namespace) -> dict:
     return {"host": args.host, "port": 0}
 
 
+def wait_port_bindable(host: str, port: int, timeout_s: float = PORT_WAIT_S) -> None:
+    """Wait until `port` binds the way Serve's ingress replica binds it (without SO_REUSEADDR).
+    Connections a previous server on it closed stay in TIME_WAIT for a minute, and meanwhile
+    the replica would quietly take the next port of its range while we announce this one.
+    A port something listens on, or one still taken after `timeout_s`, is a ValueError."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    deadline, said = time.monotonic() + timeout_s, False
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+                return
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+        if _listening(family, host, port):
+            raise ValueError(f"--port {port}: another server listens on {host}:{port}")
+        if time.monotonic() > deadline:
+            raise ValueError(f"--port {port}: still in use on {host} after {timeout_s:.0f} s")
+        if not said:
+            logger.info("port %d: waiting for a previous server's closed connections to expire "
+                        "(TIME_WAIT, up to a minute)", port)
+            said = True
+        time.sleep(0.5)
+
+
+def _listening(family: int, host: str, port: int) -> bool:
+    target = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2.0)
+        return sock.connect_ex((target, port)) == 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     options = http_options(args)  # before Ray (and Serve's settings) are imported
+    if options["port"] == 0:  # direct ingress: the ingress replica binds --port itself
+        wait_port_bindable(args.host, args.port)
     import ray
     from ray import serve
 
