@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Serving benchmarks (issue 17), all in one run on an otherwise idle machine:
-#   references without HTTP/Serve: the offline LLM on the 64 concurrency-32 requests, and the
+#   references without HTTP/Serve: the offline LLM on the 64 concurrency-32 requests (first,
+#     and again right before each server: this machine drifts 10-15% within minutes), and the
 #     in-process AsyncEngine on the 8 concurrency-1 requests (same client, same timing);
 #   raylm serve at dp 1 and dp 2 (a fresh server each; HTTP from the ingress replica, the
 #     default), and dp 1 through Serve's HTTP proxy (`--proxy`, tagged dp1p): concurrency 32,
@@ -26,8 +27,14 @@ $RAYLM bench throughput --backend raylm --num-prompts $N32 --max-num-seqs 32 \
 $RAYLM bench serve --backend inprocess --max-model-len 2048 "${c1[@]}" \
   --output-json "$OUT/inprocess-c1.json" | grep -E "TTFT|TPOT"
 
+offline_before() {  # the offline reference again, right before the server it is compared with
+  $RAYLM bench throughput --backend raylm --num-prompts $N32 --max-num-seqs 32 \
+    --output-json "$OUT/offline-$1.json" --disable-tqdm | tail -1
+}
+
 for DP in ${DPS:-1 2 1p}; do
   FLAGS=(--dp ${DP%p}); [ "$DP" = "${DP%p}" ] || FLAGS+=(--proxy)
+  offline_before dp$DP
   # run with &: the subshell execs the server, so $! is raylm serve itself (kill reaches it)
   (exec $RAYLM serve "${FLAGS[@]}" --port $PORT --max-model-len 2048 > "$OUT/server-dp$DP.log" 2>&1) &
   SERVER=$!
@@ -45,6 +52,7 @@ for DP in ${DPS:-1 2 1p}; do
 done
 
 if [ -x "$PEER/bin/llama-server" ]; then
+  offline_before llama
   for C in 32 1; do
     LD_LIBRARY_PATH=$PEER/bin "$PEER/bin/llama-server" -m "$PEER/smollm2-bf16.gguf" -t 2 -tb 2 \
       -np 32 -c 32768 --no-kv-unified -cb --host 127.0.0.1 --port $PEER_PORT \

@@ -33,6 +33,12 @@ def serve_row(label: str, data, ref_tok_s=None, ref_ttft=None) -> str:
             f"{r['p99_ttft_ms']:.1f} | {r['median_tpot_ms']:.2f} |")
 
 
+def offline_tok_s(folder: Path, tag: str, default):
+    """The offline reference run right before server `tag` (bench_serve.sh), else `default`."""
+    data = load(folder, f"offline-{tag}.json")
+    return data["results"]["raylm"]["output_tok_s"] if data else default
+
+
 def main(folder: Path) -> None:
     offline = load(folder, "offline-c32.json")
     ref_tok_s = offline["results"]["raylm"]["output_tok_s"] if offline else None
@@ -43,13 +49,18 @@ def main(folder: Path) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     if ref_tok_s:
         print(f"| offline `LLM`, 32 seqs | | {ref_tok_s:.1f} | | | | |")
+    for tag in [f"dp{dp}" for dp, _ in RUNS] + ["llama"]:
+        if load(folder, f"offline-{tag}.json"):
+            print(f"| offline `LLM`, right before {tag} | | {offline_tok_s(folder, tag, 0):.1f} | | | | |")
     print(serve_row("in-process `AsyncEngine`, c1", inproc))
     # c1 rows: TTFT (+ added over the in-process reference); c32 rows: throughput / offline
     for dp, how in RUNS:
-        print(serve_row(f"raylm serve {how}, c32", load(folder, f"serve-dp{dp}-c32.json"), ref_tok_s))
+        before = offline_tok_s(folder, f"dp{dp}", ref_tok_s)
+        print(serve_row(f"raylm serve {how}, c32", load(folder, f"serve-dp{dp}-c32.json"), before))
         print(serve_row(f"raylm serve {how}, c1", load(folder, f"serve-dp{dp}-c1.json"), None, ref_ttft))
     for c in (32, 1):
-        print(serve_row(f"llama-server, c{c}", load(folder, f"llama-server-c{c}.json"), ref_tok_s if c == 32
+        print(serve_row(f"llama-server, c{c}", load(folder, f"llama-server-c{c}.json"),
+                        offline_tok_s(folder, "llama", ref_tok_s) if c == 32
                         else None, ref_ttft if c == 1 else None))
     for c in (32, 1):
         before = load(folder, f"before-dp1-c{c}.json")
