@@ -22,19 +22,18 @@ c32=(--num-prompts $N32 --max-concurrency 32 --disable-tqdm)
 c1=(--num-prompts $N1 --max-concurrency 1 --seed 1 --disable-tqdm)
 c1p=("${c1[@]}" --alternate-inprocess --max-model-len 2048)
 
-$RAYLM bench throughput --backend raylm --num-prompts $N32 --max-num-seqs 32 \
-  --output-json "$OUT/offline-c32.json" --disable-tqdm | tail -1
-$RAYLM bench serve --backend inprocess --max-model-len 2048 "${c1[@]}" \
-  --output-json "$OUT/inprocess-c1.json" | grep -E "TTFT|TPOT"
-
-offline_before() {  # the offline reference again, right before the server it is compared with
+offline() {  # the offline reference (c32: first; dp1, dp2, llama: right before that server)
   $RAYLM bench throughput --backend raylm --num-prompts $N32 --max-num-seqs 32 \
     --output-json "$OUT/offline-$1.json" --disable-tqdm | tail -1
 }
 
+offline c32
+$RAYLM bench serve --backend inprocess --max-model-len 2048 "${c1[@]}" \
+  --output-json "$OUT/inprocess-c1.json" | grep -E "TTFT|TPOT"
+
 for DP in ${DPS:-1 2 1p}; do
   FLAGS=(--dp ${DP%p}); [ "$DP" = "${DP%p}" ] || FLAGS+=(--proxy)
-  offline_before dp$DP
+  offline dp$DP
   # run with &: the subshell execs the server, so $! is raylm serve itself (kill reaches it)
   (exec $RAYLM serve "${FLAGS[@]}" --port $PORT --max-model-len 2048 > "$OUT/server-dp$DP.log" 2>&1) &
   SERVER=$!
@@ -52,7 +51,7 @@ for DP in ${DPS:-1 2 1p}; do
 done
 
 if [ -x "$PEER/bin/llama-server" ]; then
-  offline_before llama
+  offline llama
   for C in 32 1; do
     LD_LIBRARY_PATH=$PEER/bin "$PEER/bin/llama-server" -m "$PEER/smollm2-bf16.gguf" -t 2 -tb 2 \
       -np 32 -c 32768 --no-kv-unified -cb --host 127.0.0.1 --port $PEER_PORT \

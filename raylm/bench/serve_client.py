@@ -191,7 +191,7 @@ async def http_sender(args: argparse.Namespace, requests: List[BenchRequest]):
     # alternating with an in-process run leaves a kept-alive connection idle for as long as
     # a request takes; servers may close it meanwhile (llama-server did, every other request)
     connector = aiohttp.TCPConnector(limit=args.max_concurrency or len(requests),
-                                     force_close=getattr(args, "alternate_inprocess", False))
+                                     force_close=args.alternate_inprocess)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=args.timeout)) as s:
         yield lambda i: send_request(s, url, bodies[i], headers, chat, requests[i].prompt_len)
 

@@ -85,9 +85,10 @@ async def run_alternating(args: argparse.Namespace, requests: List[BenchRequest]
     async with inprocess_sender(args, requests) as local, http_sender(args, requests) as remote:
         t0 = time.perf_counter()
         for i in range(len(requests)):
-            order = (local, remote) if i % 2 == 0 else (remote, local)
-            first, second = await order[0](i), await order[1](i)
-            ref, out = (first, second) if i % 2 == 0 else (second, first)
+            if i % 2 == 0:
+                ref, out = await local(i), await remote(i)
+            else:
+                out, ref = await remote(i), await local(i)
             ref.start, out.start = ref.start - t0, out.start - t0
             reference.append(ref)
             served.append(out)
