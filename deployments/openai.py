@@ -9,19 +9,34 @@ DPRouter from the DP coordinator (a deployment-scoped actor of LLMServer).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional, Union
 
-from pydantic import ConfigDict, Field, model_validator
+import psutil
+from pydantic import ConfigDict, Field, PositiveInt, model_validator
 
 from raylm.config import EngineConfig, default_admin_api_key, default_api_key, usable_cores
 from raylm.dp.policies import ROUTING_POLICIES
 from raylm.executor.placement import group_strategy, placement_device, worker_bundle
+from raylm.models.loader import checkpoint_bytes
 from raylm.options import EngineArgs
 from raylm.serve.middleware import OPEN_PATHS
 from raylm.serve.tool_parsers import tool_parser_names
 
 INGRESS_HEADROOM = 64  # non-generation requests (health, metrics, tokenize) beside the admission bound
 INGRESS_SHUTDOWN_MARGIN_S = 10.0
+AUTO_DP_MAX = 8  # `dp auto` starts at most this many replicas (processes, KV pools, channels)
+REPLICA_OVERHEAD_BYTES = 1 << 30  # a CPU replica besides its weights: torch, Ray's worker (~1 GiB)
+
+
+def auto_dp(weight_bytes: Optional[int], cores: int, available_bytes: int) -> int:
+    """`dp auto` for CPU replicas without TP/PP: one per core (at most AUTO_DP_MAX) while they
+    fit in 60% of available memory, each counted at twice its checkpoint (weights and the
+    GEMV's plain copy) plus REPLICA_OVERHEAD_BYTES; 1 when the checkpoint size is unknown.
+    On 2 cores dp 2 serves more than dp 1 at load (README, "Decisions worth knowing")."""
+    if not weight_bytes:
+        return 1
+    fit = int(0.6 * available_bytes) // (2 * weight_bytes + REPLICA_OVERHEAD_BYTES)
+    return max(1, min(cores, AUTO_DP_MAX, fit))
 
 
 class ServeArgs(EngineArgs):
@@ -32,7 +47,9 @@ class ServeArgs(EngineArgs):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
 
     served_model_name: Optional[str] = Field(None, description="the model's name in the API (default: --model)")
-    dp: int = Field(1, gt=0, description="data-parallel engine replicas")
+    dp: Union[PositiveInt, Literal["auto"]] = Field(
+        "auto", description="data-parallel engine replicas; auto: on CPU without TP/PP/EP, one per core "
+                            f"(at most {AUTO_DP_MAX}) while their weights fit in memory, else 1")
     num_cpus_per_replica: Optional[float] = Field(
         None, ge=0, description="CPUs Ray reserves for each engine replica; on CPU without TP/PP also the "
                                 "threads its model runs on (default: there, this machine's cores over dp; else 1)")
@@ -93,6 +110,8 @@ class ServeArgs(EngineArgs):
 
     @model_validator(mode="after")
     def _check_autoscaling(self) -> "ServeArgs":
+        if self.dp == "auto":
+            self.dp = self._auto_dp()
         if self.autoscaling_config is not None:
             lo, hi = self.autoscaling_config.get("min_replicas", 1), self.autoscaling_config.get("max_replicas")
             if hi is None or not 0 <= lo <= hi or hi < 1:
@@ -117,6 +136,14 @@ class ServeArgs(EngineArgs):
         if self.enable_expert_parallel and self.dp > 1 and self.pp > 1:
             raise ValueError("expert parallelism across DP replicas needs pp=1 (lockstep runs one batch per step)")
         return self
+
+    def _auto_dp(self) -> int:
+        """What `dp auto` means for these options, on the machine that builds the app."""
+        if (placement_device(self.device) != "cpu" or self.tp * self.pp > 1 or self.enable_expert_parallel
+                or self.distributed_executor_backend == "sim" or self.autoscaling_config is not None):
+            return 1
+        dp = auto_dp(checkpoint_bytes(self.model), usable_cores(), psutil.virtual_memory().available)
+        return min(dp, self.max_data_parallel_size or dp)
 
     def engine_config(self) -> EngineConfig:
         """The engine options, with the replica count the default KV budget is split over."""

@@ -22,7 +22,7 @@ def served_app(tiny_root, **app_args):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         run_app({"model": str(path), "served_model_name": "tiny", "dtype": "float32", "max_model_len": 512,
-                 "num_blocks": 128, "num_cpus_per_replica": 0.5, **app_args})
+                 "num_blocks": 128, "num_cpus_per_replica": 0.5, "dp": 1, **app_args})
         yield path, f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()

@@ -137,6 +137,7 @@ def test_completions_timing_and_counts(fake_server, tiny_llama, tmp_path, capsys
     assert 7 <= r["median_itl_ms"] <= 40 and 7 <= r["median_tpot_ms"] <= 40
     assert all(5 * GAP * 0.9 <= e - t <= 0.3 for e, t in zip(reqs["e2els"], reqs["ttfts"]))
     assert r["goodput_requests"] is None and fake_server.max_in_flight == 8  # inf rate: all at once
+    assert r["client_cpu_s"] > 0  # the client's own CPU over the run (it shares the server's cores)
     assert report["args"]["request_rate"] == "inf" and "api_key" not in report["args"]
     body = fake_server.bodies[0]
     assert body["model"] == "fake-model" and body["max_tokens"] == 6 and body["stream"] is True

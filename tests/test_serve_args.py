@@ -1,6 +1,8 @@
 """The serving builder's options (ServeArgs) and `raylm serve`'s flags, without starting Ray."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from raylm.deployments.openai import ServeArgs
@@ -190,3 +192,48 @@ def test_the_cli_waits_out_time_wait_on_its_port_and_refuses_a_taken_one():
     free_port = free.getsockname()[1]
     free.close()
     wait_port_bindable("127.0.0.1", free_port)  # returns at once
+
+
+GiB = 1 << 30
+
+
+@pytest.mark.parametrize("weights, cores, available, want", [
+    (270 << 20, 2, 22 * GiB, 2),   # SmolLM2 on this machine: one per core
+    (270 << 20, 64, 22 * GiB, 8),  # capped at AUTO_DP_MAX
+    (14 * GiB, 2, 22 * GiB, 1),    # a 7B bf16 model: 29 GiB a replica, never below 1
+    (2 * GiB, 4, 22 * GiB, 2),     # 13.2 GiB // (4 + 1) GiB
+    (None, 2, 22 * GiB, 1),        # a checkpoint of unknown size
+])
+def test_auto_dp_is_one_replica_per_core_while_they_fit(weights, cores, available, want):
+    from raylm.deployments.openai import auto_dp
+
+    assert auto_dp(weights, cores, available) == want
+
+
+def test_dp_auto_resolves_on_the_building_machine_and_only_for_plain_cpu_replicas(monkeypatch, tmp_path):
+    """The default (and `dp=auto`, `--dp auto`) becomes a number when the app is built: the
+    checkpoint's file sizes and this machine's cores and memory; CUDA, TP/PP, EP, the sim
+    executor and Serve autoscaling keep 1; max_data_parallel_size bounds it; a number wins."""
+    from raylm.cli import build_parser
+    from raylm.deployments import openai as builder
+    from raylm.serve.launcher import serve_args
+
+    ckpt = tmp_path / "m"
+    ckpt.mkdir()
+    with open(ckpt / "model.safetensors", "wb") as f:
+        f.truncate(300 << 20)  # sparse: only its size is read
+    monkeypatch.setattr(builder, "usable_cores", lambda: 4)
+    monkeypatch.setattr(builder.psutil, "virtual_memory", lambda: SimpleNamespace(available=20 * GiB))
+    cpu = {"model": str(ckpt), "device": "cpu"}
+    assert ServeArgs(**cpu).dp == 4 and ServeArgs(**cpu, dp="auto").dp == 4
+    assert serve_args(build_parser().parse_args(["serve", "--model", str(ckpt), "--device", "cpu"])).dp == 4
+    assert serve_args(build_parser().parse_args(["serve", "--model", str(ckpt), "--dp", "3"])).dp == 3
+    assert ServeArgs(**cpu, max_data_parallel_size=2).dp == 2
+    for other in ({"device": "cuda"}, {"tp": 2}, {"pp": 2}, {"enable_expert_parallel": True},
+                  {"executor": "sim"}, {"autoscaling_config": {"max_replicas": 2}}):
+        assert ServeArgs(**{**cpu, **other}).dp == 1, other
+    assert ServeArgs(**cpu).replica_cpus == 1.0  # each of the 4 reserves its core
+    monkeypatch.setattr(builder.psutil, "virtual_memory", lambda: SimpleNamespace(available=3 * GiB))
+    assert ServeArgs(**cpu).dp == 1  # 1.8 GiB holds one replica of 1.6 GiB
+    with pytest.raises(ValueError, match="dp"):
+        ServeArgs(dp="many")

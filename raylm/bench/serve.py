@@ -146,10 +146,11 @@ def load_requests(args: argparse.Namespace) -> Tuple[dict, List[BenchRequest], s
 
 
 async def run_requests(args: argparse.Namespace, requests: List[BenchRequest], offsets: Optional[np.ndarray] = None,
-                       sampler: Optional[QueueSampler] = None) -> Tuple[List[RequestOutput], float]:
+                       sampler: Optional[QueueSampler] = None) -> Tuple[List[RequestOutput], float, float]:
     """Send every request on its arrival schedule (`offsets`, else --request-rate), at most
-    --max-concurrency at a time; returns the outputs (in request order) and the wall time
-    from first send to last reply. `sampler` scrapes queue depths meanwhile."""
+    --max-concurrency at a time; returns the outputs (in request order), the wall time from
+    first send to last reply and this process's CPU seconds meanwhile (over HTTP: what the
+    client took from a server on the same machine). `sampler` scrapes queue depths."""
     from tqdm import tqdm
 
     if offsets is None:
@@ -158,7 +159,7 @@ async def run_requests(args: argparse.Namespace, requests: List[BenchRequest], o
     opener = inprocess_sender if args.backend == "inprocess" else http_sender
     with tqdm(total=len(requests), disable=args.disable_tqdm) as pbar:
         async with opener(args, requests) as send:
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
 
             async def one(i: int) -> RequestOutput:
                 await asyncio.sleep(max(0.0, t0 + offsets[i] - time.perf_counter()))
@@ -170,8 +171,8 @@ async def run_requests(args: argparse.Namespace, requests: List[BenchRequest], o
 
             async with sampling(sampler, t0):
                 outputs = await asyncio.gather(*(one(i) for i in range(len(requests))))
-            duration = time.perf_counter() - t0
-    return list(outputs), duration
+            duration, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return list(outputs), duration, cpu
 
 
 def meets_slos(out: RequestOutput, slos: Dict[str, float]) -> bool:
@@ -239,19 +240,19 @@ async def benchmark(args: argparse.Namespace) -> dict:
     sampler = None
     if args.sample_queues and args.backend == "http":
         sampler = QueueSampler(args.base_url, auth_headers(args), args.sample_queues)
-    paired = None
+    paired, cpu = None, None
     if args.alternate_inprocess:
         outputs, reference, duration = await run_alternating(args, requests)
         paired = paired_costs(outputs, reference, percentiles)
     else:
-        outputs, duration = await run_requests(args, requests, offsets, sampler)
+        outputs, duration, cpu = await run_requests(args, requests, offsets, sampler)
     return {"benchmark": "serve", "label": args.label, "backend": args.backend,
             "base_url": args.base_url if args.backend == "http" else None, "endpoint": args.endpoint,
             "model": args.model, "tokenizer": tok_path, "args": _jsonable_args(args),
             "sampling": {"temperature": args.temperature, "ignore_eos": args.ignore_eos},
             "goodput_slos_ms": slos, "percentiles": percentiles,
             "workload": {**workload, **summarize(requests)}, "machine": machine_info(),
-            "results": compute_metrics(outputs, duration, percentiles, slos),
+            "results": {**compute_metrics(outputs, duration, percentiles, slos), "client_cpu_s": cpu},
             "requests": per_request(outputs), "queue_depth": sampler.report() if sampler else None,
             "paired": paired}
 
@@ -277,7 +278,7 @@ def print_report(report: dict) -> None:
             ("duration s", r["duration_s"]), ("total input tokens", r["total_input_tokens"]),
             ("total output tokens", r["total_output_tokens"]), ("requests/s", r["request_throughput"]),
             ("output tok/s", r["output_throughput"]), ("total tok/s", r["total_token_throughput"]),
-            ("goodput requests/s", r["request_goodput"])]
+            ("goodput requests/s", r["request_goodput"]), ("client CPU s", r.get("client_cpu_s"))]
     print()
     print_table([{"metric": k, "value": v} for k, v in rows], ["metric", "value"])
     stats = ["mean", "median"] + [f"p{p:g}" for p in report["percentiles"]]

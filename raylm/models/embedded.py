@@ -42,6 +42,14 @@ def gguf_path(name: str) -> Path:
     return path
 
 
+def weight_bytes(name: str) -> int:
+    """Bytes of an embedded model's weights: its converted safetensors, or before the first
+    conversion 8x its GGUF file (4-bit blocks dequantized to fp32: an upper bound)."""
+    converted = cache_dir() / "models" / name
+    files = list(converted.glob("*.safetensors")) if (converted / "config.json").exists() else []
+    return sum(f.stat().st_size for f in files) if files else 8 * gguf_path(name).stat().st_size
+
+
 def ensure_embedded(name: str) -> Path:
     """Return the cached HF dir for an embedded model, converting it on first use."""
     target = cache_dir() / "models" / name

@@ -10,7 +10,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 from safetensors import safe_open
 
-from raylm.models.embedded import embedded_name, ensure_embedded
+from raylm.models.embedded import embedded_name, ensure_embedded, weight_bytes
 from raylm.models.registry import get_model_class
 
 logger = logging.getLogger(__name__)
@@ -30,6 +30,18 @@ def resolve_model_path(model: str) -> str:
     if not glob.glob(str(path / "*.safetensors")):
         raise ValueError(f"model {model!r}: no *.safetensors files in {path}")
     return str(path)
+
+
+def checkpoint_bytes(model: str) -> Optional[int]:
+    """Bytes of a model's weights on disk, read from file sizes (nothing converted or loaded);
+    None when `model` names nothing local."""
+    try:
+        name = embedded_name(model)
+        if name is not None:
+            return weight_bytes(name)
+        return sum(f.stat().st_size for f in Path(model).expanduser().glob("*.safetensors")) or None
+    except (OSError, ValueError):
+        return None
 
 
 def load_hf_config(path: str):

@@ -150,7 +150,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ray.init(address=args.address)  # None: Ray joins $RAY_ADDRESS if set, else starts a local cluster
     serve.start(http_options=options)
     handle = run_app(app_args, blocking=False)
-    logger.info("serving %s on http://%s:%d/v1 (dp=%d)", app_args.model_name, args.host, args.port, args.dp)
+    logger.info("serving %s on http://%s:%d/v1 (dp=%d)", app_args.model_name, args.host, args.port, app_args.dp)
     wait_for_stop_signal()
     asyncio.run(stop(handle, app_args.shutdown_timeout))
     return 0
