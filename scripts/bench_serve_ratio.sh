@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# HTTP vs offline throughput at concurrency 32 (issue 17), in rounds: this machine drifts
+# 10-15% within minutes, so a single offline run minutes away from a single served one
+# moves the ratio by as much. Each round r draws its own 64 workload-A requests (seed r)
+# and runs them offline (`raylm bench throughput`), then through a fresh `raylm serve`
+# (`raylm bench serve --max-concurrency 32`, EOS ignored by both), back to back with
+# nothing else running; a fresh server per round, so no prompt is in its prefix cache.
+# Usage: ROUNDS=3 DPS="1 2" scripts/bench_serve_ratio.sh OUTDIR
+#        (then: python scripts/serve_ratio_summary.py OUTDIR)
+source "$(dirname "$0")/bench_common.sh"
+OUT=$(realpath -m "${1:-docs/bench/serve-ratio}")
+PORT=8011; N32=${N32:-64}
+mkdir -p "$OUT"
+for DP in ${DPS:-1 2}; do
+  for R in $(seq 1 "${ROUNDS:-3}"); do
+    $RAYLM bench throughput --backend raylm --num-prompts $N32 --max-num-seqs 32 --seed $R \
+      --output-json "$OUT/offline-dp$DP-r$R.json" --disable-tqdm | tail -1
+    (exec $RAYLM serve --dp $DP --port $PORT --max-model-len 2048 > "$OUT/server-dp$DP-r$R.log" 2>&1) &
+    SERVER=$!
+    wait_ready $PORT 300
+    $RAYLM bench serve --base-url http://127.0.0.1:$PORT --num-prompts $N32 --max-concurrency 32 \
+      --seed $R --disable-tqdm --output-json "$OUT/serve-dp$DP-r$R.json" | grep -E "output tok/s"
+    kill -TERM $SERVER; wait $SERVER || true
+    .venv/bin/ray stop --force >/dev/null 2>&1 || true
+  done
+done

@@ -1,0 +1,37 @@
+"""Summarize scripts/bench_serve_ratio.sh: per dp, each round's offline and served output
+tok/s, their ratio, and the median ratio (a markdown table for docs/benchmarks.md).
+
+usage: python scripts/serve_ratio_summary.py OUTDIR
+"""
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+
+def tok_s(path: Path, served: bool) -> float:
+    data = json.loads(path.read_text())
+    return data["results"]["output_throughput"] if served else data["results"]["raylm"]["output_tok_s"]
+
+
+def main(folder: Path) -> None:
+    rounds = sorted(folder.glob("serve-dp*-r*.json"))
+    print("| dp | round | offline tok/s | served tok/s | served / offline | failed |")
+    print("|---|---|---|---|---|---|")
+    ratios = {}
+    for path in rounds:
+        dp, r = re.match(r"serve-dp(\w+)-r(\d+)\.json", path.name).groups()
+        offline, served = tok_s(folder / f"offline-dp{dp}-r{r}.json", False), tok_s(path, True)
+        failed = json.loads(path.read_text())["results"]["failed"]
+        ratios.setdefault(dp, []).append(served / offline)
+        print(f"| {dp} | {r} | {offline:.1f} | {served:.1f} | {served / offline:.2f}x | {failed} |")
+    for dp, values in ratios.items():
+        print(f"\ndp {dp}: median {statistics.median(values):.2f}x over {len(values)} rounds "
+              f"(min {min(values):.2f}x, max {max(values):.2f}x)")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
