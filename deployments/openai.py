@@ -255,7 +255,8 @@ def build_app(args: Dict[str, Any]):
                                                  actor_options={"num_cpus": 0})],
         health_check_period_s=5, health_check_timeout_s=30,
         graceful_shutdown_timeout_s=a.shutdown_timeout, graceful_shutdown_wait_loop_s=1,
-    ).bind(engine, a.model_name, a.engines_per_replica, a.share_cores)
+    ).bind(engine, a.model_name, a.engines_per_replica, a.share_cores,
+           ROUTING_POLICIES[a.routing_policy].reads_prefixes)
     ingress_cls = serve.ingress()(OpenAIIngress)
     # Serve's own cap sits above the app's admission bound, so requests past the bound reach
     # the ingress and get a fast 429 instead of queueing in the HTTP proxy. On a redeploy the

@@ -1,7 +1,8 @@
 """DP coordinator: a deployment-scoped actor of the LLMServer deployment.
 
 Load: every engine replica pushes its load (waiting, running, KV usage, counters) here
-when it changes (at most every ~100 ms, at least every second); request routers
+when what routing reads changes (at most every ~100 ms; free blocks or the prefix summary
+alone at most every 0.5 s unless the policy reads prefixes; at least every second); routers
 long-poll `changes()` and get the entries that changed as soon as any does (only those:
 at 64 replicas the whole table, prefix summaries included, is ~220 KiB to pickle per
 change); `snapshot()` is the whole table, for occasional readers. The coordinator never

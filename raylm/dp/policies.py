@@ -40,6 +40,8 @@ class Candidate:
 
 class BaseRoutingPolicy(ABC):
     name: ClassVar[str]
+    # whether `order` reads prefix summaries: replicas then push theirs as soon as they change
+    reads_prefixes: ClassVar[bool] = False
 
     def __init__(self, rng: Optional[random.Random] = None) -> None:
         self.rng = rng or random.Random()
@@ -101,6 +103,7 @@ class RoundRobin(BaseRoutingPolicy):
 
 @register("prefix_aware")
 class PrefixAware(BaseRoutingPolicy):
+    reads_prefixes = True
     """`max_imbalance`: how much higher than the lowest a replica's score may be and still
     get a request for its cached prefix (default 2: two more running, less than one queued
     request's 4; at 8 a 64-engine fleet's p99 TTFT was 2.6x this one's, docs/benchmarks.md)."""

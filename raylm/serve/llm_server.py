@@ -31,6 +31,11 @@ logger = logging.getLogger(__name__)
 
 PUSH_INTERVAL_S = 0.1
 HEARTBEAT_S = 1.0
+# A change in free blocks or the prefix version alone (both move every step under load) is
+# pushed at most this often, unless the routing policy reads prefixes: each push costs the
+# coordinator, this replica and every router CPU that a small machine takes from the engines.
+BOOKKEEPING_PUSH_S = 0.5
+ROUTING_LOAD = ("num_waiting", "num_running", "dp_rank", "dp_running", "dp_dummy_steps", "dp_experts")
 COORDINATOR_ACTOR = "dp_coordinator"
 DEAD_REPLICA_WAITING = 1 << 20
 
@@ -50,7 +55,7 @@ class _Slot:
 
 class LLMServer:
     def __init__(self, engine_config: Dict[str, Any], model_name: str, engines_per_replica: int = 1,
-                 share_cores: bool = False) -> None:
+                 share_cores: bool = False, prefix_routing: bool = False) -> None:
         import ray
         from ray import serve
 
@@ -76,6 +81,7 @@ class LLMServer:
             for slot in self.slots:
                 slot.engine.warmup()  # the first request must not pay for oneDNN's JIT (~10 s)
         self._pusher: Optional[asyncio.Task] = None
+        self._bookkeeping_push_s = PUSH_INTERVAL_S if prefix_routing else BOOKKEEPING_PUSH_S
         self._metrics = None
         self._published: Dict[str, Dict] = {}  # the last stats published per rank (counter deltas)
         self.cpu_share = self._share_cores(config) if share_cores else None
@@ -246,14 +252,23 @@ class LLMServer:
         # the expert assignment too: a re-formed EP group must show in the table at once
         load.update({k: stats.get(k) for k in ("dp_running", "dp_dummy_steps", "dp_experts")})
         load["prefix_version"] = prefix_version
-        # on change, and at least every HEARTBEAT_S: a silent replica is presumed gone
-        if load == slot.last_pushed and time.monotonic() - slot.last_push <= HEARTBEAT_S:
+        if not self._push_due(load, slot.last_pushed, time.monotonic() - slot.last_push):
             return None
         slot.last_push = time.monotonic()
         stats["block_size"], slot.pending_load = block_size, load
         if prefix_version != slot.held_prefix:
             stats.update(prefix_blocks=prefix_blocks, prefix_version=prefix_version)
         return stats
+
+    def _push_due(self, load: Dict[str, Any], last: Optional[Dict], since: float) -> bool:
+        """A change in what routing reads goes out at the next tick, one in bookkeeping alone
+        after `_bookkeeping_push_s`; and something at least every HEARTBEAT_S (a silent
+        replica is presumed gone)."""
+        if last is None or since > HEARTBEAT_S:
+            return True
+        if any(load.get(k) != last.get(k) for k in ROUTING_LOAD):
+            return True
+        return load != last and since >= self._bookkeeping_push_s
 
     def _publish(self, stats: List[Dict[str, Any]]) -> None:
         """The engine's gauges and counters (running, waiting, KV use, prefix cache,
