@@ -109,9 +109,14 @@ class ServeArgs(EngineArgs):
                                  "rolled back")
 
     @model_validator(mode="after")
-    def _check_autoscaling(self) -> "ServeArgs":
+    def _resolve_dp(self) -> "ServeArgs":
+        """`dp auto` becomes a number here, before any check reads it."""
         if self.dp == "auto":
             self.dp = self._auto_dp()
+        return self
+
+    @model_validator(mode="after")
+    def _check_autoscaling(self) -> "ServeArgs":
         if self.autoscaling_config is not None:
             lo, hi = self.autoscaling_config.get("min_replicas", 1), self.autoscaling_config.get("max_replicas")
             if hi is None or not 0 <= lo <= hi or hi < 1:

@@ -12,9 +12,8 @@ import sys
 from pathlib import Path
 
 
-def tok_s(path: Path, served: bool) -> float:
-    data = json.loads(path.read_text())
-    return data["results"]["output_throughput"] if served else data["results"]["raylm"]["output_tok_s"]
+def results(path: Path) -> dict:
+    return json.loads(path.read_text())["results"]
 
 
 def main(folder: Path) -> None:
@@ -24,8 +23,9 @@ def main(folder: Path) -> None:
     ratios = {}
     for path in rounds:
         dp, r = re.match(r"serve-dp(\w+)-r(\d+)\.json", path.name).groups()
-        offline, served = tok_s(folder / f"offline-dp{dp}-r{r}.json", False), tok_s(path, True)
-        failed = json.loads(path.read_text())["results"]["failed"]
+        run = results(path)
+        offline = results(folder / f"offline-dp{dp}-r{r}.json")["raylm"]["output_tok_s"]
+        served, failed = run["output_throughput"], run["failed"]
         ratios.setdefault(dp, []).append(served / offline)
         print(f"| {dp} | {r} | {offline:.1f} | {served:.1f} | {served / offline:.2f}x | {failed} |")
     for dp, values in ratios.items():

@@ -103,10 +103,11 @@ class RoundRobin(BaseRoutingPolicy):
 
 @register("prefix_aware")
 class PrefixAware(BaseRoutingPolicy):
-    reads_prefixes = True
     """`max_imbalance`: how much higher than the lowest a replica's score may be and still
     get a request for its cached prefix (default 2: two more running, less than one queued
     request's 4; at 8 a 64-engine fleet's p99 TTFT was 2.6x this one's, docs/benchmarks.md)."""
+
+    reads_prefixes = True
 
     def __init__(self, rng: Optional[random.Random] = None, max_imbalance: int = 2) -> None:
         super().__init__(rng)

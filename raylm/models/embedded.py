@@ -42,17 +42,22 @@ def gguf_path(name: str) -> Path:
     return path
 
 
+def converted_dir(name: str) -> Path:
+    """Where an embedded model's HF dir is cached once converted."""
+    return cache_dir() / "models" / name
+
+
 def weight_bytes(name: str) -> int:
     """Bytes of an embedded model's weights: its converted safetensors, or before the first
     conversion 8x its GGUF file (4-bit blocks dequantized to fp32: an upper bound)."""
-    converted = cache_dir() / "models" / name
+    converted = converted_dir(name)
     files = list(converted.glob("*.safetensors")) if (converted / "config.json").exists() else []
     return sum(f.stat().st_size for f in files) if files else 8 * gguf_path(name).stat().st_size
 
 
 def ensure_embedded(name: str) -> Path:
     """Return the cached HF dir for an embedded model, converting it on first use."""
-    target = cache_dir() / "models" / name
+    target = converted_dir(name)
     if (target / "config.json").exists():
         return target
     source = gguf_path(name)

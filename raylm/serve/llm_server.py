@@ -35,7 +35,10 @@ HEARTBEAT_S = 1.0
 # pushed at most this often, unless the routing policy reads prefixes: each push costs the
 # coordinator, this replica and every router CPU that a small machine takes from the engines.
 BOOKKEEPING_PUSH_S = 0.5
-ROUTING_LOAD = ("num_waiting", "num_running", "dp_rank", "dp_running", "dp_dummy_steps", "dp_experts")
+# what routing reads, pushed at the next tick; the EP fields too: a re-formed EP group must
+# show in the table at once
+ROUTING_LOAD = ("num_waiting", "num_running", "dp_rank",
+                "dp_running", "dp_dummy_steps", "dp_experts")
 COORDINATOR_ACTOR = "dp_coordinator"
 DEAD_REPLICA_WAITING = 1 << 20
 
@@ -248,13 +251,12 @@ class LLMServer:
         stats = self.stats(slot)
         held = -1 if slot.held_prefix is None else slot.held_prefix
         block_size, prefix_version, prefix_blocks = slot.engine.prefix_summary(held)
-        load = {k: stats[k] for k in ("num_waiting", "num_running", "num_free_blocks", "dp_rank")}
-        # the expert assignment too: a re-formed EP group must show in the table at once
-        load.update({k: stats.get(k) for k in ("dp_running", "dp_dummy_steps", "dp_experts")})
+        load = {k: stats.get(k) for k in ROUTING_LOAD + ("num_free_blocks",)}
         load["prefix_version"] = prefix_version
-        if not self._push_due(load, slot.last_pushed, time.monotonic() - slot.last_push):
+        now = time.monotonic()
+        if not self._push_due(load, slot.last_pushed, now - slot.last_push):
             return None
-        slot.last_push = time.monotonic()
+        slot.last_push = now
         stats["block_size"], slot.pending_load = block_size, load
         if prefix_version != slot.held_prefix:
             stats.update(prefix_blocks=prefix_blocks, prefix_version=prefix_version)
