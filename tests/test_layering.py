@@ -11,7 +11,8 @@ import raylm
 ROOT = Path(raylm.__file__).parent
 REPO = ROOT.parent
 # rank of each first-level part of raylm; a module imports only ranks <= its own
-RANKS = {"config": 0, "outputs": 0, "sampling_params": 0, "exceptions": 0, "logger": 0, "kernels": 0,
+RANKS = {"config": 0, "registry": 0, "outputs": 0, "sampling_params": 0, "exceptions": 0,
+         "logger": 0, "kernels": 0,
          "distributed": 1, "attention": 1, "dp": 1, "options": 1, "structured": 1,
          "models": 2, "executor": 3, "engine": 4,
          "llm": 5, "serve": 6, "deployments": 6, "bench": 7, "cli": 8, "__init__": 8, "__main__": 8}

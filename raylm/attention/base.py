@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields, replace
-from typing import Callable, ClassVar, Dict, List, Optional, Tuple, Type
+from typing import ClassVar, List, Optional, Tuple
 
 import torch
+
+from raylm.registry import Registry
 
 
 @dataclass
@@ -89,17 +91,12 @@ class BaseAttentionBackend(ABC):
         attends to k, v alone."""
 
 
-_BACKENDS: Dict[str, Type[BaseAttentionBackend]] = {}
+_BACKENDS = Registry("attention_backend")
 # "auto" tries these in order, per device type; the first whose supports() holds wins
 AUTO_ORDER = {"cpu": ["cpu", "torch"], "cuda": ["triton", "torch"]}  # triton on CPU: only when asked
 
 
-def register_attention_backend(name: str) -> Callable[[Type[BaseAttentionBackend]], Type[BaseAttentionBackend]]:
-    def register(cls: Type[BaseAttentionBackend]) -> Type[BaseAttentionBackend]:
-        cls.name = name
-        _BACKENDS[name] = cls
-        return cls
-    return register
+register_attention_backend = _BACKENDS.register
 
 
 def attention_backend_names() -> List[str]:
@@ -111,9 +108,7 @@ def create_attention_backend(name: str, device: torch.device, kv_dtype: torch.dt
     if name == "auto":
         order = [n for n in AUTO_ORDER.get(device.type, []) if n in _BACKENDS] + ["torch"]
         name = next(n for n in order if _BACKENDS[n].supports(device, kv_dtype))
-    if name not in _BACKENDS:
-        raise ValueError(f"attention_backend {name!r} is not one of {attention_backend_names()}")
-    cls = _BACKENDS[name]
+    cls = _BACKENDS.lookup(name, attention_backend_names())
     if not cls.supports(device, kv_dtype):
         raise ValueError(f"attention_backend {name!r} cannot run on {device.type} with a {kv_dtype} KV cache")
     return cls(device)

@@ -21,9 +21,10 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, FrozenSet, List, Optional, Sequence, Type
+from typing import Any, ClassVar, Dict, FrozenSet, List, Optional, Sequence
 
 from raylm.dp.prefix import cached_blocks, prefix_hashes
+from raylm.registry import Registry
 
 
 @dataclass
@@ -56,22 +57,13 @@ class BaseRoutingPolicy(ABC):
         return [c for _, _, c in sorted(keyed, key=lambda t: (t[0], t[1]))]
 
 
-ROUTING_POLICIES: Dict[str, Type[BaseRoutingPolicy]] = {}
-
-
-def register(name: str) -> Callable[[Type[BaseRoutingPolicy]], Type[BaseRoutingPolicy]]:
-    def add(cls: Type[BaseRoutingPolicy]) -> Type[BaseRoutingPolicy]:
-        cls.name = name
-        ROUTING_POLICIES[name] = cls
-        return cls
-    return add
+ROUTING_POLICIES = Registry("routing policy")
+register = ROUTING_POLICIES.register
 
 
 def create_routing_policy(name: str, **options: Any) -> BaseRoutingPolicy:
     """The policy registered as `name` (ValueError naming the known ones otherwise)."""
-    if name not in ROUTING_POLICIES:
-        raise ValueError(f"unknown routing policy {name!r}; known: {', '.join(ROUTING_POLICIES)}")
-    return ROUTING_POLICIES[name](**options)
+    return ROUTING_POLICIES.lookup(name)(**options)
 
 
 @register("least_loaded")

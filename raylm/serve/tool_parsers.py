@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
+
+from raylm.registry import Registry
 
 
 @dataclass
@@ -49,15 +51,8 @@ class BaseToolParser(ABC):
         the system message, earlier calls and results written as this format's text."""
 
 
-_PARSERS: Dict[str, Callable[[], BaseToolParser]] = {}
-
-
-def register_tool_parser(name: str):
-    def wrap(cls):
-        _PARSERS[name] = cls
-        cls.name = name
-        return cls
-    return wrap
+_PARSERS = Registry("tool_call_parser")
+register_tool_parser = _PARSERS.register
 
 
 def tool_parser_names() -> List[str]:
@@ -65,9 +60,7 @@ def tool_parser_names() -> List[str]:
 
 
 def create_tool_parser(name: str) -> BaseToolParser:
-    if name not in _PARSERS:
-        raise ValueError(f"tool_call_parser must be one of {tool_parser_names()} (got {name!r})")
-    return _PARSERS[name]()
+    return _PARSERS.lookup(name, tool_parser_names())()
 
 
 def _call(payload: str) -> Optional[ParsedCall]:

@@ -10,11 +10,12 @@ scheduler advances each matcher by the token sampled.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Dict, Sequence
+from typing import Any, Dict, Sequence
 
 import torch
 
 from raylm.kernels import cpu_ops
+from raylm.registry import Registry
 from raylm.sampling_params import StructuredOutputsParams
 
 
@@ -56,24 +57,14 @@ class BaseGrammarBackend(ABC):
         """A fresh matcher at the start of `compiled`."""
 
 
-_BACKENDS: Dict[str, Callable[..., BaseGrammarBackend]] = {}
-
-
-def register_grammar_backend(name: str):
-    def wrap(cls):
-        _BACKENDS[name] = cls
-        cls.name = name
-        return cls
-    return wrap
+_BACKENDS = Registry("structured_outputs_backend")
+register_grammar_backend = _BACKENDS.register
 
 
 def create_grammar_backend(name: str, tokenizer: Any, vocab_size: int) -> BaseGrammarBackend:
     if name == "xgrammar" and name not in _BACKENDS:
         import raylm.structured.xgrammar_backend  # noqa: F401 (registers itself; imports xgrammar)
-    if name not in _BACKENDS:
-        raise ValueError(f"structured_outputs_backend must be one of {sorted(_BACKENDS) or ['xgrammar']} "
-                         f"(got {name!r})")
-    return _BACKENDS[name](tokenizer, vocab_size)
+    return _BACKENDS.lookup(name, sorted(_BACKENDS) or ["xgrammar"])(tokenizer, vocab_size)
 
 
 _SHIFTS: Dict[torch.device, torch.Tensor] = {}
