@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from raylm.executor.cpu_share import NodeCpuShare, table_path
+from raylm.executor.cpu_share import NodeCpuShare, remove_stale_tables, table_path
 
 
 @pytest.fixture
@@ -68,3 +68,20 @@ def test_bad_slots_are_value_errors(path):
     with pytest.raises(ValueError, match="at least one core"):
         NodeCpuShare(path, 0, 0)
     assert table_path("abcdef0123456789ffff", "app").endswith("raylm-cores-abcdef0123456789-app")
+
+
+def test_killed_engines_tables_are_removed_by_the_next_engine(tmp_path):
+    code = ("import sys; from raylm.executor.cpu_share import NodeCpuShare; "
+            "NodeCpuShare(sys.argv[1], 0, 1).before_step(True)")
+    stale, young = tmp_path / "raylm-cores-a-app", tmp_path / "raylm-cores-b-app"
+    for table in (stale, young):
+        subprocess.run([sys.executable, "-c", code, str(table)], check=True)  # exits, no close()
+    live, other = NodeCpuShare(str(tmp_path / "raylm-cores-c-app"), 0, 1), tmp_path / "unrelated"
+    other.write_bytes(b"")
+    an_hour_ago = os.stat(stale).st_mtime - 3600
+    for path in (stale, other, live.path):
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    NodeCpuShare(str(tmp_path / "raylm-cores-d-app"), 0, 1)
+    # dead and old: removed; dead but young (may be starting), live, not a table: kept
+    assert not stale.exists() and young.exists() and os.path.exists(live.path) and other.exists()
+    assert remove_stale_tables(str(tmp_path), older_than_s=0) == [str(young)]

@@ -9,7 +9,9 @@ and sets its OpenMP threads to its share of the cores they reserve together.
 
 The table is a file under /dev/shm, one slot per DP rank: (pid, cores reserved, busy). A
 slot whose process is gone counts as idle. A change in the others is seen at the next step,
-so for at most one step a newly busy engine shares its cores with a wider one.
+so for at most one step a newly busy engine shares its cores with a wider one. The last
+engine out removes the file; the tables of engines that were killed (`ray stop --force`
+sends SIGKILL) are removed by the next engine that opens a table in the same folder.
 """
 from __future__ import annotations
 
@@ -17,16 +19,39 @@ import mmap
 import os
 import struct
 import tempfile
-from typing import Optional
+import time
+from typing import List, Optional
 
 SLOTS = 64
 _SLOT = struct.Struct("<iii")  # pid, cores reserved, busy
+PREFIX = "raylm-cores-"
+STALE_AFTER_S = 60.0  # a younger table may belong to an engine still writing its first slot
 
 
 def table_path(node_id: str, app: str) -> str:
     """The table of one app's engines on one node (Ray's node id is new every session)."""
     base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-    return os.path.join(base, f"raylm-cores-{node_id[:16]}-{app}")
+    return os.path.join(base, f"{PREFIX}{node_id[:16]}-{app}")
+
+
+def remove_stale_tables(folder: str, older_than_s: float = STALE_AFTER_S) -> List[str]:
+    """Remove the tables in `folder` that no live process holds a slot in and that were last
+    modified over `older_than_s` ago; returns their paths."""
+    removed = []
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        try:
+            if not name.startswith(PREFIX) or time.time() - os.stat(path).st_mtime < older_than_s:
+                continue
+            with open(path, "rb") as f:
+                data = f.read(SLOTS * _SLOT.size)
+            slots = _SLOT.iter_unpack(data[:len(data) - len(data) % _SLOT.size])
+            if not any(pid and _alive(pid) for pid, _, _ in slots):
+                os.unlink(path)
+                removed.append(path)
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return removed
 
 
 def _alive(pid: int) -> bool:
@@ -49,6 +74,7 @@ class NodeCpuShare:
         if cores < 1:
             raise ValueError(f"an engine reserves at least one core (got {cores})")
         self.path, self.rank, self.cores = path, rank, cores
+        remove_stale_tables(os.path.dirname(path) or ".")
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             if os.fstat(fd).st_size < SLOTS * _SLOT.size:
