@@ -5,21 +5,33 @@
 # and runs them offline (`raylm bench throughput`), then through a fresh `raylm serve`
 # (`raylm bench serve --max-concurrency 32`, EOS ignored by both), back to back with
 # nothing else running; a fresh server per round, so no prompt is in its prefix cache.
+# A DPS entry may carry server env settings to compare (DP:NAME=VALUE[,NAME=VALUE]); the
+# variants take turns within each round, labelled dp<DP>v<index> (listed in variants.txt).
 # Usage: ROUNDS=3 DPS="1 2" scripts/bench_serve_ratio.sh OUTDIR
+#        ROUNDS=5 DPS="2 2:RAY_SERVE_FOO=1" scripts/bench_serve_ratio.sh OUTDIR
 #        (then: python scripts/serve_ratio_summary.py OUTDIR)
 source "$(dirname "$0")/bench_common.sh"
 OUT=$(realpath -m "${1:-docs/bench/serve-ratio}")
 PORT=8011; N32=${N32:-64}
 mkdir -p "$OUT"
-for DP in ${DPS:-1 2}; do
-  for R in $(seq 1 "${ROUNDS:-3}"); do
+: > "$OUT/variants.txt"
+I=0
+for V in ${DPS:-1 2}; do
+  I=$((I + 1)); [[ $V == *:* ]] && echo "dp${V%%:*}v$I: ${V#*:}" >> "$OUT/variants.txt"
+done
+for R in $(seq 1 "${ROUNDS:-3}"); do
+  I=0
+  for V in ${DPS:-1 2}; do
+    I=$((I + 1)); DP=${V%%:*}; ENVS=(); L=dp$DP
+    if [[ $V == *:* ]]; then IFS=, read -ra ENVS <<< "${V#*:}"; L=dp${DP}v$I; fi
     $RAYLM bench throughput --backend raylm --num-prompts $N32 --max-num-seqs 32 --seed $R \
-      --output-json "$OUT/offline-dp$DP-r$R.json" --disable-tqdm | tail -1
-    (exec $RAYLM serve --dp $DP --port $PORT --max-model-len 2048 > "$OUT/server-dp$DP-r$R.log" 2>&1) &
+      --output-json "$OUT/offline-$L-r$R.json" --disable-tqdm | tail -1
+    (exec env "${ENVS[@]}" $RAYLM serve --dp $DP --port $PORT --max-model-len 2048 \
+      > "$OUT/server-$L-r$R.log" 2>&1) &
     SERVER=$!
     wait_ready $PORT 300
     $RAYLM bench serve --base-url http://127.0.0.1:$PORT --num-prompts $N32 --max-concurrency 32 \
-      --seed $R --disable-tqdm --output-json "$OUT/serve-dp$DP-r$R.json" | grep -E "output tok/s"
+      --seed $R --disable-tqdm --output-json "$OUT/serve-$L-r$R.json" | grep -E "output tok/s"
     kill -TERM $SERVER; wait $SERVER || true
     .venv/bin/ray stop --force >/dev/null 2>&1 || true
   done

@@ -18,6 +18,9 @@ def results(path: Path) -> dict:
 
 def main(folder: Path) -> None:
     rounds = sorted(folder.glob("serve-dp*-r*.json"))
+    variants = folder / "variants.txt"
+    if variants.exists() and variants.read_text().strip():
+        print("Variants (server env):\n\n" + variants.read_text())
     print("| dp | round | offline tok/s | served tok/s | served / offline | failed |")
     print("|---|---|---|---|---|---|")
     ratios = {}

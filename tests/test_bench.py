@@ -112,6 +112,7 @@ def test_throughput_end_to_end(tiny_llama, tiny_tokenizer, tmp_path, capsys):
         assert r["prompt_tokens"] == sum(q.prompt_len for q in expected)
         assert r["elapsed_s"] > 0
     assert report["results"]["hf"]["num_batches"] == 2
+    assert 0 < report["results"]["raylm"]["cpu_s"]  # the process's CPU over the timed run
     ratio = report["results"]["raylm"]["output_tok_s"] / report["results"]["hf"]["output_tok_s"]
     assert report["ratio_output_tok_s"] == pytest.approx(ratio)
     assert report["workload"]["num_prompts"] == 4 and report["machine"]["cpu_count"] >= 1

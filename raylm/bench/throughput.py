@@ -71,11 +71,13 @@ def run_raylm(args: argparse.Namespace, requests: List[BenchRequest]) -> dict:
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     params = [SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=r.output_len)
               for r in requests]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     outs = llm.generate(prompts, params, use_tqdm=not args.disable_tqdm)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     lens = [len(o.outputs[0].token_ids) for o in outs]
     result = figures(requests, lens, elapsed)
+    # the engine's CPU (every thread, spin-waits included): the served engines' is comparable
+    result["cpu_s"] = cpu
     result["length_mismatches"] = sum(n != r.output_len for n, r in zip(lens, requests))
     result["model_path"] = llm.engine.model_path
     del llm, outs
