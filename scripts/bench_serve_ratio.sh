@@ -15,15 +15,14 @@ OUT=$(realpath -m "${1:-docs/bench/serve-ratio}")
 PORT=8011; N32=${N32:-64}
 mkdir -p "$OUT"
 : > "$OUT/variants.txt"
-I=0
-for V in ${DPS:-1 2}; do
-  I=$((I + 1)); [[ $V == *:* ]] && echo "dp${V%%:*}v$I: ${V#*:}" >> "$OUT/variants.txt"
-done
 for R in $(seq 1 "${ROUNDS:-3}"); do
   I=0
   for V in ${DPS:-1 2}; do
     I=$((I + 1)); DP=${V%%:*}; ENVS=(); L=dp$DP
-    if [[ $V == *:* ]]; then IFS=, read -ra ENVS <<< "${V#*:}"; L=dp${DP}v$I; fi
+    if [[ $V == *:* ]]; then
+      IFS=, read -ra ENVS <<< "${V#*:}"; L=dp${DP}v$I
+      [[ $R == 1 ]] && echo "$L: ${V#*:}" >> "$OUT/variants.txt"
+    fi
     $RAYLM bench throughput --backend raylm --num-prompts $N32 --max-num-seqs 32 --seed $R \
       --output-json "$OUT/offline-$L-r$R.json" --disable-tqdm | tail -1
     (exec env "${ENVS[@]}" $RAYLM serve --dp $DP --port $PORT --max-model-len 2048 \

@@ -45,13 +45,17 @@ def remove_stale_tables(folder: str, older_than_s: float = STALE_AFTER_S) -> Lis
                 continue
             with open(path, "rb") as f:
                 data = f.read(SLOTS * _SLOT.size)
-            slots = _SLOT.iter_unpack(data[:len(data) - len(data) % _SLOT.size])
-            if not any(pid and _alive(pid) for pid, _, _ in slots):
+            if not _held(data[:len(data) - len(data) % _SLOT.size]):
                 os.unlink(path)
                 removed.append(path)
         except OSError:  # gone meanwhile, or not ours to read
             continue
     return removed
+
+
+def _held(table) -> bool:
+    """Whether a live process holds a slot of `table` (the bytes of whole slots)."""
+    return any(pid and _alive(pid) for pid, _, _ in _SLOT.iter_unpack(table))
 
 
 def _alive(pid: int) -> bool:
@@ -120,7 +124,7 @@ class NodeCpuShare:
         if self.table.closed:
             return
         _SLOT.pack_into(self.table, self.rank * _SLOT.size, 0, 0, 0)
-        others = any(pid and _alive(pid) for pid, _, _ in _SLOT.iter_unpack(self.table))
+        others = _held(self.table)
         self.table.close()
         if not others:
             try:
