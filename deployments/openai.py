@@ -24,6 +24,10 @@ from raylm.serve.tool_parsers import tool_parser_names
 
 INGRESS_HEADROOM = 64  # non-generation requests (health, metrics, tokenize) beside the admission bound
 INGRESS_SHUTDOWN_MARGIN_S = 10.0
+# The ingress's handlers run on its replica's own event loop, where Serve's direct ingress
+# serves HTTP: every streamed chunk would otherwise hop threads (a wake-up of the other loop
+# per message). Its handlers never block, so the loop stays responsive (issue 17).
+INGRESS_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 AUTO_DP_MAX = 8  # `dp auto` starts at most this many replicas (processes, KV pools, channels)
 REPLICA_OVERHEAD_BYTES = 1 << 30  # a CPU replica besides its weights: torch, Ray's worker (~1 GiB)
 
@@ -271,5 +275,6 @@ def build_app(args: Dict[str, Any]):
                                max_ongoing_requests=a.max_ongoing_requests + INGRESS_HEADROOM,
                                graceful_shutdown_timeout_s=a.shutdown_timeout + INGRESS_SHUTDOWN_MARGIN_S,
                                graceful_shutdown_wait_loop_s=1,
-                               ray_actor_options={"num_cpus": 0})
+                               ray_actor_options={"num_cpus": 0,
+                                                  "runtime_env": {"env_vars": INGRESS_ENV}})
     return ingress.bind(llm, engine, a.model_name, **a.ingress_options())

@@ -69,6 +69,42 @@ def test_deadline_aborts_the_stream_with_408():
     assert to_api_error(RequestTimeoutError("late")).status == 408
 
 
+def test_guard_costs_no_task_per_item_and_leaves_its_consumer_uncancelled():
+    """The deadline and the cut-off cost nothing per item (no task is created while guarded
+    items flow), and a consumer the deadline interrupted is not left cancelled: it still
+    awaits (an SSE error event goes out after the error)."""
+    async def main():
+        created = []
+        asyncio.get_running_loop().set_task_factory(
+            lambda loop, coro, **kw: created.append(coro) or asyncio.Task(coro, loop=loop, **kw))
+        admission = Admission(max_ongoing_requests=1, request_timeout_s=0.2)
+        assert await _drain_stream(admission, FakeStream(50, 0)) == list(range(1, 51))
+        assert created == []
+        slow = FakeStream(100, 0.05)
+        with pytest.raises(RequestTimeoutError):
+            await _drain_stream(admission, slow)
+        assert asyncio.current_task().cancelling() == 0 and slow.closed
+        await asyncio.sleep(0.01)  # not cancelled again
+
+    asyncio.run(main())
+
+
+def test_consumer_cancelled_by_its_caller_stays_cancelled():
+    """A client that leaves cancels the task reading the guarded stream: that is a
+    CancelledError (not an API error), and the stream is closed (the request aborted)."""
+    async def main():
+        admission = Admission(max_ongoing_requests=2, request_timeout_s=60)
+        slow = FakeStream(100, 0.05)
+        task = asyncio.ensure_future(_drain_stream(admission, slow))
+        await async_wait_for(lambda: slow.sent >= 2, 5, "two items through", 0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert slow.closed and admission.ongoing == 0
+
+    asyncio.run(main())
+
+
 def test_drain_lets_short_requests_finish_and_cuts_off_the_rest():
     async def main():
         admission = Admission(max_ongoing_requests=8)

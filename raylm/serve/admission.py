@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import AsyncIterator, Optional, TypeVar
+from typing import AsyncIterator, Optional, Set, TypeVar
 
 from raylm.exceptions import EngineOverloadedError, EngineUnavailableError, RequestTimeoutError
 
@@ -25,8 +25,20 @@ _END = object()
 FLUSH_S = 0.5  # after the cut-off: time for the error events to reach the clients
 
 
+class _Watch:
+    """One guarded stream: the task awaiting its next item (None between items) and, once
+    set, the error that ends it (its deadline passed, or the shutdown cut-off came)."""
+
+    __slots__ = ("task", "error")
+
+    def __init__(self) -> None:
+        self.task: Optional[asyncio.Task] = None
+        self.error: Optional[Exception] = None
+
+
 class Admission:
-    def __init__(self, max_ongoing_requests: int, request_timeout_s: Optional[float] = None) -> None:
+    def __init__(self, max_ongoing_requests: int,
+                 request_timeout_s: Optional[float] = None) -> None:
         if max_ongoing_requests < 1:
             raise ValueError(f"max_ongoing_requests must be >= 1 (got {max_ongoing_requests})")
         if request_timeout_s is not None and request_timeout_s <= 0:
@@ -36,52 +48,7 @@ class Admission:
         self.ongoing = 0  # guarded streams open now
         self.draining = False
         self.shutdown_timeout_s: Optional[float] = None
-        self._cutoff: Optional[asyncio.Future] = None
-
-    def admit(self) -> None:
-        """Raise if a new request may not start now."""
-        if self.draining:
-            raise EngineUnavailableError("The server is shutting down and accepts no new requests.")
-        if self.ongoing >= self.max_ongoing_requests:
-            raise EngineOverloadedError(f"{self.ongoing} requests are in flight in the app "
-                                        f"(max_ongoing_requests={self.max_ongoing_requests})")
-
-    async def guard(self, stream: AsyncIterator[T]) -> AsyncIterator[T]:
-        """Admit one request and yield `stream`'s items under its deadline and the shutdown cut-off."""
-        self.admit()
-        self.ongoing += 1
-        deadline = None if self.request_timeout_s is None else time.monotonic() + self.request_timeout_s
-        try:
-            while (item := await self._next(stream, deadline)) is not _END:
-                yield item
-        finally:
-            self.ongoing -= 1
-            await stream.aclose()  # aborts the request in its replica if it has not finished
-
-    async def _next(self, stream: AsyncIterator[T], deadline: Optional[float]):
-        step = asyncio.ensure_future(anext(stream, _END))
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        try:
-            await asyncio.wait({step, self._cutoff_future()}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not step.done():
-                step.cancel()
-                await asyncio.wait({step})  # let the stream settle before anyone closes it
-        if not step.cancelled():
-            return step.result()
-        if self._cutoff_future().done():
-            raise EngineUnavailableError(f"The server shut down before this request finished "
-                                         f"(shutdown timeout {self.shutdown_timeout_s:g} s).")
-        if deadline is not None and time.monotonic() >= deadline:
-            raise RequestTimeoutError(f"The request did not finish within request_timeout="
-                                      f"{self.request_timeout_s:g} s and was aborted.")
-        raise asyncio.CancelledError()  # the stream itself was cancelled
-
-    def _cutoff_future(self) -> asyncio.Future:
-        """Done at the shutdown cut-off; one future every stream waits on (no task per item)."""
-        if self._cutoff is None:
-            self._cutoff = asyncio.get_running_loop().create_future()
-        return self._cutoff
+        self._watches: Set[_Watch] = set()
 
     async def drain(self, timeout_s: float) -> int:
         """Shutdown: refuse new requests, let those in flight finish for up to `timeout_s`,
@@ -92,9 +59,67 @@ class Admission:
             await asyncio.sleep(0.05)
         cut = self.ongoing
         if cut:
-            self._cutoff_future().set_result(None)
+            for watch in list(self._watches):
+                _interrupt(watch, EngineUnavailableError(
+                    f"The server shut down before this request finished "
+                    f"(shutdown timeout {timeout_s:g} s)."))
             end = time.monotonic() + 5.0
             while self.ongoing and time.monotonic() < end:
                 await asyncio.sleep(0.05)
             await asyncio.sleep(FLUSH_S)
         return cut
+
+    def admit(self) -> None:
+        """Raise if a new request may not start now."""
+        if self.draining:
+            raise EngineUnavailableError("The server is shutting down and accepts no new requests.")
+        if self.ongoing >= self.max_ongoing_requests:
+            raise EngineOverloadedError(f"{self.ongoing} requests are in flight in the app "
+                                        f"(max_ongoing_requests={self.max_ongoing_requests})")
+
+    async def guard(self, stream: AsyncIterator[T]) -> AsyncIterator[T]:
+        """Admit one request and yield `stream`'s items under its deadline and the shutdown
+        cut-off. Neither costs anything per item: a timer (the deadline) or the drain (the
+        cut-off) cancels the task awaiting the stream, and that await raises their error."""
+        self.admit()
+        self.ongoing += 1
+        watch = _Watch()
+        self._watches.add(watch)
+        timer = None
+        if self.request_timeout_s is not None:
+            timer = asyncio.get_running_loop().call_later(
+                self.request_timeout_s, _interrupt, watch, RequestTimeoutError(
+                    f"The request did not finish within request_timeout="
+                    f"{self.request_timeout_s:g} s and was aborted."))
+        try:
+            while (item := await _next(stream, watch)) is not _END:
+                yield item
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._watches.discard(watch)
+            self.ongoing -= 1
+            await stream.aclose()  # aborts the request in its replica if it has not finished
+
+
+def _interrupt(watch: _Watch, error: Exception) -> None:
+    if watch.error is None:
+        watch.error = error
+        if watch.task is not None:
+            watch.task.cancel()
+
+
+async def _next(stream: AsyncIterator[T], watch: _Watch):
+    """The stream's next item (or _END); a watch's error instead once it has one."""
+    if watch.error is not None:
+        raise watch.error
+    watch.task = task = asyncio.current_task()
+    try:
+        return await anext(stream, _END)
+    except asyncio.CancelledError:
+        if watch.error is None:
+            raise  # the consumer itself was cancelled (client gone)
+        task.uncancel()  # our own cancel: it becomes the watch's error
+        raise watch.error from None
+    finally:
+        watch.task = None
