@@ -7,10 +7,16 @@
 # nothing else running; a fresh server per round, so no prompt is in its prefix cache.
 # A DPS entry may carry server env settings to compare (DP:NAME=VALUE[,NAME=VALUE]); the
 # variants take turns within each round, labelled dp<DP>v<index> (listed in variants.txt).
+# SANDWICH=1 runs the offline reference again after each server: the ratio is then taken
+# against the mean of the two (the machine's speed moves by up to 15% in two minutes).
+# SRC=COMMIT in a variant serves that commit (a worktree, scripts/bench_worktrees.sh); the
+# offline reference always runs this checkout.
 # Usage: ROUNDS=3 DPS="1 2" scripts/bench_serve_ratio.sh OUTDIR
 #        ROUNDS=5 DPS="2 2:RAY_SERVE_FOO=1" scripts/bench_serve_ratio.sh OUTDIR
+#        ROUNDS=5 DPS="2 2:SRC=abc1234" scripts/bench_serve_ratio.sh OUTDIR
 #        (then: python scripts/serve_ratio_summary.py OUTDIR)
 source "$(dirname "$0")/bench_common.sh"
+source "$(dirname "$0")/bench_worktrees.sh"
 OUT=$(realpath -m "${1:-docs/bench/serve-ratio}")
 PORT=8011; N32=${N32:-64}
 mkdir -p "$OUT"
@@ -23,15 +29,23 @@ for R in $(seq 1 "${ROUNDS:-3}"); do
       IFS=, read -ra ENVS <<< "${V#*:}"; L=dp${DP}v$I
       [[ $R == 1 ]] && echo "$L: ${V#*:}" >> "$OUT/variants.txt"
     fi
+    DIR=$PWD
+    for E in "${ENVS[@]}"; do  # Ray's workers import from the server's directory first
+      [[ $E == SRC=* ]] && bench_worktrees "${E#SRC=}" && DIR=/tmp/raylm-bench-${E#SRC=}
+    done
     $RAYLM bench throughput --backend raylm --num-prompts $N32 --max-num-seqs 32 --seed $R \
       --output-json "$OUT/offline-$L-r$R.json" --disable-tqdm | tail -1
-    (exec env "${ENVS[@]}" $RAYLM serve --dp $DP --port $PORT --max-model-len 2048 \
-      > "$OUT/server-$L-r$R.log" 2>&1) &
+    (cd "$DIR" && exec env "${ENVS[@]}" PYTHONPATH="$DIR" "$OLDPWD/$RAYLM" serve --dp $DP \
+      --port $PORT --max-model-len 2048 > "$OUT/server-$L-r$R.log" 2>&1) &
     SERVER=$!
     wait_ready $PORT 300
     $RAYLM bench serve --base-url http://127.0.0.1:$PORT --num-prompts $N32 --max-concurrency 32 \
       --seed $R --disable-tqdm --output-json "$OUT/serve-$L-r$R.json" | grep -E "output tok/s"
     kill -TERM $SERVER; wait $SERVER || true
     .venv/bin/ray stop --force >/dev/null 2>&1 || true
+    if [[ -n ${SANDWICH:-} ]]; then
+      $RAYLM bench throughput --backend raylm --num-prompts $N32 --max-num-seqs 32 --seed $R \
+        --output-json "$OUT/offline-after-$L-r$R.json" --disable-tqdm | tail -1
+    fi
   done
 done

@@ -145,7 +145,7 @@ def test_direct_ingress_by_default_on_a_cluster_serve_starts(monkeypatch, argv, 
         assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "8123"
         assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "0"
     # only a cluster this command starts gets the slower Serve control loop
-    assert (os.environ.get("RAY_SERVE_CONTROL_LOOP_INTERVAL_S") == "1.0") == (not joining)
+    assert (os.environ.get("RAY_SERVE_CONTROL_LOOP_INTERVAL_S") == "0.5") == (not joining)
 
 
 def test_placement_options_place_tp_pp_groups_and_spread_single_replicas():

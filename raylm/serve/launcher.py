@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 # Direct ingress: the ingress replica takes the first free port of [--port, --port + span].
 DIRECT_INGRESS_PORT_SPAN = 15
-CONTROL_LOOP_INTERVAL_S = 1.0  # Serve's default is 0.1 (see local_serve_env)
+CONTROL_LOOP_INTERVAL_S = 0.5  # Serve's default is 0.1 (see local_serve_env)
 PORT_WAIT_S = 70.0  # Linux holds a port a server closed connections on in TIME_WAIT for 60 s
 
 
@@ -80,11 +80,10 @@ def direct_ingress_env(port: int) -> dict:
 
 def local_serve_env() -> dict:
     """Ray Serve settings for a cluster this command starts (issue 17; README "Decisions"): the
-    controller reconciles every second instead of every 0.1 s. On a small machine the control
-    plane shares the engine's cores (at 0.1 s it took ~4% of a core idle, at 0.5 s ~1.5%).
-    Replicas still start, stop and get health-checked within a tick, and health checks run
-    every 5 s anyway. (Serve's throughput-optimized mode was measured and left off:
-    docs/benchmarks.md, sessions 14 and 17.)"""
+    controller reconciles every 0.5 s instead of 0.1 s. On a small machine the control plane
+    shares the engine's cores, and each wake-up stalls the engine's OpenMP threads (~4% of a
+    core idle). Replicas still start, stop and get health-checked within a tick. (Serve's
+    throughput-optimized mode was measured and left off: docs/benchmarks.md, session 14.)"""
     return {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": str(CONTROL_LOOP_INTERVAL_S)}
 
 
