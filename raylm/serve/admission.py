@@ -37,6 +37,9 @@ class _Watch:
 
 
 class Admission:
+    """The ingress's app-wide admission: the in-flight bound, each request's deadline and
+    the shutdown drain (module docstring)."""
+
     def __init__(self, max_ongoing_requests: int,
                  request_timeout_s: Optional[float] = None) -> None:
         if max_ongoing_requests < 1:
