@@ -21,6 +21,10 @@ OUT=$(realpath -m "${1:-docs/bench/serve-ratio}")
 PORT=8011; N32=${N32:-64}
 mkdir -p "$OUT"
 : > "$OUT/variants.txt"
+offline() {  # offline NAME R: the offline reference of round R into NAME-<label>-rR.json
+  $RAYLM bench throughput --backend raylm --num-prompts $N32 --max-num-seqs 32 --seed $2 \
+    --output-json "$OUT/$1-$L-r$2.json" --disable-tqdm | tail -1
+}
 for R in $(seq 1 "${ROUNDS:-3}"); do
   I=0
   for V in ${DPS:-1 2}; do
@@ -33,8 +37,7 @@ for R in $(seq 1 "${ROUNDS:-3}"); do
     for E in "${ENVS[@]}"; do  # Ray's workers import from the server's directory first
       [[ $E == SRC=* ]] && bench_worktrees "${E#SRC=}" && DIR=/tmp/raylm-bench-${E#SRC=}
     done
-    $RAYLM bench throughput --backend raylm --num-prompts $N32 --max-num-seqs 32 --seed $R \
-      --output-json "$OUT/offline-$L-r$R.json" --disable-tqdm | tail -1
+    offline offline $R
     (cd "$DIR" && exec env "${ENVS[@]}" PYTHONPATH="$DIR" "$OLDPWD/$RAYLM" serve --dp $DP \
       --port $PORT --max-model-len 2048 > "$OUT/server-$L-r$R.log" 2>&1) &
     SERVER=$!
@@ -43,9 +46,6 @@ for R in $(seq 1 "${ROUNDS:-3}"); do
       --seed $R --disable-tqdm --output-json "$OUT/serve-$L-r$R.json" | grep -E "output tok/s"
     kill -TERM $SERVER; wait $SERVER || true
     .venv/bin/ray stop --force >/dev/null 2>&1 || true
-    if [[ -n ${SANDWICH:-} ]]; then
-      $RAYLM bench throughput --backend raylm --num-prompts $N32 --max-num-seqs 32 --seed $R \
-        --output-json "$OUT/offline-after-$L-r$R.json" --disable-tqdm | tail -1
-    fi
+    if [[ -n ${SANDWICH:-} ]]; then offline offline-after $R; fi
   done
 done

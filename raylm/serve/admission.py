@@ -48,21 +48,24 @@ class Admission:
             raise ValueError(f"request_timeout must be > 0 seconds (got {request_timeout_s})")
         self.max_ongoing_requests = max_ongoing_requests
         self.request_timeout_s = request_timeout_s
-        self.ongoing = 0  # guarded streams open now
         self.draining = False
-        self.shutdown_timeout_s: Optional[float] = None
-        self._watches: Set[_Watch] = set()
+        self._watches: Set[_Watch] = set()  # one per guarded stream open now
+
+    @property
+    def ongoing(self) -> int:
+        """Guarded streams open now."""
+        return len(self._watches)
 
     async def drain(self, timeout_s: float) -> int:
         """Shutdown: refuse new requests, let those in flight finish for up to `timeout_s`,
         then cut off the rest with an error. Returns how many were cut off."""
-        self.draining, self.shutdown_timeout_s = True, timeout_s
+        self.draining = True
         deadline = time.monotonic() + timeout_s
         while self.ongoing and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         cut = self.ongoing
         if cut:
-            for watch in list(self._watches):
+            for watch in self._watches:
                 _interrupt(watch, EngineUnavailableError(
                     f"The server shut down before this request finished "
                     f"(shutdown timeout {timeout_s:g} s)."))
@@ -85,7 +88,6 @@ class Admission:
         cut-off. Neither costs anything per item: a timer (the deadline) or the drain (the
         cut-off) cancels the task awaiting the stream, and that await raises their error."""
         self.admit()
-        self.ongoing += 1
         watch = _Watch()
         self._watches.add(watch)
         timer = None
@@ -101,7 +103,6 @@ class Admission:
             if timer is not None:
                 timer.cancel()
             self._watches.discard(watch)
-            self.ongoing -= 1
             await stream.aclose()  # aborts the request in its replica if it has not finished
 
 
