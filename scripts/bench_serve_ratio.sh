@@ -9,11 +9,15 @@
 # variants take turns within each round, labelled dp<DP>v<index> (listed in variants.txt).
 # SANDWICH=1 runs the offline reference again after each server: the ratio is then taken
 # against the mean of the two (the machine's speed moves by up to 15% in two minutes).
+# ARGS="--flag ..." in a variant adds those `raylm serve` flags (space-separated).
 # SRC=COMMIT in a variant serves that commit (a worktree, scripts/bench_worktrees.sh); the
-# offline reference always runs this checkout.
+# offline reference always runs this checkout. Each server's processes' CPU over its run goes
+# to cpu-<label>-rR.json (scripts/cpu_by_process.py): the summary splits the ratio into the
+# engines' share of the machine and their CPU per token against the offline engine's.
 # Usage: ROUNDS=3 DPS="1 2" scripts/bench_serve_ratio.sh OUTDIR
 #        ROUNDS=5 DPS="2 2:RAY_SERVE_FOO=1" scripts/bench_serve_ratio.sh OUTDIR
 #        ROUNDS=5 DPS="2 2:SRC=abc1234" scripts/bench_serve_ratio.sh OUTDIR
+#        ROUNDS=5 DPS="2 2:ARGS=--no-include-dashboard" scripts/bench_serve_ratio.sh OUTDIR
 #        (then: python scripts/serve_ratio_summary.py OUTDIR)
 source "$(dirname "$0")/bench_common.sh"
 source "$(dirname "$0")/bench_worktrees.sh"
@@ -33,16 +37,18 @@ for R in $(seq 1 "${ROUNDS:-3}"); do
       IFS=, read -ra ENVS <<< "${V#*:}"; L=dp${DP}v$I
       [[ $R == 1 ]] && echo "$L: ${V#*:}" >> "$OUT/variants.txt"
     fi
-    DIR=$PWD
+    DIR=$PWD; ARGS=()
     for E in "${ENVS[@]}"; do  # Ray's workers import from the server's directory first
       [[ $E == SRC=* ]] && bench_worktrees "${E#SRC=}" && DIR=/tmp/raylm-bench-${E#SRC=}
+      [[ $E == ARGS=* ]] && read -ra ARGS <<< "${E#ARGS=}"
     done
     offline offline $R
     (cd "$DIR" && exec env "${ENVS[@]}" PYTHONPATH="$DIR" "$OLDPWD/$RAYLM" serve --dp $DP \
-      --port $PORT --max-model-len 2048 > "$OUT/server-$L-r$R.log" 2>&1) &
+      --port $PORT --max-model-len 2048 "${ARGS[@]}" > "$OUT/server-$L-r$R.log" 2>&1) &
     SERVER=$!
     wait_ready $PORT 300
-    $RAYLM bench serve --base-url http://127.0.0.1:$PORT --num-prompts $N32 --max-concurrency 32 \
+    .venv/bin/python scripts/cpu_by_process.py --json "$OUT/cpu-$L-r$R.json" -- \
+      $RAYLM bench serve --base-url http://127.0.0.1:$PORT --num-prompts $N32 --max-concurrency 32 \
       --seed $R --disable-tqdm --output-json "$OUT/serve-$L-r$R.json" | grep -E "output tok/s"
     kill -TERM $SERVER; wait $SERVER || true
     .venv/bin/ray stop --force >/dev/null 2>&1 || true

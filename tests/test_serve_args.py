@@ -146,6 +146,28 @@ def test_direct_ingress_by_default_on_a_cluster_serve_starts(monkeypatch, argv, 
         assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "0"
     # only a cluster this command starts gets the slower Serve control loop
     assert (os.environ.get("RAY_SERVE_CONTROL_LOOP_INTERVAL_S") == "0.5") == (not joining)
+    assert ("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD" in os.environ) == (not joining)
+
+
+@pytest.mark.parametrize("local_env", [False, True])
+def test_log_monitor_rescans_every_half_second_under_local_serve_env(local_env):
+    """Ray's log monitor (its own code, in a fresh interpreter) globs the log folder on every
+    0.1 s pass under its defaults, and at most every LOG_NAME_UPDATE_INTERVAL_S with the
+    settings `raylm serve` gives a cluster it starts: the name and meaning Ray still honours."""
+    import os
+    import subprocess
+    import sys
+
+    from raylm.serve.launcher import local_serve_env
+
+    probe = ("import time, types; from ray._private.log_monitor import LogMonitor; "
+             "print(LogMonitor.should_update_filenames(types.SimpleNamespace(log_filenames=set()), "
+             "time.time()))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_LOG_MONITOR")}
+    env.update(local_serve_env() if local_env else {})
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    assert out[-1] == ("False" if local_env else "True")
 
 
 def test_placement_options_place_tp_pp_groups_and_spread_single_replicas():
@@ -237,3 +259,24 @@ def test_dp_auto_resolves_on_the_building_machine_and_only_for_plain_cpu_replica
     assert ServeArgs(**cpu).dp == 1  # 1.8 GiB holds one replica of 1.6 GiB
     with pytest.raises(ValueError, match="dp"):
         ServeArgs(dp="many")
+
+
+@pytest.mark.parametrize("argv, joining, expected", [
+    ([], False, {"address": None}),
+    (["--no-include-dashboard"], False, {"address": None, "include_dashboard": False}),
+    (["--include-dashboard"], False, {"address": None, "include_dashboard": True}),
+    ([], True, {"address": None}),
+])
+def test_ray_init_kwargs_set_the_dashboard_only_when_asked(monkeypatch, argv, joining, expected):
+    """Ray's default (the dashboard on) unless the command line says otherwise; ray.init refuses
+    include_dashboard when it joins a cluster, so that gets a clear error first."""
+    import os
+
+    from raylm.cli import build_parser
+    from raylm.serve.launcher import ray_init_kwargs
+
+    monkeypatch.setattr(os, "environ", {"RAY_ADDRESS": "10.0.0.1:6379"} if joining else {})
+    assert ray_init_kwargs(build_parser().parse_args(["serve", *argv])) == expected
+    if joining:
+        with pytest.raises(ValueError, match="--include-dashboard applies to a cluster"):
+            ray_init_kwargs(build_parser().parse_args(["serve", "--no-include-dashboard"]))

@@ -41,6 +41,10 @@ def add_serve_parser(sub, add_engine_args) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a new local one)")
+    p.add_argument("--include-dashboard", action=argparse.BooleanOptionalAction, default=None,
+                   help="run Ray's dashboard on a cluster this command starts (default: on; off "
+                        "frees ~1%% of a 2-core machine, and the dashboard UI and Serve's REST API "
+                        "with it: docs/benchmarks.md, session 19)")
     p.add_argument("--proxy", action="store_true",
                    help="serve HTTP through Serve's proxy actor on --port instead of from the ingress "
                         "replica itself (direct ingress, the default on a cluster this command starts)")
@@ -79,12 +83,17 @@ def direct_ingress_env(port: int) -> dict:
 
 
 def local_serve_env() -> dict:
-    """Ray Serve settings for a cluster this command starts (issue 17; README "Decisions"): the
-    controller reconciles every 0.5 s instead of 0.1 s. On a small machine the control plane
-    shares the engine's cores, and each wake-up stalls the engine's OpenMP threads (~4% of a
-    core idle). Replicas still start, stop and get health-checked within a tick. (Serve's
-    throughput-optimized mode was measured and left off: docs/benchmarks.md, session 14.)"""
-    return {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": str(CONTROL_LOOP_INTERVAL_S)}
+    """Ray and Serve settings for a cluster this command starts (issue 17; README "Decisions").
+    On a small machine the control plane shares the engine's cores:
+    - Serve's controller reconciles every 0.5 s instead of 0.1 s (each wake-up stalled the
+      engine's OpenMP threads: ~4% of a core idle); replicas still start, stop and get
+      health-checked within a tick.
+    - Ray's log monitor looks for new log files every 0.5 s instead of globbing the log folder
+      10 times a second (under ~1000 files it ignores its own interval); lines of files it
+      follows still stream every 0.1 s.
+    (Serve's throughput-optimized mode was measured and left off: docs/benchmarks.md.)"""
+    return {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": str(CONTROL_LOOP_INTERVAL_S),
+            "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0"}
 
 
 def http_options(args: argparse.Namespace) -> dict:
@@ -92,7 +101,7 @@ def http_options(args: argparse.Namespace) -> dict:
     Ray processes this command starts inherit). Serve's own head-node proxy then moves off
     --port to a free port: it stays a slower way in. A cluster that `raylm serve` joins keeps
     the settings it was started with, so there the proxy serves --port."""
-    joining = bool(args.address or os.environ.get("RAY_ADDRESS"))
+    joining = _joining(args)
     if not joining:
         os.environ.update(local_serve_env())
     if args.proxy or joining:
@@ -102,6 +111,22 @@ def http_options(args: argparse.Namespace) -> dict:
         return {"host": args.host, "port": args.port}
     os.environ.update(direct_ingress_env(args.port))
     return {"host": args.host, "port": 0}
+
+
+def _joining(args: argparse.Namespace) -> bool:
+    """Whether `raylm serve` joins a running Ray cluster rather than starting one."""
+    return bool(args.address or os.environ.get("RAY_ADDRESS"))
+
+
+def ray_init_kwargs(args: argparse.Namespace) -> dict:
+    """ray.init's arguments: the cluster to join (None: $RAY_ADDRESS, else a new local one),
+    and for a new one whether it runs the dashboard."""
+    if args.include_dashboard is None:
+        return {"address": args.address}
+    if _joining(args):
+        raise ValueError("--include-dashboard applies to a cluster `raylm serve` starts; a running "
+                         "cluster keeps its own (`ray start --include-dashboard ...`)")
+    return {"address": args.address, "include_dashboard": args.include_dashboard}
 
 
 def wait_port_bindable(host: str, port: int, timeout_s: float = PORT_WAIT_S) -> None:
@@ -147,7 +172,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from raylm.deployments.openai import run_app
 
     app_args = serve_args(args)  # validate before starting anything
-    ray.init(address=args.address)  # None: Ray joins $RAY_ADDRESS if set, else starts a local cluster
+    ray.init(**ray_init_kwargs(args))
     serve.start(http_options=options)
     handle = run_app(app_args, blocking=False)
     logger.info("serving %s on http://%s:%d/v1 (dp=%d)", app_args.model_name, args.host, args.port, app_args.dp)
