@@ -21,18 +21,20 @@ def results(path: Path) -> dict:
     return json.loads(path.read_text())["results"]
 
 
-def offline_tok_s(folder: Path, dp: str, r: str) -> float:
-    """The offline reference of a round: its run before the server, or with SANDWICH=1 the
-    mean of the runs before and after it."""
+def offline_runs(folder: Path, dp: str, r: str) -> list:
+    """The offline reference runs of a round: before the server, and with SANDWICH=1 after it."""
     runs = [folder / f"offline-dp{dp}-r{r}.json", folder / f"offline-after-dp{dp}-r{r}.json"]
-    values = [results(p)["raylm"]["output_tok_s"] for p in runs if p.exists()]
-    return sum(values) / len(values)
+    return [results(p)["raylm"] for p in runs if p.exists()]
 
 
-def offline_ms_per_token(folder: Path, dp: str, r: str) -> float:
-    runs = [folder / f"offline-dp{dp}-r{r}.json", folder / f"offline-after-dp{dp}-r{r}.json"]
-    values = [1e3 * x["cpu_s"] / x["output_tokens"] for p in runs if p.exists()
-              for x in [results(p)["raylm"]] if x.get("cpu_s")]
+def offline_tok_s(runs: list) -> float:
+    """The offline reference's tok/s: the mean of the round's runs."""
+    return sum(x["output_tok_s"] for x in runs) / len(runs)
+
+
+def offline_ms_per_token(runs: list) -> float:
+    """The offline engine's CPU per output token (NaN for runs that did not record it)."""
+    values = [1e3 * x["cpu_s"] / x["output_tokens"] for x in runs if x.get("cpu_s")]
     return sum(values) / len(values) if values else float("nan")
 
 
@@ -60,10 +62,11 @@ def main(folder: Path) -> None:
     for path in rounds:
         dp, r = re.match(r"serve-dp(\w+)-r(\d+)\.json", path.name).groups()
         run = results(path)
-        offline = offline_tok_s(folder, dp, r)
+        runs = offline_runs(folder, dp, r)
+        offline = offline_tok_s(runs)
         served, failed = run["output_throughput"], run["failed"]
         share, engine_ms = engine_split(folder, path.name, run)
-        offline_ms = offline_ms_per_token(folder, dp, r)
+        offline_ms = offline_ms_per_token(runs)
         ratios.setdefault(dp, []).append(served / offline)
         shares.setdefault(dp, []).append(share)
         costs.setdefault(dp, []).append(offline_ms / engine_ms)
