@@ -55,6 +55,21 @@ def default_admin_api_key() -> Optional[str]:
     return os.environ.get("RAYLM_ADMIN_API_KEY") or None
 
 
+def ray_address() -> Optional[str]:
+    """$RAY_ADDRESS: the Ray cluster to join (Ray's own variable; `--address` wins)."""
+    return os.environ.get("RAY_ADDRESS") or None
+
+
+def gloo_socket_ifname() -> Optional[str]:
+    """$GLOO_SOCKET_IFNAME: the interface gloo binds to, when the operator chose one."""
+    return os.environ.get("GLOO_SOCKET_IFNAME")
+
+
+def openai_api_key() -> Optional[str]:
+    """$OPENAI_API_KEY: the benchmark client's key when none is given (the OpenAI client's)."""
+    return os.environ.get("OPENAI_API_KEY") or None
+
+
 # ---- configs ----------------------------------------------------------------------
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

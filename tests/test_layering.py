@@ -45,3 +45,28 @@ def test_no_module_imports_a_higher_layer():
               for part, path in _modules() for other, line in _imported_parts(path)
               if RANKS.get(other, 99) > RANKS[part]]
     assert not upward, "\n".join(upward)
+
+
+def _env_reads(path: Path):
+    """Lines that read the environment: os.environ.get / [...] / `in`, os.getenv."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and node.attr == "getenv":
+            yield node.lineno
+        elif isinstance(node, ast.Attribute) and node.attr == "get" and _is_environ(node.value):
+            yield node.lineno
+        elif isinstance(node, ast.Subscript) and _is_environ(node.value) \
+                and isinstance(node.ctx, ast.Load):
+            yield node.lineno
+        elif isinstance(node, ast.Compare) and any(_is_environ(c) for c in node.comparators):
+            yield node.lineno
+
+
+def _is_environ(node: ast.AST) -> bool:
+    return isinstance(node, ast.Attribute) and node.attr == "environ"
+
+
+def test_env_vars_are_read_in_config_only():
+    readers = [f"{path.relative_to(REPO)}:{line}" for _, path in _modules()
+               if path != ROOT / "config.py" for line in _env_reads(path)]
+    assert readers == []
+    assert list(_env_reads(ROOT / "config.py"))  # the check sees config.py's own reads

@@ -11,10 +11,11 @@ import argparse
 import codecs
 import contextlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
+
+from raylm.config import openai_api_key
 
 if TYPE_CHECKING:  # aiohttp is imported where a session is opened
     import aiohttp
@@ -198,5 +199,5 @@ async def http_sender(args: argparse.Namespace, requests: List[BenchRequest]):
 
 def auth_headers(args: argparse.Namespace) -> Dict[str, str]:
     """The bearer token header: --api-key, else $OPENAI_API_KEY (the OpenAI client's variable)."""
-    api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
+    api_key = args.api_key or openai_api_key()
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}

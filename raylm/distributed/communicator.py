@@ -17,6 +17,8 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from raylm.config import gloo_socket_ifname
+
 # A collective that waits longer than this has lost a peer: fail instead of hanging.
 COLLECTIVE_TIMEOUT_S = 60
 
@@ -89,7 +91,7 @@ def _bind_gloo_to(host: str) -> None:
 
     import psutil
 
-    if "GLOO_SOCKET_IFNAME" in os.environ:
+    if gloo_socket_ifname() is not None:
         return
     if host.startswith("127."):
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # 127.0.0.0/8 all lives on loopback

@@ -14,6 +14,8 @@ import os
 import socket
 import time
 
+from raylm.config import ray_address
+
 logger = logging.getLogger(__name__)
 
 # Direct ingress: the ingress replica takes the first free port of [--port, --port + span].
@@ -115,7 +117,7 @@ def http_options(args: argparse.Namespace) -> dict:
 
 def _joining(args: argparse.Namespace) -> bool:
     """Whether `raylm serve` joins a running Ray cluster rather than starting one."""
-    return bool(args.address or os.environ.get("RAY_ADDRESS"))
+    return bool(args.address or ray_address())
 
 
 def ray_init_kwargs(args: argparse.Namespace) -> dict:
