@@ -2,6 +2,7 @@
 references (offline LLM, in-process AsyncEngine) and against llama-server.
 Usage: python scripts/serve_summary.py OUTDIR"""
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -31,6 +32,33 @@ def serve_row(label: str, data, ref_tok_s=None, ref_ttft=None) -> str:
     return (f"| {label} | {r['completed']}/{r['completed'] + r['failed']} | "
             f"{r['output_throughput']:.1f}{ratio} | {r['median_ttft_ms']:.1f} | {added} | "
             f"{r['p99_ttft_ms']:.1f} | {r['median_tpot_ms']:.2f} |")
+
+
+def _tpot(reqs, i: int):
+    ttft, e2el, n = reqs["ttfts"][i], reqs["e2els"][i], reqs["output_lens"][i]
+    return (e2el - ttft) / (n - 1) if ttft is not None and e2el and n > 1 else None
+
+
+def paired_row(label: str, data) -> str:
+    """A c1 run that alternated with the in-process engine: the medians of its per-request
+    ratios to the in-process run of the same request (TTFT, TPOT, end-to-end), and the ratio
+    of the summed end-to-end times. Below 1: faster than our engine in the same minute."""
+    if not data or not data.get("paired"):
+        return f"| {label} | (not run) | | | | |"
+    ours, ref = data["requests"], data["paired"]["reference_requests"]
+    ratios = {"ttfts": [], "tpot": [], "e2els": []}
+    sums = [0.0, 0.0]
+    for i, ok in enumerate(ours["success"]):
+        if not ok or not ref["success"][i]:
+            continue
+        sums = [sums[0] + ours["e2els"][i], sums[1] + ref["e2els"][i]]
+        for key in ("ttfts", "e2els"):
+            ratios[key].append(ours[key][i] / ref[key][i])
+        if _tpot(ours, i) and _tpot(ref, i):
+            ratios["tpot"].append(_tpot(ours, i) / _tpot(ref, i))
+    med = {k: statistics.median(v) for k, v in ratios.items()}
+    return (f"| {label} | {len(ratios['e2els'])} | {med['ttfts']:.3f} | {med['tpot']:.3f} | "
+            f"{med['e2els']:.3f} | {sums[0] / sums[1]:.3f} |")
 
 
 def offline_tok_s(folder: Path, tag: str, default):
@@ -67,6 +95,11 @@ def main(folder: Path) -> None:
         if before:
             print(serve_row(f"before (previous main) dp 1, c{c}", before, ref_tok_s if c == 32 else None,
                             ref_ttft if c == 1 else None))
+    print("\n| c1, each request / the same request in-process | pairs | TTFT | TPOT | end-to-end "
+          "| summed end-to-end |\n|---|---:|---:|---:|---:|---:|")
+    for dp, how in RUNS:
+        print(paired_row(f"raylm serve {how}", load(folder, f"serve-dp{dp}-c1.json")))
+    print(paired_row("llama-server", load(folder, "llama-server-c1.json")))
     print("\n| app PSS MiB | idle | under load (c32) |\n|---|---:|---:|")
     for dp, how in RUNS:
         idle, busy = load(folder, f"memory-idle-dp{dp}.json"), load(folder, f"memory-load-dp{dp}.json")
