@@ -175,6 +175,11 @@ class SchedulerConfig(_Config):
     # Watchdog: the Ray executor stops waiting for its workers and fails the engine;
     # AsyncEngine marks itself dead and logs the stuck stack.
     step_timeout_s: float = Field(300.0, gt=0, description="a step running longer than this is stuck")
+    # Streaming granularity (vLLM's --stream-interval): a request's update goes out at its
+    # first token, at its end, and otherwise once this many new tokens have piled up. 1 sends
+    # every token; more cuts the serving path's per-update work (frames, SSE chunks, writes).
+    stream_interval: int = Field(
+        1, gt=0, description="new tokens a request gathers before its next streamed update")
 
 
 class ParallelConfig(_Config):

@@ -52,7 +52,7 @@ class LLMEngine:
         self.eos_token_ids = self._eos_ids()
         self.vocab_size = self.hf_config.vocab_size
         self.core = EngineCore(config, self.model_path, self.max_model_len)
-        self.processor = OutputProcessor(self.tokenizer)
+        self.processor = OutputProcessor(self.tokenizer, config.scheduler.stream_interval)
         self._ids = itertools.count()
         self._grammars: Optional[BaseGrammarBackend] = None  # made at the first structured request
         self._grammars_lock = threading.Lock()  # compiles may come from threads (AsyncEngine.prepare)

@@ -1,5 +1,6 @@
 """Turns EngineCoreOutputs into RequestOutputs: detokenize, stop strings, logprob text,
-and fan-in of the n samples of one request (children `{i}_{request_id}`)."""
+fan-in of the n samples of one request (children `{i}_{request_id}`), and the stream
+interval (which steps' updates of a request are handed on at all)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ def child_id(request_id: str, index: int, n: int) -> str:
 class _Parent:
     output: RequestOutput
     unfinished: int
+    children: List["_Child"] = field(default_factory=list)
+    sent: bool = False  # an update of it has been handed on
 
 
 @dataclass
@@ -28,11 +31,18 @@ class _Child:
     detok: IncrementalDetokenizer
     params: SamplingParams
     completion: CompletionOutput = field(default=None)
+    unsent: int = 0  # tokens since its request's last update was handed on
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer) -> None:
+    """`stream_interval`: a request's update is handed on at its first step, when a sample
+    finishes, and when one of its samples has that many tokens not handed on yet; between
+    those its RequestOutput (cumulative) keeps growing unseen, so a consumer that takes
+    deltas gets the tokens of the skipped steps together."""
+
+    def __init__(self, tokenizer, stream_interval: int = 1) -> None:
         self.tokenizer = tokenizer
+        self.stream_interval = stream_interval
         self.parents: Dict[str, _Parent] = {}
         self.children: Dict[str, _Child] = {}
 
@@ -47,13 +57,14 @@ class OutputProcessor:
             cid = child_id(request_id, i, params.n)
             self.children[cid] = _Child(request_id, i, IncrementalDetokenizer(self.tokenizer, prompt_ids, cp), cp,
                                         completions[i])
+            self.parents[request_id].children.append(self.children[cid])
             ids.append(cid)
         return ids
 
     def process(self, outputs: List[EngineCoreOutput]) -> Tuple[List[RequestOutput], List[str]]:
         """Returns the updated RequestOutputs and the child ids that hit a stop string
         (the engine must abort those: their tokens are done)."""
-        updated: Dict[str, RequestOutput] = {}
+        updated: Dict[str, _Parent] = {}
         to_abort: List[str] = []
         for out in outputs:
             child = self.children.get(out.request_id)
@@ -70,10 +81,16 @@ class OutputProcessor:
                 # its prefill fills them in, before its own first token is seen
                 parent.output.prompt_logprobs = [None] + [self._decoded(p) for p in out.prompt_logprobs]
             parent.output.num_cached_tokens = out.num_cached_tokens
+            child.unsent += len(out.new_token_ids)
             if finish is not None:
                 self._finish_child(out.request_id, parent)
-            updated[child.parent_id] = parent.output
-        return list(updated.values()), to_abort
+            if finish is not None or not parent.sent or child.unsent >= self.stream_interval:
+                updated[child.parent_id] = parent
+        for parent in updated.values():
+            parent.sent = True
+            for c in parent.children:
+                c.unsent = 0
+        return [parent.output for parent in updated.values()], to_abort
 
     def _update_completion(self, child: _Child, out: EngineCoreOutput, finish, stop_reason) -> None:
         c = child.completion
