@@ -22,7 +22,8 @@ from raylm.options import EngineArgs
 from raylm.serve.middleware import OPEN_PATHS
 from raylm.serve.tool_parsers import tool_parser_names
 
-INGRESS_HEADROOM = 64  # non-generation requests (health, metrics, tokenize) beside the admission bound
+# non-generation requests (health, metrics, tokenize) beside the admission bound
+INGRESS_HEADROOM = 64
 INGRESS_SHUTDOWN_MARGIN_S = 10.0
 # The ingress's handlers run on its replica's own event loop, where Serve's direct ingress
 # serves HTTP: every streamed chunk would otherwise hop threads (a wake-up of the other loop
@@ -50,67 +51,90 @@ class ServeArgs(EngineArgs):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
 
-    served_model_name: Optional[str] = Field(None, description="the model's name in the API (default: --model)")
+    served_model_name: Optional[str] = Field(None,
+                                             description="the model's name in the API (default: "
+                                                         "--model)")
     dp: Union[PositiveInt, Literal["auto"]] = Field(
-        "auto", description="data-parallel engine replicas; auto: on CPU without TP/PP/EP, one per core "
-                            f"(at most {AUTO_DP_MAX}) while their weights fit in memory, else 1")
+        "auto",
+        description="data-parallel engine replicas; auto: on CPU without TP/PP/EP, one per core "
+                    f"(at most {AUTO_DP_MAX}) while their weights fit in memory, else 1")
     num_cpus_per_replica: Optional[float] = Field(
-        None, ge=0, description="CPUs Ray reserves for each engine replica; on CPU without TP/PP also the "
-                                "threads its model runs on (default: there, this machine's cores over dp; else 1)")
+        None, ge=0,
+        description="CPUs Ray reserves for each engine replica; on CPU without TP/PP also the "
+                    "threads its model runs on (default: there, this machine's cores over dp; "
+                    "else 1)")
     share_cores: bool = Field(
-        True, description="CPU engines without TP/PP on one node lend each other their cores: one busy "
-                          "alone runs on every engine's share, several split them (raylm.executor.cpu_share)")
+        True,
+        description="CPU engines without TP/PP on one node lend each other their cores: one busy "
+                    "alone runs on every engine's share, several split them "
+                    "(raylm.executor.cpu_share)")
     routing_policy: Literal[tuple(ROUTING_POLICIES)] = Field(
-        "least_loaded", description="how requests pick an engine replica: " + ", ".join(ROUTING_POLICIES)
-                                    + " (raylm.dp.policies)")
+        "least_loaded",
+        description="how requests pick an engine replica: " + ", ".join(ROUTING_POLICIES)
+        + " (raylm.dp.policies)")
     prefix_max_imbalance: int = Field(
-        2, ge=0, description="prefix_aware routing: how far above the lowest load score (waiting*4 + running) "
-                             "a replica holding the prompt's prefix may be and still get it")
+        2, ge=0,
+        description="prefix_aware routing: how far above the lowest load score (waiting*4 + "
+                    "running) " "a replica holding the prompt's prefix may be and still get it")
     engines_per_replica: int = Field(
-        1, gt=0, description="sim executor only: engines each replica process hosts, each its own DP rank "
-                             "(a fleet of dp x this on a small machine)")
-    placement_strategy: Optional[Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"]] = Field(
-        None, description="a TP/PP replica's placement group strategy (default: STRICT_PACK for a CUDA TP group, "
-                          "PACK otherwise); STRICT_SPREAD puts the replica and each stage on its own node")
+        1, gt=0,
+        description="sim executor only: engines each replica process hosts, each its own DP rank "
+                    "(a fleet of dp x this on a small machine)")
+    placement_strategy: Optional[Literal["PACK", "STRICT_PACK", "SPREAD",
+                                         "STRICT_SPREAD"]] = Field(
+        None,
+        description="a TP/PP replica's placement group strategy (default: STRICT_PACK for a CUDA "
+                    "TP group, PACK otherwise); STRICT_SPREAD puts the replica and each stage on "
+                    "its own node")
     max_replicas_per_node: Optional[int] = Field(
-        None, gt=0, description="engine replicas per node at most, for replicas without TP/PP (Serve's option; "
-                                "1: one per node)")
+        None, gt=0,
+        description="engine replicas per node at most, for replicas without TP/PP (Serve's "
+                    "option; " "1: one per node)")
     # Serve autoscaling of the dense DP replica set, in Serve's own shape (min_replicas,
     # max_replicas, target_ongoing_requests, upscale_delay_s, ...); replaces a fixed dp.
     # `raylm serve --autoscale MIN:MAX` fills it.
     autoscaling_config: Optional[Dict[str, Any]] = None
     # The engine's default is unbounded (the offline LLM queues all its prompts at once).
     max_waiting_requests: Optional[int] = Field(
-        256, gt=0, description="requests waiting in each replica's queue; past it 429 + Retry-After")
+        256, gt=0,
+        description="requests waiting in each replica's queue; past it 429 + Retry-After")
     # kept out of repr (and logs)
     api_key: Optional[str] = Field(
         default_factory=default_api_key, repr=False,
-        description="require 'Authorization: Bearer KEY' on every route but --open-paths (default: "
-                    "$RAYLM_API_KEY, which keeps the key out of the process list)")
+        description="require 'Authorization: Bearer KEY' on every route but --open-paths "
+                    "(default: $RAYLM_API_KEY, which keeps the key out of the process list)")
     open_paths: List[str] = Field(
         default_factory=lambda: list(OPEN_PATHS),
-        description="routes open without the key (default: /health /ping /version; add /metrics to open it)")
+        description="routes open without the key (default: /health /ping /version; add /metrics "
+                    "to open it)")
     max_body_bytes: int = Field(1 << 20, gt=0, description="larger request bodies get 413")
     tool_call_parser: Literal[tuple(tool_parser_names())] = Field(
-        "hermes", description="how tool calls are read out of the model's text on chat with tools: "
-                              + ", ".join(tool_parser_names()) + " (raylm.serve.tool_parsers)")
+        "hermes",
+        description="how tool calls are read out of the model's text on chat with tools: "
+        + ", ".join(tool_parser_names()) + " (raylm.serve.tool_parsers)")
     max_ongoing_requests: int = Field(
         1024, gt=0, description="engine requests in flight in the app; past it 429 + Retry-After")
     request_timeout: Optional[float] = Field(
-        None, gt=0, description="abort a request this many seconds after it arrived (408); default: no limit")
+        None, gt=0,
+        description="abort a request this many seconds after it arrived (408); default: no limit")
     shutdown_timeout: float = Field(
-        30.0, ge=0, description="on SIGTERM (or a redeploy), seconds in-flight requests get to finish (new "
-                                "ones get 503); then the rest are cut off with an error")
+        30.0, ge=0,
+        description="on SIGTERM (or a redeploy), seconds in-flight requests get to finish (new "
+                    "ones get 503); then the rest are cut off with an error")
     # Elastic scaling (POST /scale_elastic_ep); a request may set its own `timeout`.
     admin_api_key: Optional[str] = Field(
         default_factory=default_admin_api_key, repr=False,
-        description="key of the admin routes (/scale_elastic_ep, /is_scaling_elastic_ep), separate from "
-                    "--api-key (default: $RAYLM_ADMIN_API_KEY); without one those routes answer 404")
+        description="key of the admin routes (/scale_elastic_ep, /is_scaling_elastic_ep), "
+                    "separate from --api-key (default: $RAYLM_ADMIN_API_KEY); without one those "
+                    "routes answer 404")
     max_data_parallel_size: Optional[int] = Field(
-        None, gt=0, description="the most replicas an elastic scale may ask for (besides what the cluster holds)")
+        None, gt=0,
+        description="the most replicas an elastic scale may ask for (besides what the cluster "
+                    "holds)")
     scale_timeout: float = Field(
-        300.0, gt=0, description="an elastic scale not serving at its new size after this many seconds is "
-                                 "rolled back")
+        300.0, gt=0,
+        description="an elastic scale not serving at its new size after this many seconds is "
+                    "rolled back")
 
     @model_validator(mode="after")
     def _resolve_dp(self) -> "ServeArgs":
@@ -122,36 +146,42 @@ class ServeArgs(EngineArgs):
     @model_validator(mode="after")
     def _check_autoscaling(self) -> "ServeArgs":
         if self.autoscaling_config is not None:
-            lo, hi = self.autoscaling_config.get("min_replicas", 1), self.autoscaling_config.get("max_replicas")
+            lo, hi = (self.autoscaling_config.get("min_replicas", 1),
+                      self.autoscaling_config.get("max_replicas"))
             if hi is None or not 0 <= lo <= hi or hi < 1:
-                raise ValueError(f"autoscaling_config needs 0 <= min_replicas <= max_replicas, max >= 1 "
-                                 f"(got {self.autoscaling_config})")
+                raise ValueError("autoscaling_config needs 0 <= min_replicas <= max_replicas, "
+                                 f"max >= 1 (got {self.autoscaling_config})")
             if self.enable_expert_parallel:
-                raise ValueError("autoscaling_config is for dense/TP replicas: expert-parallel replica sets "
-                                 "resize through elastic scaling")
-        if self.max_data_parallel_size is not None and self.max_replicas > self.max_data_parallel_size:
+                raise ValueError("autoscaling_config is for dense/TP replicas: expert-parallel "
+                                 "replica sets resize through elastic scaling")
+        if (self.max_data_parallel_size is not None
+                and self.max_replicas > self.max_data_parallel_size):
             raise ValueError(f"dp {self.max_replicas} exceeds "
                              f"max_data_parallel_size {self.max_data_parallel_size}")
         if self.engines_per_replica > 1 and (self.distributed_executor_backend != "sim"
                                              or self.enable_expert_parallel):
-            raise ValueError("engines_per_replica > 1 needs the sim executor (--executor sim), without "
-                             "expert parallelism")
+            raise ValueError("engines_per_replica > 1 needs the sim executor (--executor sim), "
+                             "without expert parallelism")
         grouped = self.tp * self.pp > 1
         if self.placement_strategy and not grouped:
-            raise ValueError("placement_strategy places a TP/PP replica's workers: it needs tp or pp > 1")
+            raise ValueError("placement_strategy places a TP/PP replica's workers: it needs tp or "
+                             "pp > 1")
         if self.max_replicas_per_node and grouped:  # Serve refuses it with placement group bundles
-            raise ValueError("max_replicas_per_node is for replicas without TP/PP; place TP/PP replicas "
-                             "with placement_strategy")
+            raise ValueError("max_replicas_per_node is for replicas without TP/PP; place TP/PP "
+                             "replicas with placement_strategy")
         if self.enable_expert_parallel and self.dp > 1 and self.pp > 1:
-            raise ValueError("expert parallelism across DP replicas needs pp=1 (lockstep runs one batch per step)")
+            raise ValueError("expert parallelism across DP replicas needs pp=1 (lockstep runs one "
+                             "batch per step)")
         return self
 
     def _auto_dp(self) -> int:
         """What `dp auto` means for these options, on the machine that builds the app."""
-        if (placement_device(self.device) != "cpu" or self.tp * self.pp > 1 or self.enable_expert_parallel
-                or self.distributed_executor_backend == "sim" or self.autoscaling_config is not None):
+        if (placement_device(self.device) != "cpu" or self.tp * self.pp > 1
+                or self.enable_expert_parallel or self.distributed_executor_backend == "sim"
+                or self.autoscaling_config is not None):
             return 1
-        dp = auto_dp(checkpoint_bytes(self.model), usable_cores(), psutil.virtual_memory().available)
+        dp = auto_dp(checkpoint_bytes(self.model), usable_cores(),
+                     psutil.virtual_memory().available)
         return min(dp, self.max_data_parallel_size or dp)
 
     def engine_config(self) -> EngineConfig:
@@ -181,12 +211,16 @@ class ServeArgs(EngineArgs):
         world = self.tp * self.pp
         if world == 1:
             alone = worker_bundle(self.replica_cpus, self.device)
-            spread = {"max_replicas_per_node": self.max_replicas_per_node} if self.max_replicas_per_node else {}
-            return {"ray_actor_options": {"num_cpus": alone["CPU"], "num_gpus": alone.get("GPU", 0)}, **spread}
+            spread = ({"max_replicas_per_node": self.max_replicas_per_node}
+                      if self.max_replicas_per_node else {})
+            return {"ray_actor_options": {"num_cpus": alone["CPU"],
+                                          "num_gpus": alone.get("GPU", 0)}, **spread}
         replica = {"CPU": max(self.replica_cpus, 0.01)}  # an empty bundle is not allowed
         return {"ray_actor_options": {"num_cpus": replica["CPU"]},
-                "placement_group_bundles": [replica] + [worker_bundle(self.worker_num_cpus, self.device)] * world,
-                "placement_group_strategy": self.placement_strategy or group_strategy(self.device, self.pp)}
+                "placement_group_bundles": [replica]
+                + [worker_bundle(self.worker_num_cpus, self.device)] * world,
+                "placement_group_strategy": self.placement_strategy
+                or group_strategy(self.device, self.pp)}
 
     @property
     def replica_cpus(self) -> float:
@@ -203,7 +237,8 @@ class ServeArgs(EngineArgs):
         """What Ray must place for one more replica (the replica and its TP/PP workers)."""
         placement = self.replica_placement()
         actor = placement["ray_actor_options"]
-        bundles = placement.get("placement_group_bundles") or [{"CPU": actor["num_cpus"], "GPU": actor["num_gpus"]}]
+        bundles = placement.get("placement_group_bundles") or [{"CPU": actor["num_cpus"],
+                                                                "GPU": actor["num_gpus"]}]
         totals = {k: sum(b.get(k, 0.0) for b in bundles) for k in ("CPU", "GPU")}
         return {k: v for k, v in totals.items() if k == "CPU" or v}
 
@@ -224,11 +259,14 @@ class ServeArgs(EngineArgs):
     def ingress_options(self) -> Dict[str, Any]:
         """OpenAIIngress keyword arguments: auth, body limit, admission, tool calls."""
         limits = {"max_data_parallel_size": self.max_data_parallel_size,
-                  "replica_resources": self.replica_resources(), "scale_timeout_s": self.scale_timeout}
-        return {"api_key": self.api_key, "open_paths": self.open_paths, "max_body_bytes": self.max_body_bytes,
-                "max_ongoing_requests": self.max_ongoing_requests, "request_timeout": self.request_timeout,
-                "admin_api_key": self.admin_api_key, "scale_limits": limits,
-                "autoscaling": self.autoscaling_config is not None, "tool_call_parser": self.tool_call_parser}
+                  "replica_resources": self.replica_resources(),
+                  "scale_timeout_s": self.scale_timeout}
+        return {"api_key": self.api_key, "open_paths": self.open_paths,
+                "max_body_bytes": self.max_body_bytes,
+                "max_ongoing_requests": self.max_ongoing_requests,
+                "request_timeout": self.request_timeout, "admin_api_key": self.admin_api_key,
+                "scale_limits": limits, "autoscaling": self.autoscaling_config is not None,
+                "tool_call_parser": self.tool_call_parser}
 
 
 def run_app(args: Dict[str, Any], name: str = "raylm", **kwargs):
@@ -238,7 +276,8 @@ def run_app(args: Dict[str, Any], name: str = "raylm", **kwargs):
 
     a = args if isinstance(args, ServeArgs) else ServeArgs(**args)
     kwargs.setdefault("route_prefix", "/")
-    return serve.run(build_app(a), name=name, external_scaler_enabled=a.autoscaling_config is None, **kwargs)
+    return serve.run(build_app(a), name=name, external_scaler_enabled=a.autoscaling_config is None,
+                     **kwargs)
 
 
 def build_app(args: Dict[str, Any]):
@@ -260,7 +299,8 @@ def build_app(args: Dict[str, Any]):
         request_router_config=RequestRouterConfig(request_router_class=DPRouter,
                                                   request_router_kwargs=a.router_kwargs(),
                                                   request_routing_stats_period_s=1.0),
-        deployment_actors=[DeploymentActorConfig(name=COORDINATOR_ACTOR, actor_class=ray.remote(DPCoordinator),
+        deployment_actors=[DeploymentActorConfig(name=COORDINATOR_ACTOR,
+                                                 actor_class=ray.remote(DPCoordinator),
                                                  actor_options={"num_cpus": 0})],
         health_check_period_s=5, health_check_timeout_s=30,
         graceful_shutdown_timeout_s=a.shutdown_timeout, graceful_shutdown_wait_loop_s=1,
@@ -273,8 +313,8 @@ def build_app(args: Dict[str, Any]):
     # still get their error out through it.
     ingress = serve.deployment(ingress_cls, name="OpenAIIngress", num_replicas=1,
                                max_ongoing_requests=a.max_ongoing_requests + INGRESS_HEADROOM,
-                               graceful_shutdown_timeout_s=a.shutdown_timeout + INGRESS_SHUTDOWN_MARGIN_S,
-                               graceful_shutdown_wait_loop_s=1,
+                               graceful_shutdown_timeout_s=a.shutdown_timeout
+                               + INGRESS_SHUTDOWN_MARGIN_S, graceful_shutdown_wait_loop_s=1,
                                ray_actor_options={"num_cpus": 0,
                                                   "runtime_env": {"env_vars": INGRESS_ENV}})
     return ingress.bind(llm, engine, a.model_name, **a.ingress_options())

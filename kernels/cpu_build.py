@@ -32,9 +32,11 @@ _FLAGS = _COMPILE + ["|"] + _LINK  # both go into the cache tag
 class CLibrary:
     """One C source beside this file and the signatures of the functions it exports."""
 
-    def __init__(self, source: str, signatures: Dict[str, List], includes: Sequence[str] = ()) -> None:
+    def __init__(self, source: str, signatures: Dict[str, List],
+                 includes: Sequence[str] = ()) -> None:
         self.source = Path(__file__).with_name(source)
-        self.includes = [Path(__file__).with_name(name) for name in includes]  # part of the cache tag
+        # part of the cache tag
+        self.includes = [Path(__file__).with_name(name) for name in includes]
         self.signatures = signatures  # name -> argtypes (every function returns void)
         self._lib: Optional[ctypes.CDLL] = None
         self._failed = False
@@ -42,7 +44,8 @@ class CLibrary:
 
     def build(self, out_dir: Path) -> Path:
         source = b"".join(p.read_bytes() for p in [self.source, *self.includes])
-        tag = hashlib.sha256(source + " ".join(_FLAGS).encode() + os.uname().machine.encode()).hexdigest()[:16]
+        tag = hashlib.sha256(source + " ".join(_FLAGS).encode()
+                             + os.uname().machine.encode()).hexdigest()[:16]
         target = out_dir / f"{self.source.stem}-{tag}.so"
         if target.exists():
             return target
@@ -54,8 +57,10 @@ class CLibrary:
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
             tmp_o, tmp_so = Path(tmp) / "kernel.o", Path(tmp) / target.name
-            subprocess.run([cc, *_COMPILE, "-c", str(self.source), "-o", str(tmp_o)], check=True, capture_output=True)
-            subprocess.run([cc, *_LINK, str(tmp_o), "-o", str(tmp_so), "-lm"], check=True, capture_output=True)
+            subprocess.run([cc, *_COMPILE, "-c", str(self.source), "-o", str(tmp_o)], check=True,
+                           capture_output=True)
+            subprocess.run([cc, *_LINK, str(tmp_o), "-o", str(tmp_so), "-lm"], check=True,
+                           capture_output=True)
             os.replace(tmp_so, target)  # atomic: concurrent builders race harmlessly
         return target
 
@@ -77,5 +82,6 @@ class CLibrary:
                 self._lib = lib
             except Exception as exc:  # no compiler, odd platform: the torch path still works
                 self._failed = True
-                logger.warning("CPU kernels %s unavailable, using the torch path: %s", self.source.name, exc)
+                logger.warning("CPU kernels %s unavailable, using the torch path: %s",
+                               self.source.name, exc)
             return self._lib

@@ -13,8 +13,9 @@ import torch
 from raylm.kernels.cpu_build import CLibrary
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-_LIB = CLibrary("cpu_decode_stack.c", {"decode_stack_bf16": [_PTR, _I64, _PTR] + [_PTR] * 8 + [_I64] * 2,
-                                       "decode_attention_bf16": [_PTR] * 8 + [_I64] * 2},
+_LIB = CLibrary("cpu_decode_stack.c",
+                {"decode_stack_bf16": [_PTR, _I64, _PTR] + [_PTR] * 8 + [_I64] * 2,
+                 "decode_attention_bf16": [_PTR] * 8 + [_I64] * 2},
                 includes=("cpu_ops.c", "paged_attention_cpu.c"))
 
 
@@ -29,10 +30,11 @@ class DecodeLayer(ctypes.Structure):
 class DecodeDims(ctypes.Structure):
     """Shapes shared by the layers; cos/sin are the fp32 rotary tables [max_position, D/2]."""
 
-    _fields_ = ([(name, _I64) for name in ("hidden", "hq", "hkv", "head_dim", "inter", "num_blocks",
-                                           "block_size")]
-                + [("eps", ctypes.c_float), ("scale", ctypes.c_float), ("cos", _PTR), ("sin", _PTR),
-                   ("neox", _I64)])
+    _fields_ = ([(name, _I64)
+                 for name in ("hidden", "hq", "hkv", "head_dim", "inter", "num_blocks",
+                              "block_size")]
+                + [("eps", ctypes.c_float), ("scale", ctypes.c_float), ("cos", _PTR),
+                   ("sin", _PTR), ("neox", _I64)])
 
 
 def available() -> bool:
@@ -43,9 +45,9 @@ def layer_array(layers: Sequence[DecodeLayer]) -> ctypes.Array:
     return (DecodeLayer * len(layers))(*layers)
 
 
-def decode_stack(layers: ctypes.Array, dims: DecodeDims, x: torch.Tensor, residual: Optional[torch.Tensor],
-                 positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
-                 lens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def decode_stack(layers: ctypes.Array, dims: DecodeDims, x: torch.Tensor,
+                 residual: Optional[torch.Tensor], positions: torch.Tensor, slots: torch.Tensor,
+                 tables: torch.Tensor, lens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """x [M, hidden] bf16 (+ residual, None before the first layer) through every layer, one
     decode token per row: stores this step's K/V and returns (x, residual) as the layers do.
     positions, slots, lens [M] and tables [M, max_nb] are int64."""
@@ -53,10 +55,12 @@ def decode_stack(layers: ctypes.Array, dims: DecodeDims, x: torch.Tensor, residu
     assert x.is_contiguous() and x.dtype == torch.bfloat16 and tables.dtype == torch.int64
     tables, lens, slots, positions = (t.contiguous() for t in (tables, lens, slots, positions))
     out, res_out = torch.empty(m, h, dtype=x.dtype), torch.empty(m, h, dtype=x.dtype)
-    _LIB.load().decode_stack_bf16(ctypes.addressof(layers), len(layers), ctypes.addressof(dims), x.data_ptr(),
+    _LIB.load().decode_stack_bf16(ctypes.addressof(layers), len(layers), ctypes.addressof(dims),
+                                  x.data_ptr(),
                                   None if residual is None else residual.contiguous().data_ptr(),
-                                  out.data_ptr(), res_out.data_ptr(), positions.data_ptr(), slots.data_ptr(),
-                                  tables.data_ptr(), lens.data_ptr(), m, tables.shape[1])
+                                  out.data_ptr(), res_out.data_ptr(), positions.data_ptr(),
+                                  slots.data_ptr(), tables.data_ptr(), lens.data_ptr(), m,
+                                  tables.shape[1])
     return out, res_out
 
 
@@ -68,7 +72,9 @@ def decode_attention(layers: ctypes.Array, index: int, dims: DecodeDims, qkv: to
     m = qkv.shape[0]
     assert qkv.is_contiguous() and qkv.dtype == torch.bfloat16
     out = torch.empty(m, dims.hq * dims.head_dim, dtype=qkv.dtype)
-    _LIB.load().decode_attention_bf16(ctypes.addressof(layers) + index * ctypes.sizeof(DecodeLayer),
-                                      ctypes.addressof(dims), qkv.data_ptr(), out.data_ptr(), positions.data_ptr(),
-                                      slots.data_ptr(), tables.data_ptr(), lens.data_ptr(), m, tables.shape[1])
+    _LIB.load().decode_attention_bf16(ctypes.addressof(layers) + index
+                                      * ctypes.sizeof(DecodeLayer), ctypes.addressof(dims),
+                                      qkv.data_ptr(), out.data_ptr(), positions.data_ptr(),
+                                      slots.data_ptr(), tables.data_ptr(), lens.data_ptr(), m,
+                                      tables.shape[1])
     return out

@@ -22,8 +22,10 @@ _SIGNATURES = {
     "sample_rows": [_PTR] + [_I64] * 3 + [_PTR] * 3,
     "mask_rows": [_PTR] + [_I64] * 2 + [_PTR, _I64, _PTR, _I64],
 }
-_LIB = CLibrary("cpu_ops.c", {**{f"{name}_{s}": args for name, args in _SIGNATURES.items() for s in ("f32", "bf16")},
-                              "gemv_bf16": [_PTR] * 4 + [_I64] * 3})
+_LIB = CLibrary("cpu_ops.c",
+                {**{f"{name}_{s}": args for name, args in _SIGNATURES.items()
+                    for s in ("f32", "bf16")},
+                 "gemv_bf16": [_PTR] * 4 + [_I64] * 3})
 # Above this oneDNN's prepacked GEMM wins. Measured on SmolLM2's 120 layer weights, cycled so
 # none stays in cache: 1-2 rows 1.6x faster than oneDNN, 4 rows equal, 6 and more slower.
 GEMV_MAX_ROWS = 4
@@ -51,28 +53,30 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(1) == 1 else x2.contiguous()
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: Optional[torch.Tensor] = None):
     x2 = _rows(x)
     out = _empty(*x2.shape, dtype=x.dtype)
     r2 = res_out = None
     if residual is not None:
         r2, res_out = _rows(residual), _empty(*x2.shape, dtype=x.dtype)
-    _fn("add_rms_norm", x.dtype)(x2.data_ptr(), None if r2 is None else r2.data_ptr(), weight.data_ptr(),
-                                 out.data_ptr(), None if res_out is None else res_out.data_ptr(), x2.shape[0],
+    _fn("add_rms_norm", x.dtype)(x2.data_ptr(), None if r2 is None else r2.data_ptr(),
+                                 weight.data_ptr(), out.data_ptr(),
+                                 None if res_out is None else res_out.data_ptr(), x2.shape[0],
                                  x2.shape[1], x2.stride(0), 0 if r2 is None else r2.stride(0), eps)
     if residual is None:
         return out.view(x.shape)
     return out.view(x.shape), res_out.view(x.shape)
 
 
-def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-           neox: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+           sin: torch.Tensor, neox: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """In place on q [T, Hq, D] and k [T, Hkv, D] (each token's heads contiguous)."""
     d = q.shape[2]
     assert q.stride(1) == d and k.stride(1) == d and q.stride(2) == 1 and k.stride(2) == 1
-    _fn("rotary", q.dtype)(q.data_ptr(), k.data_ptr(), positions.contiguous().data_ptr(), cos.data_ptr(),
-                           sin.data_ptr(), q.shape[0], q.shape[1], k.shape[1], q.stride(0), k.stride(0), d,
-                           int(neox))
+    _fn("rotary", q.dtype)(q.data_ptr(), k.data_ptr(), positions.contiguous().data_ptr(),
+                           cos.data_ptr(), sin.data_ptr(), q.shape[0], q.shape[1], k.shape[1],
+                           q.stride(0), k.stride(0), d, int(neox))
     return q, k
 
 
@@ -85,11 +89,13 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def store_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    """k, v [T, Hkv, D] into the cpu backend's cache [2, Hkv, NB, BS, D] (K transposed per block)."""
+    """k, v [T, Hkv, D] into the cpu backend's cache [2, Hkv, NB, BS, D] (K transposed per
+    block)."""
     _, hkv, nb, bs, d = cache.shape
     assert cache.is_contiguous() and k.stride(1) == d and v.stride(1) == d and k.stride(2) == 1
-    _fn("store_kv", cache.dtype)(k.data_ptr(), v.data_ptr(), cache.data_ptr(), slots.contiguous().data_ptr(),
-                                 k.shape[0], hkv, d, nb, bs, k.stride(0), v.stride(0))
+    _fn("store_kv", cache.dtype)(k.data_ptr(), v.data_ptr(), cache.data_ptr(),
+                                 slots.contiguous().data_ptr(), k.shape[0], hkv, d, nb, bs,
+                                 k.stride(0), v.stride(0))
 
 
 def sample_rows(logits: torch.Tensor, temps: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -97,8 +103,9 @@ def sample_rows(logits: torch.Tensor, temps: torch.Tensor, u: torch.Tensor) -> t
     else an inverse-CDF draw from softmax(logits / T) with the row's uniform u (fp32)."""
     assert logits.stride(1) == 1 and temps.dtype == u.dtype == torch.float32
     out = _empty(logits.shape[0], dtype=torch.int64)
-    _fn("sample_rows", logits.dtype)(logits.data_ptr(), logits.shape[0], logits.shape[1], logits.stride(0),
-                                     temps.contiguous().data_ptr(), u.contiguous().data_ptr(), out.data_ptr())
+    _fn("sample_rows", logits.dtype)(logits.data_ptr(), logits.shape[0], logits.shape[1],
+                                     logits.stride(0), temps.contiguous().data_ptr(),
+                                     u.contiguous().data_ptr(), out.data_ptr())
     return out
 
 
@@ -106,8 +113,9 @@ def mask_rows(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -
     """In place: logits[rows[i], t] = -inf where bit t of bitmask[i] (int32 words) is clear."""
     assert logits.stride(1) == 1 and bitmask.dtype == torch.int32 and rows.dtype == torch.int64
     bitmask, rows = bitmask.contiguous(), rows.contiguous()
-    _fn("mask_rows", logits.dtype)(logits.data_ptr(), logits.stride(0), logits.shape[1], bitmask.data_ptr(),
-                                   bitmask.shape[1], rows.data_ptr(), rows.shape[0])
+    _fn("mask_rows", logits.dtype)(logits.data_ptr(), logits.stride(0), logits.shape[1],
+                                   bitmask.data_ptr(), bitmask.shape[1], rows.data_ptr(),
+                                   rows.shape[0])
 
 
 @lru_cache(maxsize=None)
@@ -120,10 +128,12 @@ def gemv_available() -> bool:
     return bool(lib.gemv_bf16_fast())
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor,
+         bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [M, K] @ weight [N, K]^T (+ bias), bf16 in and out, for M <= a few rows."""
     x = x.contiguous()
     out = _empty(x.shape[0], weight.shape[0], dtype=torch.bfloat16)
-    _fn("gemv", torch.bfloat16)(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
-                          out.data_ptr(), x.shape[0], weight.shape[0], x.shape[1])
+    _fn("gemv", torch.bfloat16)(x.data_ptr(), weight.data_ptr(),
+                                None if bias is None else bias.data_ptr(), out.data_ptr(),
+                                x.shape[0], weight.shape[0], x.shape[1])
     return out

@@ -36,7 +36,8 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     block, see raylm.models.attention); block_tables [S, max_nb] int64; context_lens [S]
     int64 -> [S, Hq, D] fp32."""
     lib = load()
-    fn = {torch.bfloat16: lib.paged_decode_bf16, torch.float32: lib.paged_decode_f32}[kv_cache.dtype]
+    fn = {torch.bfloat16: lib.paged_decode_bf16,
+          torch.float32: lib.paged_decode_f32}[kv_cache.dtype]
     q = q.float().contiguous()
     tables, lens = block_tables.contiguous(), context_lens.contiguous()
     assert kv_cache.is_contiguous() and tables.dtype == torch.int64 and lens.dtype == torch.int64

@@ -82,8 +82,10 @@ def measure_gemm_rates(shape=PROBE_SHAPE, repeats: int = 5) -> GemmRates:
     """Time oneDNN's prepacked GEMM in bf16 and fp32 at `shape` (M, K, N); ~0.1 s."""
     m, k, n = shape
     flop = 2.0 * m * k * n
-    rates = {d: flop / _gemm_seconds(d, m, k, n, repeats) / 1e9 for d in (torch.bfloat16, torch.float32)}
-    return GemmRates(bf16=rates[torch.bfloat16], f32=rates[torch.float32], threads=torch.get_num_threads())
+    rates = {d: flop / _gemm_seconds(d, m, k, n, repeats) / 1e9
+             for d in (torch.bfloat16, torch.float32)}
+    return GemmRates(bf16=rates[torch.bfloat16], f32=rates[torch.float32],
+                     threads=torch.get_num_threads())
 
 
 def _probe_path() -> Path:
@@ -91,7 +93,8 @@ def _probe_path() -> Path:
 
     machine = f"{platform.machine()}|{sorted(cpu_flags())}|{_cpu_model()}|{torch.__version__}|" \
               f"{torch.get_num_threads()}"
-    return cache_dir() / "machine" / f"gemm-{hashlib.sha256(machine.encode()).hexdigest()[:16]}.json"
+    return (cache_dir() / "machine"
+            / f"gemm-{hashlib.sha256(machine.encode()).hexdigest()[:16]}.json")
 
 
 def _cpu_model() -> str:
@@ -138,8 +141,8 @@ def choose_cpu_gemm(weights: torch.dtype, requested: str, rates_fn=gemm_rates) -
         return getattr(torch, requested), f"GEMMs in {requested} (cpu_gemm_dtype)"
     r = rates_fn()
     gemm = torch.float32 if r.f32 >= FP32_MARGIN * r.bf16 else torch.bfloat16
-    return gemm, (f"GEMMs in {_name(gemm)}: oneDNN measured {r.bf16:.0f} GFLOP/s bf16, {r.f32:.0f} "
-                  f"fp32 at {'x'.join(map(str, PROBE_SHAPE))} on {r.threads} threads")
+    return gemm, (f"GEMMs in {_name(gemm)}: oneDNN measured {r.bf16:.0f} GFLOP/s bf16, "
+                  f"{r.f32:.0f} fp32 at {'x'.join(map(str, PROBE_SHAPE))} on {r.threads} threads")
 
 
 def choose_dtypes(dtype: str, device: torch.device, checkpoint: Optional[torch.dtype] = None,
@@ -148,12 +151,14 @@ def choose_dtypes(dtype: str, device: torch.device, checkpoint: Optional[torch.d
     """Resolve the `dtype` option (auto or a torch dtype name) for `device`."""
     if device.type == "cuda":
         bf16_ok = torch.cuda.is_bf16_supported()
-        weights = choose_cuda_dtype(checkpoint, bf16_ok) if dtype == "auto" else getattr(torch, dtype)
+        weights = (choose_cuda_dtype(checkpoint, bf16_ok) if dtype == "auto"
+                   else getattr(torch, dtype))
         return DtypeChoice(weights, weights, f"{_name(weights)} on CUDA (checkpoint {checkpoint})")
     if dtype == "auto":
         native = cpu_native_bf16(flags)
         weights = torch.bfloat16 if native else torch.float32
-        why = "the CPU has native bf16 (avx512_bf16/amx_bf16)" if native else "no native bf16 on this CPU"
+        why = ("the CPU has native bf16 (avx512_bf16/amx_bf16)" if native
+               else "no native bf16 on this CPU")
     else:
         weights, why = getattr(torch, dtype), "asked for"
     gemm, gemm_why = choose_cpu_gemm(weights, cpu_gemm, rates_fn)

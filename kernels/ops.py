@@ -30,7 +30,8 @@ def check_mode(mode: str, device: torch.device) -> None:
     if mode == "triton" and not triton_runs_on(device):
         raise ValueError(f"fused_ops='triton': {why_not(device)}")
     if mode == "cpu" and not (device.type == "cpu" and cpu_ops.available()):
-        raise ValueError(f"fused_ops='cpu' needs the CPU device and a C compiler (this is {device.type})")
+        raise ValueError("fused_ops='cpu' needs the CPU device and a C compiler (this is "
+                         f"{device.type})")
 
 
 def resolve(mode: str, device: torch.device) -> str:
@@ -70,15 +71,16 @@ def _impl(x: torch.Tensor, triton_module: str):
     return reference
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: Optional[torch.Tensor] = None):
     """RMSNorm of x (or of x + residual, returning (normed, x + residual))."""
     if _mode == "cpu" and weight.dtype != x.dtype:
         return reference.rms_norm(x, weight, eps, residual)
     return _impl(x, "triton_layer_ops").rms_norm(x, weight, eps, residual)
 
 
-def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-           neox: bool = True):
+def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+           sin: torch.Tensor, neox: bool = True):
     """Rotated (q, k); the Triton and C kernels rotate them in place."""
     return _impl(q, "triton_layer_ops").rotary(positions, q, k, cos, sin, neox)
 

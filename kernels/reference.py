@@ -10,15 +10,16 @@ import torch
 import torch.nn.functional as F
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: Optional[torch.Tensor] = None):
     if residual is not None:
         x = residual = x + residual
     out = F.rms_norm(x, weight.shape, weight, eps)
     return out if residual is None else (out, residual)
 
 
-def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-           neox: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+           sin: torch.Tensor, neox: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """HF's rotary: cos/sin cast to the activation dtype and applied in it; new tensors."""
     cos = cos[positions].unsqueeze(1).to(q.dtype)
     sin = sin[positions].unsqueeze(1).to(q.dtype)
@@ -39,8 +40,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
-                    scale: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                    block_table: torch.Tensor, scale: float,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The reference: per sequence, gather its keys from the table and run fp32 causal
     softmax attention written out in torch (GQA by repeating KV heads)."""
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if out is None else out
@@ -51,7 +53,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         lo, hi = bounds[s], bounds[s + 1]
         pos = torch.arange(ctx, device=q.device)
         blocks = block_table[s].long()[pos // block_size]
-        k = k_cache[blocks, pos % block_size].float().repeat_interleave(hq // hkv, 1)  # [ctx, Hq, D]
+        # [ctx, Hq, D]
+        k = k_cache[blocks, pos % block_size].float().repeat_interleave(hq // hkv, 1)
         v = v_cache[blocks, pos % block_size].float().repeat_interleave(hq // hkv, 1)
         scores = torch.einsum("qhd,khd->hqk", q[lo:hi].float(), k) * scale
         q_pos = torch.arange(ctx - (hi - lo), ctx, device=q.device)
@@ -61,7 +64,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 slots: torch.Tensor) -> None:
+             slots: torch.Tensor) -> None:
     keep = slots >= 0
     slots, block_size = slots[keep], k_cache.shape[1]
     k_cache[slots // block_size, slots % block_size] = k[keep].to(k_cache.dtype)
@@ -88,5 +91,6 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         start += count
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
     if ys:
-        out.index_add_(0, tokens, torch.cat(ys).float() * topk_weights.flatten()[order].unsqueeze(-1))
+        out.index_add_(0, tokens,
+                       torch.cat(ys).float() * topk_weights.flatten()[order].unsqueeze(-1))
     return out

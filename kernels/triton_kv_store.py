@@ -22,10 +22,10 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, stride_k
     ok = cols < WIDTH
     k = tl.load(k_ptr + t * stride_kt + cols, mask=ok)
     v = tl.load(v_ptr + t * stride_vt + cols, mask=ok)
-    tl.store(k_cache_ptr + block * stride_cb + offset * stride_cs + cols, k.to(k_cache_ptr.dtype.element_ty),
-             mask=ok)
-    tl.store(v_cache_ptr + block * stride_vb + offset * stride_vs + cols, v.to(v_cache_ptr.dtype.element_ty),
-             mask=ok)
+    tl.store(k_cache_ptr + block * stride_cb + offset * stride_cs + cols,
+             k.to(k_cache_ptr.dtype.element_ty), mask=ok)
+    tl.store(v_cache_ptr + block * stride_vb + offset * stride_vs + cols,
+             v.to(v_cache_ptr.dtype.element_ty), mask=ok)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -38,6 +38,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         "store_kv wants each token's K/V heads contiguous"
     width = hkv * d
     _store_kv_kernel[(tokens,)](k, v, k_cache, v_cache, slots, k.stride(0), v.stride(0),
-                                k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-                                WIDTH=width, WIDTH_PAD=triton.next_power_of_2(width),
+                                k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
+                                v_cache.stride(1), WIDTH=width,
+                                WIDTH_PAD=triton.next_power_of_2(width),
                                 BLOCK_SIZE=k_cache.shape[1])

@@ -48,8 +48,9 @@ _empty = torch.empty  # every scratch/output allocation (tests poison them throu
 @triton.jit
 def _grouped_gemm_kernel(a_ptr, w_ptr, c_ptr, pairs_ptr, block_slot_ptr, total_ptr, weights_ptr,
                          n, k, num_pairs, stride_a, stride_we, stride_wn, stride_wk, stride_c,
-                         ROWS_PER_A: tl.constexpr, MUL_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                         ROWS_PER_A: tl.constexpr, MUL_WEIGHTS: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         PRECISION: tl.constexpr):
     """c[pair, :] = a[pair // ROWS_PER_A] @ w[expert]^T (times the pair's top-k weight)."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(total_ptr):
@@ -66,8 +67,8 @@ def _grouped_gemm_kernel(a_ptr, w_ptr, c_ptr, pairs_ptr, block_slot_ptr, total_p
             ks = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(a_ptr + rows[:, None] * stride_a + ks[None, :],
                         mask=pair_ok[:, None] & (ks < k)[None, :], other=0.0)
-            w = tl.load(w_ptr + expert * stride_we + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
-                        mask=(ks < k)[:, None] & (cols < n)[None, :], other=0.0)
+            w = tl.load(w_ptr + expert * stride_we + cols[None, :] * stride_wn + ks[:, None]
+                        * stride_wk, mask=(ks < k)[:, None] & (cols < n)[None, :], other=0.0)
             acc += tl.dot(a.to(w.dtype), w, input_precision=PRECISION)
         if MUL_WEIGHTS:
             acc *= tl.load(weights_ptr + pairs, mask=pair_ok, other=0.0)[:, None]

@@ -44,9 +44,10 @@ def _paged_attention_kernel(
         cu_q_ptr, seq_lens_ptr, table_ptr, num_seqs, num_q_heads, scale,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_table,
-        HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-        BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        NUM_SEGMENTS: tl.constexpr, DECODE_ONLY: tl.constexpr, PRECISION: tl.constexpr):
+        HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, GROUP: tl.constexpr,
+        GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+        TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
+        DECODE_ONLY: tl.constexpr, PRECISION: tl.constexpr):
     pid, kv_head, segment = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if DECODE_ONLY:  # one query token per sequence: program i is sequence i
         seq = pid
@@ -65,8 +66,8 @@ def _paged_attention_kernel(
     row_ok = (rows // GROUP_PAD < BLOCK_Q) & (tok < q_len) & (rows % GROUP_PAD < GROUP)
     dims = tl.arange(0, HEAD_PAD)
     dim_ok = dims < HEAD_DIM
-    q = tl.load(q_ptr + (q_begin + tok)[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    q = tl.load(q_ptr + (q_begin + tok)[:, None] * stride_qt + head[:, None] * stride_qh
+                + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
     q = q.to(k_ptr.dtype.element_ty)
     q_pos = ctx - q_len + tok  # absolute position: sees keys 0..q_pos
     kv_end = ctx - q_len + tl.minimum(q0 + BLOCK_Q, q_len)
@@ -85,8 +86,8 @@ def _paged_attention_kernel(
         block = block.to(tl.int64)  # block * stride passes 2^31 in a large cache
         offset = pos % BLOCK_SIZE
         kv_ok = pos_ok[None, :] & dim_ok[:, None]
-        k = tl.load(k_ptr + block[None, :] * stride_kb + offset[None, :] * stride_ks + kv_head * stride_kh
-                    + dims[:, None], mask=kv_ok, other=0.0)  # [HEAD_PAD, TILE_N]
+        k = tl.load(k_ptr + block[None, :] * stride_kb + offset[None, :] * stride_ks + kv_head
+                    * stride_kh + dims[:, None], mask=kv_ok, other=0.0)  # [HEAD_PAD, TILE_N]
         s = tl.dot(q, k, input_precision=PRECISION) * scale
         s = tl.where((pos[None, :] <= q_pos[:, None]) & pos_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -94,8 +95,9 @@ def _paged_attention_kernel(
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m - m_safe)
         l = l * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + block[:, None] * stride_vb + offset[:, None] * stride_vs + kv_head * stride_vh
-                    + dims[None, :], mask=tl.trans(kv_ok), other=0.0)  # [TILE_N, HEAD_PAD]
+        v = tl.load(v_ptr + block[:, None] * stride_vb + offset[:, None] * stride_vs + kv_head
+                    # [TILE_N, HEAD_PAD]
+                    * stride_vh + dims[None, :], mask=tl.trans(kv_ok), other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
 
@@ -112,8 +114,9 @@ def _paged_attention_kernel(
 
 
 @triton.jit
-def _reduce_segments(out_ptr, part_ptr, part_max_ptr, part_sum_ptr, num_q_heads, stride_ot, stride_oh,
-                     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, NUM_SEGMENTS: tl.constexpr):
+def _reduce_segments(out_ptr, part_ptr, part_max_ptr, part_sum_ptr, num_q_heads, stride_ot,
+                     stride_oh, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+                     NUM_SEGMENTS: tl.constexpr):
     """out[token, head] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s, over the segments."""
     token, head = tl.program_id(0), tl.program_id(1)
     base = (token * num_q_heads + head) * NUM_SEGMENTS
@@ -125,13 +128,14 @@ def _reduce_segments(out_ptr, part_ptr, part_max_ptr, part_sum_ptr, num_q_heads,
     total = tl.sum(w * tl.load(part_sum_ptr + base + segs), 0)
     acc = tl.load(part_ptr + (base + segs)[:, None] * HEAD_PAD + dims[None, :])
     out = tl.sum(acc * w[:, None], 0) / total
-    tl.store(out_ptr + token * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty),
-             mask=dims < HEAD_DIM)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + dims,
+             out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
-                    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
-                    scale: float, max_query_len: int, num_segments: int = 1) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    out: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                    block_table: torch.Tensor, scale: float, max_query_len: int,
+                    num_segments: int = 1) -> torch.Tensor:
     """Writes attention of q [T, Hq, D] over the paged cache into `out` [T, Hq, D] and returns
     it. `max_query_len` (a host int) picks the tile shape; `num_segments` > 1 (a power of two)
     splits each sequence's keys. Rows of q past `cu_seqlens_q[-1]` get unspecified values."""
@@ -152,10 +156,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         q, k_cache, v_cache, out, part, part_max, part_sum, cu_seqlens_q, seq_lens, block_table,
         num_seqs, hq, scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0),
-        HEAD_DIM=d, HEAD_PAD=head_pad, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_M=block_m,
-        TILE_N=32 if block_size >= 32 else 16, BLOCK_SIZE=block_size, NUM_SEGMENTS=num_segments,
-        DECODE_ONLY=max_query_len == 1, PRECISION=dot_precision(k_cache.dtype))
+        HEAD_DIM=d, HEAD_PAD=head_pad, GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
+        BLOCK_M=block_m, TILE_N=32 if block_size >= 32 else 16, BLOCK_SIZE=block_size,
+        NUM_SEGMENTS=num_segments, DECODE_ONLY=max_query_len == 1,
+        PRECISION=dot_precision(k_cache.dtype))
     if num_segments > 1:
-        _reduce_segments[(tokens, hq)](out, part, part_max, part_sum, hq, out.stride(0), out.stride(1),
-                                      HEAD_DIM=d, HEAD_PAD=head_pad, NUM_SEGMENTS=num_segments)
+        _reduce_segments[(tokens, hq)](out, part, part_max, part_sum, hq, out.stride(0),
+                                       out.stride(1), HEAD_DIM=d, HEAD_PAD=head_pad,
+                                       NUM_SEGMENTS=num_segments)
     return out

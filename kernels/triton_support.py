@@ -30,7 +30,8 @@ def why_not(device: torch.device) -> str:
         return "Triton is not installed (pip install triton)"
     if device.type == "cuda":
         return "raylm's Triton kernels need a GPU of compute capability 8.0 or newer"
-    return f"Triton runs on CUDA, or on CPU only under its interpreter (TRITON_INTERPRET=1); this is {device.type}"
+    return ("Triton runs on CUDA, or on CPU only under its interpreter (TRITON_INTERPRET=1); "
+            f"this is {device.type}")
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -15,7 +15,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from raylm import LLM, SamplingParams
 
     llm = LLM(**engine_kwargs(args))
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
+                            seed=args.seed)
     history: List[dict] = []
     prompts = [args.prompt] if args.prompt else _stdin_lines()
     for text in prompts:
@@ -42,7 +43,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from raylm import LLM, SamplingParams
 
     llm = LLM(**engine_kwargs(args))
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
+                            seed=args.seed)
     for out in llm.generate(args.prompts, params):
         print(out.prompt + out.outputs[0].text, flush=True)
     return 0
@@ -72,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    logging.basicConfig(level=log_level(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # third-party
+    logging.basicConfig(level=log_level(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # third-party
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

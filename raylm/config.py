@@ -12,7 +12,8 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 
 def cache_dir() -> Path:
-    """Where converted models live: $RAYLM_CACHE_DIR, else $XDG_CACHE_HOME/raylm, else ~/.cache/raylm."""
+    """Where converted models live: $RAYLM_CACHE_DIR, else $XDG_CACHE_HOME/raylm, else
+    ~/.cache/raylm."""
     if os.environ.get("RAYLM_CACHE_DIR"):
         return Path(os.environ["RAYLM_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -73,7 +74,8 @@ def openai_api_key() -> Optional[str]:
 # ---- configs ----------------------------------------------------------------------
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16",
+                 "half": "float16"}
 
 
 class _Config(BaseModel):
@@ -83,30 +85,39 @@ class _Config(BaseModel):
 class ModelConfig(_Config):
     """Which weights to run and how. `model` is a registered name or a local HF checkpoint dir."""
 
-    model: str = Field("smollm2-135m-instruct", description="embedded model name or a local HF checkpoint dir")
+    model: str = Field("smollm2-135m-instruct",
+                       description="embedded model name or a local HF checkpoint dir")
     tokenizer: Optional[str] = Field(None, description="tokenizer dir, when not the model's")
     dtype: str = Field(
-        "auto", description="auto | float32 | bfloat16 | float16. auto: on CUDA the checkpoint's half "
-                            "dtype; on CPU bf16 where the CPU has native bf16, else fp32 (logged; see "
-                            "raylm.kernels.machine)")
-    max_model_len: Optional[int] = Field(None, gt=0, description="prompt + output tokens (default: the model's)")
+        "auto",
+        description="auto | float32 | bfloat16 | float16. auto: on CUDA the checkpoint's half "
+                    "dtype; on CPU bf16 where the CPU has native bf16, else fp32 (logged; see "
+                    "raylm.kernels.machine)")
+    max_model_len: Optional[int] = Field(None, gt=0,
+                                         description="prompt + output tokens (default: the "
+                                                     "model's)")
     seed: int = 0
     cpu_gemm_dtype: Literal["auto", "bfloat16", "float32"] = Field(
-        "auto", description="CPU, bf16 weights: what GEMMs above a few rows (prefill, batched decode) "
-                            "compute in; auto times both once per machine and keeps the faster (fp32 "
-                            "holds a second, fp32 copy of each weight)")
+        "auto",
+        description="CPU, bf16 weights: what GEMMs above a few rows (prefill, batched decode) "
+                    "compute in; auto times both once per machine and keeps the faster (fp32 "
+                    "holds a second, fp32 copy of each weight)")
     cpu_linear: Literal["onednn", "torch"] = Field(
-        "onednn", description="CPU GEMMs: onednn prepacks weights after loading (faster at decode batch "
-                              "sizes); torch keeps plain F.linear")
+        "onednn",
+        description="CPU GEMMs: onednn prepacks weights after loading (faster at decode batch "
+                    "sizes); torch keeps plain F.linear")
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="where the model runs: auto is CUDA when the process sees a GPU, else CPU")
+        "auto",
+        description="where the model runs: auto is CUDA when the process sees a GPU, else CPU")
     attention_backend: str = Field(
-        "auto", description="paged attention (raylm.attention registry): auto picks per device; torch is "
-                            "the reference; cpu decodes with the compiled C kernel; triton is the GPU "
-                            "kernel (on CPU only under TRITON_INTERPRET=1)")  # checked in raylm.options
+        "auto",
+        description="paged attention (raylm.attention registry): auto picks per device; torch is "
+                    "the reference; cpu decodes with the compiled C kernel; triton is the GPU "
+                    "kernel (on CPU only under TRITON_INTERPRET=1)")  # checked in raylm.options
     fused_ops: Literal["auto", "triton", "cpu", "torch"] = Field(
-        "auto", description="RMSNorm, rotary, SiLU-and-mul, MoE: auto runs the Triton kernels on CUDA and "
-                            "the C kernels on CPU (when gcc is present); torch forces the references")
+        "auto",
+        description="RMSNorm, rotary, SiLU-and-mul, MoE: auto runs the Triton kernels on CUDA and "
+                    "the C kernels on CPU (when gcc is present); torch forces the references")
     enforce_eager: bool = Field(
         False, description="CUDA: never capture decode steps as CUDA graphs (vLLM's option)")
 
@@ -128,27 +139,34 @@ class ModelConfig(_Config):
 
 
 class CacheConfig(_Config):
-    """Paged KV cache. `kv_cache_memory`: bytes (int or '2GiB'), or a fraction (0, 1] of free memory."""
+    """Paged KV cache. `kv_cache_memory`: bytes (int or '2GiB'), or a fraction (0, 1] of free
+    memory."""
 
     block_size: int = Field(16, gt=0, description="tokens per KV block")
     kv_cache_memory: Union[float, int, str, None] = Field(
-        None, description="CPU KV budget: bytes ('2GiB') or a fraction of available memory (default: "
-                          "0.3 of it, at most 4 GiB, split over the DP replicas)")
-    num_blocks: Optional[int] = Field(None, gt=0, description="fix the KV cache size in blocks (overrides budgets)")
+        None,
+        description="CPU KV budget: bytes ('2GiB') or a fraction of available memory (default: "
+                    "0.3 of it, at most 4 GiB, split over the DP replicas)")
+    num_blocks: Optional[int] = Field(None, gt=0,
+                                      description="fix the KV cache size in blocks (overrides "
+                                                  "budgets)")
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float = Field(
-        0.9, gt=0, le=1, description="CUDA: fraction of the GPU's memory for weights, activations and KV "
-                                     "cache (vLLM's option, same meaning)")
+        0.9, gt=0, le=1,
+        description="CUDA: fraction of the GPU's memory for weights, activations and KV "
+                    "cache (vLLM's option, same meaning)")
     kv_cache_dtype: str = Field(
-        "auto", description="auto (the model dtype) | float32 (spares CPU attention's upcast, 2x memory) "
-                            "| bfloat16 | float16")
+        "auto",
+        description="auto (the model dtype) | float32 (spares CPU attention's upcast, 2x memory) "
+                    "| bfloat16 | float16")
 
     @field_validator("kv_cache_dtype")
     @classmethod
     def _check_kv_dtype(cls, value: str) -> str:
         value = DTYPE_ALIASES.get(value, value)
         if value != "auto" and value not in DTYPES:
-            raise ValueError(f"kv_cache_dtype must be 'auto' or one of {sorted(DTYPES)} (got {value!r})")
+            raise ValueError(f"kv_cache_dtype must be 'auto' or one of {sorted(DTYPES)} (got "
+                             f"{value!r})")
         return value
 
     def torch_kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
@@ -166,7 +184,9 @@ class SchedulerConfig(_Config):
     max_num_seqs: int = Field(128, gt=0, description="most sequences in one step")
     max_num_batched_tokens: int = Field(2048, gt=0, description="most tokens in one step")
     long_prefill_token_threshold: int = Field(
-        512, gt=0, description="a longer prefill is chunked even when the step has room (decodes keep flowing)")
+        512, gt=0,
+        description="a longer prefill is chunked even when the step has room (decodes keep "
+                    "flowing)")
     # Admission (AsyncEngine): past the bound a new request is refused (EngineOverloadedError
     # -> 429 + Retry-After) instead of queueing without bound. None: unbounded (the offline LLM
     # queues all its prompts at once).
@@ -174,7 +194,8 @@ class SchedulerConfig(_Config):
         None, gt=0, description="waiting sequences past which a new request is refused (429)")
     # Watchdog: the Ray executor stops waiting for its workers and fails the engine;
     # AsyncEngine marks itself dead and logs the stuck stack.
-    step_timeout_s: float = Field(300.0, gt=0, description="a step running longer than this is stuck")
+    step_timeout_s: float = Field(300.0, gt=0,
+                                  description="a step running longer than this is stuck")
     # Streaming granularity (vLLM's --stream-interval): a request's update goes out at its
     # first token, at its end, and otherwise once this many new tokens have piled up. 1 sends
     # every token; more cuts the serving path's per-update work (frames, SSE chunks, writes).
@@ -183,28 +204,39 @@ class SchedulerConfig(_Config):
 
 
 class ParallelConfig(_Config):
-    tensor_parallel_size: int = Field(1, gt=0, validation_alias=AliasChoices("tensor_parallel_size", "tp"))
-    pipeline_parallel_size: int = Field(1, gt=0, validation_alias=AliasChoices("pipeline_parallel_size", "pp"))
-    data_parallel_size: int = Field(default=1, gt=0)  # set by the serving layer (its replica count)
+    tensor_parallel_size: int = Field(1, gt=0,
+                                      validation_alias=AliasChoices("tensor_parallel_size", "tp"))
+    pipeline_parallel_size: int = Field(1, gt=0,
+                                        validation_alias=AliasChoices("pipeline_parallel_size",
+                                                                      "pp"))
+    # set by the serving layer (its replica count)
+    data_parallel_size: int = Field(default=1, gt=0)
     distributed_executor_backend: Literal["uni", "ray", "sim"] = Field(
         "uni", validation_alias=AliasChoices("distributed_executor_backend", "executor"),
-        description="uni: the model in this process; ray: on Ray worker actors (implied by tp*pp > 1); "
-                    "sim: no model, each step sleeps for its roofline time (raylm.executor.sim)")
-    sim_device: str = Field("h100", description="sim executor: the device, a preset (h100, h200, a100, l4) or "
-                                                "name:GBps:TFLOPs:GiB[:step_ms[:layer_us]]")
-    sim_model: Optional[str] = Field(None, description="sim executor: the simulated model's shape, a preset "
-                                                       "(llama-3-8b, ...; default: --model's own config)")
+        description="uni: the model in this process; ray: on Ray worker actors (implied by tp*pp "
+                    "> 1); sim: no model, each step sleeps for its roofline time "
+                    "(raylm.executor.sim)")
+    sim_device: str = Field("h100",
+                            description="sim executor: the device, a preset (h100, h200, a100, "
+                                        "l4) or " "name:GBps:TFLOPs:GiB[:step_ms[:layer_us]]")
+    sim_model: Optional[str] = Field(None,
+                                     description="sim executor: the simulated model's shape, a "
+                                                 "preset (llama-3-8b, ...; default: --model's own "
+                                                 "config)")
     pipeline_layer_split: Optional[List[int]] = Field(
         None, description="decoder layers per pipeline stage, e.g. 10 14 (default: even)")
-    worker_num_cpus: float = Field(1.0, gt=0, description="CPUs per TP/PP Ray worker actor (its bundle)")
+    worker_num_cpus: float = Field(1.0, gt=0,
+                                   description="CPUs per TP/PP Ray worker actor (its bundle)")
     cpu_communicator: Literal["shm", "gloo"] = Field(
-        "shm", description="TP collectives on CPU: shm (shared memory when a group shares a host, else "
-                           "gloo) or gloo")
+        "shm",
+        description="TP collectives on CPU: shm (shared memory when a group shares a host, else "
+                    "gloo) or gloo")
     # With data_parallel_size > 1 (raylm serve) the EP group spans every replica's TP ranks
     # (rank = dp_rank * tp + tp_rank) and the replicas step in lockstep.
     enable_expert_parallel: bool = Field(
-        False, description="MoE: whole experts spread over the EP ranks (the TP ranks; with raylm serve "
-                           "--dp > 1, every replica's, in lockstep) instead of a slice of each")
+        False,
+        description="MoE: whole experts spread over the EP ranks (the TP ranks; with raylm serve "
+                    "--dp > 1, every replica's, in lockstep) instead of a slice of each")
     expert_placement: Optional[List[int]] = Field(
         None, description="EP rank of each expert, e.g. 0 1 1 0 (default: contiguous)")
     # Set at run time by the serving layer, from the DP coordinator's group membership:
@@ -220,8 +252,9 @@ class ParallelConfig(_Config):
             if not self.enable_expert_parallel:
                 raise ValueError("expert_placement needs enable_expert_parallel=True")
             if sorted(set(placement)) != list(range(ranks)):
-                raise ValueError(f"expert_placement {placement} must use every EP rank 0..{ranks - 1} "
-                                 "(tensor_parallel_size x data_parallel_size with expert parallelism) and no other")
+                raise ValueError(f"expert_placement {placement} must use every EP rank "
+                                 f"0..{ranks - 1} (tensor_parallel_size x data_parallel_size with "
+                                 "expert parallelism) and no other")
         return self
 
     @property
@@ -256,7 +289,8 @@ def parse_memory(value: Union[float, int, str]) -> Union[float, int]:
         except ValueError:
             amount = None
         if amount is None or unit not in _UNITS:
-            raise ValueError(f"kv_cache_memory: cannot parse {value!r} (use bytes like '2GiB' or a fraction like 0.5)")
+            raise ValueError(f"kv_cache_memory: cannot parse {value!r} (use bytes like '2GiB' or "
+                             "a fraction like 0.5)")
         value = amount if unit == "" and amount <= 1 else int(amount * _UNITS[unit])
     if isinstance(value, float) and value <= 1:
         if value <= 0:

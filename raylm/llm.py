@@ -36,7 +36,9 @@ class LLM:
     def __init__(self, model: Optional[str] = None, **kwargs: Any) -> None:
         """`model`: an embedded model name or a local HF dir (default: raylm.options' default);
         `kwargs`: any engine option (raylm.options.engine_options())."""
-        self.engine = LLMEngine(build_engine_config(**kwargs, **({"model": model} if model is not None else {})))
+        self.engine = LLMEngine(build_engine_config(**kwargs,
+                                                    **({"model": model} if model is not None
+                                                       else {})))
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -61,12 +63,15 @@ class LLM:
             raise
         return self._run(ids, use_tqdm)
 
-    def chat(self, messages, sampling_params: Optional[SamplingParams] = None, use_tqdm: bool = True,
-             add_generation_prompt: bool = True, chat_template_kwargs: Optional[dict] = None) -> List[RequestOutput]:
+    def chat(self, messages, sampling_params: Optional[SamplingParams] = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             chat_template_kwargs: Optional[dict] = None) -> List[RequestOutput]:
         """One conversation (a list of {'role','content'}) or a list of them, through the
         model's chat template."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [{"prompt_token_ids": self.apply_chat_template(c, add_generation_prompt, chat_template_kwargs)}
+        conversations = ([messages] if messages and isinstance(messages[0], dict)
+                         else list(messages))
+        prompts = [{"prompt_token_ids": self.apply_chat_template(c, add_generation_prompt,
+                                                                 chat_template_kwargs)}
                    for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
@@ -74,9 +79,11 @@ class LLM:
                             chat_template_kwargs: Optional[dict] = None) -> List[int]:
         tok = self.engine.tokenizer
         if not tok.chat_template:
-            raise ValueError("this model's tokenizer has no chat template; use generate() with plain prompts")
-        out = tok.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, tokenize=True,
-                                      return_dict=True, **(chat_template_kwargs or {}))
+            raise ValueError("this model's tokenizer has no chat template; use generate() with "
+                             "plain prompts")
+        out = tok.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                      tokenize=True, return_dict=True,
+                                      **(chat_template_kwargs or {}))
         return list(out["input_ids"])
 
     def _run(self, ids: List[str], use_tqdm: bool) -> List[RequestOutput]:

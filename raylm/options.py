@@ -25,21 +25,22 @@ ENGINE_GROUPS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": Schedu
 RUNTIME_ONLY = frozenset({"data_parallel_size", "data_parallel_rank", "data_parallel_store",
                           "data_parallel_group"})
 # Extra spellings of some flags (vLLM's short ones, or the long one of a short field name).
-FLAG_ALIASES = {"tensor_parallel_size": ["--tp"], "pipeline_parallel_size": ["--pp"], "dp": ["--data-parallel-size"],
-                "distributed_executor_backend": ["--executor"]}
+FLAG_ALIASES = {"tensor_parallel_size": ["--tp"], "pipeline_parallel_size": ["--pp"],
+                "dp": ["--data-parallel-size"], "distributed_executor_backend": ["--executor"]}
 
 
 def engine_options() -> Dict[str, Tuple[str, FieldInfo]]:
     """Every user-settable engine option: name -> (its EngineConfig group, its field)."""
-    return {name: (group, f) for group, cls in ENGINE_GROUPS.items() for name, f in cls.model_fields.items()
-            if name not in RUNTIME_ONLY}
+    return {name: (group, f) for group, cls in ENGINE_GROUPS.items()
+            for name, f in cls.model_fields.items() if name not in RUNTIME_ONLY}
 
 
 def engine_option_names() -> set:
     """Every name an engine option is accepted under: field names and their aliases (tp, pp)."""
     names = set()
     for name, (_, f) in engine_options().items():
-        aliases = f.validation_alias.choices if isinstance(f.validation_alias, AliasChoices) else []
+        aliases = f.validation_alias.choices if isinstance(f.validation_alias,
+                                                           AliasChoices) else []
         names |= {name, *(a for a in aliases if isinstance(a, str))}
     return names
 
@@ -60,7 +61,8 @@ def _engine_config(self, **runtime: Any) -> EngineConfig:
 
 
 EngineArgs = create_model(
-    "EngineArgs", __config__=ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True),
+    "EngineArgs",
+    __config__=ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True),
     __doc__="Every engine option, flat (vLLM's names); `engine_config()` groups them.",
     **{name: (f.annotation, f) for name, (_, f) in engine_options().items()})
 EngineArgs.engine_config = _engine_config
@@ -69,17 +71,20 @@ EngineArgs.engine_config = _engine_config
 def add_engine_args(parser: argparse.ArgumentParser, skip: Iterable[str] = ()) -> None:
     """A flag per engine option (`--kebab-name`; `--tp`/`--pp` too), default = the schema's.
     `skip`: options the command declares itself with the same meaning (bench serve's --model)."""
-    add_field_args(parser, {n: f for n, (_, f) in engine_options().items() if n not in skip}, "engine options")
+    add_field_args(parser, {n: f for n, (_, f) in engine_options().items() if n not in skip},
+                   "engine options")
 
 
-def add_field_args(parser: argparse.ArgumentParser, fields: Dict[str, FieldInfo], title: str) -> None:
+def add_field_args(parser: argparse.ArgumentParser, fields: Dict[str, FieldInfo],
+                   title: str) -> None:
     """A flag per pydantic field, typed from its annotation, its help the field's description
     and its default the field's (None where a factory makes it, e.g. from the environment)."""
     group = parser.add_argument_group(title)
     for name, f in fields.items():
         flags = [f"--{name.replace('_', '-')}"] + FLAG_ALIASES.get(name, [])
         default = None if f.default_factory is not None else f.default
-        group.add_argument(*flags, dest=name, default=default, help=f.description, **_argparse_type(f.annotation))
+        group.add_argument(*flags, dest=name, default=default, help=f.description,
+                           **_argparse_type(f.annotation))
 
 
 def _argparse_type(annotation) -> Dict[str, Any]:
@@ -100,4 +105,5 @@ def _argparse_type(annotation) -> Dict[str, Any]:
 
 def engine_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     """The engine options a parsed command line sets (None: unset, the schema's default)."""
-    return {name: getattr(args, name) for name in engine_options() if getattr(args, name, None) is not None}
+    return {name: getattr(args, name) for name in engine_options()
+            if getattr(args, name, None) is not None}

@@ -53,7 +53,8 @@ class RequestOutput:
 @dataclass
 class DeltaState:
     """What one delta stream has sent so far."""
-    sent: Dict[int, Tuple[int, int]] = field(default_factory=dict)  # choice -> (text chars, tokens)
+    # choice -> (text chars, tokens)
+    sent: Dict[int, Tuple[int, int]] = field(default_factory=dict)
     done: set = field(default_factory=set)  # choices whose finish was sent
     started: bool = False  # the prompt ids go out with the first delta only
     prompt_logprobs_sent: bool = False  # and the prompt logprobs with the first that has them
@@ -65,11 +66,13 @@ def delta_output(out: RequestOutput, state: DeltaState) -> Optional[RequestOutpu
     choices = []
     for c in out.outputs:
         chars, tokens = state.sent.get(c.index, (0, 0))
-        if c.index in state.done or (len(c.token_ids) == tokens and len(c.text) == chars and not c.finish_reason):
+        if c.index in state.done or (len(c.token_ids) == tokens and len(c.text) == chars
+                                     and not c.finish_reason):
             continue
         choices.append(CompletionOutput(
             c.index, c.text[chars:], c.token_ids[tokens:], c.cumulative_logprob,
-            c.logprobs[tokens:] if c.logprobs is not None else None, c.finish_reason, c.stop_reason))
+            c.logprobs[tokens:] if c.logprobs is not None else None, c.finish_reason,
+            c.stop_reason))
         state.sent[c.index] = (len(c.text), len(c.token_ids))
         if c.finish_reason:
             state.done.add(c.index)
@@ -91,15 +94,18 @@ def merge_delta(acc: Optional[RequestOutput], delta: RequestOutput) -> RequestOu
     for d in delta.outputs:
         c = by_index.get(d.index)
         if c is None:
-            c = by_index[d.index] = CompletionOutput(d.index, "", [], None, [] if d.logprobs is not None else None)
+            c = by_index[d.index] = CompletionOutput(d.index, "", [], None,
+                                                     [] if d.logprobs is not None else None)
             acc.outputs.append(c)
             acc.outputs.sort(key=lambda x: x.index)
         c.text += d.text
         c.token_ids.extend(d.token_ids)
         if d.logprobs is not None:
             c.logprobs.extend(d.logprobs)
-        c.cumulative_logprob, c.finish_reason, c.stop_reason = d.cumulative_logprob, d.finish_reason, d.stop_reason
-    acc.finished, acc.num_cached_tokens, acc.metrics = delta.finished, delta.num_cached_tokens, delta.metrics
+        c.cumulative_logprob, c.finish_reason, c.stop_reason = (d.cumulative_logprob,
+                                                                d.finish_reason, d.stop_reason)
+    acc.finished, acc.num_cached_tokens, acc.metrics = (delta.finished, delta.num_cached_tokens,
+                                                        delta.metrics)
     if delta.prompt_logprobs is not None:
         acc.prompt_logprobs = delta.prompt_logprobs
     return acc

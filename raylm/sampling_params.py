@@ -30,7 +30,8 @@ class StructuredOutputsParams:
         if len(given) != 1:
             raise ValueError(f"{self.field} must set exactly one of {', '.join(STRUCTURED_KINDS)} "
                              f"(got {', '.join(given) or 'none'})")
-        if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
+        if self.choice is not None and (not self.choice
+                                        or not all(isinstance(c, str) for c in self.choice)):
             raise ValueError(f"{self.field}: choice must be a non-empty list of strings")
 
     @property
@@ -100,34 +101,43 @@ class SamplingParams:
             ("n", isinstance(self.n, int) and self.n >= 1, "must be an integer >= 1"),
             ("temperature", self.temperature >= 0, "must be >= 0"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "must be -1, 0 (disabled) or a positive integer"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0,
+             "must be -1, 0 (disabled) or a positive integer"),
             ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
             ("repetition_penalty", 0 < self.repetition_penalty <= 2, "must be in (0, 2]"),
-            ("max_tokens", self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+            ("max_tokens",
+             self.max_tokens is None
+             or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
              "must be an integer >= 1"),
-            ("min_tokens", isinstance(self.min_tokens, int) and self.min_tokens >= 0, "must be an integer >= 0"),
-            ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+            ("min_tokens", isinstance(self.min_tokens, int) and self.min_tokens >= 0,
+             "must be an integer >= 0"),
+            ("logprobs",
+             self.logprobs is None
+             or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
              "must be an integer in [0, 20]"),
             ("prompt_logprobs", self.prompt_logprobs is None
              or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= 20),
              "must be an integer in [0, 20]"),
             ("logit_bias", self.logit_bias is None or _valid_bias(self.logit_bias),
              "must map token ids (integers >= 0) to numbers in [-100, 100]"),
-            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop),
+             "must be non-empty strings"),
             ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "must be non-negative integers"),
             ("output_kind", self.output_kind in OUTPUT_KINDS, f"must be one of {OUTPUT_KINDS}"),
             ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer"),
             ("structured_outputs", self.structured_outputs is None
-             or isinstance(self.structured_outputs, StructuredOutputsParams), "must be a StructuredOutputsParams"),
+             or isinstance(self.structured_outputs, StructuredOutputsParams),
+             "must be a StructuredOutputsParams"),
         ]
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f"{name} {why} (got {getattr(self, name)!r})")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens "
+                             f"({self.max_tokens})")
 
     @property
     def greedy(self) -> bool:

@@ -12,7 +12,8 @@ P = "${prefix}"
 
 def quantiles(metric: str) -> list:
     series = f"{P}{metric}_bucket{{model_name=~\"$model\"}}"
-    return [(f"histogram_quantile({x}, sum by (le) (rate({series}[$__rate_interval])))", f"p{round(x * 100)}")
+    return [(f"histogram_quantile({x}, sum by (le) (rate({series}[$__rate_interval])))",
+             f"p{round(x * 100)}")
             for x in (0.5, 0.9, 0.99)]
 
 
@@ -26,8 +27,10 @@ def rate(metric: str, legend: str, by: str = "") -> tuple:
 
 
 PANELS = [  # (title, unit, [(expr, legend)])
-    ("Requests finished /s", "reqps", [rate("request_success_total", "{{finished_reason}}", "finished_reason")]),
-    ("Tokens /s", "short", [rate("prompt_tokens_total", "prompt"), rate("generation_tokens_total", "generated")]),
+    ("Requests finished /s", "reqps",
+     [rate("request_success_total", "{{finished_reason}}", "finished_reason")]),
+    ("Tokens /s", "short",
+     [rate("prompt_tokens_total", "prompt"), rate("generation_tokens_total", "generated")]),
     ("Time to first token", "s", quantiles("time_to_first_token_seconds")),
     ("Inter-token latency", "s", quantiles("inter_token_latency_seconds")),
     ("End-to-end request latency", "s", quantiles("e2e_request_latency_seconds")),
@@ -42,7 +45,8 @@ PANELS = [  # (title, unit, [(expr, legend)])
 
 
 def panel(i: int, title: str, unit: str, targets: list) -> dict:
-    return {"id": i + 1, "type": "timeseries", "title": title, "datasource": {"uid": "${datasource}"},
+    return {"id": i + 1, "type": "timeseries", "title": title,
+            "datasource": {"uid": "${datasource}"},
             "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
             "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
             "targets": [{"refId": chr(65 + j), "expr": expr, "legendFormat": legend}
@@ -54,14 +58,16 @@ def dashboard() -> dict:
         {"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Prometheus"},
         {"name": "prefix", "type": "custom", "label": "metrics from", "query": "raylm:,ray_raylm_",
          "current": {"text": "raylm:", "value": "raylm:"},
-         "options": [{"text": v, "value": v, "selected": v == "raylm:"} for v in ("raylm:", "ray_raylm_")]},
-        {"name": "model", "type": "query", "label": "model", "datasource": {"uid": "${datasource}"},
-         "query": f"label_values({P}num_requests_running, model_name)", "includeAll": True, "multi": True,
-         "refresh": 2},
+         "options": [{"text": v, "value": v, "selected": v == "raylm:"}
+                     for v in ("raylm:", "ray_raylm_")]},
+        {"name": "model", "type": "query", "label": "model",
+         "datasource": {"uid": "${datasource}"},
+         "query": f"label_values({P}num_requests_running, model_name)", "includeAll": True,
+         "multi": True, "refresh": 2},
     ]
-    return {"title": "raylm", "uid": "raylm-serving", "schemaVersion": 39, "tags": ["raylm", "llm", "ray"],
-            "time": {"from": "now-1h", "to": "now"}, "refresh": "10s",
-            "templating": {"list": variables},
+    return {"title": "raylm", "uid": "raylm-serving", "schemaVersion": 39,
+            "tags": ["raylm", "llm", "ray"], "time": {"from": "now-1h", "to": "now"},
+            "refresh": "10s", "templating": {"list": variables},
             "panels": [panel(i, *p) for i, p in enumerate(PANELS)]}
 
 

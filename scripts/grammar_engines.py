@@ -38,7 +38,8 @@ def llguidance_case(tok, vocab):
     grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(SCHEMA))
     matchers = [llguidance.LLMatcher(lt, grammar) for _ in range(BATCH)]
     bitmask = llguidance.torch.allocate_token_bitmask(BATCH, vocab)
-    return (lambda: [llguidance.torch.fill_next_token_bitmask(m, bitmask, i) for i, m in enumerate(matchers)],
+    return (lambda: [llguidance.torch.fill_next_token_bitmask(m, bitmask, i)
+                     for i, m in enumerate(matchers)],
             lambda t: all(m.consume_token(t) for m in matchers))
 
 

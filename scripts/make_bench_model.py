@@ -13,14 +13,15 @@ import transformers as tf
 from raylm.models.loader import resolve_model_path
 
 out = sys.argv[1]
-common = dict(vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=1,
-              eos_token_id=2, num_attention_heads=8, num_key_value_heads=4)
+common = dict(vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True,
+              bos_token_id=1, eos_token_id=2, num_attention_heads=8, num_key_value_heads=4)
 if "--moe" in sys.argv[2:]:
-    config = tf.Qwen3MoeConfig(hidden_size=512, intermediate_size=1536, moe_intermediate_size=768, num_experts=8,
-                               num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=12, head_dim=64,
-                               **common)
+    config = tf.Qwen3MoeConfig(hidden_size=512, intermediate_size=1536, moe_intermediate_size=768,
+                               num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+                               num_hidden_layers=12, head_dim=64, **common)
 else:
-    config = tf.LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, head_dim=72, **common)
+    config = tf.LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                            head_dim=72, **common)
 torch.manual_seed(0)
 model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 model.save_pretrained(out)

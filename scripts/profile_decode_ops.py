@@ -45,6 +45,9 @@ totals.clear()
 calls.clear()
 steps = 20
 phases = time_steps(llm, steps)
-print(f"batch {batch}, context {context}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in phases.items()))
-for name in sorted(totals, key=totals.get, reverse=True):  # time_steps runs steps + 5 warm-up steps
-    print(f"  {name:17s} {totals[name] / (steps + 5) * 1e3:7.2f} ms/step  {calls[name] / (steps + 5):5.0f} calls")
+print(f"batch {batch}, context {context}: "
+      + ", ".join(f"{k} {v:.2f} ms" for k, v in phases.items()))
+# time_steps runs steps + 5 warm-up steps
+for name in sorted(totals, key=totals.get, reverse=True):
+    print(f"  {name:17s} {totals[name] / (steps + 5) * 1e3:7.2f} ms/step  "
+          f"{calls[name] / (steps + 5):5.0f} calls")

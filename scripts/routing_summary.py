@@ -15,7 +15,8 @@ def main(folder: Path) -> None:
             continue
         loads = sorted({float(p.stem.rsplit("_l", 1)[1]) for p in runs})
         print(f"\n{workload}:\n")
-        print("| load | rate req/s | policy | TTFT mean / p50 / p99 ms | TPOT p50 ms | goodput req/s |")
+        print("| load | rate req/s | policy | TTFT mean / p50 / p99 ms | TPOT p50 ms | goodput "
+              "req/s |")
         print("|---:|---:|---|---|---:|---:|")
         for load in loads:
             cap = json.loads((folder / f"capacity_{workload}_l{load:g}.json").read_text())
@@ -24,8 +25,9 @@ def main(folder: Path) -> None:
                 if not path.exists():
                     continue
                 r = json.loads(path.read_text())["results"]
-                print(f"| {load:g} | {cap['request_rate']:.2f} | {policy} | {r['mean_ttft_ms']:,.0f} / "
-                      f"{r['p50_ttft_ms']:,.0f} / {r['p99_ttft_ms']:,.0f} | {r['p50_tpot_ms']:,.0f} | "
+                print(f"| {load:g} | {cap['request_rate']:.2f} | {policy} | "
+                      f"{r['mean_ttft_ms']:,.0f} / {r['p50_ttft_ms']:,.0f} / "
+                      f"{r['p99_ttft_ms']:,.0f} | {r['p50_tpot_ms']:,.0f} | "
                       f"{r['request_goodput']:.2f} |")
 
 

@@ -79,7 +79,8 @@ def main(folder: Path) -> None:
         if split:
             print(f"dp {dp}: engines' share of the machine median "
                   f"{statistics.median(a for a, _ in split):.1%}; offline CPU per token over the "
-                  f"engines' median {statistics.median(b for _, b in split):.2f}x ({len(split)} rounds)")
+                  f"engines' median {statistics.median(b for _, b in split):.2f}x ({len(split)} "
+                  "rounds)")
 
 
 if __name__ == "__main__":

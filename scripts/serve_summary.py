@@ -72,20 +72,22 @@ def main(folder: Path) -> None:
     ref_tok_s = offline["results"]["raylm"]["output_tok_s"] if offline else None
     inproc = load(folder, "inprocess-c1.json")
     ref_ttft = inproc["results"]["median_ttft_ms"] if inproc else None
-    print("| run | completed | output tok/s | median TTFT ms | added TTFT ms (median) | p99 TTFT ms "
-          "| median TPOT ms |")
+    print("| run | completed | output tok/s | median TTFT ms | added TTFT ms (median) | p99 TTFT "
+          "ms | median TPOT ms |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     if ref_tok_s:
         print(f"| offline `LLM`, 32 seqs | | {ref_tok_s:.1f} | | | | |")
     for tag in [f"dp{dp}" for dp, _ in RUNS] + ["llama"]:
         if load(folder, f"offline-{tag}.json"):
-            print(f"| offline `LLM`, right before {tag} | | {offline_tok_s(folder, tag, 0):.1f} | | | | |")
+            print(f"| offline `LLM`, right before {tag} | | {offline_tok_s(folder, tag, 0):.1f} | "
+                  "| | | |")
     print(serve_row("in-process `AsyncEngine`, c1", inproc))
     # c1 rows: TTFT (+ added over the in-process reference); c32 rows: throughput / offline
     for dp, how in RUNS:
         before = offline_tok_s(folder, f"dp{dp}", ref_tok_s)
         print(serve_row(f"raylm serve {how}, c32", load(folder, f"serve-dp{dp}-c32.json"), before))
-        print(serve_row(f"raylm serve {how}, c1", load(folder, f"serve-dp{dp}-c1.json"), None, ref_ttft))
+        print(serve_row(f"raylm serve {how}, c1", load(folder, f"serve-dp{dp}-c1.json"), None,
+                        ref_ttft))
     for c in (32, 1):
         print(serve_row(f"llama-server, c{c}", load(folder, f"llama-server-c{c}.json"),
                         offline_tok_s(folder, "llama", ref_tok_s) if c == 32
@@ -93,8 +95,8 @@ def main(folder: Path) -> None:
     for c in (32, 1):
         before = load(folder, f"before-dp1-c{c}.json")
         if before:
-            print(serve_row(f"before (previous main) dp 1, c{c}", before, ref_tok_s if c == 32 else None,
-                            ref_ttft if c == 1 else None))
+            print(serve_row(f"before (previous main) dp 1, c{c}", before,
+                            ref_tok_s if c == 32 else None, ref_ttft if c == 1 else None))
     print("\n| c1, each request / the same request in-process | pairs | TTFT | TPOT | end-to-end "
           "| summed end-to-end |\n|---|---:|---:|---:|---:|---:|")
     for dp, how in RUNS:
@@ -102,7 +104,8 @@ def main(folder: Path) -> None:
     print(paired_row("llama-server", load(folder, "llama-server-c1.json")))
     print("\n| app PSS MiB | idle | under load (c32) |\n|---|---:|---:|")
     for dp, how in RUNS:
-        idle, busy = load(folder, f"memory-idle-dp{dp}.json"), load(folder, f"memory-load-dp{dp}.json")
+        idle, busy = load(folder, f"memory-idle-dp{dp}.json"), load(folder,
+                                                                    f"memory-load-dp{dp}.json")
         if idle:
             print(f"| raylm serve {how} ({idle['processes']} processes) | {idle['pss_mib']:.0f} | "
                   f"{busy['pss_mib']:.0f} |" if busy else "|")

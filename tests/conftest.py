@@ -31,16 +31,17 @@ def _tiny_tokenizer(path: Path, vocab_size: int) -> None:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
     fast.save_pretrained(path)
 
 
 def _tiny_config(kind: str):
     import transformers as tf
 
-    common = dict(vocab_size=TINY_VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
-                  tie_word_embeddings=False)
+    common = dict(vocab_size=TINY_VOCAB, hidden_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     if kind == "llama":
         return tf.LlamaConfig(intermediate_size=128, **common)
     if kind == "llama_tied3":  # tied LM head and an odd layer count: uneven pipeline stages
@@ -51,7 +52,8 @@ def _tiny_config(kind: str):
     if kind == "qwen3":
         return tf.Qwen3Config(intermediate_size=128, head_dim=16, **common)
     if kind == "mixtral":
-        return tf.MixtralConfig(intermediate_size=96, num_local_experts=4, num_experts_per_tok=2, **common)
+        return tf.MixtralConfig(intermediate_size=96, num_local_experts=4, num_experts_per_tok=2,
+                                **common)
     if kind == "qwen3_moe":
         return tf.Qwen3MoeConfig(intermediate_size=128, moe_intermediate_size=48, num_experts=4,
                                  num_experts_per_tok=2, norm_topk_prob=True, head_dim=16, **common)
@@ -73,7 +75,8 @@ def make_tiny_model(root: Path, kind: str, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = _tiny_config(kind)
     model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # wider weights than the default init, so greedy paths are not degenerate
+    # wider weights than the default init, so greedy paths are not degenerate
+    with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.08)
@@ -154,7 +157,8 @@ def hf_greedy(path, prompts: List[List[int]], max_new_tokens: int, dtype=torch.f
     return outs
 
 
-def random_prompts(n: int, seed: int, lo: int = 3, hi: int = 40, vocab: int = TINY_VOCAB) -> List[List[int]]:
+def random_prompts(n: int, seed: int, lo: int = 3, hi: int = 40,
+                   vocab: int = TINY_VOCAB) -> List[List[int]]:
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(lo, hi, (n,), generator=g).tolist()
     return [torch.randint(3, vocab, (length,), generator=g).tolist() for length in lengths]

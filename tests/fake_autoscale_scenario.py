@@ -40,9 +40,9 @@ TAG = "RAYLM_FAKE_CLUSTER_TAG"
 ADMIN_KEY = "fake-cluster-admin"
 REPLICA = "ServeReplica:raylm:LLMServer"
 DEADLINE_S = 240.0
-EMPTY = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
-         "head_start_ray_commands", "worker_start_ray_commands", "cluster_synced_files",
-         "rsync_exclude", "rsync_filter")
+EMPTY = ("initialization_commands", "setup_commands", "head_setup_commands",
+         "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands",
+         "cluster_synced_files", "rsync_exclude", "rsync_filter")
 
 
 def fake_config(gcs_address: str) -> dict:
@@ -50,11 +50,13 @@ def fake_config(gcs_address: str) -> dict:
     provider = {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
                 "disable_launch_config_check": True, "gcs_address": gcs_address}
     types = {"ray.head.default": {"resources": {}, "node_config": {}, "max_workers": 0},
-             "cpu_worker": {"resources": {"CPU": 1}, "node_config": {}, "min_workers": 1, "max_workers": 2}}
-    return {"cluster_name": "fake", "max_workers": 4, "upscaling_speed": 1.0, "idle_timeout_minutes": 5,
-            "provider": provider, "auth": {"ssh_user": "ray"}, "docker": {}, "file_mounts": {},
-            "file_mounts_sync_continuously": False, "available_node_types": types,
-            "head_node_type": "ray.head.default", **{k: [] for k in EMPTY}}
+             "cpu_worker": {"resources": {"CPU": 1}, "node_config": {}, "min_workers": 1,
+                            "max_workers": 2}}
+    return {"cluster_name": "fake", "max_workers": 4, "upscaling_speed": 1.0,
+            "idle_timeout_minutes": 5, "provider": provider, "auth": {"ssh_user": "ray"},
+            "docker": {}, "file_mounts": {}, "file_mounts_sync_continuously": False,
+            "available_node_types": types, "head_node_type": "ray.head.default",
+            **{k: [] for k in EMPTY}}
 
 
 def start_fake_cluster(tag: str, tmp: str) -> str:
@@ -70,7 +72,8 @@ def start_fake_cluster(tag: str, tmp: str) -> str:
     env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", TAG: tag}
     env.pop("RAY_ADDRESS", None)
     subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=0", f"--temp-dir={tmp}",
-                    f"--autoscaling-config={config}", f"--dashboard-port={free_port('127.0.0.1')}"],
+                    f"--autoscaling-config={config}",
+                    f"--dashboard-port={free_port('127.0.0.1')}"],
                    env=env, check=True, capture_output=True, timeout=120)
     return address
 
@@ -125,19 +128,22 @@ def alive_workers() -> int:
 def scale(url: str, n: int, timeout_s: float = DEADLINE_S):
     import httpx
 
-    return httpx.post(url + "/scale_elastic_ep", json={"new_data_parallel_size": n, "timeout": timeout_s},
+    return httpx.post(url + "/scale_elastic_ep",
+                      json={"new_data_parallel_size": n, "timeout": timeout_s},
                       headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=2 * timeout_s + 30)
 
 
 def per_rank(url: str, prompts, max_tokens: int, ranks) -> dict:
-    return {str(r): complete(url, prompts, max_tokens, headers={"X-data-parallel-rank": str(r)}) for r in ranks}
+    return {str(r): complete(url, prompts, max_tokens, headers={"X-data-parallel-rank": str(r)})
+            for r in ranks}
 
 
 def elastic_scenario(url: str, app: dict, prompts, max_tokens: int) -> dict:
     from raylm.deployments.openai import run_app
 
     run_app(app)  # returns once the replica serves (the autoscaler added its node first)
-    report = {"workers_before": alive_workers(), "texts_before": complete(url, prompts, max_tokens)}
+    report = {"workers_before": alive_workers(),
+              "texts_before": complete(url, prompts, max_tokens)}
     answer = scale(url, 2)
     report["scaled"] = [answer.status_code, answer.json()]
     report["workers_after"] = alive_workers()

@@ -18,9 +18,11 @@ def _size(d: Draw):
     integer: "2", 2.0 and true are refused. A size that would really resize the app (1..max_dp
     other than dp) becomes 0, so that the fuzz never changes the replica set."""
     env = d.env
-    refused = [0, -1, -(2 ** 63), env.max_dp + 1, 24550920, 10 ** 30, 2 ** 64, 1.5, "2", None, [], {}, True]
-    size = d.weighted((55, lambda d: d.choice(refused)), (25, st.integers(env.max_dp + 1, 10 ** 12)),
-                      (10, SCALARS), (10, lambda d: env.dp))
+    refused = [0, -1, -(2 ** 63), env.max_dp + 1, 24550920, 10 ** 30, 2 ** 64, 1.5, "2", None, [],
+               {}, True]
+    size = d.weighted((55, lambda d: d.choice(refused)),
+                      (25, st.integers(env.max_dp + 1, 10 ** 12)), (10, SCALARS),
+                      (10, lambda d: env.dp))
     is_int = isinstance(size, int) and not isinstance(size, bool)
     if is_int and 1 <= size <= env.max_dp and size != env.dp:
         size = 0

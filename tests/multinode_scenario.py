@@ -57,9 +57,11 @@ def start(cpus: list, app: dict):
     from raylm.deployments.openai import run_app
     from raylm.distributed.communicator import free_port
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus[0], "include_dashboard": True})
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": cpus[0], "include_dashboard": True})
     STARTED.append(cluster)
-    workers = [cluster.add_node(num_cpus=n, node_ip_address=ip) for n, ip in zip(cpus[1:], WORKER_IPS)]
+    workers = [cluster.add_node(num_cpus=n, node_ip_address=ip)
+               for n, ip in zip(cpus[1:], WORKER_IPS)]
     cluster.connect()
     port = free_port("127.0.0.1")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -74,8 +76,9 @@ def dp_scenario(model: str, prompts, max_tokens: int) -> dict:
     report = {"placement": sorted(replicas_by_node("ServeReplica:raylm:LLMServer").values())}
     report["texts"] = complete(url, prompts, max_tokens)
     cluster.remove_node(workers[0], allow_graceful=False)  # worker A's raylet and processes die
-    wait_for(lambda: sorted(replicas_by_node("ServeReplica:raylm:LLMServer").values()) == [WORKER_IPS[1]] * 2,
-             DEADLINE_S, "two replicas on the remaining worker", interval_s=0.5)
+    wait_for(lambda: sorted(replicas_by_node("ServeReplica:raylm:LLMServer").values())
+             == [WORKER_IPS[1]] * 2, DEADLINE_S, "two replicas on the remaining worker",
+             interval_s=0.5)
     report["after_placement"] = sorted(replicas_by_node("ServeReplica:raylm:LLMServer").values())
     report["after_texts"] = complete(url, prompts, max_tokens)
     return report
@@ -84,10 +87,12 @@ def dp_scenario(model: str, prompts, max_tokens: int) -> dict:
 def pp_scenario(model: str, prompts, max_tokens: int) -> dict:
     from raylm.deployments.openai import run_app
 
-    app = {"model": model, "dtype": "float32", "dp": 1, "pp": 2, "max_model_len": 128, "num_blocks": 64,
-           "num_cpus_per_replica": 1, "worker_num_cpus": 1, "placement_strategy": "STRICT_SPREAD"}
+    app = {"model": model, "dtype": "float32", "dp": 1, "pp": 2, "max_model_len": 128,
+           "num_blocks": 64, "num_cpus_per_replica": 1, "worker_num_cpus": 1,
+           "placement_strategy": "STRICT_SPREAD"}
     _, _, url = start([1, 3, 3], app)
-    report = {"placement": sorted(replicas_by_node("Worker").values()), "texts": complete(url, prompts, max_tokens)}
+    report = {"placement": sorted(replicas_by_node("Worker").values()),
+              "texts": complete(url, prompts, max_tokens)}
     run_app({**app, "placement_strategy": None})  # the default (PACK): one node when they fit
     report["packed_placement"] = wait_for(lambda: _packed(replicas_by_node("Worker")), DEADLINE_S,
                                           "the redeployed replica's two stages", interval_s=0.5)

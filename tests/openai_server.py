@@ -62,7 +62,8 @@ async def _serve_all(servers):
 
 @pytest.fixture(scope="module")
 def srv(tiny_llama):
-    config = EngineConfig(model=ModelConfig(model=str(tiny_llama), dtype="float32", max_model_len=128),
+    config = EngineConfig(model=ModelConfig(model=str(tiny_llama), dtype="float32",
+                                            max_model_len=128),
                           cache=CacheConfig(num_blocks=64))
     yield from serving(config, "tiny", ["tiny-alias"], TEMPLATE)
 
@@ -76,7 +77,8 @@ def serving(config, name, aliases=(), template=None, **app_kwargs):
     client = RecordingClient(engine, name)
     apps = [create_app(client, served_model_names=list(aliases), **app_kwargs),
             create_app(client, api_key=API_KEY, **app_kwargs)]
-    servers = [uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    servers = [uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                             lifespan="off"))
                for app in apps]
     thread = threading.Thread(target=asyncio.run, args=(_serve_all(servers),), daemon=True)
     thread.start()
@@ -86,7 +88,8 @@ def serving(config, name, aliases=(), template=None, **app_kwargs):
         time.sleep(0.05)
     ports = [s.servers[0].sockets[0].getsockname()[1] for s in servers]
     with httpx.Client(base_url=f"http://127.0.0.1:{ports[0]}", timeout=60) as http:
-        yield SimpleNamespace(engine=engine, client=client, http=http, auth_url=f"http://127.0.0.1:{ports[1]}")
+        yield SimpleNamespace(engine=engine, client=client, http=http,
+                              auth_url=f"http://127.0.0.1:{ports[1]}")
     for s in servers:
         s.should_exit = True
     thread.join(timeout=10)
@@ -96,7 +99,8 @@ def wait_all_free(engine, timeout=10.0):
     deadline = time.time() + timeout
     while True:
         stats = engine.stats()
-        if stats.num_free_blocks == stats.num_blocks and stats.num_running == 0 and stats.num_waiting == 0:
+        if (stats.num_free_blocks == stats.num_blocks and stats.num_running == 0
+                and stats.num_waiting == 0):
             return
         assert time.time() < deadline, f"KV blocks not freed: {stats}"
         time.sleep(0.05)

@@ -21,15 +21,18 @@ def served_app(tiny_root, **app_args):
     port = free_port("127.0.0.1")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        run_app({"model": str(path), "served_model_name": "tiny", "dtype": "float32", "max_model_len": 512,
-                 "num_blocks": 128, "num_cpus_per_replica": 0.5, "dp": 1, **app_args})
+        run_app({"model": str(path), "served_model_name": "tiny", "dtype": "float32",
+                 "max_model_len": 512, "num_blocks": 128, "num_cpus_per_replica": 0.5, "dp": 1,
+                 **app_args})
         yield path, f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
 
 
-async def complete(client: httpx.AsyncClient, url: str, prompt, max_tokens: int, rank=None) -> httpx.Response:
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+async def complete(client: httpx.AsyncClient, url: str, prompt, max_tokens: int,
+                   rank=None) -> httpx.Response:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True}
     headers = {} if rank is None else {"X-data-parallel-rank": str(rank)}
     return await client.post(url + "/v1/completions", json=body, headers=headers)
 
@@ -39,7 +42,8 @@ def continuation(path, prompt, output) -> str:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
-    return tok.decode(prompt + output, skip_special_tokens=True)[len(tok.decode(prompt, skip_special_tokens=True)):]
+    return tok.decode(prompt + output,
+                      skip_special_tokens=True)[len(tok.decode(prompt, skip_special_tokens=True)):]
 
 
 ADMIN_KEY = "sk-admin-test-7e6d5c4b"  # apps under test take it as admin_api_key
@@ -92,8 +96,9 @@ class SteadyLoad:
             k = i % len(self.prompts)
             r = await complete(client, self.url, self.prompts[k], self.max_tokens)
             ok = r.status_code == 200
-            self.results.append((r.status_code, r.json()["choices"][0]["text"] == self.expected[k] if ok else r.text,
-                                 r.headers.get("retry-after")))
+            self.results.append((r.status_code,
+                                 r.json()["choices"][0]["text"] == self.expected[k] if ok
+                                 else r.text, r.headers.get("retry-after")))
             i += self.clients
             if not ok:
                 await asyncio.sleep(0.2)
@@ -108,4 +113,5 @@ class SteadyLoad:
 
     def lost(self):
         """Answers that are neither correct 200s nor 503s with Retry-After (scaling)."""
-        return [r for r in self.results if not (r[0] == 200 and r[1] is True) and not (r[0] == 503 and r[2])]
+        return [r for r in self.results if not (r[0] == 200 and r[1] is True)
+                and not (r[0] == 503 and r[2])]

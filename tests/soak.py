@@ -53,7 +53,8 @@ class Workload:
     disconnect_every: int = 5  # every k-th request of a client leaves after its first chunk
 
 
-async def stream_one(http: httpx.AsyncClient, work: Workload, rec: Record, i: int, leave: bool) -> None:
+async def stream_one(http: httpx.AsyncClient, work: Workload, rec: Record, i: int,
+                     leave: bool) -> None:
     """Send prompt `i` of `work` as one streaming completion (pinned to `rec.rank`, if set);
     `rec` records its outcome, end and progress (`chunks`) as it goes."""
     body = {"prompt": list(work.prompts[i]), "max_tokens": work.max_tokens[i], "temperature": 0,
@@ -85,7 +86,8 @@ async def _read_events(r: httpx.Response, expected: str, rec: Record, leave: boo
             break
         event = json.loads(payload)
         if "error" in event:
-            rec.outcome, rec.detail = f"error:{event['error'].get('code')}", event["error"].get("message", "")[:200]
+            rec.outcome, rec.detail = (f"error:{event['error'].get('code')}",
+                                       event["error"].get("message", "")[:200])
             return
         if leave:
             rec.outcome = "disconnected"
@@ -114,7 +116,8 @@ async def soak(url: str, work: Workload, clients: int, duration_s: float,
         while time.monotonic() < end and not stop.is_set():
             rec = Record(client=c, rank=pin(c), start=time.monotonic())
             report.records.append(rec)
-            leave = work.disconnect_every > 0 and (k + c) % work.disconnect_every == work.disconnect_every - 1
+            leave = (work.disconnect_every > 0 and (k + c) % work.disconnect_every
+                     == work.disconnect_every - 1)
             await stream_one(http, work, rec, (c * 7 + k) % len(work.prompts), leave)
             k += 1
 
@@ -146,7 +149,8 @@ def metric(url: str, name: str, headers: Dict[str, str]) -> Dict[int, float]:
 
 def engine_pids(text: str) -> Dict[int, int]:
     """{dp_rank: pid} of the live engine replicas, from /metrics' raylm:engine_info."""
-    found = re.findall(r'^raylm:engine_info\{[^}]*dp_rank="(\d+)"[^}]*pid="(\d+)"[^}]*\} 1\.0$', text, re.M)
+    found = re.findall(r'^raylm:engine_info\{[^}]*dp_rank="(\d+)"[^}]*pid="(\d+)"[^}]*\} 1\.0$',
+                       text, re.M)
     return {int(rank): int(pid) for rank, pid in found}
 
 
@@ -169,7 +173,8 @@ def replicas(kind: str = ""):
     import psutil
 
     tag = f"ServeReplica:raylm:{kind}"
-    return [p for p in psutil.process_iter(["cmdline"]) if tag in " ".join(p.info["cmdline"] or [])]
+    return [p for p in psutil.process_iter(["cmdline"])
+            if tag in " ".join(p.info["cmdline"] or [])]
 
 
 def rss_mib() -> float:

@@ -35,7 +35,8 @@ def engine(tiny_llama):
     from raylm.config import CacheConfig, EngineConfig, ModelConfig
     from raylm.engine.async_engine import AsyncEngine
 
-    engine = AsyncEngine(EngineConfig(model=ModelConfig(model=str(tiny_llama), dtype="float32", max_model_len=128),
+    engine = AsyncEngine(EngineConfig(model=ModelConfig(model=str(tiny_llama), dtype="float32",
+                                                        max_model_len=128),
                                       cache=CacheConfig(num_blocks=16)))
     yield engine
     engine.shutdown()
@@ -55,7 +56,8 @@ def _app(engine, admin_api_key):
 def _calls(app, requests):
     async def main():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://app", timeout=30) as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://app",
+                                     timeout=30) as http:
             return [await http.request(m, p, json=body, headers=h) for m, p, body, h in requests]
 
     return asyncio.run(main())
@@ -72,7 +74,8 @@ STATUS = ("POST", "/is_scaling_elastic_ep", None)
 def test_without_an_admin_key_the_routes_do_not_exist(engine):
     app, scaler = _app(engine, admin_api_key=None)
     for headers in ({}, _bearer(KEY), _bearer(ADMIN), _bearer("")):
-        unknown = _calls(app, [("POST", "/no_such_route", {"new_data_parallel_size": 2}, headers)])[0]
+        unknown = _calls(app,
+                         [("POST", "/no_such_route", {"new_data_parallel_size": 2}, headers)])[0]
         assert unknown.status_code in (401, 404)
         for r in _calls(app, [(m, p, b, headers) for m, p, b in (SCALE, STATUS)]):
             assert (r.status_code, r.json()) == (unknown.status_code, unknown.json()), r.text
@@ -81,8 +84,9 @@ def test_without_an_admin_key_the_routes_do_not_exist(engine):
 
 def test_only_the_admin_key_opens_the_admin_routes(engine):
     app, scaler = _app(engine, admin_api_key=ADMIN)
-    bad = [{}, _bearer(KEY), _bearer("wrong"), _bearer(ADMIN + "x"), _bearer(ADMIN[:-1]), _bearer(ADMIN.upper()),
-           {"Authorization": ADMIN}, {"Authorization": f"Basic {ADMIN}"}, {"X-API-Key": ADMIN}]
+    bad = [{}, _bearer(KEY), _bearer("wrong"), _bearer(ADMIN + "x"), _bearer(ADMIN[:-1]),
+           _bearer(ADMIN.upper()), {"Authorization": ADMIN}, {"Authorization": f"Basic {ADMIN}"},
+           {"X-API-Key": ADMIN}]
     refused = _calls(app, [(m, p, b, h) for m, p, b in (SCALE, STATUS) for h in bad])
     for r in refused:
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
@@ -92,14 +96,17 @@ def test_only_the_admin_key_opens_the_admin_routes(engine):
     assert [r.status_code for r in ok] == [200, 200] and scaler.calls == [2]
     assert ok[1].json() == {"is_scaling_elastic_ep": False, "progress": None}
     # the admin key is not an inference key, and the inference key still works where it belongs
-    models = _calls(app, [("GET", "/v1/models", None, _bearer(ADMIN)), ("GET", "/v1/models", None, _bearer(KEY))])
+    models = _calls(app,
+                    [("GET", "/v1/models", None, _bearer(ADMIN)),
+                     ("GET", "/v1/models", None, _bearer(KEY))])
     assert [r.status_code for r in models] == [401, 200]
 
 
 def test_scale_bodies_are_validated_strictly(engine):
     app, scaler = _app(engine, admin_api_key=ADMIN)
     bodies = [{"new_data_parallel_size": v} for v in (0, -1, "2", 2.0, True, None, [2])]
-    bodies += [{}, {"new_data_parallel_size": 2, "timeout": 0}, {"new_data_parallel_size": 2, "extra": 1}]
+    bodies += [{}, {"new_data_parallel_size": 2, "timeout": 0},
+               {"new_data_parallel_size": 2, "extra": 1}]
     for r in _calls(app, [("POST", "/scale_elastic_ep", b, _bearer(ADMIN)) for b in bodies]):
         assert r.status_code == 400 and r.json()["error"]["message"], r.text
     assert scaler.calls == []

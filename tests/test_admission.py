@@ -14,7 +14,8 @@ from tests.waiting import async_wait_for
 
 
 class FakeStream:
-    """An async generator stand-in that yields `n` items `delay` seconds apart and records closing."""
+    """An async generator stand-in that yields `n` items `delay` seconds apart and records
+    closing."""
 
     def __init__(self, n: int, delay: float) -> None:
         self.n, self.delay, self.closed, self.sent = n, delay, False, 0
@@ -51,7 +52,8 @@ def test_bound_refuses_past_max_ongoing_and_recovers():
 
     asyncio.run(main())
     err = to_api_error(EngineOverloadedError("x"))
-    assert err.status == 429 and err.headers["Retry-After"] == "1" and err.type == "rate_limit_error"
+    assert (err.status == 429 and err.headers["Retry-After"] == "1" and err.type
+            == "rate_limit_error")
 
 
 def test_deadline_aborts_the_stream_with_408():
@@ -63,7 +65,8 @@ def test_deadline_aborts_the_stream_with_408():
             async for x in admission.guard(slow):
                 got.append(x)
         assert len(got) < 100 and slow.closed and admission.ongoing == 0  # cut off, not run out
-        assert await _drain_stream(admission, FakeStream(2, 0.01)) == [1, 2]  # fast ones unaffected
+        # fast ones unaffected
+        assert await _drain_stream(admission, FakeStream(2, 0.01)) == [1, 2]
 
     asyncio.run(main())
     assert to_api_error(RequestTimeoutError("late")).status == 408
@@ -130,19 +133,22 @@ def test_engine_refuses_past_max_waiting_requests_and_frees_every_block(tiny_lla
     from raylm.engine.async_engine import AsyncEngine
     from raylm.sampling_params import SamplingParams
 
-    config = EngineConfig(model=ModelConfig(model=str(tiny_llama), dtype="float32", max_model_len=128),
+    config = EngineConfig(model=ModelConfig(model=str(tiny_llama), dtype="float32",
+                                            max_model_len=128),
                           cache=CacheConfig(num_blocks=32),
                           scheduler=SchedulerConfig(max_num_seqs=1, max_waiting_requests=2))
     engine = AsyncEngine(config)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
     async def one(i):
-        return [o async for o in engine.generate({"prompt_token_ids": [5, 6, 7]}, params, f"r{i}")][-1]
+        return [o async
+                for o in engine.generate({"prompt_token_ids": [5, 6, 7]}, params, f"r{i}")][-1]
 
     async def main():
         tasks = [asyncio.ensure_future(one(i)) for i in range(3)]  # one runs, two wait
         await asyncio.sleep(0)
-        assert engine.num_waiting() == 2  # three queued for the loop, one will run: the fourth is refused
+        # three queued for the loop, one will run: the fourth is refused
+        assert engine.num_waiting() == 2
         with pytest.raises(EngineOverloadedError, match="max_waiting_requests=2"):
             await one(3)
         outs = await asyncio.gather(*tasks)
@@ -151,7 +157,8 @@ def test_engine_refuses_past_max_waiting_requests_and_frees_every_block(tiny_lla
 
     asyncio.run(main())
     stats = engine.stats()
-    assert stats.num_free_blocks == stats.num_blocks and stats.num_waiting == stats.num_running == 0
+    assert (stats.num_free_blocks == stats.num_blocks and stats.num_waiting == stats.num_running
+            == 0)
 
 
 def test_watchdog_marks_a_stuck_step_dead_and_fails_its_streams(tiny_llama):
@@ -163,8 +170,10 @@ def test_watchdog_marks_a_stuck_step_dead_and_fails_its_streams(tiny_llama):
     from raylm.engine.async_engine import AsyncEngine, EngineDeadError
     from raylm.sampling_params import SamplingParams
 
-    config = EngineConfig(model=ModelConfig(model=str(tiny_llama), dtype="float32", max_model_len=128),
-                          cache=CacheConfig(num_blocks=32), scheduler=SchedulerConfig(step_timeout_s=0.3))
+    config = EngineConfig(model=ModelConfig(model=str(tiny_llama), dtype="float32",
+                                            max_model_len=128),
+                          cache=CacheConfig(num_blocks=32),
+                          scheduler=SchedulerConfig(step_timeout_s=0.3))
     engine = AsyncEngine(config)
     real_step = engine.engine.step
     engine.engine.step = lambda: (time.sleep(1.5), real_step())[1]
@@ -194,26 +203,33 @@ def test_http_answers_408_and_429_in_openai_shape_and_frees_blocks(tiny_llama):
     from raylm.serve.engine_client import LocalEngineClient
     from raylm.serve.openai_app import create_app
 
-    engine = AsyncEngine(EngineConfig(model=ModelConfig(model=str(tiny_llama), dtype="float32", max_model_len=128),
+    engine = AsyncEngine(EngineConfig(model=ModelConfig(model=str(tiny_llama), dtype="float32",
+                                                        max_model_len=128),
                                       cache=CacheConfig(num_blocks=32)))
     real_step = engine.engine.step
-    engine.engine.step = lambda: (time.sleep(0.05), real_step())[1]  # ~20 tokens/s: slow enough to time out
+    # ~20 tokens/s: slow enough to time out
+    engine.engine.step = lambda: (time.sleep(0.05), real_step())[1]
     admission = Admission(max_ongoing_requests=1, request_timeout_s=0.5)
     app = create_app(LocalEngineClient(engine, "tiny", admission))
     body = {"prompt": [5, 6, 7], "max_tokens": 60, "ignore_eos": True}
 
     async def main():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://app", timeout=30) as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://app",
+                                     timeout=30) as http:
             slow = await http.post("/v1/completions", json=body)
-            assert slow.status_code == 408 and slow.json()["error"]["code"] == "request_timeout", slow.text
+            assert (slow.status_code == 408 and slow.json()["error"]["code"]
+                    == "request_timeout"), slow.text
             events = []
             async with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
                 assert r.status_code == 200
                 events = [line[6:] async for line in r.aiter_lines() if line.startswith("data: ")]
-            assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "request_timeout"
-            first = asyncio.ensure_future(http.post("/v1/completions", json={**body, "max_tokens": 4}))
-            await async_wait_for(lambda: admission.ongoing == 1, 10, "the first request admitted", 0.001)
+            assert (events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"]
+                    == "request_timeout")
+            first = asyncio.ensure_future(http.post("/v1/completions",
+                                                    json={**body, "max_tokens": 4}))
+            await async_wait_for(lambda: admission.ongoing == 1, 10, "the first request admitted",
+                                 0.001)
             busy = await http.post("/v1/completions", json=body)
             assert busy.status_code == 429 and busy.headers["Retry-After"] == "1", busy.text
             assert busy.json()["error"]["type"] == "rate_limit_error"
@@ -221,7 +237,8 @@ def test_http_answers_408_and_429_in_openai_shape_and_frees_blocks(tiny_llama):
 
     asyncio.run(main())
     stats = engine.stats()
-    assert stats.num_free_blocks == stats.num_blocks and stats.num_running == stats.num_waiting == 0
+    assert (stats.num_free_blocks == stats.num_blocks and stats.num_running == stats.num_waiting
+            == 0)
 
 
 def test_shutdown_stops_the_watchdog_thread(tiny_llama):
@@ -231,11 +248,14 @@ def test_shutdown_stops_the_watchdog_thread(tiny_llama):
     from raylm.engine.async_engine import AsyncEngine
     from raylm.sampling_params import SamplingParams
 
-    engine = AsyncEngine(EngineConfig(model=ModelConfig(model=str(tiny_llama), dtype="float32", max_model_len=128),
+    engine = AsyncEngine(EngineConfig(model=ModelConfig(model=str(tiny_llama), dtype="float32",
+                                                        max_model_len=128),
                                       cache=CacheConfig(num_blocks=32)))
 
     async def main():
-        outs = [o async for o in engine.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=3), "r")]
+        outs = [o async
+                for o in engine.generate({"prompt_token_ids": [5, 6, 7]},
+                                         SamplingParams(max_tokens=3), "r")]
         assert outs[-1].finished and engine._watchdog.is_alive()
         engine.shutdown()
 

@@ -47,13 +47,15 @@ def _setup(name, dtype, lens, hq=6, hkv=2, d=16, bs=4, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_equals_dense(name, dtype):
     if name == "triton" and dtype == torch.bfloat16:
-        pytest.skip("Triton's interpreter gets bf16 wrong (tests/test_triton_kernels.py covers it on CUDA)")
+        pytest.skip("Triton's interpreter gets bf16 wrong (tests/test_triton_kernels.py covers it "
+                    "on CUDA)")
     lens = [1, 7, 13, 4]
     backend, pool, seqs, g = _setup(name, dtype, lens)
     nb = max(len(b) for _, _, b in seqs)
     table = torch.stack([torch.cat([b, b.new_zeros(nb - len(b))]) for _, _, b in seqs])
     q = torch.randn(len(lens), 6, 16, generator=g)
-    meta = AttentionMetadata(torch.empty(0, dtype=torch.long), len(lens), table, torch.tensor(lens))
+    meta = AttentionMetadata(torch.empty(0, dtype=torch.long), len(lens), table,
+                             torch.tensor(lens))
     meta = backend.build_metadata(meta, 4)
     got = backend.forward(q.to(dtype), None, None, pool.layer(0), meta, 0.25)
     want = torch.cat([_dense(q[i:i + 1], k, v, torch.tensor([n - 1]), 0.25)

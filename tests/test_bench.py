@@ -35,7 +35,8 @@ def test_workload_a_exact_on_bpe_tokenizer(smollm2_tokenizer):
     spec = WorkloadSpec(num_prompts=24, seed=3)
     requests = build_workload(spec, smollm2_tokenizer, verify=False)
     _check_exact(requests, smollm2_tokenizer, spec)
-    assert len({t for r in requests for t in r.prompt_token_ids}) > 500  # a real vocabulary, not one word
+    # a real vocabulary, not one word
+    assert len({t for r in requests for t in r.prompt_token_ids}) > 500
 
 
 def test_single_token_words_are_single_tokens(tiny_tokenizer):
@@ -51,8 +52,10 @@ def test_lengths_follow_workload_a():
     """Medians of the clipped lognormals match the spec (150 / 100 tokens) and clips hold."""
     spec = WorkloadSpec()
     rng = np.random.default_rng(0)
-    ins = sample_lengths(rng, 4000, spec.input_median, spec.input_sigma, spec.input_min, spec.input_max)
-    outs = sample_lengths(rng, 4000, spec.output_median, spec.output_sigma, spec.output_min, spec.output_max)
+    ins = sample_lengths(rng, 4000, spec.input_median, spec.input_sigma, spec.input_min,
+                         spec.input_max)
+    outs = sample_lengths(rng, 4000, spec.output_median, spec.output_sigma, spec.output_min,
+                          spec.output_max)
     assert ins.min() >= 16 and ins.max() <= 512 and outs.min() >= 16 and outs.max() <= 256
     assert abs(np.median(ins) - 150) < 8 and abs(np.median(outs) - 100) < 5
     # sigma 0.9 from a 150 median: P(len > 512) = P(z > ln(512/150)/0.9 = 1.36) ~ 8.6%
@@ -63,7 +66,8 @@ def test_lengths_follow_workload_a():
 def test_workload_seeded(tiny_tokenizer):
     spec = WorkloadSpec(num_prompts=16, seed=7, **SMALL)
     a, b = build_workload(spec, tiny_tokenizer), build_workload(spec, tiny_tokenizer)
-    assert [(r.prompt_token_ids, r.output_len) for r in a] == [(r.prompt_token_ids, r.output_len) for r in b]
+    assert [(r.prompt_token_ids, r.output_len) for r in a] == [(r.prompt_token_ids, r.output_len)
+                                                               for r in b]
     c = build_workload(WorkloadSpec(num_prompts=16, seed=8, **SMALL), tiny_tokenizer)
     assert [r.prompt_token_ids for r in a] != [r.prompt_token_ids for r in c]
     _check_exact(a, tiny_tokenizer, spec)
@@ -72,7 +76,8 @@ def test_workload_seeded(tiny_tokenizer):
 def test_fixed_lengths(tiny_tokenizer):
     spec = WorkloadSpec(num_prompts=5, fixed_input_len=33, fixed_output_len=7)
     requests = build_workload(spec, tiny_tokenizer)
-    assert [r.prompt_len for r in requests] == [33] * 5 and [r.output_len for r in requests] == [7] * 5
+    assert [r.prompt_len for r in requests] == [33] * 5 and [r.output_len
+                                                             for r in requests] == [7] * 5
 
 
 def test_warmup_shares_no_prefix(tiny_tokenizer):
@@ -85,9 +90,11 @@ def test_warmup_shares_no_prefix(tiny_tokenizer):
 
 
 def test_report_helpers(tmp_path):
-    table = format_table([{"name": "a", "x": 1.23456, "n": 7}, {"name": "bbb", "x": None, "n": 12}],
+    table = format_table([{"name": "a", "x": 1.23456, "n": 7},
+                          {"name": "bbb", "x": None, "n": 12}],
                          ["name", ("x", "x val", ".1f"), "n"])
-    assert table.splitlines() == ["name  x val   n", "----  -----  --", "a       1.2   7", "bbb       -  12"]
+    assert table.splitlines() == ["name  x val   n", "----  -----  --", "a       1.2   7",
+                                  "bbb       -  12"]
     path = tmp_path / "sub" / "r.json"
     write_json(str(path), {"a": [1, 2]})
     assert json.loads(path.read_text()) == {"a": [1, 2]}
@@ -99,9 +106,10 @@ def test_throughput_end_to_end(tiny_llama, tiny_tokenizer, tmp_path, capsys):
 
     out = tmp_path / "t.json"
     small = [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]
-    argv = ["bench", "throughput", "--model", str(tiny_llama), "--backend", "both", "--num-prompts", "4",
-            "--dtype", "float32", "--kv-cache-memory", "4MiB", "--max-model-len", "256", "--seed", "5",
-            "--hf-batch-size", "3", "--disable-tqdm", "--output-json", str(out), *small]
+    argv = ["bench", "throughput", "--model", str(tiny_llama), "--backend", "both",
+            "--num-prompts", "4", "--dtype", "float32", "--kv-cache-memory", "4MiB",
+            "--max-model-len", "256", "--seed", "5", "--hf-batch-size", "3", "--disable-tqdm",
+            "--output-json", str(out), *small]
     assert main(argv) == 0
     report = json.loads(out.read_text())
     expected = build_workload(WorkloadSpec(num_prompts=4, seed=5, **SMALL), tiny_tokenizer)
@@ -127,8 +135,8 @@ def test_bench_latency_on_tiny_model(tiny_llama, tmp_path):
     from raylm.cli import main
 
     out = tmp_path / "lat.json"
-    rc = main(["bench", "latency", "--model", str(tiny_llama), "--dtype", "float32", "--input-len", "20",
-               "--output-len", "8", "--iters", "3", "--warmup", "1", "--num-blocks", "64",
+    rc = main(["bench", "latency", "--model", str(tiny_llama), "--dtype", "float32", "--input-len",
+               "20", "--output-len", "8", "--iters", "3", "--warmup", "1", "--num-blocks", "64",
                "--output-json", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
@@ -144,15 +152,20 @@ def test_bench_kernels_reports_every_op_against_the_limits(tmp_path, capsys):
     from raylm.cli import main
 
     out = tmp_path / "kernels.json"
-    assert main(["bench", "kernels", "--device", "cpu", "--repeats", "1", "--output-json", str(out)]) == 0
+    assert main(["bench", "kernels", "--device", "cpu", "--repeats", "1", "--output-json",
+                 str(out)]) == 0
     report = json.loads(out.read_text())
     rows = {(r["op"], r["shape"].split()[0]): r for r in report["results"]}
-    assert {op for op, _ in rows} >= {"add_rms_norm", "rotary", "silu_and_mul", "fused_moe", "attention"}
+    assert {op for op, _ in rows} >= {"add_rms_norm", "rotary", "silu_and_mul", "fused_moe",
+                                      "attention"}
     limits = report["limits"]
     assert limits["bandwidth_gb_s"] > 0 and limits["gemm_tflop_s"] > 0
     norm = rows[("add_rms_norm", "decode")]  # 32 x 576 fp32: read x, residual, weight; write two
-    assert norm["gb_s"] * norm["impl_us"] * 1e3 == pytest.approx((4 * 32 * 576 + 576) * 4, rel=1e-6)
-    attn = rows[("attention", "decode")]  # 32 seqs x 512 keys x 9 heads x 64: 4 FLOPs per (q, k, dim)
-    assert attn["tflop_s"] * attn["impl_us"] * 1e6 == pytest.approx(4 * 32 * 512 * 9 * 64, rel=1e-6)
+    assert norm["gb_s"] * norm["impl_us"] * 1e3 == pytest.approx((4 * 32 * 576 + 576) * 4,
+                                                                 rel=1e-6)
+    # 32 seqs x 512 keys x 9 heads x 64: 4 FLOPs per (q, k, dim)
+    attn = rows[("attention", "decode")]
+    assert attn["tflop_s"] * attn["impl_us"] * 1e6 == pytest.approx(4 * 32 * 512 * 9 * 64,
+                                                                    rel=1e-6)
     assert all(0 < r["pct_of_limit"] for r in report["results"])
     assert "% of limit" in capsys.readouterr().out

@@ -9,19 +9,23 @@ from raylm.bench.plot import load, plot, rate_of, series
 
 def _report(label, rate, p50, p99, goodput=None, throughput=1.0, trace=None):
     args = {"request_rate": rate, "trace": trace, "trace_time_scale": 4.0}
-    results = {"median_ttft_ms": p50, "p99_ttft_ms": p99, "median_itl_ms": p50 / 10, "p99_itl_ms": p99 / 10,
-               "request_goodput": goodput, "request_throughput": throughput}
+    results = {"median_ttft_ms": p50, "p99_ttft_ms": p99, "median_itl_ms": p50 / 10,
+               "p99_itl_ms": p99 / 10, "request_goodput": goodput,
+               "request_throughput": throughput}
     return {"benchmark": "serve", "label": label, "args": args, "results": results}
 
 
 def test_series_by_label_sorted_by_rate():
-    reports = [_report("prefix_aware", 4.0, 30, 90, goodput=3.5), _report("least_loaded", 2.0, 20, 40),
-               _report("prefix_aware", 2.0, 10, 20, goodput=2.0), _report("least_loaded", 4.0, 50, 300)]
+    reports = [_report("prefix_aware", 4.0, 30, 90, goodput=3.5),
+               _report("least_loaded", 2.0, 20, 40),
+               _report("prefix_aware", 2.0, 10, 20, goodput=2.0),
+               _report("least_loaded", 4.0, 50, 300)]
     data = series(reports)
     assert data["prefix_aware"]["median_ttft_ms"] == [(2.0, 10.0), (4.0, 30.0)]
     assert data["least_loaded"]["p99_ttft_ms"] == [(2.0, 40.0), (4.0, 300.0)]
     assert data["prefix_aware"]["goodput"] == [(2.0, 2.0), (4.0, 3.5)]
-    assert data["least_loaded"]["goodput"] == [(2.0, 1.0), (4.0, 1.0)]  # no SLOs: request throughput
+    # no SLOs: request throughput
+    assert data["least_loaded"]["goodput"] == [(2.0, 1.0), (4.0, 1.0)]
 
 
 def test_the_rate_axis():

@@ -33,7 +33,8 @@ def _capacity_args(tiny_llama, *extra):
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
-    return parser.parse_args(["sim-capacity", "--tokenizer", str(tiny_llama), "--max-model-len", "256", *extra])
+    return parser.parse_args(["sim-capacity", "--tokenizer", str(tiny_llama), "--max-model-len",
+                              "256", *extra])
 
 
 def test_an_engines_capacity_is_its_requests_per_simulated_second(tiny_llama):

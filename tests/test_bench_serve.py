@@ -55,10 +55,12 @@ class FakeOpenAI:
         chat = "messages" in body
         try:
             if chat:  # a role-only chunk first, as OpenAI sends: it carries no token
-                yield _sse({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+                yield _sse({"choices": [{"index": 0,
+                                         "delta": {"role": "assistant", "content": ""}}]})
             for i in range(body["max_tokens"]):
                 await asyncio.sleep(FIRST_DELAY if i == 0 else GAP)
-                choice = {"index": 0, "delta": {"content": f" w{i}"}} if chat else {"index": 0, "text": f" w{i}"}
+                choice = ({"index": 0, "delta": {"content": f" w{i}"}} if chat
+                          else {"index": 0, "text": f" w{i}"})
                 yield _sse({"choices": [choice]})
             if self.usage and body.get("stream_options", {}).get("include_usage"):
                 prompt = body["messages"][0]["content"] if chat else body["prompt"]
@@ -100,7 +102,8 @@ def _warm_up(url: str) -> None:
     import urllib.request
 
     body = json.dumps({"model": "m", "prompt": "w1", "max_tokens": 1, "stream": True}).encode()
-    req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url + "/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as resp:
         assert b"[DONE]" in resp.read()
 
@@ -109,8 +112,8 @@ def _args(tokenizer_dir, base_url: str, *extra: str):
     from raylm.cli import build_parser
 
     argv = ["bench", "serve", "--base-url", base_url, "--model", "fake-model", "--tokenizer",
-            str(tokenizer_dir), "--disable-tqdm", "--fixed-input-len", "16", "--fixed-output-len", "6",
-            "--num-prompts", "8", "--timeout", "20", *extra]
+            str(tokenizer_dir), "--disable-tqdm", "--fixed-input-len", "16", "--fixed-output-len",
+            "6", "--num-prompts", "8", "--timeout", "20", *extra]
     return build_parser().parse_args(argv)
 
 
@@ -136,8 +139,10 @@ def test_completions_timing_and_counts(fake_server, tiny_llama, tmp_path, capsys
     assert 45 <= r["median_ttft_ms"] <= 300
     assert 7 <= r["median_itl_ms"] <= 40 and 7 <= r["median_tpot_ms"] <= 40
     assert all(5 * GAP * 0.9 <= e - t <= 0.3 for e, t in zip(reqs["e2els"], reqs["ttfts"]))
-    assert r["goodput_requests"] is None and fake_server.max_in_flight == 8  # inf rate: all at once
-    assert r["client_cpu_s"] > 0  # the client's own CPU over the run (it shares the server's cores)
+    # inf rate: all at once
+    assert r["goodput_requests"] is None and fake_server.max_in_flight == 8
+    # the client's own CPU over the run (it shares the server's cores)
+    assert r["client_cpu_s"] > 0
     assert report["args"]["request_rate"] == "inf" and "api_key" not in report["args"]
     body = fake_server.bodies[0]
     assert body["model"] == "fake-model" and body["max_tokens"] == 6 and body["stream"] is True
@@ -146,8 +151,8 @@ def test_completions_timing_and_counts(fake_server, tiny_llama, tmp_path, capsys
 
 
 def test_chat_without_usage_counts_chunks(fake_server, tiny_llama):
-    report = _run(fake_server, tiny_llama, "--endpoint", "/v1/chat/completions", "--goodput", "ttft:5000",
-                  usage=False)
+    report = _run(fake_server, tiny_llama, "--endpoint", "/v1/chat/completions", "--goodput",
+                  "ttft:5000", usage=False)
     r, reqs = report["results"], report["requests"]
     assert r["completed"] == 8 and reqs["output_lens"] == [6] * 8
     assert all(t >= FIRST_DELAY * 0.9 for t in reqs["ttfts"])  # the role-only chunk is no token
@@ -162,7 +167,8 @@ def test_max_concurrency_is_respected(fake_server, tiny_llama):
 
 
 def test_request_rate_schedules_sends(fake_server, tiny_llama):
-    report = _run(fake_server, tiny_llama, "--num-prompts", "10", "--request-rate", "20", "--seed", "3")
+    report = _run(fake_server, tiny_llama, "--num-prompts", "10", "--request-rate", "20", "--seed",
+                  "3")
     expected = serve.send_offsets(10, 20.0, 1.0, 3)
     starts = np.asarray(report["requests"]["start_s"])
     assert expected[-1] > 0.1  # the schedule is spread out, so this checks something
@@ -183,7 +189,8 @@ def test_unreachable_server_fails_every_request(tiny_llama):
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens on it
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    report = asyncio.run(serve.benchmark(_args(tiny_llama, f"http://127.0.0.1:{port}", "--num-prompts", "3")))
+    report = asyncio.run(serve.benchmark(_args(tiny_llama, f"http://127.0.0.1:{port}",
+                                               "--num-prompts", "3")))
     assert report["results"]["completed"] == 0
     assert report["results"]["failed_by_status"] == {"no-response": 3}
 
@@ -197,14 +204,17 @@ def test_arrival_intervals_mean_and_burstiness():
         assert abs(gaps.mean() - 1 / rate) <= tolerance / rate
         cv2[shape] = gaps.var() / gaps.mean() ** 2  # gamma: 1 / shape
     assert 2.8 <= cv2[0.25] <= 5.2 and 0.8 <= cv2[1.0] <= 1.2 and 0.2 <= cv2[4.0] <= 0.3
-    assert np.array_equal(serve.arrival_intervals(50, rate, 1.0, seed=7), serve.arrival_intervals(50, rate, 1.0, seed=7))
+    assert np.array_equal(serve.arrival_intervals(50, rate, 1.0, seed=7),
+                          serve.arrival_intervals(50, rate, 1.0, seed=7))
     assert not serve.arrival_intervals(5, float("inf")).any()
     offsets = serve.send_offsets(4, 2.0, 1.0, seed=1)
-    assert offsets[0] == 0 and np.allclose(np.diff(offsets), serve.arrival_intervals(4, 2.0, 1.0, seed=1)[:3])
+    assert offsets[0] == 0 and np.allclose(np.diff(offsets),
+                                           serve.arrival_intervals(4, 2.0, 1.0, seed=1)[:3])
 
 
 def _rec(ttft, e2el, tokens, success=True, status=200):
-    return RequestOutput(prompt_len=10, success=success, status=status, ttft=ttft, e2el=e2el, chunks=tokens)
+    return RequestOutput(prompt_len=10, success=success, status=status, ttft=ttft, e2el=e2el,
+                         chunks=tokens)
 
 
 def test_goodput_on_hand_made_records():
@@ -249,9 +259,10 @@ def test_inprocess_backend_runs_the_same_workload(tiny_llama):
     from raylm.cli import build_parser
 
     args = build_parser().parse_args([
-        "bench", "serve", "--backend", "inprocess", "--model", str(tiny_llama), "--dtype", "float32",
-        "--max-model-len", "128", "--kv-cache-memory", "4MiB", "--disable-tqdm", "--fixed-input-len", "16",
-        "--fixed-output-len", "6", "--num-prompts", "6", "--max-concurrency", "2"])
+        "bench", "serve", "--backend", "inprocess", "--model", str(tiny_llama), "--dtype",
+        "float32", "--max-model-len", "128", "--kv-cache-memory", "4MiB", "--disable-tqdm",
+        "--fixed-input-len", "16", "--fixed-output-len", "6", "--num-prompts", "6",
+        "--max-concurrency", "2"])
     report = asyncio.run(serve.benchmark(args))
     r, reqs = report["results"], report["requests"]
     assert report["backend"] == "inprocess" and report["base_url"] is None
@@ -267,10 +278,11 @@ def test_alternating_with_inprocess_pairs_each_request(fake_server, tiny_llama):
     differences of those pairs."""
     fake_server.reset()
     report = asyncio.run(serve.benchmark(_args(
-        tiny_llama, fake_server.url, "--alternate-inprocess", "--max-concurrency", "1", "--model", str(tiny_llama),
-        "--dtype", "float32",
+        tiny_llama, fake_server.url, "--alternate-inprocess", "--max-concurrency", "1", "--model",
+        str(tiny_llama), "--dtype", "float32",
         "--max-model-len", "128", "--kv-cache-memory", "4MiB")))
-    served, ref, paired = report["requests"], report["paired"]["reference_requests"], report["paired"]
+    served, ref, paired = (report["requests"], report["paired"]["reference_requests"],
+                           report["paired"])
     assert paired["pairs"] == 8 and len(fake_server.bodies) == 8 and fake_server.max_in_flight == 1
     assert ref["output_lens"] == served["output_lens"] == [6] * 8
     assert [r < s for r, s in zip(ref["start_s"], served["start_s"])] == [True, False] * 4

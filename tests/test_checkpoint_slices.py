@@ -16,7 +16,8 @@ def test_slices_equal_the_full_tensor(tiny_llama):
         assert torch.equal(t[1:3], full[1:3])
         if full.dim() == 2:
             cols = full.shape[1]
-            assert torch.equal(t.narrow(1, cols // 4, cols // 2), full[:, cols // 4: cols // 4 + cols // 2])
+            assert torch.equal(t.narrow(1, cols // 4, cols // 2),
+                               full[:, cols // 4: cols // 4 + cols // 2])
             seen += 1
     assert seen > 5
 

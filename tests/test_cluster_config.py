@@ -32,7 +32,8 @@ def test_cluster_configs_pass_ray_ups_validation(name):
     config = _ray_up_checks(_load(name))
     assert config["file_mounts"] == {"~/raylm": "."}  # this checkout is what the nodes install
     setup = " ".join(config["setup_commands"])
-    assert "pip install -q torch==2.13.0" in setup and "-e " in setup and "resolve_model_path" in setup
+    assert ("pip install -q torch==2.13.0" in setup and "-e " in setup
+            and "resolve_model_path" in setup)
     assert any("--metrics-export-port" in c for c in config["head_start_ray_commands"])
 
 
@@ -44,7 +45,8 @@ def test_the_gpu_cluster_has_an_engine_free_head_and_an_autoscaled_gpu_worker_ty
     assert "GPU" not in head["resources"] and head["max_workers"] == 0
     assert worker["node_config"]["InstanceType"].startswith("g5")
     assert 1 <= worker["min_workers"] < worker["max_workers"]
-    assert "download.pytorch.org/whl/cu" in " ".join(config["setup_commands"])  # a CUDA torch build
+    # a CUDA torch build
+    assert "download.pytorch.org/whl/cu" in " ".join(config["setup_commands"])
 
 
 BROKEN = {
@@ -77,6 +79,7 @@ def test_the_cluster_serve_config_passes_serves_schema_and_builds_gpu_tp_replica
     placement = args.replica_placement()
     # one bundle for the replica, then one GPU per TP rank, all on one node
     assert placement["placement_group_bundles"][1:] == [{"CPU": 1.0, "GPU": 1}] * args.tp
-    assert placement["placement_group_strategy"] == "STRICT_PACK" and args.replica_count() == {"num_replicas": 4}
+    assert (placement["placement_group_strategy"] == "STRICT_PACK" and args.replica_count()
+            == {"num_replicas": 4})
     with pytest.raises(ValueError, match="tpp"):  # a misspelled option is an error, not ignored
         ServeArgs(**{**config["applications"][0]["args"], "tpp": 2})

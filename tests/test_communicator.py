@@ -21,13 +21,15 @@ def _check(rank: int, port: int, kind: str) -> None:
     x = torch.tensor([1.0, 2.0, 3.0, 4.0]) * (rank + 1)  # rank 0: [1,2,3,4], rank 1: [2,4,6,8]
     assert comm.all_reduce(x.clone()).tolist() == [3.0, 6.0, 9.0, 12.0]
     assert comm.all_gather(x.view(2, 2), dim=-1).tolist() == [[1, 2, 2, 4], [3, 4, 6, 8]]
-    assert comm.reduce_scatter(x.clone(), dim=0).tolist() == ([3.0, 6.0] if rank == 0 else [9.0, 12.0])
+    assert comm.reduce_scatter(x.clone(), dim=0).tolist() == ([3.0, 6.0] if rank == 0
+                                                              else [9.0, 12.0])
     assert comm.broadcast(x.clone(), src=1).tolist() == [2.0, 4.0, 6.0, 8.0]
     if rank == 0:
         comm.send(torch.arange(6, dtype=torch.float32).view(2, 3), dst=1)
     else:
         assert comm.recv((2, 3), torch.float32, src=0).tolist() == [[0, 1, 2], [3, 4, 5]]
-    for i in range(50):  # many exchanges in a row: the double buffer must never hand out stale data
+    # many exchanges in a row: the double buffer must never hand out stale data
+    for i in range(50):
         got = comm.all_reduce(torch.full((3,), float(i * 10 + rank)))
         assert got.tolist() == [float(i * 20 + 1)] * 3, (i, got)
     big = torch.ones(5 << 20) * (rank + 1)  # 20 MB: over a shared-memory slot, goes through gloo

@@ -42,17 +42,20 @@ def test_padded_decode_buckets_equal_hf(tiny_root, kind):
               attention_backend="triton", fused_ops="triton", enable_prefix_caching=False)
     runner = llm.engine.core.executor.worker.runner
     assert runner.graphs is None  # no capture on CPU
-    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=0) for n in budgets]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=0)
+              for n in budgets]
     requests = [{"prompt_token_ids": p} for p in prompts]
     assert runner.capture_graphs(capture=False) == 0 and runner.graphs.sizes == [1, 2, 4, 8]
     sizes, run = [], runner.graphs.run
-    runner.graphs.run = lambda step, forward: sizes.append(step.meta.num_decodes) or run(step, forward)
+    runner.graphs.run = (lambda step, forward: sizes.append(step.meta.num_decodes)
+                         or run(step, forward))
     # padded first, on a fresh pool: block 0 (where a bad padding row would write) is in use
     padded = [o.outputs[0] for o in llm.generate(requests, params, use_tqdm=False)]
     runner.graphs = None
     plain = [o.outputs[0] for o in llm.generate(requests, params, use_tqdm=False)]
     assert {6, 5, 3, 1} <= set(sizes), sizes  # padded to 8, 8, 4, 1
-    for got, ref, n, want in zip(padded, plain, budgets, [hf_greedy(path, [p], 13)[0] for p in prompts]):
+    for got, ref, n, want in zip(padded, plain, budgets,
+                                 [hf_greedy(path, [p], 13)[0] for p in prompts]):
         assert got.token_ids == ref.token_ids == want[:n]
         got_lp = [lp[t].logprob for lp, t in zip(got.logprobs, got.token_ids)]
         ref_lp = [lp[t].logprob for lp, t in zip(ref.logprobs, ref.token_ids)]

@@ -13,7 +13,8 @@ from tests.conftest import hf_greedy
 
 
 def _engine(path):
-    return AsyncEngine(EngineConfig(model=ModelConfig(model=str(path), dtype="float32", max_model_len=128),
+    return AsyncEngine(EngineConfig(model=ModelConfig(model=str(path), dtype="float32",
+                                                      max_model_len=128),
                                     cache=CacheConfig(num_blocks=32)))
 
 
@@ -24,7 +25,8 @@ async def _collect(engine, params, rid, prompt=(5, 6, 7, 8)):
 @pytest.mark.parametrize("params", [
     dict(temperature=0, max_tokens=9, ignore_eos=True),
     dict(temperature=1.0, seed=7, n=3, max_tokens=7, ignore_eos=True, logprobs=2),
-    # this model's greedy text repeats " w398": the stop string ends it mid-stream, cutting held-back text
+    # this model's greedy text repeats " w398": the stop string ends it mid-stream, cutting
+    # held-back text
     dict(temperature=0, max_tokens=12, ignore_eos=True, stop=["w398 w398"]),
 ])
 def test_deltas_fold_to_the_cumulative_result(tiny_llama, params):
@@ -37,9 +39,11 @@ def test_deltas_fold_to_the_cumulative_result(tiny_llama, params):
 
     final, deltas = asyncio.run(main())
     if params["temperature"] == 0 and not params.get("stop"):  # the cumulative run itself == HF
-        assert final.outputs[0].token_ids == hf_greedy(tiny_llama, [[5, 6, 7, 8]], params["max_tokens"])[0]
+        assert final.outputs[0].token_ids == hf_greedy(tiny_llama, [[5, 6, 7, 8]],
+                                                       params["max_tokens"])[0]
     if params.get("stop"):
-        assert final.outputs[0].finish_reason == "stop" and "w398 w398" not in final.outputs[0].text
+        assert (final.outputs[0].finish_reason == "stop"
+                and "w398 w398" not in final.outputs[0].text)
     acc = None
     for d in deltas:
         acc = merge_delta(acc, d)
@@ -62,15 +66,19 @@ def test_delta_output_by_hand():
     out = RequestOutput("r", "p", [9], [c])
     state = DeltaState()
     first = delta_output(out, state)
-    assert first.outputs[0].token_ids == [1, 2] and first.outputs[0].text == "ab" and first.prompt_token_ids == [9]
+    assert (first.outputs[0].token_ids == [1, 2] and first.outputs[0].text == "ab"
+            and first.prompt_token_ids == [9])
     assert delta_output(out, state) is None  # nothing new
     c.token_ids.append(3)  # a token with no visible text yet (held back) still goes out
     second = delta_output(out, state)
-    assert second.outputs[0].token_ids == [3] and second.outputs[0].text == "" and second.prompt_token_ids == []
+    assert (second.outputs[0].token_ids == [3] and second.outputs[0].text == ""
+            and second.prompt_token_ids == [])
     c.text, c.finish_reason, out.finished = "abc", "stop", True
     last = delta_output(out, state)
-    assert last.outputs[0].text == "c" and last.outputs[0].finish_reason == "stop" and last.finished
-    assert merge_delta(merge_delta(merge_delta(None, first), second), last).outputs[0].text == "abc"
+    assert (last.outputs[0].text == "c" and last.outputs[0].finish_reason == "stop"
+            and last.finished)
+    assert merge_delta(merge_delta(merge_delta(None, first), second),
+                       last).outputs[0].text == "abc"
 
 
 def test_output_kind_is_validated():
@@ -82,10 +90,12 @@ def test_warmup_leaves_the_engine_idle(tiny_llama):
     engine = _engine(tiny_llama)
     engine.engine.warmup()
     stats = engine.stats()
-    assert stats.num_free_blocks == stats.num_blocks and not engine.engine.has_unfinished_requests()
+    assert (stats.num_free_blocks == stats.num_blocks
+            and not engine.engine.has_unfinished_requests())
 
     async def busy():
-        gen = engine.generate({"prompt_token_ids": [5, 6]}, SamplingParams(max_tokens=50, ignore_eos=True), "x")
+        gen = engine.generate({"prompt_token_ids": [5, 6]},
+                              SamplingParams(max_tokens=50, ignore_eos=True), "x")
         await gen.__anext__()
         with pytest.raises(RuntimeError, match="idle"):
             engine.engine.warmup()

@@ -115,7 +115,8 @@ def test_stop_string_cuts_exactly(smollm2_tokenizer, include):
     cut = full.find("STOP")
     expected = full[:cut + 4] if include else full[:cut]
     assert expected in ("The answer is 42. STOP", "The answer is 42. ")
-    d = IncrementalDetokenizer(tok, [], SamplingParams(stop=["STOP"], include_stop_str_in_output=include))
+    d = IncrementalDetokenizer(tok, [],
+                               SamplingParams(stop=["STOP"], include_stop_str_in_output=include))
     hits = [d.update([t]) for t in ids[:_first_hit(tok, ids, "STOP")]]
     assert hits[-1] is True and not any(hits[:-1])  # True exactly at the completing token
     assert d.text == expected
@@ -172,7 +173,8 @@ def test_stop_not_honoured_before_min_tokens(smollm2_tokenizer):
         assert hits == [False] * (dots[which] - 1) + [True]
         assert d.text == full[:occurrences[which]]
     # Past the last stop: never honoured, the whole text stays.
-    d = IncrementalDetokenizer(tok, [], SamplingParams(stop=["."], min_tokens=dots[-1] + 1, max_tokens=100))
+    d = IncrementalDetokenizer(tok, [],
+                               SamplingParams(stop=["."], min_tokens=dots[-1] + 1, max_tokens=100))
     assert not any(d.update([t]) for t in ids)
     assert d.text == full and d.stop_reason is None
 

@@ -67,7 +67,8 @@ def test_config_keeps_auto_and_names_a_bad_dtype():
 def test_gemm_rates_are_measured_once_per_machine_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("RAYLM_CACHE_DIR", str(tmp_path))
     calls = []
-    monkeypatch.setattr(machine, "measure_gemm_rates", lambda: calls.append(1) or GemmRates(5.0, 7.0, 2))
+    monkeypatch.setattr(machine, "measure_gemm_rates",
+                        lambda: calls.append(1) or GemmRates(5.0, 7.0, 2))
     assert machine.gemm_rates() == machine.gemm_rates() == GemmRates(5.0, 7.0, 2)
     assert len(calls) == 1
     (path,) = (tmp_path / "machine").iterdir()
@@ -102,7 +103,8 @@ def test_the_engine_resolves_auto_and_logs_why(tiny_llama, caplog):
     from raylm import LLM
 
     with caplog.at_level(logging.INFO, logger="raylm.executor.model_runner"):
-        llm = LLM(model=str(tiny_llama), num_blocks=32, max_model_len=128, cpu_gemm_dtype="float32")
+        llm = LLM(model=str(tiny_llama), num_blocks=32, max_model_len=128,
+                  cpu_gemm_dtype="float32")
     runner = llm.engine.core.executor.worker.runner
     want = choose_dtypes("auto", CPU, torch.float32, "float32")
     assert (runner.dtypes.weights, runner.dtypes.gemm) == (want.weights, want.gemm)

@@ -52,8 +52,9 @@ def test_bad_batch_leaves_nothing_behind(llm):
 
 
 @pytest.mark.parametrize("kwargs, field", [
-    ({"model": "/no/such/dir"}, "model"), ({"dtype": "int7"}, "dtype"), ({"block_size": 0}, "block_size"),
-    ({"kv_cache_memory": "lots"}, "kv_cache_memory"), ({"no_such_option": 1}, "no_such_option"),
+    ({"model": "/no/such/dir"}, "model"), ({"dtype": "int7"}, "dtype"),
+    ({"block_size": 0}, "block_size"), ({"kv_cache_memory": "lots"}, "kv_cache_memory"),
+    ({"no_such_option": 1}, "no_such_option"),
 ])
 def test_bad_engine_options(tiny_llama, kwargs, field):
     kwargs = {"model": str(tiny_llama), **kwargs}
@@ -67,7 +68,8 @@ def test_kv_cache_smaller_than_max_model_len(tiny_llama):
 
 
 def _async_engine(path):
-    return AsyncEngine(EngineConfig(model=ModelConfig(model=str(path), dtype="float32", max_model_len=128),
+    return AsyncEngine(EngineConfig(model=ModelConfig(model=str(path), dtype="float32",
+                                                      max_model_len=128),
                                     cache=CacheConfig(num_blocks=32)))
 
 
@@ -85,7 +87,8 @@ def test_async_stream_equals_hf_and_abort_frees(tiny_llama):
         return last.outputs[0].token_ids
 
     async def abort_midway():
-        gen = engine.generate({"prompt_token_ids": [5, 6]}, SamplingParams(max_tokens=100, ignore_eos=True), "x")
+        gen = engine.generate({"prompt_token_ids": [5, 6]},
+                              SamplingParams(max_tokens=100, ignore_eos=True), "x")
         async for out in gen:
             if len(out.outputs[0].token_ids) >= 3:
                 break
@@ -111,7 +114,9 @@ def test_async_bad_request_raises_in_caller(tiny_llama):
         with pytest.raises(ValueError, match="prompt"):
             async for _ in engine.generate({"prompt_token_ids": []}, SamplingParams(), "bad"):
                 pass
-        outs = [o async for o in engine.generate({"prompt_token_ids": [4, 5]}, SamplingParams(max_tokens=2), "ok")]
+        outs = [o async
+                for o in engine.generate({"prompt_token_ids": [4, 5]},
+                                         SamplingParams(max_tokens=2), "ok")]
         return outs[-1]
 
     assert asyncio.run(main()).finished

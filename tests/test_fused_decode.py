@@ -37,14 +37,17 @@ def test_fused_stack_equals_the_per_op_path_exactly(tiny_root, monkeypatch, kind
     prompts = random_prompts(batch, seed=batch, lo=5, hi=40)  # decodes cross block boundaries
     calls = {"stack": [], "batched": []}
     stack, attention = cpu_decode_stack.decode_stack, cpu_decode_stack.decode_attention
-    monkeypatch.setattr(cpu_decode_stack, "decode_stack", lambda *a: calls["stack"].append(a[2].shape[0]) or stack(*a))
+    monkeypatch.setattr(cpu_decode_stack, "decode_stack",
+                        lambda *a: calls["stack"].append(a[2].shape[0]) or stack(*a))
     monkeypatch.setattr(cpu_decode_stack, "decode_attention",
                         lambda *a: calls["batched"].append(a[3].shape[0]) or attention(*a))
     fused, _ = _llm(path, fused=True)
     got = _run(fused, prompts)
     # every decode step holds all the requests (same lengths, EOS ignored)
-    one_call = "stack" if batch <= cpu_ops.GEMV_MAX_ROWS else "batched"  # the C stack, or oneDNN + C
-    assert calls[one_call] and set(calls[one_call]) == {batch}, "the fast path did not run every step"
+    # the C stack, or oneDNN + C
+    one_call = "stack" if batch <= cpu_ops.GEMV_MAX_ROWS else "batched"
+    assert (calls[one_call] and set(calls[one_call])
+            == {batch}), "the fast path did not run every step"
     assert not calls["batched" if one_call == "stack" else "stack"]
     per_op, _ = _llm(path, fused=False)
     assert got == _run(per_op, prompts)
@@ -82,7 +85,8 @@ def test_huge_page_buffers_are_zeroed_aligned_and_hold_copies():
                torch.randint(0, 9, (4, 3), generator=g)]
     packed = hugepages.pack(tensors)
     for t, p in zip(tensors, packed):
-        assert p.dtype == t.dtype and p.shape == t.shape and p.is_contiguous() and torch.equal(p, t)
+        assert (p.dtype == t.dtype and p.shape == t.shape and p.is_contiguous()
+                and torch.equal(p, t))
         assert p.data_ptr() % 64 == 0
     tensors[0].zero_()
     assert packed[0].any(), "pack must copy, not alias"
@@ -105,7 +109,8 @@ def test_a_later_pipeline_stage_takes_the_residual_it_is_given(tiny_root):
     slots = tables[torch.arange(rows), (lens - 1) // 16] * 16 + (lens - 1) % 16
     meta = AttentionMetadata(slots, rows, tables, lens)
     positions = lens - 1
-    x = torch.randn(rows, layers[0].input_layernorm.weight.shape[0], generator=g).to(torch.bfloat16)
+    x = torch.randn(rows, layers[0].input_layernorm.weight.shape[0],
+                    generator=g).to(torch.bfloat16)
     with ops.using("cpu"), torch.inference_mode():
         x1, res1 = layers[0](positions, x, None, meta)
         want = (x1, res1)

@@ -24,7 +24,8 @@ OPEN_PATHS = {"/health", "/ping", "/version"}
 
 def _assert_healthy(srv):
     assert srv.http.get("/health").status_code == 200
-    r = srv.http.post("/v1/completions", json={"model": "tiny", "prompt": "w5 w6", "max_tokens": 2})
+    r = srv.http.post("/v1/completions",
+                      json={"model": "tiny", "prompt": "w5 w6", "max_tokens": 2})
     assert r.status_code == 200, r.text
     wait_all_free(srv.engine)
 
@@ -36,15 +37,19 @@ def test_fuzz_http_api(srv):
     assert report.requests == 2000
     assert report.count(200, 300) >= 300 and report.count(400, 500) >= 300, report.summary()
     assert report.streamed >= 20, report.summary()
-    assert {"completions", "chat", "tokenize", "detokenize", "bad-json", "content-type", "deep-json",
-            "wrong-method", "unknown-path", "oversized", "probe", "admin"} <= set(report.labels), report.labels
+    assert {"completions", "chat", "tokenize", "detokenize", "bad-json", "content-type",
+            "deep-json", "wrong-method", "unknown-path", "oversized", "probe",
+            "admin"} <= set(report.labels), report.labels
     _assert_healthy(srv)
 
 
 def test_fuzz_http_api_without_key(srv):
-    report = run_fuzz(srv.auth_url, 300, seed=SEED + 1, api_key=API_KEY, bad_auth=True)  # no key or a near miss
+    # no key or a near miss
+    report = run_fuzz(srv.auth_url, 300, seed=SEED + 1, api_key=API_KEY, bad_auth=True)
     print(report.summary())
     assert not report.violations, report.summary()
-    closed = [(m, p, s) for m, p, s in report.records if unquote(p.split("?")[0]) not in OPEN_PATHS]
-    assert len(closed) >= 250 and all(s == 401 for _, _, s in closed), [r for r in closed if r[2] != 401][:10]
+    closed = [(m, p, s) for m, p, s in report.records
+              if unquote(p.split("?")[0]) not in OPEN_PATHS]
+    assert len(closed) >= 250 and all(s == 401 for _, _, s in closed), [r for r in closed if r[2]
+                                                                        != 401][:10]
     _assert_healthy(srv)

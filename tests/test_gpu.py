@@ -16,7 +16,8 @@ from raylm.distributed.communicator import free_port
 from tests.conftest import hf_greedy, make_tiny_model, random_prompts
 from tests.waiting import wait_for
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
 TEXTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was a little",
          "The three primary colors are"]
 
@@ -30,7 +31,8 @@ def _run(llm, prompts, n):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_smollm2_on_cuda_equals_hf_on_cuda(smollm2_path, smollm2_tokenizer, dtype):
     prompts = [smollm2_tokenizer.encode(t) for t in TEXTS]
-    llm = LLM("smollm2-135m-instruct", dtype=dtype, device="cuda", num_blocks=256, max_model_len=512)
+    llm = LLM("smollm2-135m-instruct", dtype=dtype, device="cuda", num_blocks=256,
+              max_model_len=512)
     assert llm.engine.core.executor.collective_rpc("device_info")[0][0].startswith("cuda")
     got = _run(llm, prompts, 20)
     want = hf_greedy(smollm2_path, prompts, 20, dtype=getattr(torch, dtype), device="cuda")
@@ -48,10 +50,12 @@ def test_prefix_hits_and_preemption_on_cuda_equal_hf(tiny_root):
     cached = LLM(str(path), dtype="float32", device="cuda", num_blocks=64, max_model_len=256)
     first = _run(cached, prompts[:1], 24)
     rest = cached.generate([{"prompt_token_ids": p} for p in prompts[1:]],
-                           SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+                           SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+                           use_tqdm=False)
     assert first + [o.outputs[0].token_ids for o in rest] == want
     assert all(o.num_cached_tokens == 48 for o in rest)
-    tight = LLM(str(path), dtype="float32", device="cuda", num_blocks=16, block_size=8, max_model_len=128)
+    tight = LLM(str(path), dtype="float32", device="cuda", num_blocks=16, block_size=8,
+                max_model_len=128)
     long_prompts = random_prompts(6, seed=3, lo=20, hi=40)
     assert _run(tight, long_prompts, 24) == hf_greedy(path, long_prompts, 24, device="cuda")
     assert tight.engine.core.scheduler.num_preemptions > 0
@@ -62,8 +66,10 @@ def test_cuda_kv_cache_is_sized_from_gpu_memory(tiny_root):
     import gc
 
     path, blocks = make_tiny_model(tiny_root, "llama"), []
-    for utilization in (0.3, 0.5):  # one at a time: a live engine's cache counts as this process's use
-        llm = LLM(str(path), dtype="float32", device="cuda", gpu_memory_utilization=utilization, max_model_len=256)
+    # one at a time: a live engine's cache counts as this process's use
+    for utilization in (0.3, 0.5):
+        llm = LLM(str(path), dtype="float32", device="cuda", gpu_memory_utilization=utilization,
+                  max_model_len=256)
         blocks.append(llm.engine.core.num_blocks)
         llm.shutdown()
         del llm
@@ -76,8 +82,10 @@ def test_cuda_kv_cache_is_sized_from_gpu_memory(tiny_root):
 def test_tp2_over_nccl_equals_tp1(tiny_root):
     path = make_tiny_model(tiny_root, "llama")
     prompts = random_prompts(4, seed=7)
-    one = _run(LLM(str(path), dtype="float32", device="cuda", num_blocks=64, max_model_len=256), prompts, 16)
-    two = LLM(str(path), dtype="float32", device="cuda", num_blocks=64, max_model_len=256, tensor_parallel_size=2)
+    one = _run(LLM(str(path), dtype="float32", device="cuda", num_blocks=64, max_model_len=256),
+               prompts, 16)
+    two = LLM(str(path), dtype="float32", device="cuda", num_blocks=64, max_model_len=256,
+              tensor_parallel_size=2)
     try:
         assert _run(two, prompts, 16) == one
     finally:
@@ -90,11 +98,13 @@ def test_raylm_serve_on_cuda_answers_the_openai_client(tmp_path):
 
     port = free_port("127.0.0.1")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.setdefault("RAY_AUTH_MODE", "disabled")  # a local cluster without token auth, as in the CPU tests
+    # a local cluster without token auth, as in the CPU tests
+    env.setdefault("RAY_AUTH_MODE", "disabled")
     cmd = [sys.executable, "-m", "raylm.cli", "serve", "--device", "cuda", "--port", str(port),
            "--max-model-len", "512"]
     with open(tmp_path / "serve.log", "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         def healthy():
@@ -106,8 +116,10 @@ def test_raylm_serve_on_cuda_answers_the_openai_client(tmp_path):
 
         wait_for(healthy, 300, "raylm serve --device cuda healthy", 1)
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
-        reply = client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=16, temperature=0,
-                                               messages=[{"role": "user", "content": "What is 2+2?"}])
+        reply = client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=16,
+                                               temperature=0,
+                                               messages=[{"role": "user",
+                                                          "content": "What is 2+2?"}])
         assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -115,8 +127,9 @@ def test_raylm_serve_on_cuda_answers_the_openai_client(tmp_path):
 
 
 def _smollm2(backend, fused_ops, enforce_eager, dtype="float32"):
-    return LLM("smollm2-135m-instruct", dtype=dtype, device="cuda", num_blocks=256, max_model_len=512,
-               attention_backend=backend, fused_ops=fused_ops, enforce_eager=enforce_eager)
+    return LLM("smollm2-135m-instruct", dtype=dtype, device="cuda", num_blocks=256,
+               max_model_len=512, attention_backend=backend, fused_ops=fused_ops,
+               enforce_eager=enforce_eager)
 
 
 def test_smollm2_triton_and_decode_graphs_equal_the_torch_backend(smollm2_tokenizer):
@@ -132,8 +145,9 @@ def test_smollm2_triton_and_decode_graphs_equal_the_torch_backend(smollm2_tokeni
         llm = _smollm2(*args)
         runner = llm.engine.core.executor.worker.runner
         assert (len(runner.graphs.graphs) > 0) if name == "graphs" else runner.graphs is None
-        results[name] = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
-                                                            params, use_tqdm=False)]
+        results[name] = [o.outputs[0]
+                         for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                               params, use_tqdm=False)]
         llm.shutdown()
         del llm
         gc.collect()

@@ -13,7 +13,8 @@ DASHBOARD = ROOT / "deployments" / "grafana" / "raylm-dashboard.json"
 
 
 def _generator():
-    spec = importlib.util.spec_from_file_location("grafana_dashboard", ROOT / "scripts" / "grafana_dashboard.py")
+    spec = importlib.util.spec_from_file_location("grafana_dashboard",
+                                                  ROOT / "scripts" / "grafana_dashboard.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -41,9 +42,11 @@ def test_every_series_the_dashboard_reads_is_exported_by_the_apps_metrics():
     for name in HISTOGRAMS:
         sink.observe(name, 0.1, tags)
     for name in COUNTERS:
-        sink.inc(name, 1, {**tags, "finished_reason": "stop"} if name == "request_success_total" else tags)
+        sink.inc(name, 1,
+                 {**tags, "finished_reason": "stop"} if name == "request_success_total" else tags)
     for name in GAUGES:
         sink.set(name, 1, tags)
-    exported = {s.name for f in text_string_to_metric_families(sink.render().decode()) for s in f.samples}
+    exported = {s.name for f in text_string_to_metric_families(sink.render().decode())
+                for s in f.samples}
     wanted = dashboard_series("raylm:")
     assert len(wanted) >= 10 and wanted <= exported, sorted(wanted - exported)

@@ -30,7 +30,8 @@ def _dense(q, cache, tables, lens, scale):
     outs = []
     for s in range(q.shape[0]):
         blocks = tables[s]
-        k_stored = cache[0].view(cache.shape[1], cache.shape[2], cache.shape[4], cache.shape[3])  # [H, NB, D, BS]
+        # [H, NB, D, BS]
+        k_stored = cache[0].view(cache.shape[1], cache.shape[2], cache.shape[4], cache.shape[3])
         k = k_stored[:, blocks].transpose(-1, -2).flatten(1, 2)[:, :lens[s]].float()  # [Hkv, L, D]
         v = cache[1][:, blocks].flatten(1, 2)[:, :lens[s]].float()
         k, v = k.repeat_interleave(hq // hkv, 0), v.repeat_interleave(hq // hkv, 0)
@@ -81,7 +82,8 @@ OPS_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 @pytest.fixture
 def poisoned(monkeypatch):
     """The kernels' outputs start as NaN: an element they fail to write fails the test."""
-    monkeypatch.setattr(cpu_ops, "_empty", lambda *shape, dtype: torch.full(shape, float("nan"), dtype=dtype))
+    monkeypatch.setattr(cpu_ops, "_empty",
+                        lambda *shape, dtype: torch.full(shape, float("nan"), dtype=dtype))
 
 
 
@@ -94,15 +96,17 @@ def test_add_rms_norm_matches_reference(gen, poisoned, dtype, rows, n):
     x, res, w = (torch.randn(*s, generator=g).to(dtype) for s in ((rows, n), (rows, n), (n,)))
     x[0, 5] = float("nan")  # a NaN stays in its row (and rounds to a NaN in bf16)
     got, want = cpu_ops.rms_norm(x, w, 1e-6, res), reference.rms_norm(x, w, 1e-6, res)
-    assert torch.equal(got[1].isnan(), want[1].isnan()) and torch.equal(got[0].isnan(), want[0].isnan())
+    assert torch.equal(got[1].isnan(), want[1].isnan()) and torch.equal(got[0].isnan(),
+                                                                        want[0].isnan())
     ok = ~want[1].isnan()
     assert torch.equal(got[1][ok], want[1][ok]), "x + residual is one rounding: it must be exact"
     torch.testing.assert_close(got[0][1:], want[0][1:], atol=OPS_TOL[dtype], rtol=OPS_TOL[dtype])
     x = x[:, :96]
     x[0, 5] = 1.0
     heads = x.reshape(rows, 3, 32)  # per-head norm (Qwen3's q/k norm) on strided rows
-    torch.testing.assert_close(cpu_ops.rms_norm(heads, w[:32], 1e-5), reference.rms_norm(heads, w[:32], 1e-5),
-                               atol=OPS_TOL[dtype], rtol=OPS_TOL[dtype])
+    torch.testing.assert_close(cpu_ops.rms_norm(heads, w[:32], 1e-5),
+                               reference.rms_norm(heads, w[:32], 1e-5), atol=OPS_TOL[dtype],
+                               rtol=OPS_TOL[dtype])
 
 
 @CPU_OPS
@@ -142,7 +146,8 @@ def test_store_kv_matches_the_backends_index_path(gen, dtype):
     g = gen
     hkv, d, bs, nb, tokens = 2, 16, 4, 6, 9
     qkv = torch.randn(tokens, 3 * hkv * d, generator=g).to(dtype)
-    k, v = qkv[:, hkv * d:2 * hkv * d].view(tokens, hkv, d), qkv[:, 2 * hkv * d:].view(tokens, hkv, d)
+    k, v = (qkv[:, hkv * d:2 * hkv * d].view(tokens, hkv, d),
+            qkv[:, 2 * hkv * d:].view(tokens, hkv, d))
     slots = torch.randperm(nb * bs, generator=g)[:tokens]
     got, want = (torch.full((2, hkv, nb, bs, d), float("nan"), dtype=dtype) for _ in range(2))
     cpu_ops.store_kv(got, k, v, slots)
@@ -152,14 +157,16 @@ def test_store_kv_matches_the_backends_index_path(gen, dtype):
     torch.testing.assert_close(got, want, equal_nan=True, atol=0, rtol=0)
 
 
-@pytest.mark.skipif(not cpu_ops.gemv_available(), reason="the bf16 GEMV needs AVX512-BF16 and a C compiler")
+@pytest.mark.skipif(not cpu_ops.gemv_available(),
+                    reason="the bf16 GEMV needs AVX512-BF16 and a C compiler")
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 8])
 @pytest.mark.parametrize("bias", [False, True])
 def test_gemv_matches_a_float_matmul(gen, poisoned, rows, bias):
     """K = 600 (not a multiple of 32: the tail loop), N = 70, up to 8 rows (two passes of 4),
     against an fp32 matmul of the same bf16 values; within one bf16 rounding of the output."""
     g = gen
-    x, w = torch.randn(rows, 600, generator=g).bfloat16(), torch.randn(70, 600, generator=g).bfloat16()
+    x, w = (torch.randn(rows, 600, generator=g).bfloat16(),
+            torch.randn(70, 600, generator=g).bfloat16())
     b = torch.randn(70, generator=g).bfloat16() if bias else None
     got = cpu_ops.gemv(x, w, b)
     want = x.float() @ w.float().T + (0 if b is None else b.float())
@@ -167,7 +174,8 @@ def test_gemv_matches_a_float_matmul(gen, poisoned, rows, bias):
     torch.testing.assert_close(got.float(), want, atol=1e-3, rtol=8e-3)
 
 
-@pytest.mark.skipif(not cpu_ops.gemv_available(), reason="the bf16 GEMV needs AVX512-BF16 and a C compiler")
+@pytest.mark.skipif(not cpu_ops.gemv_available(),
+                    reason="the bf16 GEMV needs AVX512-BF16 and a C compiler")
 def test_a_prepacked_bf16_linear_takes_the_gemv_for_few_rows_only(monkeypatch):
     from raylm.models.layers import ColumnParallelLinear
 

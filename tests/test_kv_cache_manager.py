@@ -15,7 +15,8 @@ def req(rid, tokens):
 
 
 def run_prefill(kv: KVCacheManager, r: Request):
-    """Admit r with whatever prefix hits exist, compute its whole prompt and register the blocks."""
+    """Admit r with whatever prefix hits exist, compute its whole prompt and register the
+    blocks."""
     hits, num_hit = kv.get_computed_blocks(r)
     n = r.num_tokens - num_hit
     assert kv.can_allocate(r, n, hits)

@@ -15,7 +15,8 @@ RANKS = {"config": 0, "registry": 0, "outputs": 0, "sampling_params": 0, "except
          "logger": 0, "kernels": 0,
          "distributed": 1, "attention": 1, "dp": 1, "options": 1, "structured": 1,
          "models": 2, "executor": 3, "engine": 4,
-         "llm": 5, "serve": 6, "deployments": 6, "bench": 7, "cli": 8, "__init__": 8, "__main__": 8}
+         "llm": 5, "serve": 6, "deployments": 6, "bench": 7, "cli": 8, "__init__": 8,
+         "__main__": 8}
 SOURCES = {"kernels": REPO / "kernels", "deployments": REPO / "deployments"}
 
 
@@ -29,8 +30,9 @@ def _modules():
 
 def _imported_parts(path: Path):
     for node in ast.walk(ast.parse(path.read_text())):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-            [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module] if isinstance(node, ast.ImportFrom) and node.module
+                 and node.level == 0 else [])
         for name in names:
             if name.startswith("raylm."):
                 yield name.split(".")[1], node.lineno

@@ -19,12 +19,15 @@ def test_logprobs_equal_hf_log_softmax(llm, tiny_llama):
     from transformers import AutoModelForCausalLM
 
     prompt = [7, 8, 9, 10, 11]
-    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=6, logprobs=3,
-                                                                    ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    out = llm.generate({"prompt_token_ids": prompt},
+                       SamplingParams(temperature=0, max_tokens=6, logprobs=3,
+                                      ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     with torch.inference_mode():
         logits = hf(torch.tensor([prompt + out.token_ids])).logits[0]
-    ref = torch.log_softmax(logits[len(prompt) - 1:-1].double(), -1)  # position i predicts token i+1
+    # position i predicts token i+1
+    ref = torch.log_softmax(logits[len(prompt) - 1:-1].double(), -1)
     assert len(out.logprobs) == 6
     cumulative = 0.0
     for pos, (token, entry) in enumerate(zip(out.token_ids, out.logprobs)):
@@ -46,11 +49,14 @@ def test_stop_string_cuts_exactly(llm):
     words = full.split()
     stop = words[len(words) // 2]  # a word from the middle of the unstopped text
     cut = full[:full.index(stop)]
-    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop]),
+    out = llm.generate(prompt,
+                       SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop]),
                        use_tqdm=False)[0].outputs[0]
     assert out.text == cut and out.finish_reason == "stop" and out.stop_reason == stop
-    kept = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop],
-                                               include_stop_str_in_output=True), use_tqdm=False)[0].outputs[0]
+    kept = llm.generate(prompt,
+                        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop],
+                                       include_stop_str_in_output=True),
+                        use_tqdm=False)[0].outputs[0]
     assert kept.text == cut + stop
     assert_all_free(llm)
 
@@ -60,10 +66,13 @@ def test_stop_token_ids_and_min_tokens(llm, tiny_llama):
     ref = hf_greedy(tiny_llama, [prompt], 10)[0]
     stop_id = ref[3]
     first = ref.index(stop_id)
-    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,
-                                                                    stop_token_ids=[stop_id]), use_tqdm=False)
+    out = llm.generate({"prompt_token_ids": prompt},
+                       SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,
+                                      stop_token_ids=[stop_id]),
+                       use_tqdm=False)
     c = out[0].outputs[0]
-    assert c.token_ids == ref[:first + 1] and c.finish_reason == "stop" and c.stop_reason == stop_id
+    assert (c.token_ids == ref[:first + 1] and c.finish_reason == "stop" and c.stop_reason
+            == stop_id)
 
 
 def test_kv_cache_sized_from_memory_budget(tiny_llama):
@@ -82,14 +91,15 @@ def test_smollm2_chat_equals_hf(smollm2_path, smollm2_tokenizer):
     from transformers import AutoModelForCausalLM
 
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    ids = list(smollm2_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=True)["input_ids"])
+    ids = list(smollm2_tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                     tokenize=True, return_dict=True)["input_ids"])
     hf = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
     with torch.inference_mode():
         x = torch.tensor([ids])
         eos = smollm2_tokenizer.eos_token_id
-        expected = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=24, do_sample=False,
-                               eos_token_id=eos, pad_token_id=eos)[0, len(ids):].tolist()
+        expected = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=24,
+                               do_sample=False, eos_token_id=eos,
+                               pad_token_id=eos)[0, len(ids):].tolist()
     llm = LLM("smollm2-135m-instruct", dtype="float32", num_blocks=128, max_model_len=512)
     out = llm.chat(messages, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0]
     assert out.prompt_token_ids == ids
@@ -104,23 +114,26 @@ def test_smollm2_eos_min_tokens_ignore_eos_equal_hf(smollm2_path, smollm2_tokeni
     from transformers import AutoModelForCausalLM
 
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    ids = list(smollm2_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=True)["input_ids"])
+    ids = list(smollm2_tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                     tokenize=True, return_dict=True)["input_ids"])
     hf = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
     x = torch.tensor([ids])
     eos = smollm2_tokenizer.eos_token_id
 
     def hf_gen(**kw):
         with torch.inference_mode():
-            y = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, pad_token_id=eos, **kw)
+            y = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                            pad_token_id=eos, **kw)
         return y[0, len(ids):].tolist()
 
     llm = LLM("smollm2-135m-instruct", dtype="float32", num_blocks=128, max_model_len=512)
     run = lambda **kw: llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, **kw),
                                     use_tqdm=False)[0].outputs[0]
     plain = run(max_tokens=40)
-    assert plain.finish_reason == "stop" and len(plain.token_ids) < 20, "needs an early EOS to test anything"
-    assert plain.token_ids == hf_gen(max_new_tokens=40, eos_token_id=eos)  # both end with the EOS token
+    assert (plain.finish_reason == "stop"
+            and len(plain.token_ids) < 20), "needs an early EOS to test anything"
+    # both end with the EOS token
+    assert plain.token_ids == hf_gen(max_new_tokens=40, eos_token_id=eos)
     longer = run(max_tokens=40, min_tokens=20)
     assert longer.token_ids == hf_gen(max_new_tokens=40, min_new_tokens=20, eos_token_id=eos)
     assert len(longer.token_ids) > 20

@@ -4,12 +4,13 @@ from types import SimpleNamespace
 from raylm.dp.policies import ROUTING_POLICIES
 from raylm.serve.llm_server import BOOKKEEPING_PUSH_S, HEARTBEAT_S, PUSH_INTERVAL_S, LLMServer
 
-LAST = {"num_waiting": 0, "num_running": 16, "num_free_blocks": 900, "dp_rank": 0, "dp_running": None,
-        "dp_dummy_steps": None, "dp_experts": None, "prefix_version": 7}
+LAST = {"num_waiting": 0, "num_running": 16, "num_free_blocks": 900, "dp_rank": 0,
+        "dp_running": None, "dp_dummy_steps": None, "dp_experts": None, "prefix_version": 7}
 
 
 def _due(load, since, last=LAST, prefix_routing=False) -> bool:
-    server = SimpleNamespace(_bookkeeping_push_s=PUSH_INTERVAL_S if prefix_routing else BOOKKEEPING_PUSH_S)
+    server = SimpleNamespace(_bookkeeping_push_s=PUSH_INTERVAL_S if prefix_routing
+                             else BOOKKEEPING_PUSH_S)
     return LLMServer._push_due(server, load, last, since)
 
 
@@ -22,4 +23,5 @@ def test_routing_load_goes_out_at_the_next_tick_bookkeeping_waits_unless_prefixe
     assert not _due(book, PUSH_INTERVAL_S) and not _due(book, BOOKKEEPING_PUSH_S - 0.01)
     assert _due(book, BOOKKEEPING_PUSH_S)
     assert _due(book, PUSH_INTERVAL_S, prefix_routing=True)  # prefix_aware reads the summary
-    assert [name for name, cls in ROUTING_POLICIES.items() if cls.reads_prefixes] == ["prefix_aware"]
+    assert [name for name, cls in ROUTING_POLICIES.items()
+            if cls.reads_prefixes] == ["prefix_aware"]

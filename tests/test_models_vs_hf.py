@@ -37,7 +37,8 @@ def engine_kw(backend):
     """torch: the references all the way. cpu: the C kernels (attention and the fused ops).
     triton: every Triton kernel (under the interpreter here): this is what proves its
     metadata, block tables and slots are right."""
-    return dict(attention_backend=backend, fused_ops={"torch": "torch", "cpu": "auto"}.get(backend, backend))
+    return dict(attention_backend=backend,
+                fused_ops={"torch": "torch", "cpu": "auto"}.get(backend, backend))
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,8 @@ def prompts():
 
 def test_batch_equals_hf(tiny_model, prompts, backend):
     """Every family (Llama, Qwen2, Qwen3, Mixtral, Qwen3-MoE), batched, equals HF."""
-    llm = LLM(str(tiny_model), dtype="float32", num_blocks=64, max_model_len=256, **engine_kw(backend))
+    llm = LLM(str(tiny_model), dtype="float32", num_blocks=64, max_model_len=256,
+              **engine_kw(backend))
     assert llm.engine.core.executor.collective_rpc("device_info") == [("cpu", backend)]
     assert _run(llm, prompts) == hf_greedy(tiny_model, prompts, MAX_NEW)
     assert_all_free(llm)
@@ -96,7 +98,8 @@ def test_prefix_cache_hits_equal_hf(tiny_root, kind, backend):
     cached = LLM(str(path), dtype="float32", num_blocks=64, max_model_len=256, block_size=16,
                  **engine_kw(backend))
     first = _run(cached, prompts[:1])
-    rest = cached.generate([{"prompt_token_ids": p} for p in prompts[1:]], _greedy(), use_tqdm=False)
+    rest = cached.generate([{"prompt_token_ids": p} for p in prompts[1:]], _greedy(),
+                           use_tqdm=False)
     assert first + [o.outputs[0].token_ids for o in rest] == expected
     assert all(o.num_cached_tokens == 48 for o in rest), [o.num_cached_tokens for o in rest]
     assert_all_free(cached)
@@ -109,15 +112,16 @@ def test_n_samples_and_seed(tiny_llama):
     b = llm.generate({"prompt_token_ids": [5, 6, 7]}, params, use_tqdm=False)[0]
     assert [o.index for o in a.outputs] == [0, 1, 2]
     assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
-    assert len({tuple(o.token_ids) for o in a.outputs}) > 1, "n samples with one seed should differ"
+    assert len({tuple(o.token_ids)
+                for o in a.outputs}) > 1, "n samples with one seed should differ"
     assert all(len(o.token_ids) == 10 and o.finish_reason == "length" for o in a.outputs)
     assert_all_free(llm)
 
 
 @pytest.mark.slow
 def test_smollm2_equals_hf(smollm2_path, smollm2_tokenizer):
-    texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was a little",
-             "The three primary colors are"]
+    texts = ["The capital of France is", "def fibonacci(n):",
+             "Once upon a time, there was a little", "The three primary colors are"]
     prompts = [smollm2_tokenizer.encode(t) for t in texts]
     llm = LLM("smollm2-135m-instruct", dtype="float32", num_blocks=256, max_model_len=512)
     assert _run(llm, prompts, 20) == hf_greedy(smollm2_path, prompts, 20)

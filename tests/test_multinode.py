@@ -27,8 +27,9 @@ def _run(scenario: str, model: Path, prompts, module: str = "tests.multinode_sce
     address_file = Path("/tmp/ray/ray_current_cluster")  # what a plain ray.init() joins
     before = address_file.read_text() if address_file.exists() else None
     try:
-        proc = subprocess.run([sys.executable, "-m", module, scenario, str(model), json.dumps(prompts),
-                               str(MAX_TOKENS)], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+        proc = subprocess.run([sys.executable, "-m", module, scenario, str(model),
+                               json.dumps(prompts), str(MAX_TOKENS)], capture_output=True,
+                              text=True, timeout=600, env=env, cwd=REPO)
     finally:  # a killed scenario must not leave its dead cluster for the next test to join
         if before is None:
             address_file.unlink(missing_ok=True)
@@ -90,14 +91,15 @@ def test_elastic_scaling_past_the_cluster_makes_the_autoscaler_add_a_node(tiny_l
     assert len(set(report["placement"])) == 2, report  # one replica on each fake node
     assert report["texts_by_rank"] == {"0": expected, "1": expected}
     assert report["too_big"][0] == 504, report["too_big"]
-    assert "2 of 3 replicas serving" in report["too_big"][1] and "back to 2" in report["too_big"][1]
+    assert ("2 of 3 replicas serving" in report["too_big"][1]
+            and "back to 2" in report["too_big"][1])
     assert report["texts_after_rollback"] == {"0": expected, "1": expected}
     assert report["workers_after_rollback"] == 2
 
 
 def test_serve_autoscaling_past_the_cluster_makes_the_autoscaler_add_a_node(tiny_llama, prompts):
-    """Serve autoscaling (max 2 replicas, 1 ongoing request each) under 4 clients' long requests asks
-    for a replica the one fake worker cannot hold; the autoscaler adds a node, the replica
+    """Serve autoscaling (max 2 replicas, 1 ongoing request each) under 4 clients' long requests
+    asks for a replica the one fake worker cannot hold; the autoscaler adds a node, the replica
     lands there and requests pinned to either rank give the offline engine's tokens."""
     report = _run("serve", tiny_llama, prompts, module="tests.fake_autoscale_scenario")
     expected = _offline(tiny_llama, prompts)

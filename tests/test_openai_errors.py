@@ -10,7 +10,8 @@ import time
 import pytest
 
 from raylm.serve.openai_app import create_app
-from tests.openai_server import API_KEY, assert_openai_error, httpx, srv, wait_all_free  # noqa: F401 (srv)
+from tests.openai_server import (API_KEY, assert_openai_error, httpx, srv,
+                                 wait_all_free)  # noqa: F401 (srv)
 
 # ---- bad requests -----------------------------------------------------------------
 
@@ -38,12 +39,16 @@ BAD_REQUESTS = [  # (id, path, body (dict or raw bytes), status, param)
     ("token-out-of-vocab", C, {**OK, "prompt": [3, 99999]}, 400, "prompt"),
     ("token-out-of-vocab-stream", C, {**OK, "prompt": [3, 99999], "stream": True}, 400, "prompt"),
     # found by the fuzz (tests/fuzz_http.py): each was a 500, or killed the engine
-    ("lone-surrogate", C, b'{"model": "tiny", "prompt": "w5 \\ud800", "max_tokens": 2}', 400, "prompt"),
-    ("tokenize-lone-surrogate", "/tokenize", b'{"model": "tiny", "prompt": "\\udfff"}', 400, "prompt"),
+    ("lone-surrogate", C, b'{"model": "tiny", "prompt": "w5 \\ud800", "max_tokens": 2}', 400,
+     "prompt"),
+    ("tokenize-lone-surrogate", "/tokenize", b'{"model": "tiny", "prompt": "\\udfff"}', 400,
+     "prompt"),
     ("echo-negative-token", C, {**OK, "prompt": [5, -1], "echo": True}, 400, "prompt"),
     ("echo-huge-token", C, {**OK, "prompt": [5, 2 ** 63], "echo": True}, 400, "prompt"),
-    ("batch-stream-late-bad-prompt", C, {**OK, "prompt": [[5, 6], [5, 99999]], "stream": True}, 400, "prompt"),
-    ("stop-token-out-of-vocab", C, {**OK, "stop_token_ids": [99999], "min_tokens": 1}, 400, "stop_token_ids"),
+    ("batch-stream-late-bad-prompt", C, {**OK, "prompt": [[5, 6], [5, 99999]], "stream": True},
+     400, "prompt"),
+    ("stop-token-out-of-vocab", C, {**OK, "stop_token_ids": [99999], "min_tokens": 1}, 400,
+     "stop_token_ids"),
     ("logprobs-50", C, {**OK, "logprobs": 50}, 400, "logprobs"),
     ("stop-empty", C, {**OK, "stop": [""]}, 400, "stop"),
     ("min-over-max", C, {**OK, "min_tokens": 5}, 400, "min_tokens"),
@@ -52,20 +57,23 @@ BAD_REQUESTS = [  # (id, path, body (dict or raw bytes), status, param)
     ("logit-bias-key", C, {**OK, "logit_bias": {"w5": 1.0}}, 400, "logit_bias"),
     ("logit-bias-value", C, {**OK, "logit_bias": {"5": -101}}, 400, "logit_bias"),
     ("logit-bias-out-of-vocab", C, {**OK, "logit_bias": {"99999": 1}}, 400, "logit_bias"),
-    ("prompt-logprobs-stream", C, {**OK, "prompt_logprobs": 1, "stream": True}, 400, "prompt_logprobs"),
+    ("prompt-logprobs-stream", C, {**OK, "prompt_logprobs": 1, "stream": True}, 400,
+     "prompt_logprobs"),
     ("prompt-logprobs-21", CHAT, {"model": "tiny", "messages": MSGS, "prompt_logprobs": 21}, 400,
      "prompt_logprobs"),
     ("unknown-model", C, {**OK, "model": "gpt-9"}, 404, "model"),
     ("chat-no-messages", CHAT, {"model": "tiny", "messages": []}, 400, "messages"),
-    ("chat-bad-role", CHAT, {"model": "tiny", "messages": [{"role": "wizard", "content": "w5"}]}, 400,
-     "messages"),
+    ("chat-bad-role", CHAT, {"model": "tiny", "messages": [{"role": "wizard", "content": "w5"}]},
+     400, "messages"),
     ("chat-image-part", CHAT, {"model": "tiny", "messages": [
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "messages"),
-    ("chat-temperature-string", CHAT, {"model": "tiny", "messages": MSGS, "temperature": "hot"}, 400,
-     "temperature"),
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
+     "messages"),
+    ("chat-temperature-string", CHAT, {"model": "tiny", "messages": MSGS, "temperature": "hot"},
+     400, "temperature"),
     ("chat-top-logprobs-alone", CHAT, {"model": "tiny", "messages": MSGS, "top_logprobs": 2}, 400,
      "top_logprobs"),
-    ("chat-tools", CHAT, {"model": "tiny", "messages": MSGS, "tools": [{"type": "function"}]}, 400, "tools"),
+    ("chat-tools", CHAT, {"model": "tiny", "messages": MSGS, "tools": [{"type": "function"}]}, 400,
+     "tools"),
     ("chat-unknown-model", CHAT, {"model": "nope", "messages": MSGS}, 404, "model"),
     ("chat-max-completion-over-context", CHAT, {"model": "tiny", "messages": MSGS,
                                                 "max_completion_tokens": 500}, 400, "max_tokens"),
@@ -99,7 +107,8 @@ def test_unicode_line_separators_stay_inside_one_sse_event(srv, sep):
     """An echoed prompt with U+2028 (found by the HTTP fuzz): every line of the stream, split
     the way str.splitlines() splits (httpx's iter_lines), is a whole `data:` event, and the
     text decodes back to the separator."""
-    body = {"model": "tiny", "prompt": [f"w71 w362 {sep}"], "echo": True, "max_tokens": 1, "stream": True}
+    body = {"model": "tiny", "prompt": [f"w71 w362 {sep}"], "echo": True, "max_tokens": 1,
+            "stream": True}
     with srv.http.stream("POST", C, json=body) as r:
         lines = [line for line in r.iter_lines() if line]
     assert r.status_code == 200 and lines[-1] == "data: [DONE]", lines
@@ -116,19 +125,21 @@ def test_oversized_body(srv):
         for i in range(0, len(payload), 65536):
             yield payload[i:i + 65536]
 
-    assert_openai_error(srv.http.post(C, content=chunked(), headers={"content-type": "application/json"}), 413)
+    assert_openai_error(srv.http.post(C, content=chunked(),
+                                      headers={"content-type": "application/json"}), 413)
     assert srv.http.post(C, json=OK).status_code == 200
 
 
 def test_api_key(srv):
     with httpx.Client(base_url=srv.auth_url, timeout=30) as http:
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {API_KEY}"},
-                        {"Authorization": API_KEY}):
+        for headers in ({}, {"Authorization": "Bearer wrong"},
+                        {"Authorization": f"Basic {API_KEY}"}, {"Authorization": API_KEY}):
             err = assert_openai_error(http.post(C, json=OK, headers=headers), 401)
             assert API_KEY not in json.dumps(err)
             assert_openai_error(http.get("/v1/models", headers=headers), 401)
         # auth comes before body parsing: malformed JSON without a key is still a 401
-        assert_openai_error(http.post(C, content=b"{", headers={"content-type": "application/json"}), 401)
+        assert_openai_error(http.post(C, content=b"{",
+                                      headers={"content-type": "application/json"}), 401)
         good = {"Authorization": f"Bearer {API_KEY}"}
         assert http.post(C, json=OK, headers=good).status_code == 200
         assert http.get("/health").status_code == 200
@@ -201,8 +212,8 @@ class StubClient:
         from raylm.outputs import CompletionOutput, RequestOutput
         from raylm.serve.errors import EngineOverloadedError
 
-        failures = {"dead": EngineDeadError("engine step failed"), "busy": EngineOverloadedError("full"),
-                    "bug": KeyError("oops")}
+        failures = {"dead": EngineDeadError("engine step failed"),
+                    "busy": EngineOverloadedError("full"), "bug": KeyError("oops")}
         if self.mode in failures:
             raise failures[self.mode]
         yield RequestOutput(request_id, None, prompt_token_ids, [CompletionOutput(0, "w9", [12])])

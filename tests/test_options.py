@@ -19,9 +19,10 @@ from raylm.serve.launcher import serve_args
 
 OPTIONS = engine_options()
 # A value to set where the type alone does not give a valid one, and options it needs.
-SAMPLES = {"model": "/models/x", "tokenizer": "/tokenizers/x", "dtype": "float32", "attention_backend": "torch",
-           "kv_cache_dtype": "float32", "kv_cache_memory": "1GiB", "pipeline_layer_split": [2, 3],
-           "expert_placement": [0], "sim_device": "a100", "sim_model": "llama-3-8b"}
+SAMPLES = {"model": "/models/x", "tokenizer": "/tokenizers/x", "dtype": "float32",
+           "attention_backend": "torch", "kv_cache_dtype": "float32", "kv_cache_memory": "1GiB",
+           "pipeline_layer_split": [2, 3], "expert_placement": [0], "sim_device": "a100",
+           "sim_model": "llama-3-8b"}
 NEEDS = {"expert_placement": {"enable_expert_parallel": True}}
 # Where serving deliberately differs from the engine's default (ServeArgs declares why).
 SERVE_DEFAULTS = {"max_waiting_requests": 256}
@@ -58,22 +59,24 @@ def _flags(name, value):
 
 def _config_from(cmd, argv):
     args = build_parser().parse_args(cmd + argv)
-    return serve_args(args).engine_config() if cmd == ["serve"] else build_engine_config(**engine_kwargs(args))
+    return (serve_args(args).engine_config() if cmd == ["serve"]
+            else build_engine_config(**engine_kwargs(args)))
 
 
 def test_the_table_is_every_group_field_but_the_runtime_ones():
     fields = {n for cls in ENGINE_GROUPS.values() for n in cls.model_fields}
-    assert set(OPTIONS) == fields - {"data_parallel_size", "data_parallel_rank", "data_parallel_store",
-                                     "data_parallel_group"}
-    assert {"kv_cache_dtype", "attention_backend", "device", "long_prefill_token_threshold", "step_timeout_s",
-            "pipeline_layer_split", "gpu_memory_utilization"} <= set(OPTIONS)
+    assert set(OPTIONS) == fields - {"data_parallel_size", "data_parallel_rank",
+                                     "data_parallel_store", "data_parallel_group"}
+    assert {"kv_cache_dtype", "attention_backend", "device", "long_prefill_token_threshold",
+            "step_timeout_s", "pipeline_layer_split", "gpu_memory_utilization"} <= set(OPTIONS)
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=" ".join)
 def test_every_command_has_every_option_with_the_schema_default(cmd):
     defaults, schema = _config_from(cmd, []), EngineConfig()
     for name in OPTIONS:
-        want = SERVE_DEFAULTS.get(name, _read(schema, name)) if cmd == ["serve"] else _read(schema, name)
+        want = (SERVE_DEFAULTS.get(name, _read(schema, name)) if cmd == ["serve"]
+                else _read(schema, name))
         assert _read(defaults, name) == want, (cmd, name)
 
 

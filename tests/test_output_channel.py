@@ -11,7 +11,8 @@ from raylm.serve.output_channel import ChannelAddress, OutputReceiver, OutputSen
 
 
 def _out(rid: str, token: int, finished: bool = False) -> RequestOutput:
-    return RequestOutput(rid, None, [1, 2], [CompletionOutput(0, f"t{token}", [token], None, None)],
+    return RequestOutput(rid, None, [1, 2],
+                         [CompletionOutput(0, f"t{token}", [token], None, None)],
                          finished=finished)
 
 
@@ -22,7 +23,8 @@ async def _get(queue: asyncio.Queue):
 def test_outputs_reach_their_requests_one_frame_per_flush(monkeypatch):
     frames = []
     dumps = pickle.dumps
-    monkeypatch.setattr(output_channel.pickle, "dumps", lambda obj, **kw: frames.append(obj) or dumps(obj, **kw))
+    monkeypatch.setattr(output_channel.pickle, "dumps",
+                        lambda obj, **kw: frames.append(obj) or dumps(obj, **kw))
 
     async def main():
         receiver = OutputReceiver("127.0.0.1")
@@ -46,7 +48,8 @@ def test_outputs_reach_their_requests_one_frame_per_flush(monkeypatch):
     assert (a.request_id, a.outputs[0].token_ids) == ("a", [7])
     assert (b.request_id, b.outputs[0].token_ids) == ("b", [8])
     assert last.finished and last.outputs[0].text == "t9" and b_empty
-    assert [len(f) for f in frames] == [2, 1]  # both requests' outputs of the first step in one frame
+    # both requests' outputs of the first step in one frame
+    assert [len(f) for f in frames] == [2, 1]
 
 
 def test_a_sender_without_the_token_is_refused_and_delivers_nothing():

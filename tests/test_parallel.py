@@ -25,14 +25,16 @@ def _llm(path, tp, pp, **kw):
 
 def _greedy(llm, prompts, n=MAX_NEW):
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-    return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
-                                                          use_tqdm=False)]
+    return [o.outputs[0].token_ids
+            for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                  use_tqdm=False)]
 
 
 @pytest.mark.parametrize("kind, tp, pp, comm", [
-    ("llama", 2, 1, "shm"), ("llama", 1, 2, "shm"), ("llama", 2, 2, "shm"), ("llama", 2, 2, "gloo"),
-    ("mixtral", 2, 1, "shm"), ("mixtral", 1, 2, "shm"), ("qwen3_moe", 2, 2, "shm"),
-    ("llama_tied3", 1, 2, "shm"),  # 3 layers over 2 stages, LM head tied to the first stage's embedding
+    ("llama", 2, 1, "shm"), ("llama", 1, 2, "shm"), ("llama", 2, 2, "shm"),
+    ("llama", 2, 2, "gloo"), ("mixtral", 2, 1, "shm"), ("mixtral", 1, 2, "shm"),
+    # 3 layers over 2 stages, LM head tied to the first stage's embedding
+    ("qwen3_moe", 2, 2, "shm"), ("llama_tied3", 1, 2, "shm"),
 ])
 def test_parallel_equals_hf(tiny_root, kind, tp, pp, comm):
     path = make_tiny_model(tiny_root, kind)
@@ -60,7 +62,8 @@ def test_expert_parallel_equals_hf(tiny_root, kind, pp, placement):
         held = llm.engine.core.executor.collective_rpc("local_experts")  # per global rank
         table = placement or [0, 0, 1, 1]
         for rank, layers in enumerate(held):
-            assert layers and all(ids == [e for e, r in enumerate(table) if r == rank % 2] for ids in layers.values())
+            assert layers and all(ids == [e for e, r in enumerate(table) if r == rank % 2]
+                                  for ids in layers.values())
         assert _greedy(llm, prompts) == hf_greedy(path, prompts, MAX_NEW)
         assert_all_free(llm)
     finally:
@@ -68,7 +71,8 @@ def test_expert_parallel_equals_hf(tiny_root, kind, pp, placement):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(tensor_parallel_size=2, enable_expert_parallel=True, expert_placement=[0, 0, 0, 0]), "every EP rank"),
+    (dict(tensor_parallel_size=2, enable_expert_parallel=True, expert_placement=[0, 0, 0, 0]),
+     "every EP rank"),
     (dict(tensor_parallel_size=2, expert_placement=[0, 1, 0, 1]), "enable_expert_parallel"),
 ])
 def test_bad_expert_placement_is_a_clear_error(kwargs, match):
@@ -84,8 +88,8 @@ def test_pipeline_preemption_and_chunked_prefill_equal_plain(tiny_root):
     path = make_tiny_model(tiny_root, "llama")
     prompts = random_prompts(6, seed=3, lo=20, hi=40)
     expected = hf_greedy(path, prompts, 24)
-    llm = _llm(path, 1, 2, num_blocks=16, block_size=8, max_model_len=128, max_num_batched_tokens=32,
-               long_prefill_token_threshold=16)
+    llm = _llm(path, 1, 2, num_blocks=16, block_size=8, max_model_len=128,
+               max_num_batched_tokens=32, long_prefill_token_threshold=16)
     try:
         assert _greedy(llm, prompts, 24) == expected
         assert llm.engine.core.scheduler.num_preemptions > 0, "the test did not force a preemption"

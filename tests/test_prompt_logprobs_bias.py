@@ -39,7 +39,8 @@ def _check(out, hf_ref, tokenizer, top_n: int) -> None:
 
 @pytest.mark.parametrize("chunk", [None, 16], ids=["whole", "chunked"])
 def test_prompt_logprobs_equal_hf(tiny_llama, hf_ref, chunk):
-    kwargs = {"max_num_batched_tokens": chunk, "long_prefill_token_threshold": chunk} if chunk else {}
+    kwargs = {"max_num_batched_tokens": chunk,
+              "long_prefill_token_threshold": chunk} if chunk else {}
     llm = LLM(str(tiny_llama), dtype="float32", num_blocks=64, max_model_len=128, **kwargs)
     params = SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=2, ignore_eos=True)
     out = llm.generate({"prompt_token_ids": PROMPT}, params, use_tqdm=False)[0]
@@ -51,11 +52,13 @@ def test_prompt_logprobs_equal_hf(tiny_llama, hf_ref, chunk):
 def test_prompt_logprobs_after_a_prefix_hit(tiny_llama, hf_ref):
     """The prompt's blocks are cached by an earlier request: a prompt_logprobs request
     computes them again (its logprobs come from those positions), others still hit."""
-    llm = LLM(str(tiny_llama), dtype="float32", num_blocks=64, max_model_len=128)  # prefix caching on
+    # prefix caching on
+    llm = LLM(str(tiny_llama), dtype="float32", num_blocks=64, max_model_len=128)
     plain = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
     first = llm.generate({"prompt_token_ids": PROMPT}, plain, use_tqdm=False)[0]
     hit = llm.generate({"prompt_token_ids": PROMPT}, plain, use_tqdm=False)[0]
-    assert first.num_cached_tokens == 0 and hit.num_cached_tokens == 32  # the cache holds the prefix
+    # the cache holds the prefix
+    assert first.num_cached_tokens == 0 and hit.num_cached_tokens == 32
     params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=0, ignore_eos=True)
     scored = llm.generate({"prompt_token_ids": PROMPT}, params, use_tqdm=False)[0]
     assert scored.num_cached_tokens == 0
@@ -66,7 +69,8 @@ def test_prompt_logprobs_after_a_prefix_hit(tiny_llama, hf_ref):
 
 def test_prompt_logprobs_for_every_sample(tiny_llama, hf_ref):
     llm = LLM(str(tiny_llama), dtype="float32", num_blocks=64, max_model_len=128)
-    params = SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=4, prompt_logprobs=1, ignore_eos=True)
+    params = SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=4, prompt_logprobs=1,
+                            ignore_eos=True)
     out = llm.generate({"prompt_token_ids": PROMPT}, params, use_tqdm=False)[0]
     assert len(out.outputs) == 2
     _check(out, hf_ref, llm.get_tokenizer(), 1)
@@ -79,7 +83,8 @@ def llm(tiny_llama):
 
 def _greedy(llm, bias=None, max_tokens=1):
     params = SamplingParams(temperature=0, max_tokens=max_tokens, logit_bias=bias, ignore_eos=True)
-    return llm.generate({"prompt_token_ids": PROMPT[:10]}, params, use_tqdm=False)[0].outputs[0].token_ids
+    return llm.generate({"prompt_token_ids": PROMPT[:10]}, params,
+                        use_tqdm=False)[0].outputs[0].token_ids
 
 
 def test_logit_bias_moves_the_greedy_token(llm):
@@ -90,11 +95,13 @@ def test_logit_bias_moves_the_greedy_token(llm):
     assert _greedy(llm, {forced: 0.0}) == [top]  # a zero bias changes nothing
 
 
-@pytest.mark.parametrize("bias, why", [({10**6: 5.0}, "out of vocabulary"), ({3: 101.0}, "[-100, 100]"),
-                                       ({-1: 1.0}, "token ids"), ({"3": 1.0}, "token ids")])
+@pytest.mark.parametrize("bias, why",
+                         [({10**6: 5.0}, "out of vocabulary"), ({3: 101.0}, "[-100, 100]"),
+                          ({-1: 1.0}, "token ids"), ({"3": 1.0}, "token ids")])
 def test_logit_bias_refused_with_the_field_named(llm, bias, why):
     with pytest.raises(ValueError, match="logit_bias") as err:
-        llm.generate({"prompt_token_ids": PROMPT[:5]}, SamplingParams(logit_bias=bias), use_tqdm=False)
+        llm.generate({"prompt_token_ids": PROMPT[:5]}, SamplingParams(logit_bias=bias),
+                     use_tqdm=False)
     assert why in str(err.value)
     assert_all_free(llm)
 
@@ -102,13 +109,14 @@ def test_logit_bias_refused_with_the_field_named(llm, bias, why):
 def test_prompt_logprobs_cross_a_delta_stream_once():
     """Serve replicas send deltas: the prompt logprobs go out with the first delta that has
     them, never again, and folding the deltas back keeps them."""
-    from raylm.outputs import CompletionOutput, DeltaState, Logprob, RequestOutput, delta_output, merge_delta
+    from raylm.outputs import (CompletionOutput, DeltaState, Logprob, RequestOutput, delta_output,
+                               merge_delta)
 
     lps = [None, {5: Logprob(-1.0, 1)}]
     state, acc, sent = DeltaState(), None, []
     for step in range(1, 4):
-        out = RequestOutput("r", None, [4, 5], [CompletionOutput(0, "x" * step, [7] * step)], step == 3,
-                            prompt_logprobs=lps)
+        out = RequestOutput("r", None, [4, 5], [CompletionOutput(0, "x" * step, [7] * step)],
+                            step == 3, prompt_logprobs=lps)
         delta = delta_output(out, state)
         sent.append(delta.prompt_logprobs)
         acc = merge_delta(acc, delta)

@@ -20,7 +20,8 @@ def test_a_report_absorbs_only_requests_routed_well_before_it():
     # "old" is in the report (its running slot, 1, comes off when it completes); "new" may
     # not have reached the replica when the report was computed: it keeps its +4
     assert r._delta["A"] == WAITING_WEIGHT and r._delta["B"] == WAITING_WEIGHT
-    assert r._outstanding["old"][0].weight == 1 and r._outstanding["new"][0].weight == WAITING_WEIGHT
+    assert (r._outstanding["old"][0].weight == 1 and r._outstanding["new"][0].weight
+            == WAITING_WEIGHT)
     DPRouter.on_request_completed(r, SimpleNamespace(unique_id="A"), "old")
     DPRouter.on_request_completed(r, SimpleNamespace(unique_id="A"), "new")
     assert r._delta["A"] == -1 and "old" not in r._outstanding
@@ -39,7 +40,8 @@ def _replica(key, rank=None):
 
 def _pending(rid, rank=None, future=None):
     kwargs = {} if rank is None else {"data_parallel_rank": rank}
-    return SimpleNamespace(kwargs=kwargs, metadata=SimpleNamespace(internal_request_id=rid), future=future)
+    return SimpleNamespace(kwargs=kwargs, metadata=SimpleNamespace(internal_request_id=rid),
+                           future=future)
 
 
 def _first_choice(r, replicas, pending):
@@ -57,7 +59,8 @@ def test_a_burst_chosen_before_any_confirmation_spreads_evenly():
     # confirmed elsewhere (A refused, B took it): the count moves with it
     DPRouter.on_request_routed(r, pending[0], SimpleNamespace(unique_id="B"), None)
     moved = 1 if firsts[0] == "A" else 0
-    assert (r._delta["A"], r._delta["B"]) == (WAITING_WEIGHT * (8 - moved), WAITING_WEIGHT * (8 + moved))
+    assert (r._delta["A"], r._delta["B"]) == (WAITING_WEIGHT * (8 - moved),
+                                              WAITING_WEIGHT * (8 + moved))
     DPRouter.on_request_completed(r, SimpleNamespace(unique_id="B"), "r0")
     assert r._delta["A"] + r._delta["B"] == WAITING_WEIGHT * 15
 
@@ -108,7 +111,8 @@ def test_a_pinned_request_waits_for_a_starting_replicas_rank(monkeypatch):
         gone = await asyncio.wait_for(r.choose_replicas([a], _pending("y", rank=1)), 30)
         assert gone == [[a]]  # no replica has rank 1: by load, no wait
         monkeypatch.setattr(router, "PIN_WAIT_S", 0.0)
-        late = await asyncio.wait_for(r.choose_replicas([a, _replica("C")], _pending("z", rank=1)), 30)
+        late = await asyncio.wait_for(r.choose_replicas([a, _replica("C")], _pending("z", rank=1)),
+                                      30)
         assert len(late[0]) == 1  # deadline passed: by load
 
     asyncio.run(run())
@@ -120,8 +124,9 @@ def test_replicas_hosting_several_engines_are_routed_per_engine():
     count follows the engine through confirmation and completion. A pinned rank goes to the
     engine holding it."""
     r, replicas = _router(), [_replica("A"), _replica("B")]
-    r._table = {f"{rep}/{i}": {"replica": rep, "engine_index": i, "dp_rank": 2 * n + i, "num_waiting": 0,
-                               "num_running": 0} for n, rep in enumerate("AB") for i in range(2)}
+    r._table = {f"{rep}/{i}": {"replica": rep, "engine_index": i, "dp_rank": 2 * n + i,
+                               "num_waiting": 0, "num_running": 0} for n, rep in enumerate("AB")
+                for i in range(2)}
     pending = [_pending(f"r{i}") for i in range(8)]
     firsts = [_first_choice(r, replicas, p) for p in pending]
     chosen = [f"{rep}/{p.kwargs['engine_index']}" for rep, p in zip(firsts, pending)]

@@ -32,7 +32,8 @@ def _report(r, key, waiting=0, running=0, prompt=None, depth=None):
     stats = {"num_waiting": waiting, "num_running": running, "block_size": BLOCK}
     if prompt is not None:
         hashes = prefix_hashes(prompt, BLOCK)[:depth]
-        stats["prefix_blocks"] = frozenset(h for d, h in enumerate(hashes, 1) if is_summary_depth(d))
+        stats["prefix_blocks"] = frozenset(h for d, h in enumerate(hashes, 1)
+                                           if is_summary_depth(d))
     r._table[key] = stats
 
 
@@ -60,14 +61,16 @@ def test_power_of_two_takes_the_idler_of_two_random_replicas():
     candidates = [Candidate(f"R{i}", load) for i, load in enumerate([5, 0, 9, 2, 2, 7, 1])]
     for seed in range(50):
         drawn = random.Random(seed).sample(candidates, 2)  # the policy's first use of its rng
-        first = create_routing_policy("power_of_two", rng=random.Random(seed)).order(candidates, ())[0]
+        first = create_routing_policy("power_of_two",
+                                      rng=random.Random(seed)).order(candidates, ())[0]
         assert first in drawn and first.load == min(c.load for c in drawn)
 
 
 @pytest.mark.parametrize("policy", ["least_loaded", "power_of_two", "prefix_aware"])
 def test_a_busy_replica_gets_nothing_while_others_score_lower(policy):
     r, replicas = _router(policy), [_replica(k) for k in "ABC"]
-    _report(r, "A", waiting=10, running=8)  # score 48: more than the 8 requests below add to B and C
+    # score 48: more than the 8 requests below add to B and C
+    _report(r, "A", waiting=10, running=8)
     assert "A" not in _route(r, replicas, 8)
 
 
@@ -81,7 +84,8 @@ def test_prefix_aware_follows_the_cache_unless_its_holder_is_overloaded():
     prompt = list(range(100, 100 + 9 * BLOCK + 2))  # 9 full blocks
     r, replicas = _router("prefix_aware", max_imbalance=8), [_replica(k) for k in "ABC"]
     _report(r, "A")
-    _report(r, "B", running=3, prompt=prompt, depth=9)  # holds 8 blocks to the summary's resolution
+    # holds 8 blocks to the summary's resolution
+    _report(r, "B", running=3, prompt=prompt, depth=9)
     _report(r, "C", prompt=prompt, depth=3)  # holds 2
     assert _route(r, replicas, 1, prompt) == ["B"]  # the longest prefix, though not the idlest
     r._delta.clear()
@@ -134,7 +138,8 @@ def test_block_hashes_are_the_same_in_every_process():
     import sys
 
     code = "from raylm.dp.prefix import prefix_hashes; print(prefix_hashes(list(range(40)), 16))"
-    others = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    others = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True).stdout
               for _ in range(2)}
     assert others == {f"{prefix_hashes(list(range(40)), 16)}\n"}
 
@@ -147,8 +152,10 @@ def test_routers_get_only_what_changed_and_keep_summaries_they_hold():
 
     async def run():
         c, r = DPCoordinator(), _router("prefix_aware")
-        await c.report("A", {"num_running": 1, "prefix_blocks": frozenset({1}), "prefix_version": 1})
-        await c.report("B", {"num_running": 2, "prefix_blocks": frozenset({2}), "prefix_version": 1})
+        await c.report("A",
+                       {"num_running": 1, "prefix_blocks": frozenset({1}), "prefix_version": 1})
+        await c.report("B",
+                       {"num_running": 2, "prefix_blocks": frozenset({2}), "prefix_version": 1})
         v, changed, keys = await c.changes(-1, 0.0)
         assert sorted(changed) == ["A", "B"] and changed["A"]["prefix_blocks"] == {1}
         r._merge(changed, keys)
@@ -157,7 +164,8 @@ def test_routers_get_only_what_changed_and_keep_summaries_they_hold():
         assert list(changed) == ["A"] and "prefix_blocks" not in changed["A"]
         r._merge(changed, keys)
         assert r._table["A"]["num_running"] == 3 and r._table["A"]["prefix_blocks"] == {1}
-        await c.report("B", {"num_running": 2, "prefix_blocks": frozenset({2, 3}), "prefix_version": 2})
+        await c.report("B",
+                       {"num_running": 2, "prefix_blocks": frozenset({2, 3}), "prefix_version": 2})
         await c.remove("A")
         _, changed, keys = await c.changes(v2, 0.0)
         assert list(changed) == ["B"] and changed["B"]["prefix_blocks"] == {2, 3} and keys == ["B"]

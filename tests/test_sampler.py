@@ -58,7 +58,8 @@ def test_greedy_is_argmax_for_random_batches():
     expected = [int(np.argmax(r)) for r in logits.numpy()]
     assert run(logits, [row(temperature=0.0) for _ in range(32)]).token_ids == expected
     # Slow path (logprobs requested) and mixed with sampled rows: greedy rows stay argmax.
-    rows = [row(temperature=0.0, logprobs=2) if i % 2 == 0 else row(temperature=1.0) for i in range(32)]
+    rows = [row(temperature=0.0, logprobs=2) if i % 2 == 0 else row(temperature=1.0)
+            for i in range(32)]
     got = run(logits, rows).token_ids
     assert [got[i] for i in range(0, 32, 2)] == expected[0::2]
 
@@ -83,7 +84,8 @@ PENALTY_CASES = {
     # Repetition also covers output tokens.
     "repetition_output": (BASE, [5], [0], dict(rep=1.5), 1),
     # Negative logits are multiplied: -1.0*1.5 = -1.5 < -1.2.
-    "repetition_negative": ([-1.0, -1.2, -3.0, -2.0, -5.0, -4.0, -6.0, -7.0], [0], [], dict(rep=1.5), 1),
+    "repetition_negative": ([-1.0, -1.2, -3.0, -2.0, -5.0, -4.0, -6.0, -7.0], [0], [],
+                            dict(rep=1.5), 1),
     # rep < 1 rewards repeats: 1.8/0.5 = 3.6 > 2.0.
     "repetition_reward": (BASE, [1], [], dict(rep=0.5), 1),
     # 2.0 - 0.3*3 = 1.1 < 1.8.
@@ -110,7 +112,8 @@ def test_penalties_flip_greedy_choice(case):
     ref = penalised_reference(logits, prompt, output, **pen)
     assert int(np.argmax(ref)) == expected  # the hand-made case is what it claims
     params = SamplingParams(temperature=0.0, repetition_penalty=pen.get("rep", 1.0),
-                            frequency_penalty=pen.get("freq", 0.0), presence_penalty=pen.get("pres", 0.0))
+                            frequency_penalty=pen.get("freq", 0.0),
+                            presence_penalty=pen.get("pres", 0.0))
     assert run([logits], [row(params, prompt, output)]).token_ids == [expected]
 
 
@@ -124,7 +127,8 @@ def test_penalties_random_battery_matches_reference():
         x[v:] = -50.0  # shorter vocab inside a 16-wide batch
         prompt = rng.integers(0, v, size=int(rng.integers(0, 6))).tolist()
         output = rng.integers(0, v, size=int(rng.integers(0, 8))).tolist()
-        pen = dict(rep=float(rng.uniform(0.5, 2.0)), freq=float(rng.uniform(-2, 2)), pres=float(rng.uniform(-2, 2)))
+        pen = dict(rep=float(rng.uniform(0.5, 2.0)), freq=float(rng.uniform(-2, 2)),
+                   pres=float(rng.uniform(-2, 2)))
         ref = penalised_reference(x, prompt, output, **pen)
         top2 = np.sort(ref)[-2:]
         if top2[1] - top2[0] < 1e-3:
@@ -132,7 +136,8 @@ def test_penalties_random_battery_matches_reference():
         flips += int(np.argmax(ref) != np.argmax(x))
         logits.append(x)
         expected.append(int(np.argmax(ref)))
-        rows.append(row(SamplingParams(temperature=0.0, repetition_penalty=pen["rep"], frequency_penalty=pen["freq"],
+        rows.append(row(SamplingParams(temperature=0.0, repetition_penalty=pen["rep"],
+                                       frequency_penalty=pen["freq"],
                                        presence_penalty=pen["pres"]), prompt, output))
     assert flips > 30  # the battery really exercises the penalties
     assert run(np.stack(logits), rows).token_ids == expected
@@ -141,7 +146,8 @@ def test_penalties_random_battery_matches_reference():
 def test_penalties_shape_the_sampled_distribution():
     logits = np.array([1.0, 0.5, 0.0, -0.5, 0.2, 0.8, -1.0, 0.3])
     prompt, output = [1, 2], [0, 0, 5]
-    params = SamplingParams(temperature=0.8, repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.3)
+    params = SamplingParams(temperature=0.8, repetition_penalty=1.3, frequency_penalty=0.4,
+                            presence_penalty=0.3)
     n = 4000
     torch.manual_seed(11)
     out = run(np.tile(logits, (n, 1)), [row(params, prompt, output) for _ in range(n)])
@@ -239,7 +245,9 @@ def test_filters_support_and_distribution(index):
         assert np.min(np.abs(np.cumsum(q / q.sum()) - spec["top_p"])) > 1e-3
     if len(spec) == 2 and "top_p" in spec:
         for name in spec:
-            assert reference_filter(probs, **{k: v for k, v in spec.items() if k != name})[0].sum() > keep.sum()
+            assert reference_filter(probs,
+                                    **{k: v for k, v in spec.items() if k
+                                       != name})[0].sum() > keep.sum()
     assert 1 <= keep.sum() < len(logits)
     counts = draw_many(logits, SamplingParams(temperature=temp, **spec), 3000, seed=index)
     assert set(np.nonzero(counts)[0]) <= set(np.nonzero(keep)[0])
@@ -274,7 +282,8 @@ def test_mixed_batch_rows_use_their_own_params():
     logits = _random_logits(13, v=20)
     n = 1500
     torch.manual_seed(5)
-    rows = [row(temperature=0.4, top_k=3) if i % 2 == 0 else row(temperature=2.0, min_p=0.1) for i in range(2 * n)]
+    rows = [row(temperature=0.4, top_k=3) if i % 2 == 0 else row(temperature=2.0, min_p=0.1)
+            for i in range(2 * n)]
     toks = np.array(run(np.tile(logits, (2 * n, 1)), rows).token_ids)
     a, b = np.bincount(toks[0::2], minlength=20), np.bincount(toks[1::2], minlength=20)
     assert_close(a, reference_filter(softmax64(logits / 0.4), top_k=3)[1])
@@ -291,7 +300,8 @@ def _seeded_draws(seed, positions, batch_extra=0, v=50, global_seed=0):
     out = []
     for pos in positions:
         mine = row(SamplingParams(temperature=1.0, seed=seed), [1, 2, 3], [4] * pos)
-        others = [row(temperature=0.9 + 0.1 * k, top_k=k + 3, seed=None) for k in range(batch_extra)]
+        others = [row(temperature=0.9 + 0.1 * k, top_k=k + 3, seed=None)
+                  for k in range(batch_extra)]
         rows = others[: batch_extra // 2] + [mine] + others[batch_extra // 2:]
         noise = torch.randn(len(rows), v) * 0.5
         batch = logits.expand(len(rows), -1) + noise
@@ -345,7 +355,8 @@ def _reference_logprobs(raw):
 def test_logprobs_match_log_softmax_of_raw_logits(top_n):
     g = torch.Generator().manual_seed(top_n)
     raw = torch.randn(6, 64, generator=g) * 2
-    rows = [row(SamplingParams(temperature=t, logprobs=top_n), [1, 2], [3]) for t in (0.0, 0.5, 1.0, 1.5, 0.0, 2.0)]
+    rows = [row(SamplingParams(temperature=t, logprobs=top_n), [1, 2], [3])
+            for t in (0.0, 0.5, 1.0, 1.5, 0.0, 2.0)]
     out = run(raw, rows)
     for i, (tok, lps) in enumerate(zip(out.token_ids, out.logprobs)):
         lp, ranks = _reference_logprobs(raw[i])
@@ -375,9 +386,10 @@ def test_penalties_and_temperature_do_not_change_logprobs():
     raw = _random_logits(51, v=16)
     prompt, output = [0, 1, 2], [0, 3, 3, 5]
     lp, ranks = _reference_logprobs(raw)
-    plain = run([raw], [row(SamplingParams(temperature=0.0, logprobs=16), prompt, output)]).logprobs[0]
-    pen = SamplingParams(temperature=0.3, logprobs=16, repetition_penalty=1.9, frequency_penalty=1.5,
-                         presence_penalty=1.0, top_k=2)
+    plain = run([raw],
+                [row(SamplingParams(temperature=0.0, logprobs=16), prompt, output)]).logprobs[0]
+    pen = SamplingParams(temperature=0.3, logprobs=16, repetition_penalty=1.9,
+                         frequency_penalty=1.5, presence_penalty=1.0, top_k=2)
     penalised = run([raw], [row(pen, prompt, output)]).logprobs[0]
     for lps in (plain, penalised):
         assert set(lps) == set(range(16))
@@ -399,9 +411,12 @@ def test_no_logprobs_unless_requested():
 def test_cuda_logits_match_cpu():
     """The model runner hands the sampler logits on its own device: penalties, seeds, filters
     and logprobs must work there, and a seeded row must give the same token as on the CPU."""
-    raw = torch.as_tensor(np.stack([_random_logits(70 + i, v=64) for i in range(4)]), dtype=torch.float32)
-    rows = [row(SamplingParams(temperature=0.0, repetition_penalty=1.5, frequency_penalty=0.5, logprobs=3), [1, 2], [3]),
-            row(SamplingParams(temperature=0.8, seed=42, top_k=10, top_p=0.9, min_p=0.01), [1], [5, 6]),
+    raw = torch.as_tensor(np.stack([_random_logits(70 + i, v=64) for i in range(4)]),
+                          dtype=torch.float32)
+    rows = [row(SamplingParams(temperature=0.0, repetition_penalty=1.5, frequency_penalty=0.5,
+                               logprobs=3), [1, 2], [3]),
+            row(SamplingParams(temperature=0.8, seed=42, top_k=10, top_p=0.9, min_p=0.01), [1],
+                [5, 6]),
             row(SamplingParams(temperature=1.0, presence_penalty=1.0), [], [7]),
             row(SamplingParams(temperature=0.0, min_tokens=2), [], [])]
     rows[3].params.all_stop_token_ids = {int(raw[3].argmax())}
@@ -432,8 +447,10 @@ def _allowed_picks(logits, temps, u, rel=1e-5):
             continue
         cdf = (l / t - (l / t).max()).exp().cumsum(-1)
         target, slack = uu * float(cdf[-1]), rel * float(cdf[-1])
-        lo = int(torch.searchsorted(cdf, torch.tensor([target - slack], dtype=torch.float64), right=True))
-        hi = int(torch.searchsorted(cdf, torch.tensor([target + slack], dtype=torch.float64), right=True))
+        lo = int(torch.searchsorted(cdf, torch.tensor([target - slack], dtype=torch.float64),
+                                    right=True))
+        hi = int(torch.searchsorted(cdf, torch.tensor([target + slack], dtype=torch.float64),
+                                    right=True))
         allowed.append(set(range(lo, min(hi, len(cdf) - 1) + 1)))
     return allowed
 
@@ -449,7 +466,8 @@ def test_c_draw_is_the_inverse_cdf_draw_of_its_uniforms(gen, dtype, vocab):
     u = torch.rand(rows, generator=g)
     picks = cpu_ops.sample_rows(logits, temps, u).tolist()
     allowed = _allowed_picks(logits, temps, u)
-    assert all(p in a for p, a in zip(picks, allowed)), [(p, a) for p, a in zip(picks, allowed) if p not in a]
+    assert all(p in a for p, a in zip(picks, allowed)), [(p, a) for p, a in zip(picks, allowed)
+                                                         if p not in a]
 
 
 @needs_c

@@ -26,14 +26,16 @@ def next_token(tokens: List[int]) -> int:
     return 1 + (sum(tokens) * 31 + len(tokens) * 7) % 97
 
 
-def make_sched(num_blocks, budget=64, threshold=512, max_num_seqs=16, max_model_len=64, caching=True):
+def make_sched(num_blocks, budget=64, threshold=512, max_num_seqs=16, max_model_len=64,
+               caching=True):
     return Scheduler(
         SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
                         long_prefill_token_threshold=threshold),
         CacheConfig(block_size=BS, enable_prefix_caching=caching), num_blocks, max_model_len)
 
 
-def make_req(rid, prompt, max_tokens=16, eos: Optional[int] = None, min_tokens=0, stop_token_ids=None):
+def make_req(rid, prompt, max_tokens=16, eos: Optional[int] = None, min_tokens=0,
+             stop_token_ids=None):
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=min_tokens,
                             stop_token_ids=stop_token_ids)
     params.all_stop_token_ids = ({eos} if eos is not None else set()) | set(params.stop_token_ids)
@@ -54,15 +56,19 @@ class FakeWorker:
             self.state.pop(rid, None)
         for new in out.scheduled_new_reqs:
             assert new.req_id not in self.state
-            self.state[new.req_id] = dict(tokens=list(new.prompt_token_ids) + list(new.output_token_ids),
-                                          blocks=list(new.block_ids), computed=new.num_computed_tokens)
+            self.state[new.req_id] = dict(tokens=list(new.prompt_token_ids)
+                                          + list(new.output_token_ids), blocks=list(new.block_ids),
+                                          computed=new.num_computed_tokens)
         c = out.scheduled_cached_reqs
-        for rid, toks, blocks, computed in zip(c.req_ids, c.new_token_ids, c.new_block_ids, c.num_computed_tokens):
+        for rid, toks, blocks, computed in zip(c.req_ids, c.new_token_ids, c.new_block_ids,
+                                               c.num_computed_tokens):
             st = self.state[rid]
-            assert st["computed"] == computed, "worker and scheduler disagree on num_computed_tokens"
+            assert (st["computed"] == computed), ("worker and scheduler disagree on "
+                                                  "num_computed_tokens")
             st["tokens"].extend(toks)
             st["blocks"].extend(blocks)
-        assert set(out.num_scheduled_tokens) == ({n.req_id for n in out.scheduled_new_reqs} | set(c.req_ids))
+        assert set(out.num_scheduled_tokens) == ({n.req_id for n in out.scheduled_new_reqs}
+                                                 | set(c.req_ids))
         sampled = {}
         for rid, n in out.num_scheduled_tokens.items():
             st, request = self.state[rid], self.sched.requests[rid]
@@ -198,7 +204,8 @@ def test_two_requests_exact_block_ids_on_fresh_pool():
     assert out.num_scheduled_tokens == {"A": 1, "B": 1} and out.scheduled_new_reqs == []
     assert cached_diff(out) == {"A": ([a1], [], 6), "B": ([b1], [], 9)}
     out = d.step()  # A 8 tokens, B 11 tokens
-    assert cached_diff(out) == {"A": ([d.outputs["A"][1]], [], 7), "B": ([d.outputs["B"][1]], [], 10)}
+    assert cached_diff(out) == {"A": ([d.outputs["A"][1]], [], 7),
+                                "B": ([d.outputs["B"][1]], [], 10)}
     out = d.step()  # A 9 tokens -> 3rd block from the queue front: 5
     assert {k: v[1:] for k, v in cached_diff(out).items()} == {"A": ([5], 8), "B": ([], 11)}
     out = d.step()  # B 13 tokens -> 4th block: 6
@@ -225,7 +232,8 @@ def test_chunked_prefill_splits_the_budget_by_hand():
     a, b = sched.requests["A"], sched.requests["B"]
     assert (a.num_computed_tokens, b.num_computed_tokens) == (8, 2)
 
-    out = d.step()  # A: min(12, 10, 8) = 8 -> 16 tokens = 4 blocks; B: min(5, 2) = 2 -> 4 tokens, 1 block
+    # A: min(12, 10, 8) = 8 -> 16 tokens = 4 blocks; B: min(5, 2) = 2 -> 4 tokens, 1 block
+    out = d.step()
     assert out.num_scheduled_tokens == {"A": 8, "B": 2}
     assert cached_diff(out) == {"A": ([], [3, 4], 8), "B": ([], [], 2)}
     assert d.outputs == {"A": [], "B": []}
@@ -255,7 +263,8 @@ def test_decode_mixed_with_prefill_in_one_step():
     d.add(make_req("B", pb, max_tokens=2))
     out = d.step()  # A decodes 1 (4 tokens: block 0); B gets the other 7 -> 2 blocks
     assert out.num_scheduled_tokens == {"A": 1, "B": 7}
-    assert new_ids(out) == {"B": [1, 2]} and cached_diff(out) == {"A": ([d.outputs["A"][0]], [], 3)}
+    assert (new_ids(out) == {"B": [1, 2]} and cached_diff(out)
+            == {"A": ([d.outputs["A"][0]], [], 3)})
     assert d.outputs["B"] == []
 
     out = d.step()  # A: 5 tokens -> block 3; B: last 6 -> 13 tokens = 4 blocks -> 4, 5
@@ -334,7 +343,8 @@ def test_no_admission_in_a_step_that_preempted():
     # Chunking (threshold 4) makes the preempted request's re-admission need 1 block only,
     # which is free right after the preemption: it must still wait one step.
     # max_num_seqs=2 keeps C waiting behind them; the preempted B must go in front of C.
-    sched = make_sched(num_blocks=4, budget=8, threshold=4, max_model_len=16, caching=False, max_num_seqs=2)
+    sched = make_sched(num_blocks=4, budget=8, threshold=4, max_model_len=16, caching=False,
+                       max_num_seqs=2)
     d = Driver(sched)
     d.add(make_req("A", [1, 2, 3, 4], max_tokens=12), make_req("B", [5, 6, 7, 8], max_tokens=12),
           make_req("C", [9, 9, 9, 9], max_tokens=2))
@@ -462,7 +472,8 @@ def test_prefix_cache_hit_shares_block_ids():
     d.add(make_req("C", pa[:8], max_tokens=1))
     out = d.step()
     (nc,) = out.scheduled_new_reqs
-    assert nc.num_computed_tokens == 4 and nc.block_ids[0] == 0 and out.num_scheduled_tokens == {"C": 4}
+    assert (nc.num_computed_tokens == 4 and nc.block_ids[0] == 0 and out.num_scheduled_tokens
+            == {"C": 4})
     assert d.num_cached["C"] == 4
     assert_all_free(sched)
 
@@ -522,7 +533,8 @@ def test_randomized_stress(seed, caching):
             eos = EOS if rng.random() < 0.5 else None
             d.add(make_req(rid, prompt, max_tokens=max_tokens, eos=eos, min_tokens=min_tokens))
             expected[rid] = reference_output(prompt, max_tokens, max_model_len, stress_model,
-                                             stop=(EOS,) if eos is not None else (), min_tokens=min_tokens)
+                                             stop=(EOS,) if eos is not None else (),
+                                             min_tokens=min_tokens)
         if sched.requests and rng.random() < 0.03:
             victim = rng.choice(sorted(sched.requests))
             sched.abort_requests([victim])

@@ -32,7 +32,8 @@ def server(smollm2_path, ray_session):
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({"model": MODEL, "dtype": "float32", "dp": 2, "max_model_len": 1024, "num_blocks": 256})
+    app = build_app({"model": MODEL, "dtype": "float32", "dp": 2, "max_model_len": 1024,
+                     "num_blocks": 256})
     serve.run(app, name="raylm", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -77,11 +78,12 @@ def test_openai_client_completes_chats_streams(server, offline):
 
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     chat_ref = offline.chat(messages, greedy, use_tqdm=False)[0].outputs[0].text
-    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16,
+                                          temperature=0)
     assert chat.choices[0].message.content == chat_ref
 
-    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
-                                            stream=True)
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16,
+                                            temperature=0, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == chat_ref
 
 
@@ -89,14 +91,16 @@ def test_busy_replica_gets_no_new_request(server):
     """One replica holds a long request; sequential short requests all go to the other."""
     async def main():
         async with httpx.AsyncClient(base_url=server, timeout=120) as http:
-            body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True}
+            body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400,
+                    "ignore_eos": True}
             long_req = asyncio.create_task(http.post("/v1/completions", json=body))
 
             async def load(name):
                 return _metric((await http.get("/metrics")).text, name)
 
             async def busy_rank():  # the coordinator's table shows which rank runs it
-                return next((r for r, v in (await load("num_requests_running")).items() if v >= 1), None)
+                return next((r for r, v in (await load("num_requests_running")).items() if v >= 1),
+                            None)
 
             busy = await async_wait_for(busy_rank, 20, "the long request running on a replica")
             idle = "1" if busy == "0" else "0"
@@ -107,7 +111,8 @@ def test_busy_replica_gets_no_new_request(server):
 
             before = await load("request_success_total")
             for _ in range(6):
-                r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+                r = await http.post("/v1/completions",
+                                    json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
                 assert r.status_code == 200
                 # load reaches routers through the coordinator: wait until the table shows the
                 # idle replica idle again, as any later request would see it
@@ -129,8 +134,10 @@ def test_burst_spreads_across_replicas(server):
 
     async def main():
         async with httpx.AsyncClient(base_url=server, timeout=120) as http:
-            body = {"model": MODEL, "prompt": "Count: one two", "max_tokens": 8, "ignore_eos": True}
-            rs = await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(16)))
+            body = {"model": MODEL, "prompt": "Count: one two", "max_tokens": 8,
+                    "ignore_eos": True}
+            rs = await asyncio.gather(*(http.post("/v1/completions", json=body)
+                                        for _ in range(16)))
             assert all(r.status_code == 200 for r in rs)
 
     asyncio.run(main())
@@ -149,7 +156,8 @@ def _wait_idle(url: str, timeout_s: float = 30) -> None:
 
 
 def test_disconnect_mid_stream_frees_blocks(server):
-    body = {"model": MODEL, "prompt": "Tell me a long story", "max_tokens": 500, "ignore_eos": True, "stream": True}
+    body = {"model": MODEL, "prompt": "Tell me a long story", "max_tokens": 500,
+            "ignore_eos": True, "stream": True}
     with httpx.Client(base_url=server, timeout=60) as http:
         with http.stream("POST", "/v1/completions", json=body) as r:
             chunks = 0
@@ -160,7 +168,8 @@ def test_disconnect_mid_stream_frees_blocks(server):
     deadline = time.time() + 30
     while time.time() < deadline:
         text = _metrics(server)
-        usage, running = _metric(text, "kv_cache_usage_perc"), _metric(text, "num_requests_running")
+        usage, running = (_metric(text, "kv_cache_usage_perc"),
+                          _metric(text, "num_requests_running"))
         if usage and all(v == 0 for v in usage.values()) and all(v == 0 for v in running.values()):
             return
         time.sleep(0.5)
@@ -186,16 +195,19 @@ async def main():
     h = serve.get_app_handle("raylm")
     params = {{"max_tokens": 12, "temperature": 0}}
     out = await h.generate.remote("The capital of France is", params)
-    texts = [o.outputs[0].text async for o in h.options(stream=True).generate_stream.remote("def add(a, b):", params)]
+    stream = h.options(stream=True).generate_stream.remote("def add(a, b):", params)
+    texts = [o.outputs[0].text async for o in stream]
     print(json.dumps({{"unary": out.outputs[0].text, "stream": texts}}))
 asyncio.run(main())
 """
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=180)
     assert run.returncode == 0, run.stderr[-2000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
     greedy = SamplingParams(max_tokens=12, temperature=0)
-    refs = [o.outputs[0].text for o in offline.generate(["The capital of France is", "def add(a, b):"], greedy,
-                                                         use_tqdm=False)]
+    refs = [o.outputs[0].text
+            for o in offline.generate(["The capital of France is", "def add(a, b):"], greedy,
+                                      use_tqdm=False)]
     assert got["unary"] == refs[0]
     assert got["stream"][-1] == refs[1] and len(got["stream"]) > 1
     assert all(refs[1].startswith(t) for t in got["stream"])  # cumulative and growing
@@ -203,14 +215,17 @@ asyncio.run(main())
 
 def test_bad_requests_through_serve_get_4xx_and_serving_continues(server):
     cases = [
-        (b"{not json", 400), (b'{"model": "%s", "prompt": "x", "temperature": -1}' % MODEL.encode(), 400),
-        (b'{"model": "nope", "prompt": "x"}', 404), (b'{"model": "%s", "prompt": "x", "n": 0}' % MODEL.encode(), 400),
+        (b"{not json", 400),
+        (b'{"model": "%s", "prompt": "x", "temperature": -1}' % MODEL.encode(), 400),
+        (b'{"model": "nope", "prompt": "x"}', 404),
+        (b'{"model": "%s", "prompt": "x", "n": 0}' % MODEL.encode(), 400),
         (b'{"model": "%s", "prompt": "x", "max_tokens": 99999}' % MODEL.encode(), 400),
         (b'{"model": "%s", "prompt": "%s"}' % (MODEL.encode(), b"word " * 2000), 400),
     ]
     with httpx.Client(base_url=server, timeout=60) as http:
         for body, status in cases:
-            r = http.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+            r = http.post("/v1/completions", content=body,
+                          headers={"content-type": "application/json"})
             assert r.status_code == status, (body[:60], r.status_code, r.text[:200])
             err = r.json()["error"]
             assert set(err) >= {"message", "type", "param", "code"}
@@ -227,18 +242,24 @@ def test_tools_constraints_and_scoring_through_serve(server, offline):
 
     client = OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0)
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "required": ["city"], "properties": {"city": {"enum": ["Paris", "Oslo"]}}}}}
-    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Weather in Oslo?"}],
-                                         tools=[tool], tool_choice="required", max_tokens=40, temperature=0)
+        "type": "object", "required": ["city"],
+        "properties": {"city": {"enum": ["Paris", "Oslo"]}}}}}
+    out = client.chat.completions.create(model=MODEL,
+                                         messages=[{"role": "user",
+                                                    "content": "Weather in Oslo?"}], tools=[tool],
+                                         tool_choice="required", max_tokens=40, temperature=0)
     call = out.choices[0].message.tool_calls[0]
     assert out.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
     assert json.loads(call.function.arguments)["city"] in ("Paris", "Oslo")
     with pytest.raises(BadRequestError) as err:
-        client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body={"guided_regex": "[a-"})
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2,
+                                  extra_body={"guided_regex": "[a-"})
     assert err.value.body["param"] == "guided_regex"
     prompt = "The capital of France is"
-    scored = client.completions.create(model=MODEL, prompt=prompt, echo=True, logprobs=1, max_tokens=0)
-    ref = offline.generate(prompt, SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)[0]
+    scored = client.completions.create(model=MODEL, prompt=prompt, echo=True, logprobs=1,
+                                       max_tokens=0)
+    ref = offline.generate(prompt, SamplingParams(max_tokens=1, prompt_logprobs=1),
+                           use_tqdm=False)[0]
     expected = [p[t].logprob for p, t in zip(ref.prompt_logprobs[1:], ref.prompt_token_ids[1:])]
     assert scored.choices[0].logprobs.token_logprobs[0] is None
     assert scored.choices[0].logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-3)
@@ -258,9 +279,11 @@ def test_metrics_reach_ray_metrics_export(server):
     from tests.test_grafana_dashboard import dashboard_series
 
     # the Grafana dashboard's series (its Ray-export flavour) that one request touches
-    touched = {n for n in dashboard_series("ray_raylm_") if "preemptions" not in n and "cache_hits" not in n}
+    touched = {n for n in dashboard_series("ray_raylm_") if "preemptions" not in n
+               and "cache_hits" not in n}
     exported = set()
-    httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 4}, timeout=60)
+    httpx.post(f"{server}/v1/completions",
+               json={"model": MODEL, "prompt": "Hello", "max_tokens": 4}, timeout=60)
     deadline = time.time() + 90  # Ray exports on a period (several seconds)
     while time.time() < deadline:
         try:
@@ -268,7 +291,8 @@ def test_metrics_reach_ray_metrics_export(server):
         except httpx.HTTPError:
             text = ""
         lines = [l for l in text.splitlines() if l.startswith("ray_raylm_generation_tokens")]
-        exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("ray_raylm_")}
+        exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines()
+                    if line.startswith("ray_raylm_")}
         if any('dp_rank="' in l for l in lines) and touched <= exported:
             return
         time.sleep(3)

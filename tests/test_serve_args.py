@@ -19,10 +19,12 @@ def test_api_key_defaults_to_the_environment_and_never_shows_in_repr(monkeypatch
 
 @pytest.mark.parametrize("fields, word", [
     ({"dp": 2, "pp": 2, "enable_expert_parallel": True}, "pp=1"),
-    ({"autoscaling_config": {"min_replicas": 1, "max_replicas": 2}, "enable_expert_parallel": True}, "elastic"),
+    ({"autoscaling_config": {"min_replicas": 1, "max_replicas": 2},
+      "enable_expert_parallel": True}, "elastic"),
     ({"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}}, "min_replicas"),
     ({"engines_per_replica": 2}, "sim executor"),
-    ({"engines_per_replica": 2, "executor": "sim", "enable_expert_parallel": True}, "sim executor"),
+    ({"engines_per_replica": 2, "executor": "sim", "enable_expert_parallel": True},
+     "sim executor"),
 ])
 def test_bad_combinations_are_clear_errors(fields, word):
     with pytest.raises(ValueError, match=word):
@@ -33,10 +35,11 @@ def test_routing_flags_reach_the_router_and_the_replicas():
     from raylm.cli import build_parser
     from raylm.serve.launcher import serve_args
 
-    argv = ["serve", "--routing-policy", "prefix_aware", "--prefix-max-imbalance", "4", "--executor", "sim",
-            "--engines-per-replica", "8"]
+    argv = ["serve", "--routing-policy", "prefix_aware", "--prefix-max-imbalance", "4",
+            "--executor", "sim", "--engines-per-replica", "8"]
     a = serve_args(build_parser().parse_args(argv))
-    assert a.router_kwargs() == {"policy": "prefix_aware", "max_imbalance": 4} and a.engines_per_replica == 8
+    assert a.router_kwargs() == {"policy": "prefix_aware",
+                                 "max_imbalance": 4} and a.engines_per_replica == 8
     plain = ServeArgs(routing_policy="round_robin", prefix_max_imbalance=4)
     assert plain.router_kwargs() == {"policy": "round_robin"}
 
@@ -45,21 +48,26 @@ def test_serve_flags_reach_the_admission_auth_and_shutdown_options():
     from raylm.cli import build_parser
     from raylm.serve.launcher import serve_args
 
-    argv = ["serve", "--max-ongoing-requests", "40", "--max-waiting-requests", "8", "--request-timeout", "12.5",
-            "--shutdown-timeout", "3", "--open-paths", "/health", "/metrics", "--admin-api-key", "sk-adm",
-            "--max-data-parallel-size", "6", "--scale-timeout", "45", "--tp", "2", "--num-cpus-per-replica", "0.5",
+    argv = ["serve", "--max-ongoing-requests", "40", "--max-waiting-requests", "8",
+            "--request-timeout", "12.5", "--shutdown-timeout", "3", "--open-paths", "/health",
+            "/metrics", "--admin-api-key", "sk-adm", "--max-data-parallel-size", "6",
+            "--scale-timeout", "45", "--tp", "2", "--num-cpus-per-replica", "0.5",
             "--tool-call-parser", "hermes"]
     a = serve_args(build_parser().parse_args(argv))
-    assert (a.max_ongoing_requests, a.max_waiting_requests, a.request_timeout, a.shutdown_timeout) == (40, 8, 12.5, 3)
+    assert (a.max_ongoing_requests, a.max_waiting_requests, a.request_timeout,
+            a.shutdown_timeout) == (40, 8, 12.5, 3)
     assert a.engine_config().scheduler.max_waiting_requests == 8
-    limits = {"max_data_parallel_size": 6, "replica_resources": {"CPU": 0.5 + 2 * 1.0}, "scale_timeout_s": 45}
+    limits = {"max_data_parallel_size": 6, "replica_resources": {"CPU": 0.5 + 2 * 1.0},
+              "scale_timeout_s": 45}
     assert a.ingress_options() == {"api_key": a.api_key, "open_paths": ["/health", "/metrics"],
-                                   "max_body_bytes": 1 << 20, "max_ongoing_requests": 40, "request_timeout": 12.5,
-                                   "admin_api_key": "sk-adm", "scale_limits": limits, "autoscaling": False,
+                                   "max_body_bytes": 1 << 20, "max_ongoing_requests": 40,
+                                   "request_timeout": 12.5, "admin_api_key": "sk-adm",
+                                   "scale_limits": limits, "autoscaling": False,
                                    "tool_call_parser": "hermes"}
     assert "sk-adm" not in repr(a)
     defaults = serve_args(build_parser().parse_args(["serve"]))
-    assert defaults.open_paths == ["/health", "/ping", "/version"] and defaults.request_timeout is None
+    assert defaults.open_paths == ["/health", "/ping",
+                                   "/version"] and defaults.request_timeout is None
     assert defaults.max_data_parallel_size is None and defaults.scale_timeout == 300
 
 
@@ -80,14 +88,17 @@ def test_admin_key_defaults_to_its_own_environment_variable(monkeypatch):
     monkeypatch.delenv("RAYLM_ADMIN_API_KEY", raising=False)
     assert ServeArgs().admin_api_key is None  # never the inference key
     monkeypatch.setenv("RAYLM_ADMIN_API_KEY", "sk-admin-env")
-    assert ServeArgs().admin_api_key == "sk-admin-env" and ServeArgs(admin_api_key="sk-a").admin_api_key == "sk-a"
+    assert (ServeArgs().admin_api_key == "sk-admin-env"
+            and ServeArgs(admin_api_key="sk-a").admin_api_key == "sk-a")
     assert "sk-admin" not in repr(ServeArgs())
 
 
 @pytest.mark.parametrize("fields, word", [
-    ({"max_ongoing_requests": 0}, "max_ongoing_requests"), ({"max_waiting_requests": -1}, "max_waiting_requests"),
+    ({"max_ongoing_requests": 0}, "max_ongoing_requests"),
+    ({"max_waiting_requests": -1}, "max_waiting_requests"),
     ({"request_timeout": 0}, "request_timeout"), ({"shutdown_timeout": -1}, "shutdown_timeout"),
-    ({"max_data_parallel_size": 0}, "max_data_parallel_size"), ({"scale_timeout": 0}, "scale_timeout"),
+    ({"max_data_parallel_size": 0}, "max_data_parallel_size"),
+    ({"scale_timeout": 0}, "scale_timeout"),
     ({"dp": 3, "max_data_parallel_size": 2}, "max_data_parallel_size"),
 ])
 def test_bad_limits_are_clear_errors(fields, word):
@@ -101,9 +112,12 @@ def test_cuda_replicas_ask_ray_for_one_gpu_per_worker():
     alone = ServeArgs(device="cuda").replica_placement()
     assert alone["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1}
     tp = ServeArgs(device="cuda", tp=2, num_cpus_per_replica=0.5).replica_placement()
-    assert tp["placement_group_bundles"] == [{"CPU": 0.5}, {"CPU": 1.0, "GPU": 1}, {"CPU": 1.0, "GPU": 1}]
-    assert tp["placement_group_strategy"] == "STRICT_PACK" and "num_gpus" not in tp["ray_actor_options"]
-    assert ServeArgs(device="cuda", tp=2, pp=2).replica_placement()["placement_group_strategy"] == "PACK"
+    assert tp["placement_group_bundles"] == [{"CPU": 0.5}, {"CPU": 1.0, "GPU": 1},
+                                             {"CPU": 1.0, "GPU": 1}]
+    assert (tp["placement_group_strategy"] == "STRICT_PACK"
+            and "num_gpus" not in tp["ray_actor_options"])
+    assert (ServeArgs(device="cuda", tp=2, pp=2).replica_placement()["placement_group_strategy"]
+            == "PACK")
     assert ServeArgs(device="cuda", tp=2).replica_resources() == {"CPU": 3.0, "GPU": 2}
     cpu = ServeArgs(device="cpu", tp=2)
     assert all("GPU" not in b for b in cpu.replica_placement()["placement_group_bundles"])
@@ -129,7 +143,8 @@ def test_a_cpu_replica_reserves_its_share_of_the_cores_by_default(monkeypatch, c
 
 @pytest.mark.parametrize("argv, joining, proxy_port, direct", [
     ([], False, 0, True), (["--proxy"], False, 8123, False), ([], True, 8123, False)])
-def test_direct_ingress_by_default_on_a_cluster_serve_starts(monkeypatch, argv, joining, proxy_port, direct):
+def test_direct_ingress_by_default_on_a_cluster_serve_starts(monkeypatch, argv, joining,
+                                                             proxy_port, direct):
     """`raylm serve` serves --port from the ingress replica (Ray's direct ingress settings, read
     by the Ray processes it starts); --proxy, or joining a running cluster, keeps Serve's proxy."""
     import os
@@ -161,8 +176,8 @@ def test_log_monitor_rescans_every_half_second_under_local_serve_env(local_env):
     from raylm.serve.launcher import local_serve_env
 
     probe = ("import time, types; from ray._private.log_monitor import LogMonitor; "
-             "print(LogMonitor.should_update_filenames(types.SimpleNamespace(log_filenames=set()), "
-             "time.time()))")
+             "print(LogMonitor.should_update_filenames("
+             "types.SimpleNamespace(log_filenames=set()), time.time()))")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_LOG_MONITOR")}
     env.update(local_serve_env() if local_env else {})
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
@@ -172,7 +187,8 @@ def test_log_monitor_rescans_every_half_second_under_local_serve_env(local_env):
 
 def test_placement_options_place_tp_pp_groups_and_spread_single_replicas():
     grouped = ServeArgs(pp=2, placement_strategy="STRICT_SPREAD").replica_placement()
-    assert grouped["placement_group_strategy"] == "STRICT_SPREAD" and len(grouped["placement_group_bundles"]) == 3
+    assert (grouped["placement_group_strategy"] == "STRICT_SPREAD"
+            and len(grouped["placement_group_bundles"]) == 3)
     assert ServeArgs(pp=2).replica_placement()["placement_group_strategy"] == "PACK"  # the default
     alone = ServeArgs(dp=4, max_replicas_per_node=1).replica_placement()
     assert alone["max_replicas_per_node"] == 1 and "placement_group_bundles" not in alone
@@ -232,7 +248,8 @@ def test_auto_dp_is_one_replica_per_core_while_they_fit(weights, cores, availabl
     assert auto_dp(weights, cores, available) == want
 
 
-def test_dp_auto_resolves_on_the_building_machine_and_only_for_plain_cpu_replicas(monkeypatch, tmp_path):
+def test_dp_auto_resolves_on_the_building_machine_and_only_for_plain_cpu_replicas(monkeypatch,
+                                                                                  tmp_path):
     """The default (and `dp=auto`, `--dp auto`) becomes a number when the app is built: the
     checkpoint's file sizes and this machine's cores and memory; CUDA, TP/PP, EP, the sim
     executor and Serve autoscaling keep 1; max_data_parallel_size bounds it; a number wins."""
@@ -245,17 +262,21 @@ def test_dp_auto_resolves_on_the_building_machine_and_only_for_plain_cpu_replica
     with open(ckpt / "model.safetensors", "wb") as f:
         f.truncate(300 << 20)  # sparse: only its size is read
     monkeypatch.setattr(builder, "usable_cores", lambda: 4)
-    monkeypatch.setattr(builder.psutil, "virtual_memory", lambda: SimpleNamespace(available=20 * GiB))
+    monkeypatch.setattr(builder.psutil, "virtual_memory",
+                        lambda: SimpleNamespace(available=20 * GiB))
     cpu = {"model": str(ckpt), "device": "cpu"}
     assert ServeArgs(**cpu).dp == 4 and ServeArgs(**cpu, dp="auto").dp == 4
-    assert serve_args(build_parser().parse_args(["serve", "--model", str(ckpt), "--device", "cpu"])).dp == 4
-    assert serve_args(build_parser().parse_args(["serve", "--model", str(ckpt), "--dp", "3"])).dp == 3
+    assert serve_args(build_parser().parse_args(["serve", "--model", str(ckpt), "--device",
+                                                 "cpu"])).dp == 4
+    assert serve_args(build_parser().parse_args(["serve", "--model", str(ckpt), "--dp",
+                                                 "3"])).dp == 3
     assert ServeArgs(**cpu, max_data_parallel_size=2).dp == 2
     for other in ({"device": "cuda"}, {"tp": 2}, {"pp": 2}, {"enable_expert_parallel": True},
                   {"executor": "sim"}, {"autoscaling_config": {"max_replicas": 2}}):
         assert ServeArgs(**{**cpu, **other}).dp == 1, other
     assert ServeArgs(**cpu).replica_cpus == 1.0  # each of the 4 reserves its core
-    monkeypatch.setattr(builder.psutil, "virtual_memory", lambda: SimpleNamespace(available=3 * GiB))
+    monkeypatch.setattr(builder.psutil, "virtual_memory",
+                        lambda: SimpleNamespace(available=3 * GiB))
     assert ServeArgs(**cpu).dp == 1  # 1.8 GiB holds one replica of 1.6 GiB
     with pytest.raises(ValueError, match="dp"):
         ServeArgs(dp="many")

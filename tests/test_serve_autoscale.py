@@ -27,8 +27,9 @@ def _running_replicas() -> int:
 
 @pytest.mark.timeout(400)
 def test_autoscaling_grows_and_shrinks_without_losing_requests(tiny_root, ray_session):
-    scaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 2,
-               "downscale_delay_s": 5, "metrics_interval_s": 1, "look_back_period_s": 2}
+    scaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
+               "upscale_delay_s": 2, "downscale_delay_s": 5, "metrics_interval_s": 1,
+               "look_back_period_s": 2}
     with served_app(tiny_root, autoscaling_config=scaling) as (path, base):
         url = base + "/v1/completions"
         assert _running_replicas() == 1
@@ -36,7 +37,8 @@ def test_autoscaling_grows_and_shrinks_without_losing_requests(tiny_root, ray_se
         expected = hf_greedy(path, prompts, 300)
 
         async def one(client, prompt):
-            body = {"model": "tiny", "prompt": prompt, "max_tokens": 300, "temperature": 0, "ignore_eos": True}
+            body = {"model": "tiny", "prompt": prompt, "max_tokens": 300, "temperature": 0,
+                    "ignore_eos": True}
             r = await client.post(url, json=body)
             assert r.status_code == 200, r.text
             return r.json()["usage"]["completion_tokens"], r.json()["choices"][0]["text"]
@@ -53,7 +55,8 @@ def test_autoscaling_grows_and_shrinks_without_losing_requests(tiny_root, ray_se
                         task.index = i % len(prompts)
                         pending.add(task)
                         i += 1
-                    finished, pending = await asyncio.wait(pending, timeout=1, return_when=asyncio.FIRST_COMPLETED)
+                    finished, pending = await asyncio.wait(pending, timeout=1,
+                                                           return_when=asyncio.FIRST_COMPLETED)
                     done += finished
                     if grew_at is None and _running_replicas() == 2:
                         grew_at = i
@@ -68,11 +71,13 @@ def test_autoscaling_grows_and_shrinks_without_losing_requests(tiny_root, ray_se
         assert len(results) >= 16
         for index, (n, text) in results:  # every request succeeded, across the resize
             prompt, want = prompts[index], expected[index]
-            full, head = tok.decode(prompt + want, skip_special_tokens=True), tok.decode(prompt, skip_special_tokens=True)
+            full = tok.decode(prompt + want, skip_special_tokens=True)
+            head = tok.decode(prompt, skip_special_tokens=True)
             assert n == 300 and text == full[len(head):]
         wait_for(lambda: _running_replicas() == 1, 120, "scaling back to one replica", 1)
-        r = httpx.post(url, json={"model": "tiny", "prompt": prompts[0], "max_tokens": 5, "temperature": 0,
-                                  "ignore_eos": True}, timeout=60)
+        r = httpx.post(url,
+                       json={"model": "tiny", "prompt": prompts[0], "max_tokens": 5,
+                             "temperature": 0, "ignore_eos": True}, timeout=60)
         assert r.status_code == 200, r.text
 
 
@@ -89,7 +94,8 @@ def test_elastic_scale_of_a_dense_app_is_bounded_rolls_back_and_resizes(tiny_roo
 def _total_replicas() -> int:
     from ray import serve
 
-    return sum(serve.status().applications["raylm"].deployments["LLMServer"].replica_states.values())
+    states = serve.status().applications["raylm"].deployments["LLMServer"].replica_states
+    return sum(states.values())
 
 
 def _elastic_round_trip(path, url):
@@ -101,7 +107,8 @@ def _elastic_round_trip(path, url):
         start = time.monotonic()
         r = await scale(client, url, 24550920)
         figures["refused_s"] = time.monotonic() - start
-        assert r.status_code == 400 and re.search(r"the cluster holds at most \d+ replicas \(", r.text), r.text
+        assert r.status_code == 400 and re.search(r"the cluster holds at most \d+ replicas \(",
+                                                  r.text), r.text
         assert _total_replicas() == 1 and _running_replicas() == 1
         with cluster_full():
             start = time.monotonic()
@@ -109,9 +116,11 @@ def _elastic_round_trip(path, url):
             figures["gave_up_s"] = time.monotonic() - start
         error = r.json()["error"]
         assert r.status_code == 504 and error["code"] == "scale_timeout", r.text
-        assert "1 of 2 replicas serving" in error["message"] and "back to 1" in error["message"], error
+        assert ("1 of 2 replicas serving" in error["message"]
+                and "back to 1" in error["message"]), error
         figures["error"] = error["message"]
-        await async_wait_for(lambda: _total_replicas() == 1, 60, "the unplaced replica dropped (target back to 1)")
+        await async_wait_for(lambda: _total_replicas() == 1, 60,
+                             "the unplaced replica dropped (target back to 1)")
         await load.served_more(5, "the load served after the rollback")
 
     async def run():
@@ -131,8 +140,10 @@ def _elastic_round_trip(path, url):
         return load, replicas
 
     load, replicas = asyncio.run(run())
-    print(f"\ndense elastic scaling: absurd size refused in {figures['refused_s'] * 1000:.0f} ms; unplaceable "
-          f"scale answered after {figures['gave_up_s']:.1f} s: {figures['error']}; {len(load.results)} requests")
+    print(f"\ndense elastic scaling: absurd size refused in {figures['refused_s'] * 1000:.0f} ms; "
+          f"unplaceable scale answered after {figures['gave_up_s']:.1f} s: {figures['error']}; "
+          f"{len(load.results)} requests")
     assert replicas == [2, 1]
     assert not load.lost(), load.lost()
-    assert all(r[0] == 200 and r[1] is True for r in load.results), [r for r in load.results if r[0] != 200][:5]
+    assert all(r[0] == 200 and r[1] is True for r in load.results), [r for r in load.results
+                                                                     if r[0] != 200][:5]

@@ -13,8 +13,8 @@ import pytest
 
 from raylm.distributed.communicator import free_port
 from tests.conftest import hf_greedy, make_tiny_model, random_prompts
-from tests.serve_load import (ADMIN, ADMIN_KEY, SteadyLoad, cluster_full, complete, continuation, is_scaling,
-                              scale)
+from tests.serve_load import (ADMIN, ADMIN_KEY, SteadyLoad, cluster_full, complete, continuation,
+                              is_scaling, scale)
 from tests.waiting import async_wait_for, wait_for
 
 pytestmark = pytest.mark.slow
@@ -32,8 +32,8 @@ def app(tiny_root, ray_session):
     port = free_port("127.0.0.1")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     run_app({"model": str(path), "served_model_name": "tiny", "dtype": "float32", "dp": 2,
-             "enable_expert_parallel": True, "num_cpus_per_replica": 0.5, "max_model_len": 512, "num_blocks": 128,
-             "admin_api_key": ADMIN_KEY})
+             "enable_expert_parallel": True, "num_cpus_per_replica": 0.5, "max_model_len": 512,
+             "num_blocks": 128, "admin_api_key": ADMIN_KEY})
     yield path, f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -42,7 +42,8 @@ def _coordinator():
     import ray
     from ray.serve._private.constants import SERVE_NAMESPACE
 
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "dp_coordinator" in a["name"]]
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if "dp_coordinator" in a["name"]]
     assert len(names) == 1, names
     return ray.get_actor(names[0], namespace=SERVE_NAMESPACE)
 
@@ -63,18 +64,21 @@ def _control():
 def test_dp2_ep_over_http_equals_hf(app):
     path, url = app
     prompts = random_prompts(6, seed=51)
-    expected = [continuation(path, p, o) for p, o in zip(prompts, hf_greedy(path, prompts, MAX_NEW))]
+    expected = [continuation(path, p, o)
+                for p, o in zip(prompts, hf_greedy(path, prompts, MAX_NEW))]
 
     async def run():
         async with httpx.AsyncClient(timeout=120) as client:
-            return await asyncio.gather(*[complete(client, url, p, MAX_NEW, rank=i % 2) for i, p in enumerate(prompts)])
+            return await asyncio.gather(*[complete(client, url, p, MAX_NEW, rank=i % 2)
+                                          for i, p in enumerate(prompts)])
 
     responses = asyncio.run(run())
     assert [r.status_code for r in responses] == [200] * len(prompts), [r.text for r in responses]
     assert [r.json()["choices"][0]["text"] for r in responses] == expected
     table = _table()
     assert [s["dp_rank"] for s in table] == [0, 1]
-    assert sorted(e for s in table for e in s["dp_experts"]) == [0, 1, 2, 3]  # each expert on one replica
+    # each expert on one replica
+    assert sorted(e for s in table for e in s["dp_experts"]) == [0, 1, 2, 3]
     assert all(len(s["dp_experts"]) == 2 for s in table)
 
 
@@ -89,14 +93,17 @@ def test_load_on_one_rank_keeps_the_other_in_lockstep_then_both_pause(app):
     path, url = app
     prompts = random_prompts(4, seed=52)
     max_new = 150
-    expected = [continuation(path, p, o) for p, o in zip(prompts, hf_greedy(path, prompts, max_new))]
+    expected = [continuation(path, p, o)
+                for p, o in zip(prompts, hf_greedy(path, prompts, max_new))]
     before = {s["dp_rank"]: s for s in _table()}
     waves_before = _control()["waves_completed"]
 
     async def run():
         async with httpx.AsyncClient(timeout=300) as client:
-            first = await asyncio.gather(*[complete(client, url, p, max_new, rank=0) for p in prompts[:2]])
-            second = await asyncio.gather(*[complete(client, url, p, max_new, rank=0) for p in prompts[2:]])
+            first = await asyncio.gather(*[complete(client, url, p, max_new, rank=0)
+                                           for p in prompts[:2]])
+            second = await asyncio.gather(*[complete(client, url, p, max_new, rank=0)
+                                            for p in prompts[2:]])
             return first + second
 
     responses = asyncio.run(run())
@@ -108,8 +115,10 @@ def test_load_on_one_rank_keeps_the_other_in_lockstep_then_both_pause(app):
     wait_for(wave_over, 30, "the wave ending on every rank", detail=_table)
     after = {s["dp_rank"]: s for s in _table()}
     dummies = after[1]["dp_dummy_steps"] - before[1]["dp_dummy_steps"]
-    assert dummies >= 2 * max_new, f"rank 1 ran {dummies} dummy steps for 2 x {max_new} steps of rank 0's work"
-    assert after[0]["dp_dummy_steps"] - before[0]["dp_dummy_steps"] <= 2  # rank 0 had real work all along
+    assert (dummies >= 2 * max_new), (f"rank 1 ran {dummies} dummy steps for 2 x {max_new} steps "
+                                      "of rank 0's work")
+    # rank 0 had real work all along
+    assert after[0]["dp_dummy_steps"] - before[0]["dp_dummy_steps"] <= 2
     control = _control()
     assert not control["running"] and control["waves_completed"] > waves_before
     assert not any(s["dp_running"] for s in after.values())
@@ -130,14 +139,16 @@ def test_metrics_show_the_lockstep_state(app):
         assert f"\n{name} " in text, name
     waves = [line for line in text.splitlines() if line.startswith("raylm:dp_waves_completed ")]
     assert float(waves[0].split()[1]) >= 1  # the previous tests ran waves
-    assert 'raylm:dp_dummy_steps{dp_rank="1"}' in text and 'raylm:dp_dummy_step_seconds{dp_rank="1"}' in text
+    assert ('raylm:dp_dummy_steps{dp_rank="1"}' in text
+            and 'raylm:dp_dummy_step_seconds{dp_rank="1"}' in text)
     node = ray.nodes()[0]
     export = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
     deadline = time.time() + 90  # Ray exports on a period (several seconds)
     while time.time() < deadline:
         lines = httpx.get(export, timeout=10).text.splitlines()
         if any(l.startswith("ray_raylm_dp_wave") for l in lines) and \
-                any(l.startswith("ray_raylm_dp_dummy_steps") and 'dp_rank="1"' in l for l in lines):
+                any(l.startswith("ray_raylm_dp_dummy_steps") and 'dp_rank="1"' in l
+                    for l in lines):
             return
         time.sleep(3)
     pytest.fail(f"no lockstep metrics on {export}")
@@ -147,7 +158,8 @@ def test_metrics_show_the_lockstep_state(app):
 def test_elastic_scaling_2_3_1_under_load_loses_nothing(app):
     path, url = app
     prompts = random_prompts(6, seed=53)
-    expected = [continuation(path, p, o) for p, o in zip(prompts, hf_greedy(path, prompts, MAX_NEW))]
+    expected = [continuation(path, p, o)
+                for p, o in zip(prompts, hf_greedy(path, prompts, MAX_NEW))]
 
     async def run():
         load = SteadyLoad(url, prompts, expected, MAX_NEW)
@@ -161,12 +173,15 @@ def test_elastic_scaling_2_3_1_under_load_loses_nothing(app):
             await load.served_more(4, "the steady load being served")
             for n in (3, 1):
                 scaling = asyncio.create_task(scale(client, url, n))
-                busy = await async_wait_for(scaling_now, 30, f"the scale to {n} reported as running", 0.05)
+                busy = await async_wait_for(scaling_now, 30,
+                                            f"the scale to {n} reported as running", 0.05)
                 second = await scale(client, url, 2)  # one scale at a time
                 r = await scaling
                 assert r.status_code == 200, r.text
-                assert busy["progress"]["to"] == n and second.status_code == 409, (busy, second.text)
-                assert await is_scaling(client, url) == {"is_scaling_elastic_ep": False, "progress": None}
+                assert (busy["progress"]["to"] == n and second.status_code
+                        == 409), (busy, second.text)
+                assert await is_scaling(client, url) == {"is_scaling_elastic_ep": False,
+                                                         "progress": None}
                 await load.served_more(4, "serving resuming after the scale")
                 sizes.append([(s["dp_rank"], s["dp_experts"]) for s in _table()])
         load.stop.set()
@@ -175,7 +190,8 @@ def test_elastic_scaling_2_3_1_under_load_loses_nothing(app):
 
     load, sizes = asyncio.run(run())
     results = load.results
-    assert sizes[0] == [(0, [0, 1]), (1, [2]), (2, [3])], sizes  # 4 experts over 3 ranks, contiguous
+    # 4 experts over 3 ranks, contiguous
+    assert sizes[0] == [(0, [0, 1]), (1, [2]), (2, [3])], sizes
     assert sizes[1] == [(0, [0, 1, 2, 3])], sizes
     assert not load.lost(), load.lost()
     assert sum(r[0] == 200 for r in results) > 10 and any(r[0] == 503 for r in results)
@@ -187,13 +203,15 @@ def test_drain_timeout_answers_408_and_keeps_the_size(app):
     async def run():
         async with httpx.AsyncClient(timeout=300) as client:
             long = asyncio.create_task(complete(client, url, [5, 6, 7], 400))
-            await async_wait_for(lambda: any(s["num_running"] for s in _table()), 30, "the long request running")
+            await async_wait_for(lambda: any(s["num_running"] for s in _table()), 30,
+                                 "the long request running")
             r = await scale(client, url, 2, drain_timeout=0.5)
             return r, await long
 
     r, long = asyncio.run(run())
     assert r.status_code == 408 and r.json()["error"]["code"] == "drain_timeout", r.text
-    assert long.status_code == 200 and long.json()["usage"]["completion_tokens"] == 400  # the in-flight one finished
+    # the in-flight one finished
+    assert long.status_code == 200 and long.json()["usage"]["completion_tokens"] == 400
     assert len(_table()) == 1 and _control()["scaling"] is None
 
 
@@ -201,13 +219,16 @@ def test_bad_scale_and_rank_requests_get_clear_4xx(app):
     _, url = app
     cases = [
         ("/scale_elastic_ep", {"new_data_parallel_size": 0}, ADMIN, 400, "new_data_parallel_size"),
-        ("/scale_elastic_ep", {"new_data_parallel_size": 5}, ADMIN, 400, "experts"),  # 5 ranks, 4 experts
-        ("/scale_elastic_ep", {"new_data_parallel_size": 2, "drain_timeout": -1}, ADMIN, 400, "drain_timeout"),
-        ("/scale_elastic_ep", {"new_data_parallel_size": 2}, {}, 401, "API key"),  # the admin key, or nothing
-        ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2}, {"X-data-parallel-rank": "x"},
-         400, "X-data-parallel-rank"),
-        ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2}, {"X-data-parallel-rank": "7"},
-         400, "out of range"),
+        # 5 ranks, 4 experts
+        ("/scale_elastic_ep", {"new_data_parallel_size": 5}, ADMIN, 400, "experts"),
+        ("/scale_elastic_ep", {"new_data_parallel_size": 2, "drain_timeout": -1}, ADMIN, 400,
+         "drain_timeout"),
+        # the admin key, or nothing
+        ("/scale_elastic_ep", {"new_data_parallel_size": 2}, {}, 401, "API key"),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2},
+         {"X-data-parallel-rank": "x"}, 400, "X-data-parallel-rank"),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2},
+         {"X-data-parallel-rank": "7"}, 400, "out of range"),
     ]
     for path, body, headers, status, word in cases:
         r = httpx.post(url + path, json=body, headers=headers, timeout=60)
@@ -225,7 +246,8 @@ def test_a_crashed_replica_is_replaced_and_the_group_re_forms(app):
 
     path, url = app
     prompts = random_prompts(2, seed=54)
-    expected = [continuation(path, p, o) for p, o in zip(prompts, hf_greedy(path, prompts, MAX_NEW))]
+    expected = [continuation(path, p, o)
+                for p, o in zip(prompts, hf_greedy(path, prompts, MAX_NEW))]
 
     async def scale_to_2():
         async with httpx.AsyncClient(timeout=600) as client:
@@ -234,15 +256,16 @@ def test_a_crashed_replica_is_replaced_and_the_group_re_forms(app):
     assert asyncio.run(scale_to_2()).status_code == 200
     generation = _control()["generation"]
     victim = next(s for s in _table() if s["dp_rank"] == 1)
-    names = [a for a in ray.util.list_named_actors(all_namespaces=True) if victim["replica"] in a["name"]]
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True)
+             if victim["replica"] in a["name"]]
     assert len(names) == 1, names
     ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
 
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         control = _control()
-        if control["generation"] > generation and control["formed"] and len(control["ranks"]) == 2 \
-                and victim["replica"] not in control["ranks"]:
+        if (control["generation"] > generation and control["formed"]
+                and len(control["ranks"]) == 2 and victim["replica"] not in control["ranks"]):
             break
         time.sleep(2)
     else:
@@ -250,7 +273,8 @@ def test_a_crashed_replica_is_replaced_and_the_group_re_forms(app):
 
     async def run():
         async with httpx.AsyncClient(timeout=120) as client:
-            return await asyncio.gather(*[complete(client, url, p, MAX_NEW, rank=i) for i, p in enumerate(prompts)])
+            return await asyncio.gather(*[complete(client, url, p, MAX_NEW, rank=i)
+                                          for i, p in enumerate(prompts)])
 
     responses = asyncio.run(run())
     assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
@@ -265,14 +289,16 @@ def test_ep_over_dp2_x_tp2_through_handles_equals_hf(app, tiny_root):
     from raylm.deployments.openai import run_app
 
     path = make_tiny_model(tiny_root, "qwen3_moe")
-    run_app({"model": str(path), "dtype": "float32", "dp": 2, "tp": 2, "enable_expert_parallel": True,
-             "num_cpus_per_replica": 0.5, "worker_num_cpus": 1, "max_model_len": 256, "num_blocks": 64},
+    run_app({"model": str(path), "dtype": "float32", "dp": 2, "tp": 2,
+             "enable_expert_parallel": True, "num_cpus_per_replica": 0.5, "worker_num_cpus": 1,
+             "max_model_len": 256, "num_blocks": 64},
             name="raylm-ep-tp", route_prefix=None)
     try:
         handle = serve.get_app_handle("raylm-ep-tp")
         prompts = random_prompts(4, seed=55)
         params = {"max_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}
-        futures = [handle.generate.remote(p, params, data_parallel_rank=i % 2) for i, p in enumerate(prompts)]
+        futures = [handle.generate.remote(p, params, data_parallel_rank=i % 2)
+                   for i, p in enumerate(prompts)]
         outs = [f.result(timeout_s=180) for f in futures]
         assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, prompts, MAX_NEW)
         assert [o.metrics["dp_rank"] for o in outs] == [0, 1, 0, 1]  # the pins were honoured
@@ -287,7 +313,8 @@ def test_a_scale_that_cannot_be_placed_rolls_back_and_the_group_serves_again(app
     HF's greedy outputs again."""
     path, url = app
     prompts = random_prompts(2, seed=56)
-    expected = [continuation(path, p, o) for p, o in zip(prompts, hf_greedy(path, prompts, MAX_NEW))]
+    expected = [continuation(path, p, o)
+                for p, o in zip(prompts, hf_greedy(path, prompts, MAX_NEW))]
 
     async def run():
         async with httpx.AsyncClient(timeout=300) as client:
@@ -301,8 +328,10 @@ def test_a_scale_that_cannot_be_placed_rolls_back_and_the_group_serves_again(app
 
     r, took = asyncio.run(run())
     error = r.json()["error"]
-    assert r.status_code == 504 and error["code"] == "scale_timeout" and "back to 2" in error["message"], r.text
-    print(f"\nEP scale 2 -> 3 that cannot be placed: answered after {took:.1f} s: {error['message']}")
+    assert (r.status_code == 504 and error["code"] == "scale_timeout"
+            and "back to 2" in error["message"]), r.text
+    print(f"\nEP scale 2 -> 3 that cannot be placed: answered after {took:.1f} s: "
+          f"{error['message']}")
 
     def reformed():
         control = _control()
@@ -312,7 +341,8 @@ def test_a_scale_that_cannot_be_placed_rolls_back_and_the_group_serves_again(app
 
     async def served():
         async with httpx.AsyncClient(timeout=120) as client:
-            return await asyncio.gather(*[complete(client, url, p, MAX_NEW, rank=i) for i, p in enumerate(prompts)])
+            return await asyncio.gather(*[complete(client, url, p, MAX_NEW, rank=i)
+                                          for i, p in enumerate(prompts)])
 
     responses = asyncio.run(served())
     assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]

@@ -32,15 +32,17 @@ def app(tiny_root, ray_session):
     path = make_tiny_model(tiny_root, "llama")
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model": str(path), "served_model_name": "tiny", "dtype": "float32", "dp": 2, "tp": 2,
-                         "pp": 2, "num_cpus_per_replica": 0.5, "worker_num_cpus": 1, "max_model_len": 256,
-                         "num_blocks": 64}), name="raylm", route_prefix="/")
+    serve.run(build_app({"model": str(path), "served_model_name": "tiny", "dtype": "float32",
+                         "dp": 2, "tp": 2, "pp": 2, "num_cpus_per_replica": 0.5,
+                         "worker_num_cpus": 1, "max_model_len": 256, "num_blocks": 64}),
+              name="raylm", route_prefix="/")
     yield path, f"http://127.0.0.1:{port}"
     serve.shutdown()
 
 
 def _complete(url: str, prompt, max_tokens: int = MAX_NEW) -> dict:
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True}
     r = httpx.post(url + "/v1/completions", json=body, timeout=120)
     assert r.status_code == 200, r.text
     return r.json()
@@ -62,14 +64,16 @@ def test_moe_tp2_pp2_through_serve_handles_equals_hf(app, tiny_root):
     from raylm.deployments.openai import build_app
 
     path = make_tiny_model(tiny_root, "qwen3_moe")
-    serve.run(build_app({"model": str(path), "dtype": "float32", "tp": 2, "pp": 2, "num_cpus_per_replica": 0.5,
-                         "worker_num_cpus": 1, "max_model_len": 256, "num_blocks": 64}),
+    serve.run(build_app({"model": str(path), "dtype": "float32", "tp": 2, "pp": 2,
+                         "num_cpus_per_replica": 0.5, "worker_num_cpus": 1, "max_model_len": 256,
+                         "num_blocks": 64}),
               name="raylm-moe", route_prefix=None)
     try:
         handle = serve.get_app_handle("raylm-moe")
         prompts = random_prompts(3, seed=22)
         params = {"max_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}
-        got = [handle.generate.remote(p, params).result(timeout_s=120).outputs[0].token_ids for p in prompts]
+        got = [handle.generate.remote(p, params).result(timeout_s=120).outputs[0].token_ids
+               for p in prompts]
         assert got == hf_greedy(path, prompts, MAX_NEW)
     finally:
         serve.delete("raylm-moe")
@@ -84,12 +88,14 @@ def _continuation(path, prompt, output):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
-    return tok.decode(prompt + output, skip_special_tokens=True)[len(tok.decode(prompt, skip_special_tokens=True)):]
+    return tok.decode(prompt + output,
+                      skip_special_tokens=True)[len(tok.decode(prompt, skip_special_tokens=True)):]
 
 
-async def _stream(client: httpx.AsyncClient, url: str, prompt, started: asyncio.Event, box: list) -> dict:
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": 200, "temperature": 0, "ignore_eos": True,
-            "stream": True}
+async def _stream(client: httpx.AsyncClient, url: str, prompt, started: asyncio.Event,
+                  box: list) -> dict:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 200, "temperature": 0,
+            "ignore_eos": True, "stream": True}
     result = {"tokens": 0, "error": None, "done": False}
     box.append(result)
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
@@ -125,7 +131,8 @@ def test_killing_a_worker_fails_its_replica_only_and_it_comes_back(app):
     async def load():
         started, box = asyncio.Event(), []
         async with httpx.AsyncClient(timeout=180) as client:
-            tasks = [asyncio.create_task(_stream(client, url, [5 + i, 6, 7, 8], started, box)) for i in range(8)]
+            tasks = [asyncio.create_task(_stream(client, url, [5 + i, 6, 7, 8], started, box))
+                     for i in range(8)]
             await asyncio.wait_for(started.wait(), 120)
             _kill_one_worker()
             return await asyncio.gather(*tasks)
@@ -135,8 +142,8 @@ def test_killing_a_worker_fails_its_replica_only_and_it_comes_back(app):
     ok = [r for r in results if r["error"] is None and r["tokens"] >= 150]
     assert failed and ok, f"expected failures on one replica and successes on the other: {results}"
     # the clear error: a 503 naming the worker that died
-    assert all(r["error"]["code"] == "engine_unavailable" and "worker rank" in r["error"]["message"]
-               for r in failed), failed
+    assert all(r["error"]["code"] == "engine_unavailable"
+               and "worker rank" in r["error"]["message"] for r in failed), failed
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:  # Serve replaces the replica whose health check fails
         if len(_alive_workers()) == 8 and _all_succeed(url):
@@ -146,14 +153,17 @@ def test_killing_a_worker_fails_its_replica_only_and_it_comes_back(app):
 
 
 def _alive_workers():
-    """Every replica's worker actors (named raylm_worker:<group>:<rank>; the GCS drops dead ones)."""
+    """Every replica's worker actors (named raylm_worker:<group>:<rank>; the GCS drops dead
+    ones)."""
     import ray
 
-    return [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("raylm_worker")]
+    return [a for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("raylm_worker")]
 
 
 def _all_succeed(url: str) -> bool:
     try:
-        return all(_complete(url, [9, 10, 11], 4)["choices"][0]["text"] is not None for _ in range(6))
+        return all(_complete(url, [9, 10, 11], 4)["choices"][0]["text"] is not None
+                   for _ in range(6))
     except AssertionError:
         return False

@@ -26,8 +26,8 @@ import pytest
 
 from raylm.distributed.communicator import free_port
 from tests.conftest import random_prompts
-from tests.soak import (Record, Workload, counts, engine_pids, metric, parse_metric, replicas, rss_mib,
-                        soak, stream_one, wait_all_free)
+from tests.soak import (Record, Workload, counts, engine_pids, metric, parse_metric, replicas,
+                        rss_mib, soak, stream_one, wait_all_free)
 from tests.waiting import async_wait_for, wait_for
 
 pytestmark = pytest.mark.slow
@@ -52,13 +52,16 @@ def server(tiny_llama, tmp_path_factory):
     port = free_port("127.0.0.1")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAYLM_API_KEY=KEY, RAYLM_ADMIN_API_KEY=ADMIN_KEY, RAY_AUTH_MODE="disabled")
-    cmd = [sys.executable, "-m", "raylm.cli", "serve", "--model", str(tiny_llama), "--port", str(port), *SERVER_ARGS]
+    cmd = [sys.executable, "-m", "raylm.cli", "serve", "--model", str(tiny_llama), "--port",
+           str(port), *SERVER_ARGS]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, proc, 240)
-        yield SimpleNamespace(url=url, proc=proc, log=log, session=Path(os.path.realpath("/tmp/ray/session_latest")))
+        yield SimpleNamespace(url=url, proc=proc, log=log,
+                              session=Path(os.path.realpath("/tmp/ray/session_latest")))
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -124,16 +127,18 @@ def _wait_all_free(url: str) -> None:
 
 def test_auth_refuses_wrong_missing_and_probed_keys(server):
     url, body = server.url, {"prompt": [5, 6, 7], "max_tokens": 2}
-    bad = [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"},
-           {"Authorization": f"Bearer {KEY.upper()}"}, {"Authorization": f"Bearer {KEY}x"},
-           {"X-API-Key": KEY}, {"api-key": KEY}]
+    bad = [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
+           {"Authorization": f"Basic {KEY}"}, {"Authorization": f"Bearer {KEY.upper()}"},
+           {"Authorization": f"Bearer {KEY}x"}, {"X-API-Key": KEY}, {"api-key": KEY}]
     # a timing attacker's probe: every prefix of the key, padded to its length
     bad += [{"Authorization": f"Bearer {KEY[:n]}{'#' * (len(KEY) - n)}"} for n in range(len(KEY))]
     for headers in bad:
-        for method, path in (("POST", "/v1/completions"), ("GET", "/v1/models"), ("GET", "/metrics")):
-            r = httpx.request(method, url + path, json=body if method == "POST" else None, headers=headers,
-                              params={"api_key": KEY}, timeout=30)
-            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (headers, path, r.text)
+        for method, path in (("POST", "/v1/completions"), ("GET", "/v1/models"),
+                             ("GET", "/metrics")):
+            r = httpx.request(method, url + path, json=body if method == "POST" else None,
+                              headers=headers, params={"api_key": KEY}, timeout=30)
+            assert (r.status_code == 401 and r.json()["error"]["code"]
+                    == "invalid_api_key"), (headers, path, r.text)
             assert KEY not in r.text
     assert _get(url, "/health").status_code == 200  # probes stay open
     ok = httpx.post(url + "/v1/completions", json=body, headers=AUTH, timeout=60)
@@ -149,20 +154,24 @@ def test_the_ingress_replica_itself_serves_the_port_with_unchanged_outputs(serve
         return {c.laddr.port for c in proc.net_connections("tcp") if c.status == "LISTEN"}
 
     assert [port in listening(p) for p in replicas("OpenAIIngress")] == [True]
-    proxies = [p for p in psutil.process_iter(["cmdline"]) if "ray::ProxyActor" in " ".join(p.info["cmdline"] or [])]
+    proxies = [p for p in psutil.process_iter(["cmdline"])
+               if "ray::ProxyActor" in " ".join(p.info["cmdline"] or [])]
     assert proxies and all(port not in listening(p) for p in proxies)
     for i in range(4):
-        body = {"prompt": work.prompts[i], "max_tokens": work.max_tokens[i], "temperature": 0, "ignore_eos": True}
+        body = {"prompt": work.prompts[i], "max_tokens": work.max_tokens[i], "temperature": 0,
+                "ignore_eos": True}
         r = httpx.post(server.url + "/v1/completions", json=body, headers=AUTH, timeout=60)
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == work.expected[i], r.text
     rec = [Record(client=i, rank=None, start=time.monotonic()) for i in range(4)]
 
     async def stream_all():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
-            await asyncio.gather(*(stream_one(http, work, rec[i], i, leave=False) for i in range(4)))
+            await asyncio.gather(*(stream_one(http, work, rec[i], i, leave=False)
+                                   for i in range(4)))
 
     asyncio.run(stream_all())
-    assert [r.outcome for r in rec] == ["ok"] * 4, rec  # "ok": the streamed text is the offline one
+    # "ok": the streamed text is the offline one
+    assert [r.outcome for r in rec] == ["ok"] * 4, rec
 
 
 def test_fuzz_against_the_served_app(server):
@@ -171,12 +180,14 @@ def test_fuzz_against_the_served_app(server):
     from tests.fuzz_http import run_fuzz
 
     before = _stable_replicas(server.url)
-    report = run_fuzz(server.url, 1000, seed=3, api_key=KEY, admin_api_key=ADMIN_KEY, dp=2, max_dp=2)
+    report = run_fuzz(server.url, 1000, seed=3, api_key=KEY, admin_api_key=ADMIN_KEY, dp=2,
+                      max_dp=2)
     print("\nfuzz through Serve:", report.summary())
     assert not report.violations, report.summary()
     assert report.labels["admin"] >= 10, report.labels
     assert _stable_replicas(server.url) == before  # the admin cases resized and restarted nothing
-    assert report.statuses[200] >= 150 and sum(n for s, n in report.statuses.items() if 400 <= s < 500) >= 150
+    assert report.statuses[200] >= 150 and sum(n for s, n in report.statuses.items()
+                                               if 400 <= s < 500) >= 150
     _wait_all_free(server.url)
     assert _get(server.url, "/health").status_code == 200
 
@@ -185,17 +196,21 @@ def test_admin_routes_need_the_admin_key_and_refuse_absurd_sizes(server):
     """The admin key opens the admin routes, nothing else does (the inference key included); an
     absurd size and one past --max-data-parallel-size are refused at once, nothing changed."""
     url, before = server.url, _stable_replicas(server.url)
-    for headers in ({}, AUTH, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {ADMIN_KEY}x"}):
+    for headers in ({}, AUTH, {"Authorization": "Bearer wrong"},
+                    {"Authorization": f"Bearer {ADMIN_KEY}x"}):
         for path in ("/scale_elastic_ep", "/is_scaling_elastic_ep"):
-            r = httpx.post(url + path, json={"new_data_parallel_size": 2}, headers=headers, timeout=30)
+            r = httpx.post(url + path, json={"new_data_parallel_size": 2}, headers=headers,
+                           timeout=30)
             assert r.status_code == 401 and ADMIN_KEY not in r.text, (headers, path, r.text)
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     assert httpx.get(url + "/v1/models", headers=admin, timeout=30).status_code == 401
     for size in (24550920, 3):
         start = time.monotonic()
-        r = httpx.post(url + "/scale_elastic_ep", json={"new_data_parallel_size": size}, headers=admin, timeout=30)
+        r = httpx.post(url + "/scale_elastic_ep", json={"new_data_parallel_size": size},
+                       headers=admin, timeout=30)
         took = time.monotonic() - start
-        assert r.status_code == 400 and "max_data_parallel_size=2" in r.json()["error"]["message"], r.text
+        assert (r.status_code == 400
+                and "max_data_parallel_size=2" in r.json()["error"]["message"]), r.text
         print(f"\nscale to {size} refused in {took * 1000:.0f} ms: {r.json()['error']['message']}")
     status = httpx.post(url + "/is_scaling_elastic_ep", headers=admin, timeout=30).json()
     assert status == {"is_scaling_elastic_ep": False, "progress": None}
@@ -208,8 +223,10 @@ def test_two_load_rounds_lose_nothing_free_every_block_and_keep_rss_steady(serve
         report = asyncio.run(soak(server.url, work, clients=64, duration_s=15))
         figures.append(report.counts())
         assert not report.lost(), report.lost()[:5]
-        assert report.counts().get("ok", 0) > 64 and report.counts().get("disconnected", 0) > 8, report.counts()
-        assert set(report.counts()) <= {"ok", "disconnected"}, report.counts()  # under the bounds: no errors
+        assert (report.counts().get("ok", 0) > 64
+                and report.counts().get("disconnected", 0) > 8), report.counts()
+        # under the bounds: no errors
+        assert set(report.counts()) <= {"ok", "disconnected"}, report.counts()
         _wait_all_free(server.url)
         rss.append(rss_mib())
     growth = (rss[2] - rss[1]) / rss[1]
@@ -226,8 +243,8 @@ def _burst(url: str, work: Workload, n: int, rank=None, paused_pid=None):
 
     async def one(http, i):
         j = i % len(work.prompts)
-        body = {"prompt": list(work.prompts[j]), "max_tokens": work.max_tokens[j], "temperature": 0,
-                "ignore_eos": True}
+        body = {"prompt": list(work.prompts[j]), "max_tokens": work.max_tokens[j],
+                "temperature": 0, "ignore_eos": True}
         return i, await http.post("/v1/completions", json=body, headers=headers)
 
     async def main():
@@ -238,8 +255,8 @@ def _burst(url: str, work: Workload, n: int, rank=None, paused_pid=None):
             try:
                 tasks = [asyncio.ensure_future(one(http, i)) for i in range(n)]
                 if paused_pid is not None:
-                    await async_wait_for(lambda: sum(t.done() for t in tasks) >= n - MAX_ONGOING, 60,
-                                         "the requests past the app's bound answered")
+                    await async_wait_for(lambda: sum(t.done() for t in tasks) >= n - MAX_ONGOING,
+                                         60, "the requests past the app's bound answered")
             finally:
                 if paused_pid is not None:
                     os.kill(paused_pid, signal.SIGCONT)
@@ -256,11 +273,13 @@ def test_burst_past_the_bounds_gets_429s_and_correct_completions(server, long_wo
         results = _burst(server.url, long_work, n, rank, paused if rank == 0 else None)
         for i, r in results:
             if r.status_code == 200:
-                assert r.json()["choices"][0]["text"] == long_work.expected[i % len(long_work.prompts)]
+                assert (r.json()["choices"][0]["text"]
+                        == long_work.expected[i % len(long_work.prompts)])
                 kinds["ok"] = kinds.get("ok", 0) + 1
                 continue
             assert r.status_code == 429, r.text
-            assert int(r.headers["Retry-After"]) >= 1 and r.json()["error"]["type"] == "rate_limit_error"
+            assert (int(r.headers["Retry-After"]) >= 1 and r.json()["error"]["type"]
+                    == "rate_limit_error")
             bound = re.search(r"max_\w+_requests", r.json()["error"]["message"]).group(0)
             kinds[bound] = kinds.get(bound, 0) + 1
     print(f"\nbursts of 300 (unpinned) and 120 (pinned to rank 0): {kinds}; "
@@ -284,7 +303,8 @@ def _stable_replicas(url: str) -> dict:
         procs = {p.pid for p in replicas("LLMServer")}
         return pids if set(pids) == {0, 1} and set(pids.values()) == procs else None
 
-    return wait_for(stable, 120, "a stable replica set (ranks 0 and 1, one LLMServer process each)", 0.5)
+    return wait_for(stable, 120,
+                    "a stable replica set (ranks 0 and 1, one LLMServer process each)", 0.5)
 
 
 def _midstream(sentinels) -> list:
@@ -299,9 +319,9 @@ async def _stop_then_kill(pid: int, sentinels) -> tuple:
     """SIGSTOP `pid`, wait until the sentinels' streams are quiet (what the engine produced
     before it stopped has drained to the client: five polls a second apart see the same
     progress; with two, then three, a drain that paused a second or two under load let a
-    finished request look open), then SIGKILL it. Returns the sentinels open at the kill: unfinished on the
-    engine, which could not run since. None open (the engine had finished them, the client
-    was behind): SIGCONT, and [] so the caller tries again."""
+    finished request look open), then SIGKILL it. Returns the sentinels open at the kill:
+    unfinished on the engine, which could not run since. None open (the engine had finished them,
+    the client was behind): SIGCONT, and [] so the caller tries again."""
     os.kill(pid, signal.SIGSTOP)
     try:
         seen = []
@@ -310,7 +330,8 @@ async def _stop_then_kill(pid: int, sentinels) -> tuple:
             seen.append([(s.end, s.chunks) for s in sentinels])
             return len(seen) >= QUIET_POLLS and all(p == seen[-1] for p in seen[-QUIET_POLLS:])
 
-        await async_wait_for(quiet, 60, "the sentinels' streams quiet while the victim is stopped", 1.0)
+        await async_wait_for(quiet, 60, "the sentinels' streams quiet while the victim is stopped",
+                             1.0)
         still_open = [s for s in sentinels if s.end == 0]
         if still_open:
             os.kill(pid, signal.SIGKILL)
@@ -335,9 +356,12 @@ async def _kill_when_busy(http, long_work, victim: int, pid: int, state: dict) -
 
     for _ in range(5):
         state["running"] = await async_wait_for(both_busy, 60, "2+ requests running on each rank")
-        sentinels = [Record(client=-1 - i, rank=victim, start=time.monotonic()) for i in range(SENTINELS)]
-        tasks = [asyncio.ensure_future(stream_one(http, long_work, s, i, False)) for i, s in enumerate(sentinels)]
-        await async_wait_for(lambda: len(_midstream(sentinels)) >= 2 or all(s.end for s in sentinels), 60,
+        sentinels = [Record(client=-1 - i, rank=victim, start=time.monotonic())
+                     for i in range(SENTINELS)]
+        tasks = [asyncio.ensure_future(stream_one(http, long_work, s, i, False))
+                 for i, s in enumerate(sentinels)]
+        await async_wait_for(lambda: len(_midstream(sentinels)) >= 2
+                             or all(s.end for s in sentinels), 60,
                              f"2+ sentinels mid-stream on rank {victim}", 0.002)
         if len(_midstream(sentinels)) >= 2:
             state["kill"], state["sentinels"] = await _stop_then_kill(pid, sentinels)
@@ -365,8 +389,9 @@ def test_killing_an_engine_replica_under_load(server, work, long_work):
                 await _kill_when_busy(http, long_work, victim, pids[victim], state)
                 while time.monotonic() < state["kill"] + AFTER_KILL_S:
                     await asyncio.sleep(0.5)
-                    samples.append((time.monotonic(), parse_metric((await http.get("/metrics")).text,
-                                                                    "request_success_total")))
+                    samples.append((time.monotonic(),
+                                    parse_metric((await http.get("/metrics")).text,
+                                                 "request_success_total")))
         finally:
             stop.set()
 
@@ -382,21 +407,24 @@ def test_killing_an_engine_replica_under_load(server, work, long_work):
     by_rank = {r: [x for x in report.records if x.rank == r] for r in (0, 1)}
     odd = [(x.rank, x.outcome, x.detail, round(x.start - kill, 2), round(x.end - kill, 2))
            for x in by_rank[1 - victim] if x.outcome not in ("ok", "disconnected")]
-    assert not odd and counts(by_rank[victim]).get("ok", 0) > 0, ({r: counts(v) for r, v in by_rank.items()}, odd[:5])
+    assert not odd and counts(by_rank[victim]).get("ok", 0) > 0, ({r: counts(v)
+                                                                   for r, v in by_rank.items()},
+                                                                  odd[:5])
     assert not report.lost(), report.lost()[:5]
     # the requests open on the victim at the kill got errors, none hangs. One may still end ok
     # with its exact text: the engine finished it before the stop and its delivery lagged past
     # the quiet polls (quiet is evidence, not proof); a wrong or partial text fails here.
     assert all(x.outcome.startswith("error") or x.outcome == "ok" for x in inflight), \
         [(x.outcome, x.chunks) for x in inflight]
-    assert any(x.outcome.startswith("error") for x in inflight), [(x.outcome, x.chunks) for x in inflight]
+    assert any(x.outcome.startswith("error") for x in inflight), [(x.outcome, x.chunks)
+                                                                  for x in inflight]
     latency = max(x.end - kill for x in inflight)
     assert latency < 30, [x for x in inflight if x.end - kill >= 30][:3]
     recovery = _recovery_s(samples, victim, kill) or _wait_rank_serves(url, victim, kill)
-    print(f"\nkill -9 of rank {victim}'s engine (running per rank at the kill: {state['running']}) under "
-          f"64 clients: outcomes {report.counts()}; {len(inflight)} long requests mid-stream on it, errors "
-          f"after <= {latency:.1f} s ({counts(inflight)}); rank {victim} serving again {recovery:.1f} s "
-          f"after the kill")
+    print(f"\nkill -9 of rank {victim}'s engine (running per rank at the kill: "
+          f"{state['running']}) under 64 clients: outcomes {report.counts()}; {len(inflight)} "
+          f"long requests mid-stream on it, errors after <= {latency:.1f} s ({counts(inflight)}); "
+          f"rank {victim} serving again {recovery:.1f} s after the kill")
     _wait_all_free(url)
 
 
@@ -413,8 +441,8 @@ def _wait_rank_serves(url: str, rank: int, kill: float, timeout_s: float = 180) 
     before = _metric(url, "request_success_total").get(rank, 0)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        httpx.post(url + "/v1/completions", json=body, headers={**AUTH, "X-data-parallel-rank": str(rank)},
-                   timeout=60)
+        httpx.post(url + "/v1/completions", json=body,
+                   headers={**AUTH, "X-data-parallel-rank": str(rank)}, timeout=60)
         if _metric(url, "request_success_total").get(rank, 0) > before:
             return time.monotonic() - kill
         time.sleep(0.5)
@@ -422,7 +450,8 @@ def _wait_rank_serves(url: str, rank: int, kill: float, timeout_s: float = 180) 
 
 
 def test_the_key_is_in_no_log_line(server):
-    logs = [server.log] + [p for p in server.session.rglob("*") if p.is_file() and p.stat().st_size < 200 << 20]
+    logs = [server.log] + [p for p in server.session.rglob("*") if p.is_file()
+                           and p.stat().st_size < 200 << 20]
     leaks = [str(p) for p in logs if KEY.encode() in p.read_bytes()]
     assert len(logs) > 10 and not leaks, leaks
 
@@ -452,18 +481,22 @@ def test_sigterm_drains_then_cuts_off_with_an_error(server, long_work):
         async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as streams, \
                 httpx.AsyncClient(base_url=url, timeout=30) as http:
             records = [Record(client=i, rank=None, start=time.monotonic()) for i in range(60)]
-            tasks = [asyncio.ensure_future(stream_one(streams, long_work, r, i % len(long_work.prompts), False))
+            tasks = [asyncio.ensure_future(stream_one(streams, long_work, r,
+                                                      i % len(long_work.prompts), False))
                      for i, r in enumerate(records)]
-            await async_wait_for(lambda: len(_midstream(records)) >= 16 or all(r.end for r in records), 60,
-                                 "16+ streams mid-stream", 0.002)
+            await async_wait_for(lambda: len(_midstream(records)) >= 16
+                                 or all(r.end for r in records), 60, "16+ streams mid-stream",
+                                 0.002)
             assert len(_midstream(records)) >= 16, counts(records)
             for pid in engines:
                 os.kill(pid, signal.SIGSTOP)
             try:
-                server.proc.send_signal(signal.SIGTERM)  # the CLI only: Ray's processes are in its group
-                await async_wait_for(lambda: _draining(http), 10, "/health answering 503 (draining)",
-                                     interval_s=0.05)
-                late = await http.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 2}, headers=AUTH)
+                # the CLI only: Ray's processes are in its group
+                server.proc.send_signal(signal.SIGTERM)
+                await async_wait_for(lambda: _draining(http), 10,
+                                     "/health answering 503 (draining)", interval_s=0.05)
+                late = await http.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 2},
+                                       headers=AUTH)
             finally:
                 for pid in engines:
                     os.kill(pid, signal.SIGCONT)
@@ -471,7 +504,8 @@ def test_sigterm_drains_then_cuts_off_with_an_error(server, long_work):
         return records, late
 
     records, late = asyncio.run(main())
-    assert late.status_code == 503 and "shutting down" in late.json()["error"]["message"], late.text
+    assert (late.status_code == 503
+            and "shutting down" in late.json()["error"]["message"]), late.text
     cut = [x for x in records if x.outcome.startswith("error")]
     # an in-band SSE error once the stream has started, a 503 before that; both name the shutdown
     assert all(x.outcome in ("error:engine_unavailable", "error:503") and "shut down" in x.detail

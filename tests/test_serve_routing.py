@@ -22,14 +22,16 @@ def _coordinator_table() -> dict:
     """The DP coordinator's table (what the routers follow)."""
     import ray
 
-    found = [a for a in ray.util.list_named_actors(all_namespaces=True) if "dp_coordinator" in a["name"]]
+    found = [a for a in ray.util.list_named_actors(all_namespaces=True)
+             if "dp_coordinator" in a["name"]]
     assert len(found) == 1, found
     actor = ray.get_actor(found[0]["name"], namespace=found[0]["namespace"])
     return ray.get(actor.snapshot.remote(-1, 0.0), timeout=30)[1]
 
 
 def _complete(base: str, prompt) -> str:
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+            "ignore_eos": True}
     r = httpx.post(base + "/v1/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["text"]
@@ -51,9 +53,11 @@ def test_prefix_aware_routing_keeps_a_shared_prefix_on_one_replica(tiny_root, ra
                  "the shared prefix in a replica's summary at the coordinator")
         before = _cache_counters()
         texts += [_complete(base, p) for p in prompts[1:]]
-        grew = wait_for(lambda: _grown(before, 7 * len(prompts[1])), 30, "the 7 requests in the engines' reports",
+        grew = wait_for(lambda: _grown(before, 7 * len(prompts[1])), 30,
+                        "the 7 requests in the engines' reports",
                         detail=lambda: _grown(before, None))
-        expected = [continuation(path, p, ids) for p, ids in zip(prompts, hf_greedy(path, prompts, MAX_TOKENS))]
+        expected = [continuation(path, p, ids)
+                    for p, ids in zip(prompts, hf_greedy(path, prompts, MAX_TOKENS))]
         assert texts == expected
     served = [key for key, (queries, _) in grew.items() if queries > 0]
     assert len(served) == 1, grew
@@ -70,7 +74,8 @@ def _grown(before: dict, total):
     """What each replica's counters grew by since `before`; None until the lookups add up to
     `total` (reports arrive on the next push after a request ends)."""
     now = _cache_counters()
-    grew = {k: (q - before.get(k, (0, 0))[0], h - before.get(k, (0, 0))[1]) for k, (q, h) in now.items()}
+    grew = {k: (q - before.get(k, (0, 0))[0], h - before.get(k, (0, 0))[1])
+            for k, (q, h) in now.items()}
     return grew if total is None or sum(q for q, _ in grew.values()) == total else None
 
 
@@ -80,19 +85,22 @@ def test_simulated_replicas_hosting_two_engines_each_serve_every_rank(tiny_root,
     per replica process; a request pinned to each rank runs on that engine (its prompt shows
     in that engine's prefix-cache lookups, nowhere else), and unpinned ones complete."""
     prompts = [[7] * (20 + 8 * rank) for rank in range(4)]
-    with served_app(tiny_root, dp=2, executor="sim", sim_device="h100", engines_per_replica=2) as (_, base):
+    with served_app(tiny_root, dp=2, executor="sim", sim_device="h100",
+                    engines_per_replica=2) as (_, base):
         wait_for(lambda: len(_coordinator_table()) == 4, 60, "4 engines reporting")
         table = _coordinator_table()
         assert sorted(s["dp_rank"] for s in table.values()) == [0, 1, 2, 3]
         assert len({s["pid"] for s in table.values()}) == 2  # two engines per process
         for rank, prompt in enumerate(prompts):
             before = _cache_counters()
-            body = {"model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS, "ignore_eos": True}
-            r = httpx.post(base + "/v1/completions", json=body, headers={"X-data-parallel-rank": str(rank)},
-                           timeout=60)
-            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == MAX_TOKENS, r.text
-            grew = wait_for(lambda: _grown(before, len(prompt)), 30, f"rank {rank}'s lookup reported",
-                            detail=lambda: _grown(before, None))
+            body = {"model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS,
+                    "ignore_eos": True}
+            r = httpx.post(base + "/v1/completions", json=body,
+                           headers={"X-data-parallel-rank": str(rank)}, timeout=60)
+            assert (r.status_code == 200 and r.json()["usage"]["completion_tokens"]
+                    == MAX_TOKENS), r.text
+            grew = wait_for(lambda: _grown(before, len(prompt)), 30,
+                            f"rank {rank}'s lookup reported", detail=lambda: _grown(before, None))
             ranks = {table[k]["dp_rank"] for k, (q, _) in grew.items() if q > 0}
             assert ranks == {rank}, grew
         for prompt in prompts:

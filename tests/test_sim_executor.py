@@ -10,8 +10,8 @@ from raylm.executor.sim import parse_device
 # layer params = 8*4*(2*2 + 2*1) + 3*8*16 = 192 + 384 = 576; weights = 576 + 10*8 = 656 B;
 # KV per token = 2 * 1 * 1 * 4 * 1 = 8 B
 SHAPE = ModelShape("toy", 1, 8, 2, 1, 4, 16, 10, dtype_bytes=1)
-DEVICE = DeviceProfile("toy", mem_bandwidth=1000.0, flops=2000.0, memory_bytes=10_000, step_overhead_s=0.5,
-                       layer_overhead_s=0.25)
+DEVICE = DeviceProfile("toy", mem_bandwidth=1000.0, flops=2000.0, memory_bytes=10_000,
+                       step_overhead_s=0.5, layer_overhead_s=0.25)
 
 
 def test_shape_sizes_by_hand():
@@ -42,7 +42,8 @@ def test_kv_blocks_fill_what_the_weights_leave():
 def test_devices_by_name_or_measured_figures():
     assert parse_device("h100").name.startswith("H100")
     d = parse_device("cpu:30:0.4:24:2:60")
-    assert (d.mem_bandwidth, d.flops, d.memory_bytes, d.step_overhead_s, d.layer_overhead_s) == pytest.approx(
+    assert (d.mem_bandwidth, d.flops, d.memory_bytes, d.step_overhead_s,
+            d.layer_overhead_s) == pytest.approx(
         (30e9, 0.4e12, 24 * (1 << 30), 2e-3, 60e-6))
     for bad in ("tpu", "cpu:30", "cpu:a:1:1", "cpu:-1:1:1"):
         with pytest.raises(ValueError, match="sim_device must be one of h100"):
@@ -105,7 +106,8 @@ def test_simulated_engines_sharing_an_event_loop_step_concurrently(tiny_llama):
         params = SamplingParams(max_tokens=4, ignore_eos=True)
         slow.submit({"prompt_token_ids": [5, 6, 7]}, params, "s", got["slow"].append)
         fast.submit({"prompt_token_ids": [5, 6, 7]}, params, "f",
-                    lambda out: out.finished and not got["fast"].done() and got["fast"].set_result(out))
+                    lambda out: out.finished and not got["fast"].done()
+                    and got["fast"].set_result(out))
         try:
             out = await asyncio.wait_for(got["fast"], 30)
             assert len(out.outputs[0].token_ids) == 4 and got["slow"] == []
@@ -125,7 +127,8 @@ def test_a_requests_device_time_and_a_fleets_capacity_by_hand():
     # 2*(576*2 + 80*2) = 2624 -> 1.312 s; pairs 2*6 = 12 -> 0.192 s; + 0.75 = 2.254 / 2 per
     # sequence, for 3 - 1 tokens
     assert request_seconds(SHAPE, DEVICE, 4, 3, batch=2) == pytest.approx(3.294 + 2.254)
-    assert fleet_capacity(SHAPE, DEVICE, [(4, 3)] * 3, batch=2, engines=10) == pytest.approx(10 / 5.548)
+    assert fleet_capacity(SHAPE, DEVICE, [(4, 3)] * 3, batch=2,
+                          engines=10) == pytest.approx(10 / 5.548)
 
 
 def test_sim_check_streams_a_whole_model_through_the_gemv():
@@ -143,5 +146,6 @@ def test_sim_check_streams_a_whole_model_through_the_gemv():
         assert gbps is None
         return
     per_layer = sum(k * n for k, n in sim_check._shapes(shape))
-    assert per_layer == 64 * (4 + 2 * 2) * 16 + 64 * 64 + 64 * 2 * 128 + 128 * 64  # qkv, o, gate+up, down
+    # qkv, o, gate+up, down
+    assert per_layer == 64 * (4 + 2 * 2) * 16 + 64 * 64 + 64 * 2 * 128 + 128 * 64
     assert gbps > 0

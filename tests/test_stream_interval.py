@@ -37,8 +37,8 @@ def _stream(engine, params, rid, prompt=(5, 6, 7, 8), sizes=None):
 def test_updates_come_at_the_first_token_every_interval_and_the_end(tiny_llama, max_tokens, sizes):
     engine = AsyncEngine(_config(tiny_llama, 4))
     seen = []
-    outs = _stream(engine, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), "a",
-                   sizes=seen)
+    outs = _stream(engine, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                   "a", sizes=seen)
     # hand-counted: the first token, then every 4, then the end
     assert seen == [(n, False) for n in sizes[:-1]] + [(sizes[-1], True)]
     want = hf_greedy(tiny_llama, [[5, 6, 7, 8]], max_tokens)[0]

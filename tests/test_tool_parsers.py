@@ -8,8 +8,9 @@ import pytest
 
 from raylm.serve.tool_parsers import ParsedCall, create_tool_parser, tool_parser_names
 
-TEXT = ('Let me check. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
-        '<tool_call>{"name": "get_time", "arguments": {}}</tool_call> done <tool_call>not json</tool_call> <tool')
+TEXT = ('Let me check. <tool_call>\n{"name": "get_weather", "arguments": {"city": '
+        '"Oslo"}}\n</tool_call><tool_call>{"name": "get_time", "arguments": {}}</tool_call> done '
+        '<tool_call>not json</tool_call> <tool')
 CALLS = [ParsedCall("get_weather", '{"city": "Oslo"}'), ParsedCall("get_time", "{}")]
 CONTENT = "Let me check.  done <tool_call>not json</tool_call> <tool"
 
@@ -37,10 +38,12 @@ def test_hermes_stream_equals_whole(size):
 
 
 def test_render_describes_tools_and_writes_earlier_calls_as_text():
-    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    tools = [{"type": "function",
+              "function": {"name": "get_time", "parameters": {"type": "object"}}}]
     conversation = [{"role": "user", "content": "time?"},
                     {"role": "assistant", "content": "", "tool_calls": [
-                        {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+                        {"id": "c1", "type": "function",
+                         "function": {"name": "get_time", "arguments": "{}"}}]},
                     {"role": "tool", "content": "12:00", "tool_call_id": "c1"}]
     out = create_tool_parser("hermes").render(conversation, tools)
     assert out[0]["role"] == "system" and json.dumps(tools[0]["function"]) in out[0]["content"]

@@ -37,8 +37,9 @@ def poison_scratch(monkeypatch):
     from raylm.kernels import triton_moe, triton_paged_attention
 
     for module in (triton_moe, triton_paged_attention):
-        monkeypatch.setattr(module, "_empty", lambda *shape, dtype, device: poisoned(*shape, dtype=dtype,
-                                                                                     device=device))
+        monkeypatch.setattr(module, "_empty",
+                            lambda *shape, dtype, device: poisoned(*shape, dtype=dtype,
+                                                                   device=device))
 
 
 def _paged_batch(gen, q_lens, ctx_lens, hkv, d, block_size, dtype):
@@ -56,7 +57,8 @@ def _paged_batch(gen, q_lens, ctx_lens, hkv, d, block_size, dtype):
         k_cache[ids[pos // block_size], pos % block_size] = rand(gen, n, hkv, d, dtype=dtype)
         v_cache[ids[pos // block_size], pos % block_size] = rand(gen, n, hkv, d, dtype=dtype)
     cu = torch.tensor([0] + q_lens).cumsum(0).int()
-    return k_cache, v_cache, cu.to(DEVICE), torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE), \
+    return k_cache, v_cache, cu.to(DEVICE), torch.tensor(ctx_lens, dtype=torch.int32,
+                                                         device=DEVICE), \
         table.to(DEVICE)
 
 
@@ -64,7 +66,8 @@ def _check_attention(gen, q_lens, ctx_lens, group, d, block_size, dtype, segment
     from raylm.kernels.triton_paged_attention import paged_attention
 
     hkv = 2
-    k_cache, v_cache, cu, lens, table = _paged_batch(gen, q_lens, ctx_lens, hkv, d, block_size, dtype)
+    k_cache, v_cache, cu, lens, table = _paged_batch(gen, q_lens, ctx_lens, hkv, d, block_size,
+                                                     dtype)
     q = rand(gen, sum(q_lens), hkv * group, d, dtype=dtype)
     out = poisoned(*q.shape, dtype=dtype)
     paged_attention(q, k_cache, v_cache, out, cu, lens, table, d ** -0.5, max(q_lens), segments)
@@ -146,7 +149,8 @@ def test_rotary_in_place(gen, dtype, neox, d):
     k = qkv[:, hq * d:(hq + hkv) * d].view(tokens, hkv, d)
     angles = torch.rand(64, d // 2, generator=gen).to(DEVICE) * 6
     positions = torch.randint(0, 64, (tokens,), generator=gen).to(DEVICE)
-    want_q, want_k = reference.rotary(positions, q.float(), k.float(), angles.cos(), angles.sin(), neox)
+    want_q, want_k = reference.rotary(positions, q.float(), k.float(), angles.cos(), angles.sin(),
+                                      neox)
     v_before = qkv[:, (hq + hkv) * d:].clone()
     got_q, got_k = rotary(positions, q, k, angles.cos(), angles.sin(), neox)
     assert got_q.data_ptr() == q.data_ptr()  # in place
@@ -162,7 +166,8 @@ def test_silu_and_mul(gen, dtype, tokens, size):
 
     x = rand(gen, tokens, 2 * size, dtype=dtype, scale=3)
     got = silu_and_mul(x, out=poisoned(tokens, size, dtype=dtype))
-    torch.testing.assert_close(got.float(), reference.silu_and_mul(x.float()), atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(got.float(), reference.silu_and_mul(x.float()), atol=TOL[dtype],
+                               rtol=TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -176,7 +181,8 @@ def test_fused_moe(gen, poison_scratch, dtype, top_k, held, tokens):
 
     experts, hidden, inter = 6, 64, 48
     ours = list(range(experts)) if held == "all" else [0, 2, 3, 5]
-    slot_of = torch.tensor([ours.index(e) if e in ours else len(ours) for e in range(experts)], device=DEVICE)
+    slot_of = torch.tensor([ours.index(e) if e in ours else len(ours) for e in range(experts)],
+                           device=DEVICE)
     w13 = rand(gen, len(ours), 2 * inter, hidden, dtype=dtype, scale=0.2)
     w2 = rand(gen, len(ours), hidden, inter, dtype=dtype, scale=0.2)
     x = rand(gen, tokens, hidden, dtype=dtype)

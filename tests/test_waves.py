@@ -27,7 +27,8 @@ def test_a_wave_starts_on_local_work_and_ends_on_every_rank_together():
         a.after_step(dummy=False, ranks_with_work=1)
         b.after_step(dummy=True, ranks_with_work=1)
     assert (a.dummy_steps, b.dummy_steps) == (0, 3)
-    a.after_step(dummy=True, ranks_with_work=0)  # nobody had work: no forward ran, no dummy counted
+    # nobody had work: no forward ran, no dummy counted
+    a.after_step(dummy=True, ranks_with_work=0)
     b.after_step(dummy=True, ranks_with_work=0)
     assert not a.running and not b.running and a.wave == b.wave == 1 and b.dummy_steps == 3
     assert table.wave == 1 and not table.running and table.completed == 1  # two reports, one wave
@@ -50,7 +51,8 @@ def test_stale_starts():
 def test_a_start_racing_ahead_of_the_completion_is_followed():
     table = WaveTable()
     table.start(0)
-    assert table.start(1) == 1  # a rank finished wave 0 and started 1 before rank 0's completion arrived
+    # a rank finished wave 0 and started 1 before rank 0's completion arrived
+    assert table.start(1) == 1
     assert not table.complete(0) and table.running and table.wave == 1 and table.completed == 1
     assert table.complete(1) and table.wave == 2 and table.completed == 2
 

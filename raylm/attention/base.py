@@ -32,7 +32,8 @@ class AttentionMetadata:
     """One step's attention inputs. The batch is ordered decodes-first: the first
     `num_decodes` tokens are one-token decodes, the rest are prefill chunks, one per request."""
 
-    slot_mapping: torch.Tensor  # [T] where each new token's K/V goes (block_id * block_size + offset)
+    # [T] where each new token's K/V goes (block_id * block_size + offset)
+    slot_mapping: torch.Tensor
     num_decodes: int = 0
     decode_block_table: Optional[torch.Tensor] = None  # [D, nb] padded block tables (int64)
     decode_lens: Optional[torch.Tensor] = None  # [D] context lengths, this step's token included
@@ -72,12 +73,15 @@ class BaseAttentionBackend(ABC):
         return True
 
     @abstractmethod
-    def kv_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> Tuple[int, ...]:
+    def kv_shape(self, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int) -> Tuple[int, ...]:
         """Shape of one layer's cache (K and V together) in this backend's layout."""
 
     @abstractmethod
-    def store_kv(self, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        """Write k, v [T, Hkv, Dh] into `cache` at flat slots [T] (block_id * block_size + offset)."""
+    def store_kv(self, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 slots: torch.Tensor) -> None:
+        """Write k, v [T, Hkv, Dh] into `cache` at flat slots [T] (block_id * block_size +
+        offset)."""
 
     def build_metadata(self, meta: AttentionMetadata, block_size: int) -> AttentionMetadata:
         """Complete the host-built `meta` for this backend and move it to the device."""
@@ -93,7 +97,8 @@ class BaseAttentionBackend(ABC):
 
 _BACKENDS = Registry("attention_backend")
 # "auto" tries these in order, per device type; the first whose supports() holds wins
-AUTO_ORDER = {"cpu": ["cpu", "torch"], "cuda": ["triton", "torch"]}  # triton on CPU: only when asked
+# triton on CPU: only when asked
+AUTO_ORDER = {"cpu": ["cpu", "torch"], "cuda": ["triton", "torch"]}
 
 
 register_attention_backend = _BACKENDS.register
@@ -103,12 +108,14 @@ def attention_backend_names() -> List[str]:
     return ["auto", *_BACKENDS]
 
 
-def create_attention_backend(name: str, device: torch.device, kv_dtype: torch.dtype) -> BaseAttentionBackend:
+def create_attention_backend(name: str, device: torch.device,
+                             kv_dtype: torch.dtype) -> BaseAttentionBackend:
     """The backend called `name` for `device`; "auto" picks per device (AUTO_ORDER)."""
     if name == "auto":
         order = [n for n in AUTO_ORDER.get(device.type, []) if n in _BACKENDS] + ["torch"]
         name = next(n for n in order if _BACKENDS[n].supports(device, kv_dtype))
     cls = _BACKENDS.lookup(name, attention_backend_names())
     if not cls.supports(device, kv_dtype):
-        raise ValueError(f"attention_backend {name!r} cannot run on {device.type} with a {kv_dtype} KV cache")
+        raise ValueError(f"attention_backend {name!r} cannot run on {device.type} with a "
+                         f"{kv_dtype} KV cache")
     return cls(device)

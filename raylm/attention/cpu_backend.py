@@ -28,13 +28,16 @@ class CpuAttentionBackend(TorchAttentionBackend):
         _, h, nb, bs, d = cache.shape
         return cache[0].view(h, nb, d, bs)
 
-    def store_kv(self, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    def store_kv(self, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 slots: torch.Tensor) -> None:
         d = k.shape[2]
-        if k.dtype == v.dtype == cache.dtype and k.stride()[1:] == v.stride()[1:] == (d, 1) and cpu_ops.available():
+        if (k.dtype == v.dtype == cache.dtype and k.stride()[1:] == v.stride()[1:] == (d, 1)
+                and cpu_ops.available()):
             return cpu_ops.store_kv(cache, k, v, slots)  # one C call for the two index_puts below
         bs = cache.shape[3]
         blocks, offsets = slots // bs, slots % bs
-        self._k_view(cache)[:, blocks, :, offsets] = k.to(cache.dtype)  # indexed view is [T, Hkv, Dh]
+        # indexed view is [T, Hkv, Dh]
+        self._k_view(cache)[:, blocks, :, offsets] = k.to(cache.dtype)
         cache[1][:, blocks, offsets] = v.transpose(0, 1).to(cache.dtype)  # [Hkv, T, Dh]
 
     def gather(self, cache: torch.Tensor, block_ids: torch.Tensor, num_seqs: int):
@@ -46,5 +49,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
     def build_metadata(self, meta: AttentionMetadata, block_size: int) -> AttentionMetadata:
         return meta  # the kernel needs no mask; already on the CPU
 
-    def decode(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        return cpu_paged_attention.paged_decode(q, cache, meta.decode_block_table, meta.decode_lens, scale)
+    def decode(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
+               scale: float) -> torch.Tensor:
+        return cpu_paged_attention.paged_decode(q, cache, meta.decode_block_table,
+                                                meta.decode_lens, scale)

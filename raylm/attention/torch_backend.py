@@ -13,22 +13,26 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from raylm.attention.base import AttentionMetadata, BaseAttentionBackend, PrefillSeq, register_attention_backend
+from raylm.attention.base import (AttentionMetadata, BaseAttentionBackend, PrefillSeq,
+                                  register_attention_backend)
 
 
 @register_attention_backend("torch")
 class TorchAttentionBackend(BaseAttentionBackend):
-    def kv_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> Tuple[int, ...]:
+    def kv_shape(self, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int) -> Tuple[int, ...]:
         return (2, num_kv_heads, num_blocks, block_size, head_dim)
 
-    def store_kv(self, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    def store_kv(self, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 slots: torch.Tensor) -> None:
         bs = cache.shape[3]
         blocks, offsets = slots // bs, slots % bs
         cache[0][:, blocks, offsets] = k.transpose(0, 1).to(cache.dtype)  # [Hkv, T, Dh]
         cache[1][:, blocks, offsets] = v.transpose(0, 1).to(cache.dtype)
 
     def gather(self, cache: torch.Tensor, block_ids: torch.Tensor, num_seqs: int):
-        """-> K, V as [Hkv, num_seqs, L, Dh] in the cache dtype; L = blocks per seq * block_size."""
+        """-> K, V as [Hkv, num_seqs, L, Dh] in the cache dtype; L = blocks per seq *
+        block_size."""
         h, d = cache.shape[1], cache.shape[4]
         k = cache[0].index_select(1, block_ids).view(h, num_seqs, -1, d)
         v = cache[1].index_select(1, block_ids).view(h, num_seqs, -1, d)
@@ -52,7 +56,8 @@ class TorchAttentionBackend(BaseAttentionBackend):
             out[rows] = self.prefill(q[rows], k[rows], v[rows], cache, seq, scale)
         return out
 
-    def decode(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def decode(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
+               scale: float) -> torch.Tensor:
         """Batched over (kv head, seq) in that order, so matmul reads the gather in place (the
         [seq, head] order would make it copy K and V first). Each kv head serves `group`
         consecutive query heads (HF's GQA layout)."""
@@ -68,7 +73,8 @@ class TorchAttentionBackend(BaseAttentionBackend):
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
                 seq: PrefillSeq, scale: float) -> torch.Tensor:
         query = q.float().transpose(0, 1).unsqueeze(0)  # [1, Hq, q_len, Dh]
-        if seq.ctx_len == seq.q_len:  # nothing cached before this chunk: attend to the fresh K/V, causal
+        # nothing cached before this chunk: attend to the fresh K/V, causal
+        if seq.ctx_len == seq.q_len:
             keys = k.float().transpose(0, 1).unsqueeze(0)
             values = v.float().transpose(0, 1).unsqueeze(0)
             mask, causal = None, True
@@ -76,7 +82,8 @@ class TorchAttentionBackend(BaseAttentionBackend):
             keys, values = (x[:, :, :seq.ctx_len].float().transpose(0, 1)
                             for x in self.gather(cache, seq.block_ids, 1))
             # query i sits at position ctx_len - q_len + i and sees keys up to it
-            rows = torch.arange(seq.q_len, device=q.device).unsqueeze(1) + (seq.ctx_len - seq.q_len)
+            rows = (torch.arange(seq.q_len, device=q.device).unsqueeze(1)
+                    + (seq.ctx_len - seq.q_len))
             mask, causal = torch.arange(seq.ctx_len, device=q.device).unsqueeze(0) <= rows, False
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, is_causal=causal,
                                              scale=scale, enable_gqa=True)

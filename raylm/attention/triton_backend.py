@@ -16,14 +16,16 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from raylm.attention.base import AttentionMetadata, BaseAttentionBackend, register_attention_backend
+from raylm.attention.base import (AttentionMetadata, BaseAttentionBackend,
+                                  register_attention_backend)
 from raylm.kernels.triton_support import triton_runs_on
 
 
 @dataclass
 class TritonAttentionMetadata(AttentionMetadata):
     cu_seqlens_q: Optional[torch.Tensor] = None  # [S + 1] int32: each sequence's query rows
-    seq_lens: Optional[torch.Tensor] = None  # [S] int32: context lengths, this step's tokens included
+    # [S] int32: context lengths, this step's tokens included
+    seq_lens: Optional[torch.Tensor] = None
     block_table: Optional[torch.Tensor] = None  # [S, max_blocks] int32
     max_query_len: int = 1
 
@@ -36,18 +38,22 @@ class TritonAttentionMetadata(AttentionMetadata):
 class TritonAttentionBackend(BaseAttentionBackend):
     @classmethod
     def supports(cls, device: torch.device, kv_dtype: torch.dtype) -> bool:
-        return triton_runs_on(device) and kv_dtype in (torch.float32, torch.float16, torch.bfloat16)
+        return triton_runs_on(device) and kv_dtype in (torch.float32, torch.float16,
+                                                       torch.bfloat16)
 
     def __init__(self, device: torch.device) -> None:
         super().__init__(device)
         self.programs_wanted = 8  # split decode keys until about this many programs run
         if device.type == "cuda":
-            self.programs_wanted = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            self.programs_wanted = 2 * sms
 
-    def kv_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> Tuple[int, ...]:
+    def kv_shape(self, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int) -> Tuple[int, ...]:
         return (2, num_blocks, block_size, num_kv_heads, head_dim)
 
-    def store_kv(self, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    def store_kv(self, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 slots: torch.Tensor) -> None:
         from raylm.kernels.triton_kv_store import store_kv
 
         store_kv(k, v, cache[0], cache[1], slots)
@@ -66,10 +72,12 @@ class TritonAttentionBackend(BaseAttentionBackend):
                 table[meta.num_decodes + i, :len(p.block_ids)] = p.block_ids
         # only what the kernels read goes to the device (not the per-kind tables it came from)
         full = TritonAttentionMetadata(
-            meta.slot_mapping, meta.num_decodes, prefills=[replace(p, block_ids=None) for p in meta.prefills],
-            store_kv=meta.store_kv,
-            cu_seqlens_q=torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32),
-            seq_lens=torch.tensor(ctx, dtype=torch.int32), block_table=table, max_query_len=max(q_lens, default=1))
+            meta.slot_mapping, meta.num_decodes,
+            prefills=[replace(p, block_ids=None) for p in meta.prefills], store_kv=meta.store_kv,
+            cu_seqlens_q=torch.tensor([0] + q_lens,
+                                      dtype=torch.int32).cumsum(0, dtype=torch.int32),
+            seq_lens=torch.tensor(ctx, dtype=torch.int32), block_table=table,
+            max_query_len=max(q_lens, default=1))
         return full.to(self.device)
 
     def num_segments(self, num_seqs: int, num_kv_heads: int, max_query_len: int) -> int:
@@ -86,11 +94,12 @@ class TritonAttentionBackend(BaseAttentionBackend):
                 meta: TritonAttentionMetadata, scale: float) -> torch.Tensor:
         if not meta.store_kv:  # a dummy step: causal attention over its own fresh k, v
             q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                 enable_gqa=True)
             return out[0].transpose(0, 1)
         from raylm.kernels.triton_paged_attention import paged_attention
 
         out = torch.empty_like(q)
         segments = self.num_segments(meta.num_seqs, cache.shape[3], meta.max_query_len)
-        return paged_attention(q, cache[0], cache[1], out, meta.cu_seqlens_q, meta.seq_lens, meta.block_table,
-                               scale, meta.max_query_len, segments)
+        return paged_attention(q, cache[0], cache[1], out, meta.cu_seqlens_q, meta.seq_lens,
+                               meta.block_table, scale, meta.max_query_len, segments)

@@ -11,10 +11,10 @@ from raylm.kernels import cpu_ops, reference
 from raylm.kernels.triton_support import triton_runs_on
 
 SHAPES = {
-    "smollm2-135m": dict(hidden=576, heads=9, kv_heads=3, head_dim=64, inter=1536, experts=8, top_k=2,
-                         decode_batch=32, context=512, chunk=256),
-    "llama-8b": dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, inter=14336, experts=8, top_k=2,
-                     decode_batch=64, context=2048, chunk=2048),
+    "smollm2-135m": dict(hidden=576, heads=9, kv_heads=3, head_dim=64, inter=1536, experts=8,
+                         top_k=2, decode_batch=32, context=512, chunk=256),
+    "llama-8b": dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, inter=14336, experts=8,
+                     top_k=2, decode_batch=64, context=2048, chunk=2048),
 }
 
 
@@ -30,28 +30,32 @@ def build_cases(dims: dict, device: torch.device, dtype: torch.dtype, Case) -> L
     elif device.type == "cpu" and dtype in cpu_ops.DTYPES and cpu_ops.available():
         fast, fast_name = cpu_ops, "C"
     isz = torch.finfo(dtype).bits // 8
-    h, d, hq, hkv, inter = dims["hidden"], dims["head_dim"], dims["heads"], dims["kv_heads"], dims["inter"]
+    h, d, hq, hkv, inter = (dims["hidden"], dims["head_dim"], dims["heads"], dims["kv_heads"],
+                            dims["inter"])
     rand = (lambda *s: torch.randn(*s, device=device).to(dtype))
     cases = []
     for tokens, label in ((dims["decode_batch"], "decode"), (dims["chunk"], "prefill")):
         x, res, w = rand(tokens, h), rand(tokens, h), rand(h)
-        cases.append(Case("add_rms_norm", f"{label} {tokens}x{h}", (4 * tokens * h + h) * isz, 5 * tokens * h,
+        cases.append(Case("add_rms_norm", f"{label} {tokens}x{h}", (4 * tokens * h + h) * isz,
+                          5 * tokens * h,
                           lambda x=x, res=res, w=w: reference.rms_norm(x, w, 1e-6, res),
-                          (lambda x=x, res=res, w=w: fast.rms_norm(x, w, 1e-6, res)) if fast else None,
-                          fast_name))
+                          (lambda x=x, res=res, w=w: fast.rms_norm(x, w, 1e-6, res)) if fast
+                          else None, fast_name))
         qkv = rand(tokens, (hq + 2 * hkv) * d)
-        q, k = qkv[:, :hq * d].view(tokens, hq, d), qkv[:, hq * d:(hq + hkv) * d].view(tokens, hkv, d)
+        q, k = (qkv[:, :hq * d].view(tokens, hq, d),
+                qkv[:, hq * d:(hq + hkv) * d].view(tokens, hkv, d))
         pos = torch.arange(tokens, device=device)
         angles = torch.rand(tokens, d // 2, device=device)
         cos, sin = angles.cos(), angles.sin()
-        cases.append(Case("rotary", f"{label} {tokens}x({hq}+{hkv})x{d}", 2 * tokens * (hq + hkv) * d * isz
-                          + tokens * d * 4, 6 * tokens * (hq + hkv) * d,
+        cases.append(Case("rotary", f"{label} {tokens}x({hq}+{hkv})x{d}",
+                          2 * tokens * (hq + hkv) * d * isz + tokens * d * 4,
+                          6 * tokens * (hq + hkv) * d,
                           lambda q=q, k=k, pos=pos: reference.rotary(pos, q, k, cos, sin),
-                          (lambda q=q, k=k, pos=pos: fast.rotary(pos, q, k, cos, sin)) if fast else None,
-                          fast_name))
+                          (lambda q=q, k=k, pos=pos: fast.rotary(pos, q, k, cos, sin)) if fast
+                          else None, fast_name))
         gate_up = rand(tokens, 2 * inter)
-        cases.append(Case("silu_and_mul", f"{label} {tokens}x{inter}", 3 * tokens * inter * isz, 5 * tokens * inter,
-                          lambda g=gate_up: reference.silu_and_mul(g),
+        cases.append(Case("silu_and_mul", f"{label} {tokens}x{inter}", 3 * tokens * inter * isz,
+                          5 * tokens * inter, lambda g=gate_up: reference.silu_and_mul(g),
                           (lambda g=gate_up: fast.silu_and_mul(g)) if fast else None, fast_name))
         cases.append(_moe_case(dims, tokens, label, device, dtype, rand, triton, Case))
     if triton:
@@ -78,8 +82,8 @@ def _moe_case(dims, tokens, label, device, dtype, rand, triton, Case):
 
         impl = (lambda: triton_moe.fused_moe(*args))
     return Case("fused_moe", f"{label} {tokens} tok, top{top_k}/{experts}x{h}x{inter}",
-                3 * touched * h * inter * isz + 2 * tokens * h * isz, 6 * tokens * top_k * h * inter,
-                lambda: reference.fused_moe(*args), impl, "triton")
+                3 * touched * h * inter * isz + 2 * tokens * h * isz,
+                6 * tokens * top_k * h * inter, lambda: reference.fused_moe(*args), impl, "triton")
 
 
 def _store_case(dims, device, dtype, rand, Case, triton_kv_store):
@@ -97,7 +101,8 @@ def _attention_case(dims, device, dtype, kind, Case):
     """Decode: a batch at one context length. Prefill: one chunk over a cached prefix as
     long. The torch backend is the reference; the impl is what `auto` picks here."""
     hq, hkv, d, block = dims["heads"], dims["kv_heads"], dims["head_dim"], 16
-    batch, ctx = (dims["decode_batch"], dims["context"]) if kind == "decode" else (1, 2 * dims["chunk"])
+    batch, ctx = (dims["decode_batch"],
+                  dims["context"]) if kind == "decode" else (1, 2 * dims["chunk"])
     q_len = 1 if kind == "decode" else dims["chunk"]
     auto = create_attention_backend("auto", device, dtype).name
     calls = {name: _attention_call(name, device, dtype, batch, ctx, q_len, hq, hkv, d, block)
@@ -105,8 +110,8 @@ def _attention_case(dims, device, dtype, kind, Case):
     isz = torch.finfo(dtype).bits // 8
     pairs = batch * (q_len * (ctx - q_len) + q_len * (q_len + 1) / 2)  # causal (query, key) pairs
     return Case("attention", f"{kind} {batch}x{q_len} tok, ctx {ctx}, {hq}/{hkv}x{d}",
-                2 * batch * ctx * hkv * d * isz + 2 * batch * q_len * hq * d * isz, 4 * pairs * hq * d,
-                calls["torch"], calls[auto] if auto != "torch" else None, auto)
+                2 * batch * ctx * hkv * d * isz + 2 * batch * q_len * hq * d * isz,
+                4 * pairs * hq * d, calls["torch"], calls[auto] if auto != "torch" else None, auto)
 
 
 def _attention_call(name, device, dtype, batch, ctx, q_len, hq, hkv, d, block):
@@ -119,7 +124,8 @@ def _attention_call(name, device, dtype, batch, ctx, q_len, hq, hkv, d, block):
     table = torch.arange(batch * nb).view(batch, nb)
     q = torch.randn(batch * q_len, hq, d, device=device).to(dtype)
     if q_len == 1:
-        meta = AttentionMetadata(torch.zeros(batch, dtype=torch.long), batch, table, torch.full((batch,), ctx))
+        meta = AttentionMetadata(torch.zeros(batch, dtype=torch.long), batch, table,
+                                 torch.full((batch,), ctx))
     else:
         meta = AttentionMetadata(torch.zeros(q_len, dtype=torch.long),
                                  prefills=[PrefillSeq(0, q_len, ctx, table[0])])

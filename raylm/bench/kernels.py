@@ -14,7 +14,7 @@ import argparse
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -34,7 +34,9 @@ class Case:
 
 
 def add_parser(sub, add_engine_args=None) -> None:
-    p = sub.add_parser("kernels", help="each kernel vs its torch reference, as a fraction of this machine's limits")
+    p = sub.add_parser("kernels",
+                       help="each kernel vs its torch reference, as a fraction of this machine's "
+                            "limits")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                    help="default: bfloat16 (CUDA), float32 (CPU)")
@@ -90,29 +92,35 @@ def run_case(case: Case, device: torch.device, repeats: int, limits: Dict[str, f
     impl_s = time_call(case.impl, device, repeats) if case.impl is not None else ref_s
     gb_s, tflop_s = case.bytes / impl_s / 1e9, case.flops / impl_s / 1e12
     mem_frac, flop_frac = gb_s / limits["bandwidth_gb_s"], tflop_s / limits["gemm_tflop_s"]
-    return {"op": case.op, "shape": case.shape, "impl": case.impl_name if case.impl else "torch (ref)",
-            "impl_us": impl_s * 1e6, "ref_us": ref_s * 1e6, "speedup": ref_s / impl_s, "gb_s": gb_s,
-            "tflop_s": tflop_s, "bound": "memory" if mem_frac >= flop_frac else "compute",
+    return {"op": case.op, "shape": case.shape,
+            "impl": case.impl_name if case.impl else "torch (ref)", "impl_us": impl_s * 1e6,
+            "ref_us": ref_s * 1e6, "speedup": ref_s / impl_s, "gb_s": gb_s, "tflop_s": tflop_s,
+            "bound": "memory" if mem_frac >= flop_frac else "compute",
             "pct_of_limit": 100 * max(mem_frac, flop_frac)}
 
 
 def cmd_kernels(args: argparse.Namespace) -> int:
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = torch.device("cuda" if args.device == "cuda"
+                          or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     shape = args.shape or ("llama-8b" if device.type == "cuda" else "smollm2-135m")
     with torch.inference_mode():
         limits = measure_limits(device, dtype, args.repeats)
-        rows = [run_case(c, device, args.repeats, limits) for c in build_cases(SHAPES[shape], device, dtype, Case)]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else machine_info()["processor"]
-    print(f"{name}: copy {limits['bandwidth_gb_s']:.0f} GB/s, {dtype} GEMM {limits['gemm_tflop_s']:.1f} TFLOP/s "
-          f"(measured here; % of limit is against these; over 100%: the op's data stayed in cache). "
-          f"Shape: {shape}.")
-    print_table(rows, [("op", "op"), ("shape", "shape"), ("impl", "impl"), ("impl_us", "impl us", ".1f"),
-                       ("ref_us", "torch ref us", ".1f"), ("speedup", "x ref", ".2f"), ("gb_s", "GB/s", ".1f"),
-                       ("tflop_s", "TFLOP/s", ".3f"), ("bound", "bound"), ("pct_of_limit", "% of limit", ".1f")])
+        rows = [run_case(c, device, args.repeats, limits)
+                for c in build_cases(SHAPES[shape], device, dtype, Case)]
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else machine_info()["processor"])
+    print(f"{name}: copy {limits['bandwidth_gb_s']:.0f} GB/s, {dtype} GEMM "
+          f"{limits['gemm_tflop_s']:.1f} TFLOP/s (measured here; % of limit is against these; "
+          f"over 100%: the op's data stayed in cache). Shape: {shape}.")
+    print_table(rows,
+                [("op", "op"), ("shape", "shape"), ("impl", "impl"), ("impl_us", "impl us", ".1f"),
+                 ("ref_us", "torch ref us", ".1f"), ("speedup", "x ref", ".2f"),
+                 ("gb_s", "GB/s", ".1f"), ("tflop_s", "TFLOP/s", ".3f"), ("bound", "bound"),
+                 ("pct_of_limit", "% of limit", ".1f")])
     if args.output_json:
-        write_json(args.output_json, {"benchmark": "kernels", "device": str(device), "device_name": name,
-                                      "dtype": str(dtype), "shape": shape, "limits": limits,
-                                      "machine": machine_info(), "results": rows})
+        write_json(args.output_json,
+                   {"benchmark": "kernels", "device": str(device), "device_name": name,
+                    "dtype": str(dtype), "shape": shape, "limits": limits,
+                    "machine": machine_info(), "results": rows})
     return 0

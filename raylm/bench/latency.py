@@ -52,7 +52,8 @@ def _decode_phases(steps) -> dict:
     steps = [s for s in steps if s]
     if not steps:
         return {"step_ms": None, "comm_ms": None}
-    return {"step_ms": statistics.median(sum(v for k, v in s.items() if k != "comm") for s in steps) * 1000,
+    return {"step_ms": statistics.median(sum(v for k, v in s.items() if k != "comm")
+                                         for s in steps) * 1000,
             "comm_ms": statistics.median(s.get("comm", 0.0) for s in steps) * 1000}
 
 
@@ -73,17 +74,20 @@ def cmd_latency(args: argparse.Namespace) -> int:
         if i >= args.warmup:
             runs.append(result)
     keys = ("ttft_ms", "tpot_ms", "e2e_ms", "step_ms", "comm_ms")
-    row = {"input_len": args.input_len, "output_len": args.output_len, "tp": args.tensor_parallel_size,
-           "pp": args.pipeline_parallel_size,
-           **{k: statistics.median(r[k] for r in runs) if runs[0][k] is not None else None for k in keys}}
+    row = {"input_len": args.input_len, "output_len": args.output_len,
+           "tp": args.tensor_parallel_size, "pp": args.pipeline_parallel_size,
+           **{k: statistics.median(r[k] for r in runs) if runs[0][k] is not None else None
+              for k in keys}}
     row["comm_share"] = row["comm_ms"] / row["step_ms"] if row["step_ms"] else None
-    print_table([row], [("tp", "TP"), ("pp", "PP"), ("input_len", "input"), ("output_len", "output"),
-                        ("ttft_ms", "TTFT ms", ".1f"), ("tpot_ms", "TPOT ms", ".2f"), ("e2e_ms", "E2E ms", ".0f"),
-                        ("step_ms", "worker step ms", ".2f"), ("comm_ms", "comm ms", ".2f"),
-                        ("comm_share", "comm share", ".2f")])
+    print_table([row],
+                [("tp", "TP"), ("pp", "PP"), ("input_len", "input"), ("output_len", "output"),
+                 ("ttft_ms", "TTFT ms", ".1f"), ("tpot_ms", "TPOT ms", ".2f"),
+                 ("e2e_ms", "E2E ms", ".0f"), ("step_ms", "worker step ms", ".2f"),
+                 ("comm_ms", "comm ms", ".2f"), ("comm_share", "comm share", ".2f")])
     llm.shutdown()
     if args.output_json:
-        write_json(args.output_json, {"benchmark": "latency", "model": args.model, "dtype": args.dtype, **dtype_info(llm),
-                                      "iters": args.iters, "machine": machine_info(), "median": row,
-                                      "runs": runs})
+        write_json(args.output_json,
+                   {"benchmark": "latency", "model": args.model, "dtype": args.dtype,
+                    **dtype_info(llm), "iters": args.iters, "machine": machine_info(),
+                    "median": row, "runs": runs})
     return 0

@@ -2,7 +2,6 @@
 process it started: GCS, raylet, workers, replicas), summed, in MiB."""
 from __future__ import annotations
 
-import argparse
 import json
 
 import psutil

@@ -68,7 +68,8 @@ def series(reports: Sequence[dict]) -> Dict[str, Dict[str, List[Tuple[float, flo
     return {label: {m: sorted(points) for m, points in ms.items()} for label, ms in out.items()}
 
 
-def plot(data: Dict[str, Dict[str, List[Tuple[float, float]]]], out_dir: str, title: str, x_label: str) -> List[str]:
+def plot(data: Dict[str, Dict[str, List[Tuple[float, float]]]], out_dir: str, title: str,
+         x_label: str) -> List[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,7 +83,8 @@ def plot(data: Dict[str, Dict[str, List[Tuple[float, float]]]], out_dir: str, ti
             for m, style in zip(metrics, ["-", "--"]):
                 if ms.get(m):
                     xs, ys = zip(*ms[m])
-                    ax.plot(xs, ys, style, marker="o", color=f"C{i}", label=f"{label} {m.split('_')[0]}")
+                    ax.plot(xs, ys, style, marker="o", color=f"C{i}",
+                            label=f"{label} {m.split('_')[0]}")
         ax.set_xlabel(x_label)
         ax.set_ylabel(y_label)
         ax.set_title(title or y_label)
@@ -120,18 +122,21 @@ def plot_queues(reports: Sequence[dict], out_dir: str, title: str) -> List[str]:
     written = []
     for level, group in sorted(levels.items()):
         group = sorted(group, key=lambda r: r.get("label") or "")
-        top = max((v for r in group for row in queue_matrix(r)[2] for v in row if not math.isnan(v)), default=1)
+        top = max((v for r in group for row in queue_matrix(r)[2] for v in row
+                   if not math.isnan(v)), default=1)
         fig, axes = plt.subplots(len(group), 1, figsize=(8, 1.6 + 1.5 * len(group)), squeeze=False,
                                  constrained_layout=True)
         for ax, report in zip(axes[:, 0], group):
             t, ranks, rows = queue_matrix(report)
-            image = ax.imshow(rows, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=top,
+            image = ax.imshow(rows, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0,
+                              vmax=top,
                               extent=(t[0] if t else 0, t[-1] if t else 1, len(ranks) - 0.5, -0.5))
             ax.set_title(f"{report.get('label') or 'run'}", fontsize=9)
             ax.set_ylabel("DP rank")
         axes[-1, 0].set_xlabel("time (s)")
         fig.colorbar(image, ax=axes[:, 0].tolist(), label="requests (waiting + running)")
-        fig.suptitle(f"{title} (load level {level:.3g})" if title else f"load level {level:.3g}", fontsize=10)
+        fig.suptitle(f"{title} (load level {level:.3g})" if title else f"load level {level:.3g}",
+                     fontsize=10)
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, f"queues_{level:.3g}.png")
         fig.savefig(path, dpi=110)
@@ -142,7 +147,9 @@ def plot_queues(reports: Sequence[dict], out_dir: str, title: str) -> List[str]:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     reports = load(args.reports)
-    x_label = "trace time scale" if reports[0].get("args", {}).get("trace") else "request rate (req/s)"
-    for path in plot(series(reports), args.out, args.title, x_label) + plot_queues(reports, args.out, args.title):
+    x_label = ("trace time scale" if reports[0].get("args", {}).get("trace")
+               else "request rate (req/s)")
+    for path in plot(series(reports), args.out, args.title,
+                     x_label) + plot_queues(reports, args.out, args.title):
         print(path)
     return 0

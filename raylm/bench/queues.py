@@ -38,7 +38,7 @@ class QueueSampler:
         self.headers, self.interval_s = headers, interval_s
         self.t: List[float] = []
         self.series: Dict[str, Dict[str, List[Optional[float]]]] = {"waiting": defaultdict(list),
-                                                                     "running": defaultdict(list)}
+                                                                    "running": defaultdict(list)}
         self.failed = 0
 
     def add(self, t: float, sample: Dict[str, Dict[str, float]]) -> None:
@@ -53,7 +53,8 @@ class QueueSampler:
     async def run(self, t0: float) -> None:
         import aiohttp
 
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=max(5.0, self.interval_s))) as s:
+        timeout = aiohttp.ClientTimeout(total=max(5.0, self.interval_s))
+        async with aiohttp.ClientSession(timeout=timeout) as s:
             while True:
                 started = time.perf_counter()
                 try:

@@ -29,7 +29,8 @@ def format_value(value: Any, spec: Optional[str] = None) -> str:
     if spec:
         return format(value, spec)
     if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e-3 or abs(value) >= 1e6 else f"{value:.{_decimals(value)}f}"
+        return (f"{value:.4g}" if abs(value) < 1e-3 or abs(value) >= 1e6
+                else f"{value:.{_decimals(value)}f}")
     return str(value)
 
 
@@ -46,7 +47,8 @@ def format_table(rows: List[dict], columns: Sequence[Column]) -> str:
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
 
     def line(values: List[str]) -> str:
-        parts = [v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths))]
+        parts = [v.ljust(w) if i == 0 else v.rjust(w)
+                 for i, (v, w) in enumerate(zip(values, widths))]
         return "  ".join(parts).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
@@ -79,9 +81,10 @@ def machine_info() -> dict:
     import torch
 
     return {"cpu_count": os.cpu_count(),
-            "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "platform": platform.platform(),
+            "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else None, "torch_version": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "platform": platform.platform(),
             "processor": platform.processor() or platform.machine()}
 
 
@@ -104,10 +107,12 @@ def plot_bars(path: str, labels: Sequence[str], values: Sequence[float], ylabel:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed; skipping the plot (pip install 'raylm[plot]')", file=sys.stderr)
+        print("matplotlib is not installed; skipping the plot (pip install 'raylm[plot]')",
+              file=sys.stderr)
         return False
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    bars = ax.bar(list(labels), list(values), color=["tab:blue", "tab:orange", "tab:green"][:len(values)])
+    bars = ax.bar(list(labels), list(values),
+                  color=["tab:blue", "tab:orange", "tab:green"][:len(values)])
     ax.bar_label(bars, fmt="%.1f")
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -34,8 +34,9 @@ class _EngineHost:
         while True:
             tick += 1
             now = time.time()
-            reports = {k: {"num_waiting": tick % 3, "num_running": (tick + i) % 8, "computed_at": now,
-                           "dp_rank": i, "block_size": 16} for i, k in enumerate(self.keys)}
+            reports = {k: {"num_waiting": tick % 3, "num_running": (tick + i) % 8,
+                           "computed_at": now, "dp_rank": i, "block_size": 16}
+                       for i, k in enumerate(self.keys)}
             start = time.perf_counter()
             await self.coordinator.report_many.remote(reports)
             self.rtts.append(time.perf_counter() - start)
@@ -57,7 +58,8 @@ class _Poller:
             version, changed, _ = await self.coordinator.changes.remote(self.version, 1.0)
             now = time.time()
             if self.version >= 0:
-                self.lags += [now - s["computed_at"] for s in changed.values() if "computed_at" in s]
+                self.lags += [now - s["computed_at"] for s in changed.values()
+                              if "computed_at" in s]
             self.seen.update(changed)
             self.version = version
         return self.lags
@@ -84,7 +86,8 @@ def measure(engines: int, per_process: int, seconds: float) -> Dict[str, float]:
     from raylm.bench.serve import latency_stats
 
     coordinator = ray.remote(_coordinator_class()).options(num_cpus=0).remote()
-    hosts = [ray.remote(_EngineHost).options(num_cpus=0).remote(coordinator, f"replica-{p}", per_process)
+    hosts = [ray.remote(_EngineHost).options(num_cpus=0).remote(coordinator, f"replica-{p}",
+                                                                per_process)
              for p in range(max(1, engines // per_process))]
     poller = ray.remote(_Poller).options(num_cpus=0).remote(coordinator)
     ray.get([h.start.remote() for h in hosts], timeout=60)

@@ -30,7 +30,8 @@ from raylm.bench.report import machine_info, print_table, write_json
 from raylm.bench.serve_client import RequestOutput, auth_headers, http_sender
 from raylm.bench.serve_local import add_inprocess_args, inprocess_sender, run_alternating
 from raylm.bench.traces import add_replay_args, replay_workload
-from raylm.bench.workload import BenchRequest, add_workload_args, build_workload, summarize, workload_spec
+from raylm.bench.workload import (BenchRequest, add_workload_args, build_workload, summarize,
+                                  workload_spec)
 
 SLO_METRICS = ("ttft", "tpot", "e2el")
 LATENCY_METRICS = [("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2el", "E2E latency")]
@@ -42,29 +43,39 @@ def add_parser(sub, add_engine_args=None) -> None:
     p = sub.add_parser("serve", help="online load against an OpenAI-compatible server",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", choices=["http", "inprocess"], default="http",
-                   help="http: an OpenAI-compatible server at --base-url; inprocess: the same load "
-                        "through an AsyncEngine in this process (the reference for the HTTP path's cost)")
+                   help="http: an OpenAI-compatible server at --base-url; inprocess: the same "
+                        "load through an AsyncEngine in this process (the reference for the HTTP "
+                        "path's cost)")
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
-    p.add_argument("--endpoint", default="/v1/completions", help="/v1/completions or /v1/chat/completions")
+    p.add_argument("--endpoint", default="/v1/completions",
+                   help="/v1/completions or /v1/chat/completions")
     p.add_argument("--model", default="smollm2-135m-instruct",
-                   help="model name sent in the body; also the tokenizer unless --tokenizer is given")
-    p.add_argument("--tokenizer", default=None, help="embedded model name or a local dir with the tokenizer")
+                   help="model name sent in the body; also the tokenizer unless --tokenizer is "
+                        "given")
+    p.add_argument("--tokenizer", default=None,
+                   help="embedded model name or a local dir with the tokenizer")
     p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--request-rate", type=float, default=math.inf, help="requests/s (inf: all at once)")
-    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrivals (1.0: Poisson)")
+    p.add_argument("--request-rate", type=float, default=math.inf,
+                   help="requests/s (inf: all at once)")
+    p.add_argument("--burstiness", type=float, default=1.0,
+                   help="gamma shape of arrivals (1.0: Poisson)")
     p.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY if set)")
+    p.add_argument("--api-key", default=None,
+                   help="bearer token (default: $OPENAI_API_KEY if set)")
     p.add_argument("--goodput", nargs="+", default=None, metavar="METRIC:MS",
-                   help="SLOs, e.g. ttft:500 tpot:50 e2el:10000 (ms); goodput counts requests meeting all")
+                   help="SLOs, e.g. ttft:500 tpot:50 e2el:10000 (ms); goodput counts requests "
+                        "meeting all")
     p.add_argument("--data-parallel-rank", type=int, default=None,
                    help="send every request to this DP replica (header X-data-parallel-rank)")
     p.add_argument("--percentiles", default="50,90,99")
     p.add_argument("--sample-queues", type=float, default=None, metavar="SECONDS",
-                   help="scrape every engine's queue depth from /metrics this often (plotted by bench plot)")
-    p.add_argument("--label", default=None, help="tag stored in the report (raylm bench plot groups by it)")
+                   help="scrape every engine's queue depth from /metrics this often (plotted by "
+                        "bench plot)")
+    p.add_argument("--label", default=None,
+                   help="tag stored in the report (raylm bench plot groups by it)")
     p.add_argument("--output-json", default=None, help="write the results here (atomically)")
     p.add_argument("--disable-tqdm", action="store_true")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
@@ -83,7 +94,8 @@ def parse_goodput(items: Optional[Sequence[str]]) -> Dict[str, float]:
     for item in items or []:
         name, sep, value = item.partition(":")
         if not sep or name not in SLO_METRICS:
-            raise ValueError(f"--goodput {item!r}: expected METRIC:MS with METRIC in {SLO_METRICS}")
+            raise ValueError(f"--goodput {item!r}: expected METRIC:MS with METRIC in "
+                             f"{SLO_METRICS}")
         slos[name] = float(value)
         if slos[name] <= 0:
             raise ValueError(f"--goodput {item!r}: the SLO must be > 0 ms")
@@ -130,9 +142,11 @@ def tokenizer_path(args: argparse.Namespace) -> str:
                          "embedded model name or a local dir holding the served model's tokenizer")
 
 
-def load_requests(args: argparse.Namespace) -> Tuple[dict, List[BenchRequest], str, Optional[np.ndarray]]:
+def load_requests(args: argparse.Namespace) -> Tuple[dict, List[BenchRequest], str,
+                                                     Optional[np.ndarray]]:
     """(workload description, requests, tokenizer dir, send offsets: None for --request-rate):
-    a trace replay, the prefix-sharing workload, or workload A with the command line's overrides."""
+    a trace replay, the prefix-sharing workload, or workload A with the command line's
+    overrides."""
     from transformers import AutoTokenizer
 
     path = tokenizer_path(args)
@@ -145,8 +159,10 @@ def load_requests(args: argparse.Namespace) -> Tuple[dict, List[BenchRequest], s
     return spec.to_dict(), build_workload(spec, tokenizer), path, None
 
 
-async def run_requests(args: argparse.Namespace, requests: List[BenchRequest], offsets: Optional[np.ndarray] = None,
-                       sampler: Optional[QueueSampler] = None) -> Tuple[List[RequestOutput], float, float]:
+async def run_requests(args: argparse.Namespace, requests: List[BenchRequest],
+                       offsets: Optional[np.ndarray] = None,
+                       sampler: Optional[QueueSampler] = None) -> Tuple[List[RequestOutput], float,
+                                                                        float]:
     """Send every request on its arrival schedule (`offsets`, else --request-rate), at most
     --max-concurrency at a time; returns the outputs (in request order), the wall time from
     first send to last reply and this process's CPU seconds meanwhile (over HTTP: what the
@@ -155,7 +171,8 @@ async def run_requests(args: argparse.Namespace, requests: List[BenchRequest], o
 
     if offsets is None:
         offsets = send_offsets(len(requests), args.request_rate, args.burstiness, args.seed)
-    sem = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else contextlib.nullcontext()
+    sem = (asyncio.Semaphore(args.max_concurrency) if args.max_concurrency
+           else contextlib.nullcontext())
     opener = inprocess_sender if args.backend == "inprocess" else http_sender
     with tqdm(total=len(requests), disable=args.disable_tqdm) as pbar:
         async with opener(args, requests) as send:
@@ -180,10 +197,12 @@ def meets_slos(out: RequestOutput, slos: Dict[str, float]) -> bool:
     if not out.success:
         return False
     values = {"ttft": out.ttft, "tpot": out.tpot or 0.0, "e2el": out.e2el}
-    return all(values[name] is not None and values[name] * 1000 <= limit for name, limit in slos.items())
+    return all(values[name] is not None and values[name] * 1000 <= limit
+               for name, limit in slos.items())
 
 
-def latency_stats(values_s: Sequence[float], percentiles: Sequence[float]) -> Dict[str, Optional[float]]:
+def latency_stats(values_s: Sequence[float],
+                  percentiles: Sequence[float]) -> Dict[str, Optional[float]]:
     """mean, median, std and pXX of `values_s`, in milliseconds (None without values)."""
     ms = np.asarray(values_s, dtype=np.float64) * 1000
     keys = ["mean", "median", "std"] + [f"p{p:g}" for p in percentiles]
@@ -202,10 +221,11 @@ def compute_metrics(outputs: List[RequestOutput], duration: float, percentiles: 
     in_tokens = sum(o.prompt_tokens for o in ok)
     good = sum(meets_slos(o, slos) for o in ok) if slos else None
     m = {"completed": len(ok), "failed": sum(failed.values()), "failed_by_status": dict(failed),
-         "duration_s": duration, "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
-         "request_throughput": len(ok) / duration, "output_throughput": out_tokens / duration,
-         "total_token_throughput": (in_tokens + out_tokens) / duration,
-         "goodput_requests": good, "request_goodput": None if good is None else good / duration}
+         "duration_s": duration, "total_input_tokens": in_tokens,
+         "total_output_tokens": out_tokens, "request_throughput": len(ok) / duration,
+         "output_throughput": out_tokens / duration,
+         "total_token_throughput": (in_tokens + out_tokens) / duration, "goodput_requests": good,
+         "request_goodput": None if good is None else good / duration}
     series = {"ttft": [o.ttft for o in ok], "tpot": [o.tpot for o in ok if o.tpot is not None],
               "itl": [t for o in ok for t in o.itl], "e2el": [o.e2el for o in ok]}
     for name, values in series.items():
@@ -216,7 +236,8 @@ def compute_metrics(outputs: List[RequestOutput], duration: float, percentiles: 
 
 def per_request(outputs: List[RequestOutput]) -> dict:
     """Per-request arrays for the JSON report (None where a failed request has no value)."""
-    return {"start_s": [o.start for o in outputs], "prompt_lens": [o.prompt_tokens for o in outputs],
+    return {"start_s": [o.start for o in outputs],
+            "prompt_lens": [o.prompt_tokens for o in outputs],
             "output_lens": [o.output_tokens if o.success else None for o in outputs],
             "expected_output_lens": [o.expected_output_len for o in outputs],
             "ttfts": [o.ttft for o in outputs], "itls": [o.itl for o in outputs],
@@ -247,14 +268,15 @@ async def benchmark(args: argparse.Namespace) -> dict:
     else:
         outputs, duration, cpu = await run_requests(args, requests, offsets, sampler)
     return {"benchmark": "serve", "label": args.label, "backend": args.backend,
-            "base_url": args.base_url if args.backend == "http" else None, "endpoint": args.endpoint,
-            "model": args.model, "tokenizer": tok_path, "args": _jsonable_args(args),
+            "base_url": args.base_url if args.backend == "http" else None,
+            "endpoint": args.endpoint, "model": args.model, "tokenizer": tok_path,
+            "args": _jsonable_args(args),
             "sampling": {"temperature": args.temperature, "ignore_eos": args.ignore_eos},
             "goodput_slos_ms": slos, "percentiles": percentiles,
             "workload": {**workload, **summarize(requests)}, "machine": machine_info(),
-            "results": {**compute_metrics(outputs, duration, percentiles, slos), "client_cpu_s": cpu},
-            "requests": per_request(outputs), "queue_depth": sampler.report() if sampler else None,
-            "paired": paired}
+            "results": {**compute_metrics(outputs, duration, percentiles, slos),
+                        "client_cpu_s": cpu}, "requests": per_request(outputs),
+            "queue_depth": sampler.report() if sampler else None, "paired": paired}
 
 
 def paired_costs(served: List[RequestOutput], reference: List[RequestOutput], percentiles) -> dict:
@@ -274,10 +296,12 @@ def print_report(report: dict) -> None:
     """The summary table, then one latency row per metric (ms), then the first errors."""
     r = report["results"]
     rows = [("completed requests", r["completed"]), ("failed requests", r["failed"]),
-            ("failed by status", ", ".join(f"{k}: {v}" for k, v in r["failed_by_status"].items()) or None),
+            ("failed by status",
+             ", ".join(f"{k}: {v}" for k, v in r["failed_by_status"].items()) or None),
             ("duration s", r["duration_s"]), ("total input tokens", r["total_input_tokens"]),
-            ("total output tokens", r["total_output_tokens"]), ("requests/s", r["request_throughput"]),
-            ("output tok/s", r["output_throughput"]), ("total tok/s", r["total_token_throughput"]),
+            ("total output tokens", r["total_output_tokens"]),
+            ("requests/s", r["request_throughput"]), ("output tok/s", r["output_throughput"]),
+            ("total tok/s", r["total_token_throughput"]),
             ("goodput requests/s", r["request_goodput"]), ("client CPU s", r.get("client_cpu_s"))]
     print()
     print_table([{"metric": k, "value": v} for k, v in rows], ["metric", "value"])
@@ -290,7 +314,8 @@ def print_report(report: dict) -> None:
         ttft, tpot = p["added_ttft_ms"], p["added_tpot_ms"]
         print(f"\nadded by the HTTP path (paired with in-process runs, {p['pairs']} requests): "
               f"TTFT median {ttft['median']:.2f} ms, mean {ttft['mean']:.2f}; TPOT median "
-              f"{tpot['median']:.2f} ms (in-process TTFT median {p['reference_ttft_ms']['median']:.2f})")
+              f"{tpot['median']:.2f} ms (in-process TTFT median "
+              f"{p['reference_ttft_ms']['median']:.2f})")
     errors = Counter(e for e in report["requests"]["errors"] if e)
     for error, count in errors.most_common(3):
         print(f"error x{count}: {error[:200]}")

@@ -67,7 +67,8 @@ class SSEDecoder:
         for event in events:
             lines = [line[5:] for line in event.split("\n") if line.startswith("data:")]
             if lines:
-                payloads.append("\n".join(line[1:] if line.startswith(" ") else line for line in lines))
+                payloads.append("\n".join(line[1:] if line.startswith(" ") else line
+                                          for line in lines))
         return payloads
 
 
@@ -101,11 +102,13 @@ class RequestOutput:
     @property
     def prompt_tokens(self) -> int:
         """Prompt tokens: the server's usage count when it sent one, else the workload's."""
-        return self.usage_prompt_tokens if self.usage_prompt_tokens is not None else self.prompt_len
+        return (self.usage_prompt_tokens if self.usage_prompt_tokens is not None
+                else self.prompt_len)
 
     @property
     def tpot(self) -> Optional[float]:
-        """Time per output token after the first: (e2el - ttft) / (tokens - 1); None below 2 tokens."""
+        """Time per output token after the first: (e2el - ttft) / (tokens - 1); None below 2
+        tokens."""
         if not self.success or self.output_tokens < 2 or self.ttft is None or self.e2el is None:
             return None
         return (self.e2el - self.ttft) / (self.output_tokens - 1)
@@ -187,13 +190,15 @@ async def http_sender(args: argparse.Namespace, requests: List[BenchRequest]):
     headers = auth_headers(args)
     if args.data_parallel_rank is not None:
         headers["X-data-parallel-rank"] = str(args.data_parallel_rank)
-    bodies = [request_body(chat, args.model, r.prompt, r.output_len, args.temperature, args.ignore_eos)
+    bodies = [request_body(chat, args.model, r.prompt, r.output_len, args.temperature,
+                           args.ignore_eos)
               for r in requests]
     # alternating with an in-process run leaves a kept-alive connection idle for as long as
     # a request takes; servers may close it meanwhile (llama-server did, every other request)
     connector = aiohttp.TCPConnector(limit=args.max_concurrency or len(requests),
                                      force_close=args.alternate_inprocess)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=args.timeout)) as s:
+    async with aiohttp.ClientSession(connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=args.timeout)) as s:
         yield lambda i: send_request(s, url, bodies[i], headers, chat, requests[i].prompt_len)
 
 

@@ -28,7 +28,8 @@ def add_inprocess_args(p: argparse.ArgumentParser) -> None:
 
 
 @contextlib.asynccontextmanager
-async def inprocess_sender(args: argparse.Namespace, requests: List[BenchRequest]) -> AsyncIterator[Sender]:
+async def inprocess_sender(args: argparse.Namespace,
+                           requests: List[BenchRequest]) -> AsyncIterator[Sender]:
     """Yields send(i): run request i through a fresh in-process AsyncEngine (warmed up)."""
     from raylm.engine.async_engine import AsyncEngine
     from raylm.llm import build_engine_config

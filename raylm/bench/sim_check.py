@@ -23,7 +23,8 @@ AIM = 0.30  # the issue's bound on |sim / real - 1|
 
 
 def add_parser(sub, add_engine_args) -> None:
-    p = sub.add_parser("sim-check", help="the simulated executor's step times against real ones, here")
+    p = sub.add_parser("sim-check",
+                       help="the simulated executor's step times against real ones, here")
     add_engine_args(p)
     p.add_argument("--batch-size", type=int, nargs="+", default=[1, 32, 64])
     p.add_argument("--input-len", type=int, default=256)
@@ -72,12 +73,13 @@ def stream_bandwidth(model, dtype) -> Optional[float]:
     shapes = _shapes(model) * model.num_layers + [(model.hidden, model.vocab)]
     weights = [torch.randn(n, k).to(dtype) for k, n in shapes]
     xs = {k: torch.randn(1, k).to(dtype) for k, _ in shapes}
-    best = time_call(lambda: [cpu_ops.gemv(xs[w.shape[1]], w) for w in weights], torch.device("cpu"),
-                     repeats=5, stat=min)
+    best = time_call(lambda: [cpu_ops.gemv(xs[w.shape[1]], w) for w in weights],
+                     torch.device("cpu"), repeats=5, stat=min)
     return sum(w.numel() * w.element_size() for w in weights) / best
 
 
-def executor_ms(kwargs: Dict, batch: int, input_len: int, steps: int) -> Tuple[float, float, object]:
+def executor_ms(kwargs: Dict, batch: int, input_len: int,
+                steps: int) -> Tuple[float, float, object]:
     """Median ms of the executor's part of a decode step at `batch`, of the part of it outside
     the model (input preparation and sampling), and the weights' dtype."""
     from raylm import LLM
@@ -104,7 +106,8 @@ def cmd_sim_check(args: argparse.Namespace) -> int:
     real = {b: executor_ms(kwargs, b, args.input_len, args.steps) for b in args.batch_size}
     dtype = next(iter(real.values()))[2]
     fixed_ms = real[min(real)][1]  # this engine's own per-step cost, from the smallest batch
-    model = ModelShape.from_hf_config(load_hf_config(resolve_model_path(kwargs["model"])), dtype_bytes=dtype.itemsize)
+    model = ModelShape.from_hf_config(load_hf_config(resolve_model_path(kwargs["model"])),
+                                      dtype_bytes=dtype.itemsize)
     with torch.inference_mode():
         limits = measure_limits(torch.device("cpu"), dtype, repeats=5)
         curve = gemm_curve(model, dtype)
@@ -116,18 +119,22 @@ def cmd_sim_check(args: argparse.Namespace) -> int:
     rows = []
     for batch, (real_ms, _, _) in real.items():
         sim_ms = step_time(model, device, [(ctx, 1, True)] * batch) * 1e3
-        rows.append({"batch": batch, "real_ms": real_ms, "sim_ms": sim_ms, "ratio": sim_ms / real_ms,
-                     "within_aim": abs(sim_ms / real_ms - 1) <= AIM})
+        rows.append({"batch": batch, "real_ms": real_ms, "sim_ms": sim_ms,
+                     "ratio": sim_ms / real_ms, "within_aim": abs(sim_ms / real_ms - 1) <= AIM})
     gemm = ", ".join(f"{m}: {f / 1e9:.0f}" for m, f in curve)
-    print(f"SIMULATION CHECK on {machine_info()['processor']}: bandwidth {bandwidth / 1e9:.1f} GB/s "
-          f"({'weights through the GEMV' if stream else 'copy'}; copy {limits['bandwidth_gb_s']:.1f}); {dtype} "
-          f"GEMM GFLOP/s at the model's shapes by rows {{{gemm}}}; per step (inputs, sampling at batch "
-          f"{min(real)}) {fixed_ms:.2f} ms; context {ctx} tokens.")
-    print_table(rows, [("batch", "batch"), ("real_ms", "real ms", ".2f"), ("sim_ms", "sim ms", ".2f"),
-                       ("ratio", "sim / real", ".2f"), ("within_aim", f"within {AIM:.0%}")])
+    print(f"SIMULATION CHECK on {machine_info()['processor']}: bandwidth {bandwidth / 1e9:.1f} "
+          f"GB/s ({'weights through the GEMV' if stream else 'copy'}; copy "
+          f"{limits['bandwidth_gb_s']:.1f}); {dtype} GEMM GFLOP/s at the model's shapes by rows "
+          f"{{{gemm}}}; per step (inputs, sampling at "
+          f"batch {min(real)}) {fixed_ms:.2f} ms; context {ctx} tokens.")
+    print_table(rows,
+                [("batch", "batch"), ("real_ms", "real ms", ".2f"), ("sim_ms", "sim ms", ".2f"),
+                 ("ratio", "sim / real", ".2f"), ("within_aim", f"within {AIM:.0%}")])
     if args.output_json:
-        write_json(args.output_json, {"benchmark": "sim-check", "model": kwargs["model"], "dtype": str(dtype),
-                                      "machine": machine_info(), "limits": limits, "gemm_curve": curve,
-                                      "step_overhead_ms": fixed_ms,
-                                      "input_len": args.input_len, "context": ctx, "results": rows})
+        write_json(args.output_json,
+                   {"benchmark": "sim-check", "model": kwargs["model"], "dtype": str(dtype),
+                    "machine": machine_info(), "limits": limits,
+                    "gemm_curve": curve, "step_overhead_ms": fixed_ms,
+                    "input_len": args.input_len, "context": ctx,
+                    "results": rows})
     return 0

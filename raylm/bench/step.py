@@ -23,7 +23,8 @@ def add_parser(sub, add_engine_args) -> None:
     add_engine_args(p)
     p.add_argument("--batch-size", type=int, nargs="+", default=[32])
     p.add_argument("--input-len", type=int, default=256)
-    p.add_argument("--steps", type=int, default=40, help="timed decode steps (after 5 warm-up steps)")
+    p.add_argument("--steps", type=int, default=40,
+                   help="timed decode steps (after 5 warm-up steps)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--output-json", default=None)
     p.set_defaults(func=cmd_step)
@@ -41,7 +42,8 @@ def _fill(llm, batch: int, input_len: int, max_tokens: int, temperature: float, 
         ids = torch.randint(10, vocab, (input_len,), generator=gen).tolist()
         llm.engine.add_request({"prompt_token_ids": ids}, params)
     core = llm.engine.core
-    while any(r.num_computed_tokens < r.num_prompt_tokens for r in core.scheduler.requests.values()):
+    while any(r.num_computed_tokens < r.num_prompt_tokens
+              for r in core.scheduler.requests.values()):
         llm.engine.step()
 
 
@@ -80,15 +82,16 @@ def cmd_step(args: argparse.Namespace) -> int:
         for req_id in list(llm.engine.processor.parents):
             llm.engine.abort_request(req_id)
         overhead = sum(med[k] for k in OVERHEAD)
-        rows.append({"batch": batch, **{f"{k}_ms": med[k] for k in PHASES}, "step_ms": med["total"],
-                     "python_overhead_pct": 100 * overhead / med["total"],
+        rows.append({"batch": batch, **{f"{k}_ms": med[k] for k in PHASES},
+                     "step_ms": med["total"], "python_overhead_pct": 100 * overhead / med["total"],
                      "decode_tok_s": batch / med["total"] * 1000})
     cols = [("batch", "batch")] + [(f"{k}_ms", k, ".2f") for k in PHASES] + [
         ("step_ms", "step ms", ".1f"), ("python_overhead_pct", "py overhead %", ".1f"),
         ("decode_tok_s", "decode tok/s", ".0f")]
     print_table(rows, cols)
     if args.output_json:
-        write_json(args.output_json, {"benchmark": "step", "model": args.model, "dtype": args.dtype, **dtype_info(llm),
-                                      "input_len": args.input_len, "steps": args.steps,
-                                      "machine": machine_info(), "results": rows})
+        write_json(args.output_json,
+                   {"benchmark": "step", "model": args.model, "dtype": args.dtype,
+                    **dtype_info(llm), "input_len": args.input_len, "steps": args.steps,
+                    "machine": machine_info(), "results": rows})
     return 0

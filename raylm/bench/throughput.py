@@ -22,15 +22,18 @@ COLUMNS = [("backend", "backend"), ("requests", "requests"), ("prompt_tokens", "
 
 
 def add_parser(sub, add_engine_args) -> None:
-    """Register `throughput` under `raylm bench`, with the engine options and workload A's knobs."""
+    """Register `throughput` under `raylm bench`, with the engine options and workload A's
+    knobs."""
     p = sub.add_parser("throughput", help="offline throughput: raylm vs HF transformers generate",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_args(p)
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--backend", choices=["raylm", "hf", "both"], default="both")
     p.add_argument("--output-json", default=None, help="write the results here (atomically)")
-    p.add_argument("--hf-batch-size", type=int, default=32, help="static batch size of the HF backend")
-    p.add_argument("--plot", default=None, help="bar chart of output tok/s to this PNG (needs matplotlib)")
+    p.add_argument("--hf-batch-size", type=int, default=32,
+                   help="static batch size of the HF backend")
+    p.add_argument("--plot", default=None,
+                   help="bar chart of output tok/s to this PNG (needs matplotlib)")
     p.add_argument("--disable-tqdm", action="store_true")
     add_workload_args(p)
     p.set_defaults(func=cmd_throughput)
@@ -50,9 +53,10 @@ def figures(requests: List[BenchRequest], output_lens: List[int], elapsed: float
     """Requests, token totals and rates for one backend's run over `requests`."""
     prompt_tokens = sum(r.prompt_len for r in requests)
     output_tokens = sum(output_lens)
-    return {"requests": len(requests), "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
-            "elapsed_s": elapsed, "requests_per_s": len(requests) / elapsed,
-            "output_tok_s": output_tokens / elapsed, "total_tok_s": (prompt_tokens + output_tokens) / elapsed}
+    return {"requests": len(requests), "prompt_tokens": prompt_tokens,
+            "output_tokens": output_tokens, "elapsed_s": elapsed,
+            "requests_per_s": len(requests) / elapsed, "output_tok_s": output_tokens / elapsed,
+            "total_tok_s": (prompt_tokens + output_tokens) / elapsed}
 
 
 def run_raylm(args: argparse.Namespace, requests: List[BenchRequest]) -> dict:
@@ -128,13 +132,16 @@ def cmd_throughput(args: argparse.Namespace) -> int:
     print_table([{"backend": name, **r} for name, r in results.items()], COLUMNS)
     for name, r in results.items():
         if r.get("length_mismatches"):
-            print(f"WARNING: {name}: {r['length_mismatches']} requests did not produce their output length")
+            print(f"WARNING: {name}: {r['length_mismatches']} requests did not produce their "
+                  "output length")
     if report["ratio_output_tok_s"] is not None:
         print(f"\nraylm / hf output tok/s: {report['ratio_output_tok_s']:.2f}x")
     if args.output_json:
         write_json(args.output_json, report)
         print(f"wrote {args.output_json}")
     if args.plot:
-        title = f"{report['model']} ({report['dtype']}, {report['workload']['num_requests']} requests)"
-        plot_bars(args.plot, list(results), [r["output_tok_s"] for r in results.values()], "output tok/s", title)
+        title = (f"{report['model']} ({report['dtype']}, {report['workload']['num_requests']} "
+                 "requests)")
+        plot_bars(args.plot, list(results), [r["output_tok_s"] for r in results.values()],
+                  "output tok/s", title)
     return 0

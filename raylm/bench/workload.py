@@ -61,7 +61,8 @@ def single_token_words(tokenizer) -> List[tuple]:
     encoded = tokenizer([" " + w for _, w in candidates], add_special_tokens=False)["input_ids"]
     words = [(i, w) for (i, w), enc in zip(candidates, encoded) if list(enc) == [i]]
     if not words:
-        raise ValueError("the tokenizer has no single-token words; cannot build an exact-length workload")
+        raise ValueError("the tokenizer has no single-token words; cannot build an exact-length "
+                         "workload")
     return words
 
 
@@ -100,10 +101,12 @@ def build_workload(spec: WorkloadSpec, tokenizer, verify: bool = True) -> List[B
     return requests
 
 
-def random_request(rng: np.random.Generator, words: List[tuple], n_in: int, n_out: int) -> BenchRequest:
+def random_request(rng: np.random.Generator, words: List[tuple], n_in: int,
+                   n_out: int) -> BenchRequest:
     """A prompt of `n_in` random single-token words (`single_token_words`), asking for `n_out`."""
     picks = rng.integers(0, len(words), size=n_in)
-    return BenchRequest([words[k][0] for k in picks], "".join(" " + words[k][1] for k in picks), n_out)
+    return BenchRequest([words[k][0] for k in picks], "".join(" " + words[k][1] for k in picks),
+                        n_out)
 
 
 def _verify(requests: List[BenchRequest], tokenizer) -> None:
@@ -111,10 +114,12 @@ def _verify(requests: List[BenchRequest], tokenizer) -> None:
     for k, (req, enc) in enumerate(zip(requests, encoded)):
         if list(enc) != req.prompt_token_ids:
             raise ValueError(f"workload prompt {k} does not re-encode to its token ids "
-                             f"({len(enc)} vs {req.prompt_len} tokens); the tokenizer merges across words")
+                             f"({len(enc)} vs {req.prompt_len} tokens); the tokenizer merges "
+                             "across words")
 
 
-def warmup_requests(requests: List[BenchRequest], n: int = 4, max_len: int = 64) -> List[BenchRequest]:
+def warmup_requests(requests: List[BenchRequest], n: int = 4,
+                    max_len: int = 64) -> List[BenchRequest]:
     """A few short requests shaped like the first `n` (a batched prefill, then decodes),
     with every prompt rotated by one token so the timed run gets no prefix-cache hits."""
     warm = []
@@ -140,9 +145,12 @@ def add_workload_args(parser) -> None:
     group = parser.add_argument_group("workload (defaults: workload A)")
     defaults = WorkloadSpec()
     for name in ["input_median", "input_sigma", "output_median", "output_sigma"]:
-        group.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
-    for name in ["input_min", "input_max", "output_min", "output_max", "fixed_input_len", "fixed_output_len"]:
-        group.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+        group.add_argument("--" + name.replace("_", "-"), type=float,
+                           default=getattr(defaults, name))
+    for name in ["input_min", "input_max", "output_min", "output_max", "fixed_input_len",
+                 "fixed_output_len"]:
+        group.add_argument("--" + name.replace("_", "-"), type=int,
+                           default=getattr(defaults, name))
 
 
 def workload_spec(args) -> WorkloadSpec:

@@ -44,7 +44,8 @@ class BaseCommunicator(ABC):
     def _check_splits(self, x: torch.Tensor, dim: int) -> None:
         """reduce_scatter's precondition: `dim` splits evenly over the group."""
         if x.shape[dim] % self.size:
-            raise ValueError(f"dim {dim} of size {x.shape[dim]} does not split over {self.size} ranks")
+            raise ValueError(f"dim {dim} of size {x.shape[dim]} does not split over {self.size} "
+                             "ranks")
 
     @abstractmethod
     def send(self, x: torch.Tensor, dst: int) -> None:
@@ -76,12 +77,14 @@ def init_world(backend: str, address: Tuple[str, int], rank: int, world_size: in
 
     if dist.is_initialized():
         if dist.get_rank() != rank or dist.get_world_size() != world_size:
-            raise RuntimeError(f"this process is already rank {dist.get_rank()} of {dist.get_world_size()}")
+            raise RuntimeError(f"this process is already rank {dist.get_rank()} of "
+                               f"{dist.get_world_size()}")
         return
     host, port = address
     _bind_gloo_to(host)
     dist.init_process_group(backend=backend, init_method=f"tcp://{host}:{port}", rank=rank,
-                            world_size=world_size, timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+                            world_size=world_size,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
 
 
 def _bind_gloo_to(host: str) -> None:
@@ -102,7 +105,8 @@ def _bind_gloo_to(host: str) -> None:
             return
 
 
-def create_communicator(device: str, ranks: List[int], group=None, cpu_kind: str = "gloo") -> BaseCommunicator:
+def create_communicator(device: str, ranks: List[int], group=None,
+                        cpu_kind: str = "gloo") -> BaseCommunicator:
     """A communicator over global `ranks` for tensors on `device` ('cpu' or 'cuda'). On CPU,
     `cpu_kind="shm"` uses shared memory when every rank is on this host (x86), else gloo."""
     if device == "cpu":

@@ -17,8 +17,8 @@ from raylm.distributed.communicator import BaseCommunicator
 def _require_cuda_and_cupy():
     """cupy's nccl module, or a RuntimeError naming what this machine lacks."""
     if not torch.cuda.is_available():
-        raise RuntimeError("NcclCommunicator needs a CUDA GPU, and torch sees none on this machine: "
-                           "use the gloo communicator (device 'cpu') here")
+        raise RuntimeError("NcclCommunicator needs a CUDA GPU, and torch sees none on this "
+                           "machine: use the gloo communicator (device 'cpu') here")
     try:
         from cupy.cuda import nccl
     except ImportError as exc:
@@ -70,7 +70,8 @@ class NcclCommunicator(BaseCommunicator):
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
-        self.comm.allReduce(x.data_ptr(), x.data_ptr(), x.numel(), self._type(x), self.nccl.NCCL_SUM, self._stream())
+        self.comm.allReduce(x.data_ptr(), x.data_ptr(), x.numel(), self._type(x),
+                            self.nccl.NCCL_SUM, self._stream())
         return x
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -98,7 +99,8 @@ class NcclCommunicator(BaseCommunicator):
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         x = x.contiguous()
-        self.comm.broadcast(x.data_ptr(), x.data_ptr(), x.numel(), self._type(x), src, self._stream())
+        self.comm.broadcast(x.data_ptr(), x.data_ptr(), x.numel(), self._type(x), src,
+                            self._stream())
         return x
 
     def barrier(self) -> None:

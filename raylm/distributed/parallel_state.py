@@ -81,7 +81,8 @@ class PPGroup:
         for t in tensors:
             _timed(self.communicator.send, t, self.rank + 1)
 
-    def recv_prev(self, shape: Sequence[int], dtype: torch.dtype, count: int) -> List[torch.Tensor]:
+    def recv_prev(self, shape: Sequence[int], dtype: torch.dtype,
+                  count: int) -> List[torch.Tensor]:
         return [_timed(self.communicator.recv, shape, dtype, self.rank - 1) for _ in range(count)]
 
 
@@ -100,14 +101,17 @@ class EPGroup:
     rank: int = 0
     size: int = 1
     placement: Optional[Tuple[int, ...]] = None
-    dp: Optional[object] = None  # a raylm.distributed.dp_group.DPGroup over this TP rank's replicas
+    # a raylm.distributed.dp_group.DPGroup over this TP rank's replicas
+    dp: Optional[object] = None
     counts: Tuple[int, ...] = ()  # tokens per DP rank in this step's forward (from begin_step)
 
     def local_experts(self, num_experts: int) -> List[int]:
-        placement = self.placement or tuple(e * self.size // num_experts for e in range(num_experts))
+        placement = self.placement or tuple(e * self.size // num_experts
+                                            for e in range(num_experts))
         if len(placement) != num_experts or sorted(set(placement)) != list(range(self.size)):
-            raise ValueError(f"expert_placement {list(placement)} must give each of the model's {num_experts} "
-                             f"experts a rank in [0, {self.size}), every rank at least one")
+            raise ValueError(f"expert_placement {list(placement)} must give each of the model's "
+                             f"{num_experts} experts a rank in [0, {self.size}), every rank at "
+                             "least one")
         return [e for e, r in enumerate(placement) if r == self.rank]
 
     def begin_step(self, num_tokens: int, unfinished: int) -> int:
@@ -133,7 +137,8 @@ class EPGroup:
         return total[self.dp.rank * width:self.dp.rank * width + self.counts[self.dp.rank]]
 
 
-def stage_layer_counts(num_layers: int, num_stages: int, split: Optional[Sequence[int]] = None) -> List[int]:
+def stage_layer_counts(num_layers: int, num_stages: int,
+                       split: Optional[Sequence[int]] = None) -> List[int]:
     """Layers per stage: `split` if given (must sum to num_layers, each >= 1), else an even
     split with the remainder on the earlier stages."""
     if split is not None:
@@ -143,7 +148,8 @@ def stage_layer_counts(num_layers: int, num_stages: int, split: Optional[Sequenc
                              f"summing to num_hidden_layers ({num_layers})")
         return split
     if num_layers < num_stages:
-        raise ValueError(f"pipeline_parallel_size {num_stages} exceeds the model's {num_layers} layers")
+        raise ValueError(f"pipeline_parallel_size {num_stages} exceeds the model's {num_layers} "
+                         "layers")
     base, extra = divmod(num_layers, num_stages)
     return [base + (1 if s < extra else 0) for s in range(num_stages)]
 
@@ -187,15 +193,18 @@ def init_expert_dp(tp_rank: int, tp_size: int, dp_rank: int, dp_size: int, store
     group for this TP rank's column of replicas, EP rank dp_rank * tp + tp_rank."""
     from raylm.distributed.dp_group import DPGroup
 
-    logger.info("joining DP group %s/tp%d at %s as rank %d of %d", prefix, tp_rank, store, dp_rank, dp_size)
+    logger.info("joining DP group %s/tp%d at %s as rank %d of %d", prefix, tp_rank, store, dp_rank,
+                dp_size)
     dp = DPGroup(store, f"{prefix}/tp{tp_rank}", dp_rank, dp_size, my_host, cuda)
-    group = EPGroup(dp_rank * tp_size + tp_rank, dp_size * tp_size, tuple(placement) if placement else None, dp)
+    group = EPGroup(dp_rank * tp_size + tp_rank, dp_size * tp_size,
+                    tuple(placement) if placement else None, dp)
     set_ep_group(group)
     return group
 
 
-def init_parallel_groups(device: str, tp_size: int, pp_size: int, layer_split: Optional[Sequence[int]] = None,
-                         cpu_kind: str = "gloo", expert_parallel: bool = False,
+def init_parallel_groups(device: str, tp_size: int, pp_size: int,
+                         layer_split: Optional[Sequence[int]] = None, cpu_kind: str = "gloo",
+                         expert_parallel: bool = False,
                          expert_placement: Optional[Sequence[int]] = None) -> None:
     """Create this worker's TP and PP groups over the initialized torch.distributed world.
     Every rank creates every group, in the same order (torch.distributed's rule). TP groups
@@ -214,7 +223,8 @@ def init_parallel_groups(device: str, tp_size: int, pp_size: int, layer_split: O
             comm = create_communicator(device, ranks, group, cpu_kind) if tp_size > 1 else None
             set_tp_group(TPGroup(tp_rank, tp_size, comm))
             if expert_parallel:
-                set_ep_group(EPGroup(tp_rank, tp_size, tuple(expert_placement) if expert_placement else None))
+                set_ep_group(EPGroup(tp_rank, tp_size,
+                                     tuple(expert_placement) if expert_placement else None))
     for t in range(tp_size):
         ranks = [s * tp_size + t for s in range(pp_size)]
         group = dist.new_group(ranks) if pp_size > 1 else None

@@ -38,7 +38,8 @@ class ShmCommunicator(BaseCommunicator):
         self.rank, self.size = self.gloo.rank, self.gloo.size
         self._mm = self._map_segment(ranks, group)
         flag_bytes = self.size * FLAG_STRIDE * 8
-        self.flags = np.frombuffer(self._mm, dtype=np.int64, count=self.size * FLAG_STRIDE).reshape(
+        self.flags = np.frombuffer(self._mm, dtype=np.int64,
+                                   count=self.size * FLAG_STRIDE).reshape(
             self.size, FLAG_STRIDE)
         self.data = torch.frombuffer(self._mm, dtype=torch.uint8, offset=flag_bytes,
                                      count=2 * self.size * SLOT_BYTES)
@@ -84,7 +85,8 @@ class ShmCommunicator(BaseCommunicator):
                 deadline = time.monotonic() + COLLECTIVE_TIMEOUT_S
             elif time.monotonic() > deadline:
                 raise RuntimeError(f"shared-memory collective: a peer did not arrive within "
-                                   f"{COLLECTIVE_TIMEOUT_S} s (epoch {epoch}, flags {self.flags[:, 0].tolist()})")
+                                   f"{COLLECTIVE_TIMEOUT_S} s (epoch {epoch}, flags "
+                                   f"{self.flags[:, 0].tolist()})")
             os.sched_yield()
 
     def _fits(self, x: torch.Tensor) -> bool:

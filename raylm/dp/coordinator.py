@@ -50,7 +50,8 @@ class _Broadcast:
     def bump(self) -> None:
         self.version += 1
         self._changed.set()
-        self._changed = asyncio.Event()  # waiters hold the old (set) event; new waiters the new one
+        # waiters hold the old (set) event; new waiters the new one
+        self._changed = asyncio.Event()
 
     async def wait_past(self, known: int, timeout_s: float) -> None:
         if known == self.version:
@@ -63,7 +64,8 @@ class _Broadcast:
 class DPCoordinator:
     def __init__(self) -> None:
         self.stats: Dict[str, Dict[str, Any]] = {}  # replica key -> latest stats
-        self._changed: Dict[str, Tuple[int, int]] = {}  # key -> (version of its last report, of its summary)
+        # key -> (version of its last report, of its summary)
+        self._changed: Dict[str, Tuple[int, int]] = {}
         self._stats = _Broadcast()
         self._control = _Broadcast()
         self.waves = WaveTable()
@@ -99,8 +101,10 @@ class DPCoordinator:
         self._stats.bump()
         held = {}
         for key, stats in reports.items():
-            self.stats[key] = {**over_held_summary(self.stats.get(key, {}), stats), "reported_at": time.time()}
-            summary_at = self._stats.version if "prefix_blocks" in stats else self._changed.get(key, (0, 0))[1]
+            self.stats[key] = {**over_held_summary(self.stats.get(key, {}), stats),
+                               "reported_at": time.time()}
+            summary_at = (self._stats.version if "prefix_blocks" in stats
+                          else self._changed.get(key, (0, 0))[1])
             self._changed[key] = (self._stats.version, summary_at)
             held[key] = self.stats[key].get("prefix_version")
         self._export()
@@ -117,7 +121,8 @@ class DPCoordinator:
             self._control.bump()
 
     @_periodic
-    async def snapshot(self, known_version: int = -1, timeout_s: float = 1.0) -> Tuple[int, Dict[str, Dict]]:
+    async def snapshot(self, known_version: int = -1,
+                       timeout_s: float = 1.0) -> Tuple[int, Dict[str, Dict]]:
         """Long poll: returns at once if the table changed since `known_version`, else when
         it next changes or after `timeout_s`."""
         await self._stats.wait_past(known_version, timeout_s)
@@ -141,17 +146,19 @@ class DPCoordinator:
     # ---- control: group, waves, scaling ---------------------------------------------
 
     @_periodic
-    async def watch(self, known_version: int = -1, timeout_s: float = 5.0) -> Tuple[int, Dict[str, Any]]:
+    async def watch(self, known_version: int = -1,
+                    timeout_s: float = 5.0) -> Tuple[int, Dict[str, Any]]:
         """Long poll on the control state (see `control()`)."""
         await self._control.wait_past(known_version, timeout_s)
         return self._control.version, self.control()
 
     def control(self) -> Dict[str, Any]:
         m = self.membership
-        return {"wave": self.waves.wave, "running": self.waves.running, "waves_completed": self.waves.completed,
-                "scaling": self.scaling, "generation": m.generation if m else 0,
-                "ranks": dict(m.ranks) if m else {}, "target": m.target if m else None,
-                "formed": m.formed if m else True, "store": self._store_address() if m else None}
+        return {"wave": self.waves.wave, "running": self.waves.running,
+                "waves_completed": self.waves.completed, "scaling": self.scaling,
+                "generation": m.generation if m else 0, "ranks": dict(m.ranks) if m else {},
+                "target": m.target if m else None, "formed": m.formed if m else True,
+                "store": self._store_address() if m else None}
 
     async def join(self, replica_key: str, target: int) -> Dict[str, Any]:
         """An expert-parallel replica asks for its place in the DP group; returns once a

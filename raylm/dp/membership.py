@@ -51,7 +51,8 @@ class Membership:
     @property
     def formed(self) -> bool:
         """Every member of the current generation has joined it."""
-        return self.generation > 0 and self.ready == set(self.ranks) and len(self.ranks) == self.target
+        return (self.generation > 0 and self.ready == set(self.ranks) and len(self.ranks)
+                == self.target)
 
     def rank_of(self, key: str) -> Optional[int]:
         return self.ranks.get(key)

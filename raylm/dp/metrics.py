@@ -17,9 +17,11 @@ DESCRIPTIONS = {
     "dp_waves_completed": "Lockstep waves completed",
     "dp_ranks_running": "DP replicas stepping in the current wave",
     "dp_dummy_steps": "Dummy forwards run by a DP replica to keep lockstep (cumulative)",
-    "dp_dummy_step_seconds": "Seconds of a DP replica's own work in dummy forwards, collective waits excluded (cumulative)",
+    "dp_dummy_step_seconds": "Seconds of a DP replica's own work in dummy forwards, collective "
+                             "waits excluded (cumulative)",
 }
-PER_RANK = {"dp_dummy_steps": "dp_dummy_steps", "dp_dummy_step_seconds": "dp_dummy_seconds"}  # metric: stats key
+# metric: stats key
+PER_RANK = {"dp_dummy_steps": "dp_dummy_steps", "dp_dummy_step_seconds": "dp_dummy_seconds"}
 
 
 def lockstep_values(wave: int, waves_completed: int, stats: Iterable[Dict[str, Any]]):
@@ -38,7 +40,8 @@ def export_coordinator_metrics(gauges, waves, stats: Dict[str, Dict[str, Any]]) 
     from ray.util.metrics import Gauge
 
     if gauges is None:
-        gauges = {name: Gauge(f"raylm_{name}", desc, tag_keys=("dp_rank",) if name in PER_RANK else ())
+        gauges = {name: Gauge(f"raylm_{name}", desc, tag_keys=("dp_rank",
+                              ) if name in PER_RANK else ())
                   for name, desc in DESCRIPTIONS.items()}
     for name, value, tags in lockstep_values(waves.wave, waves.completed, stats.values()):
         gauges[name].set(value, tags=tags or None)
@@ -47,5 +50,6 @@ def export_coordinator_metrics(gauges, waves, stats: Dict[str, Dict[str, Any]]) 
 
 def publish_lockstep(sink, control: Dict[str, Any], stats: List[Dict[str, Any]]) -> None:
     """The same values into the ingress's prometheus registry (`sink.lockstep` gauges)."""
-    for name, value, tags in lockstep_values(control.get("wave", 0), control.get("waves_completed", 0), stats):
+    for name, value, tags in lockstep_values(control.get("wave", 0),
+                                             control.get("waves_completed", 0), stats):
         sink.set_lockstep(name, value, tags)

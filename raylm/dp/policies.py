@@ -48,7 +48,8 @@ class BaseRoutingPolicy(ABC):
         self.rng = rng or random.Random()
 
     @abstractmethod
-    def order(self, candidates: Sequence[Candidate], prompt_token_ids: Sequence[int]) -> List[Candidate]:
+    def order(self, candidates: Sequence[Candidate],
+              prompt_token_ids: Sequence[int]) -> List[Candidate]:
         """`candidates` (non-empty) best-first."""
 
     def by_load(self, candidates: Sequence[Candidate]) -> List[Candidate]:
@@ -110,7 +111,8 @@ class PrefixAware(BaseRoutingPolicy):
         bound = ranked[0].load + self.max_imbalance
         eligible = [c for c in ranked if c.load <= bound]  # a prefix
         hits = self.cached(eligible, prompt_token_ids)
-        best = max(range(len(eligible)), key=lambda i: (hits[i], -i))  # the longest; then the least loaded
+        # the longest; then the least loaded
+        best = max(range(len(eligible)), key=lambda i: (hits[i], -i))
         if hits[best] == 0:
             return ranked
         return [ranked[best]] + ranked[:best] + ranked[best + 1:]

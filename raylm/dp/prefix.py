@@ -40,7 +40,8 @@ def prefix_hashes(token_ids: Sequence[int], block_size: int) -> List[int]:
     """The chained hashes of every full block of `token_ids` (index i: depth i + 1)."""
     hashes: List[int] = []
     for start in range(0, len(token_ids) - block_size + 1, block_size):
-        hashes.append(hash_block(hashes[-1] if hashes else None, token_ids[start:start + block_size]))
+        hashes.append(hash_block(hashes[-1] if hashes else None,
+                                 token_ids[start:start + block_size]))
     return hashes
 
 

@@ -17,9 +17,9 @@ A request counts at its replica from the moment it is chosen: Serve confirms a r
 chosen meanwhile would otherwise see the same scores (16 concurrent requests split 13/3).
 A request pinned to a DP rank goes to that rank (waiting up to 5 s for the ranks of replicas
 that have not reported yet: just after start, a pin was once routed by load to the wrong
-rank); if no replica has it (it died since the ingress checked), it is routed by load: waiting here would block every request behind it
-(Serve fulfils pending requests in order; measured: a kill test's replica came back after
-92 s instead of 16 s, with a tenth of the requests served).
+rank); if no replica has it (it died since the ingress checked), it is routed by load: waiting here
+would block every request behind it (Serve fulfils pending requests in order; measured: a kill
+test's replica came back after 92 s instead of 16 s, with a tenth of the requests served).
 
 A choice serves the request it was made for (found by identity, not FIFO and not by id):
 FIFOMixin hands it to the oldest pending request, whatever rank that one is pinned to (the
@@ -43,7 +43,8 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import ray
-from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
+from ray.serve.request_router import (PendingRequest, ReplicaID, ReplicaResult, RequestRouter,
+                                      RunningReplica)
 
 from raylm.dp.coordinator import over_held_summary, score
 from raylm.dp.policies import Candidate, create_routing_policy
@@ -66,14 +67,16 @@ class _Routed:
 
 
 class DPRouter(RequestRouter):
-    def initialize_state(self, policy: str = "least_loaded", poll_timeout_s: float = 1.0, **options) -> None:
+    def initialize_state(self, policy: str = "least_loaded", poll_timeout_s: float = 1.0,
+                         **options) -> None:
         """Serve calls this with the deployment's `request_router_kwargs`: the policy's name
         and its options."""
         self.policy = create_routing_policy(policy, **options)
         self._poll_timeout_s = poll_timeout_s
         self._table: Dict[str, Dict] = {}
         self._version = -1
-        self._delta: Dict[str, int] = defaultdict(int)  # correction per replica since its last report
+        # correction per replica since its last report
+        self._delta: Dict[str, int] = defaultdict(int)
         self._outstanding: Dict[str, List[_Routed]] = defaultdict(list)  # by internal request id
         # id(pending request) -> (it, replica key, when): chosen, not yet confirmed by Serve
         self._chosen: Dict[int, Tuple[PendingRequest, str, float]] = {}
@@ -90,13 +93,15 @@ class DPRouter(RequestRouter):
         stats = self._table.get(key) or fallback  # table first; Serve's poll as fallback
         return max(0, score(stats) + self._delta[key])
 
-    async def choose_replicas(self, candidate_replicas: List[RunningReplica],
-                              pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
+    async def choose_replicas(
+            self, candidate_replicas: List[RunningReplica],
+            pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
         if not candidate_replicas:
             return []
         self._ensure_poller(candidate_replicas)
         pinned = await self._wait_for_pinned(candidate_replicas, pending_request)
-        prompt = pending_request.kwargs.get("prompt_token_ids", ()) if pending_request is not None else ()
+        prompt = (pending_request.kwargs.get("prompt_token_ids", ()) if pending_request is not None
+                  else ())
         ranked = pinned or self.policy.order(self._candidates(candidate_replicas), prompt)
         first = ranked[0]
         self._choose(pending_request, first.key)
@@ -119,8 +124,9 @@ class DPRouter(RequestRouter):
             for key in hosted.get(r.replica_id.unique_id) or [r.replica_id.unique_id]:
                 stats = self._table.get(key) or r.routing_stats or {}
                 summary = stats.get("prefix_blocks") or frozenset()
-                out.append(Candidate(key, self._score(key, r.routing_stats), summary, stats.get("block_size"), r,
-                                     stats.get("engine_index"), stats.get("dp_rank")))
+                out.append(Candidate(key, self._score(key, r.routing_stats), summary,
+                                     stats.get("block_size"), r, stats.get("engine_index"),
+                                     stats.get("dp_rank")))
         return out
 
     def _hosted(self) -> Dict[str, List[str]]:
@@ -132,7 +138,8 @@ class DPRouter(RequestRouter):
                 self._hosted_keys[self._host[key]].append(key)
         return self._hosted_keys
 
-    def _pinned(self, replicas: List[RunningReplica], pending: Optional[PendingRequest]) -> List[Candidate]:
+    def _pinned(self, replicas: List[RunningReplica],
+                pending: Optional[PendingRequest]) -> List[Candidate]:
         """Engines matching the request's `data_parallel_rank` hint (vLLM's targeted DP
         routing, HTTP header X-data-parallel-rank); empty when there is no hint."""
         rank = pending.kwargs.get("data_parallel_rank") if pending is not None else None
@@ -150,12 +157,14 @@ class DPRouter(RequestRouter):
             pinned = self._pinned(replicas, pending)
             if pinned or pending is None or pending.kwargs.get("data_parallel_rank") is None:
                 return pinned
-            if all(c.rank is not None for c in self._candidates(replicas)) or time.monotonic() > deadline:
+            if all(c.rank is not None
+                   for c in self._candidates(replicas)) or time.monotonic() > deadline:
                 return []
             self._ensure_poller(replicas)
             await asyncio.sleep(0.05)  # the coordinator's table arrives by long poll
 
-    def _fulfill_next_pending_request(self, replica: RunningReplica, request_metadata=None) -> None:
+    def _fulfill_next_pending_request(self, replica: RunningReplica,
+                                      request_metadata=None) -> None:
         """Give `replica` to the pending request it was chosen for (see the module doc)."""
         for pr in self._pending_requests_to_fulfill:
             if pr.metadata is request_metadata and not pr.future.done():
@@ -167,7 +176,8 @@ class DPRouter(RequestRouter):
     def _choose(self, pending: Optional[PendingRequest], key: str) -> None:
         """Count the request at `key` now, before Serve confirms it (see the module doc)."""
         now = time.time()
-        for handle, (_, _, at) in list(self._chosen.items()):  # never confirmed: refused or cancelled
+        # never confirmed: refused or cancelled
+        for handle, (_, _, at) in list(self._chosen.items()):
             if now - at > CHOSEN_TTL_S:
                 self._unchoose(handle)
         if pending is None:
@@ -186,7 +196,8 @@ class DPRouter(RequestRouter):
         replica, rid = replica_id.unique_id, pending_request.metadata.internal_request_id
         _, chosen, _ = self._chosen.get(id(pending_request), (None, None, 0.0))
         # the engine chosen, if the request went to its replica (else a fallback took it)
-        key = chosen if chosen is not None and self._host.get(chosen, chosen) == replica else replica
+        key = (chosen if chosen is not None and self._host.get(chosen, chosen) == replica
+               else replica)
         self._unchoose(id(pending_request))  # the provisional count becomes the confirmed one
         self._delta[key] += WAITING_WEIGHT
         self._outstanding[rid].append(_Routed(key, WAITING_WEIGHT, time.time(), replica))
@@ -219,7 +230,8 @@ class DPRouter(RequestRouter):
     def _ensure_poller(self, replicas: List[RunningReplica]) -> None:
         if self._poller is not None and not self._poller.done():
             return
-        identity = next((r.routing_stats.get("coordinator") for r in replicas if r.routing_stats.get("coordinator")),
+        identity = next((r.routing_stats.get("coordinator") for r in replicas
+                         if r.routing_stats.get("coordinator")),
                         None)
         if identity is not None:
             self._poller = asyncio.get_running_loop().create_task(self._poll(*identity))
@@ -231,7 +243,8 @@ class DPRouter(RequestRouter):
         self._version = -1  # a new poller (or coordinator) starts from the whole table
         while True:
             try:
-                version, changed, keys = await coordinator.changes.remote(self._version, self._poll_timeout_s)
+                version, changed, keys = await coordinator.changes.remote(self._version,
+                                                                          self._poll_timeout_s)
             except Exception as exc:  # coordinator restarting: keep the last table
                 logger.warning("DP coordinator unreachable (%s); routing on the last table", exc)
                 return

@@ -26,7 +26,8 @@ class EngineWaves:
         self.wave = 0  # the current wave if running, else the next one to start
         self.running = False
         self.dummy_steps = 0
-        self.dummy_seconds = 0.0  # own work in dummy steps, collective waits excluded (the idle rank's cost)
+        # own work in dummy steps, collective waits excluded (the idle rank's cost)
+        self.dummy_seconds = 0.0
         self.announce = announce or (lambda event, wave: None)
 
     def start_local(self) -> None:

@@ -285,10 +285,12 @@ def _watch(engine_ref, loop_thread: int, stopped: threading.Event) -> None:
         timeout = engine.engine.config.scheduler.step_timeout_s
         started = engine._step_started
         if engine.dead is None and started is not None and time.monotonic() - started > timeout:
-            engine.dead = EngineDeadError(f"a step has run for more than step_timeout_s={timeout:g} s (stuck)")
+            engine.dead = EngineDeadError("a step has run for more than "
+                                          f"step_timeout_s={timeout:g} s (stuck)")
             frame = sys._current_frames().get(loop_thread)
             stack = "".join(traceback.format_stack(frame)) if frame is not None else "(unknown)"
-            logger.error("engine step stuck for over %g s; the engine is marked dead. Loop thread:\n%s",
+            logger.error("engine step stuck for over %g s; the engine is marked dead. Loop "
+                         "thread:\n%s",
                          timeout, stack)
         del engine
         stopped.wait(min(timeout / 4, WATCHDOG_POLL_S))

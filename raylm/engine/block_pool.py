@@ -26,7 +26,8 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free_queue: "OrderedDict[int, None]" = OrderedDict((i, None) for i in range(num_blocks))
+        self.free_queue: "OrderedDict[int, None]" = OrderedDict((i, None)
+                                                                for i in range(num_blocks))
         self.cached: Dict[int, Block] = {}
         self.num_evictions = 0
         self._summary: Set[int] = set()  # cached hashes at summary depths (what routers see)
@@ -42,7 +43,8 @@ class BlockPool:
     def get_new_blocks(self, n: int) -> List[Block]:
         """Take n blocks from the LRU end of the free queue, evicting their cached KV."""
         if n > len(self.free_queue):
-            raise RuntimeError(f"asked for {n} blocks, {len(self.free_queue)} free (call can_allocate first)")
+            raise RuntimeError(f"asked for {n} blocks, {len(self.free_queue)} free (call "
+                               "can_allocate first)")
         out = []
         for _ in range(n):
             block_id, _ = self.free_queue.popitem(last=False)
@@ -73,7 +75,8 @@ class BlockPool:
         it ends (0: unknown, never summarized)."""
         if not self.enable_caching or block.block_hash is not None:
             return
-        if block_hash in self.cached:  # same content computed twice (concurrent misses): keep the first
+        # same content computed twice (concurrent misses): keep the first
+        if block_hash in self.cached:
             return
         block.block_hash = block_hash
         self.cached[block_hash] = block

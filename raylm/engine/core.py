@@ -36,12 +36,13 @@ class EngineCore:
         capacity = num_blocks * block_size
         if capacity < max_model_len:
             self.executor.shutdown()
-            raise ValueError(f"max_model_len ({max_model_len}) exceeds the KV cache ({capacity} tokens in "
-                             f"{num_blocks} blocks): raise kv_cache_memory or lower max_model_len")
+            raise ValueError(f"max_model_len ({max_model_len}) exceeds the KV cache ({capacity} "
+                             f"tokens in {num_blocks} blocks): raise kv_cache_memory or lower "
+                             "max_model_len")
         gib = num_blocks * self.executor.kv_bytes_per_block() / (1 << 30)
         device, backend = self.executor.collective_rpc("device_info")[0]
-        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); %.1fx max_model_len %d; "
-                    "device %s, attention backend %s", num_blocks, block_size, capacity, gib,
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); %.1fx max_model_len "
+                    "%d; device %s, attention backend %s", num_blocks, block_size, capacity, gib,
                     capacity / max_model_len, max_model_len, device, backend)
         self.num_blocks = num_blocks
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, max_model_len)
@@ -108,14 +109,15 @@ class EngineCore:
         sched.dp_unfinished = int(has_work)
         model_output = self.executor.execute_model(sched)
         t = model_output.timings  # a dummy step's own work: its time less the collectives' waits
-        waves.after_step(sched.is_empty, model_output.dp_unfinished, t.get("dummy", 0.0) - t.get("comm", 0.0))
+        waves.after_step(sched.is_empty, model_output.dp_unfinished,
+                         t.get("dummy", 0.0) - t.get("comm", 0.0))
         self.last_step_times = model_output.timings
         return self.scheduler.update_from_output(sched, model_output)
 
     def stats(self) -> EngineStats:
         s, kv = self.scheduler, self.scheduler.kv
-        return EngineStats(s.num_waiting, s.num_running, kv.usage, kv.num_free_blocks, kv.num_blocks,
-                           s.num_preemptions, kv.prefix_queries, kv.prefix_hits)
+        return EngineStats(s.num_waiting, s.num_running, kv.usage, kv.num_free_blocks,
+                           kv.num_blocks, s.num_preemptions, kv.prefix_queries, kv.prefix_hits)
 
     def prefix_summary(self, known_version: int = -1):
         """(block_size, version, hashes): what routers learn of this engine's prefix cache

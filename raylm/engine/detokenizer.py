@@ -38,7 +38,8 @@ class IncrementalDetokenizer:
             self.num_tokens += 1
             start = len(self.text)
             self.text += self._decode_one(token)
-            if self.params.stop and self.num_tokens >= self.params.min_tokens and self._check_stop(start):
+            if (self.params.stop and self.num_tokens >= self.params.min_tokens
+                    and self._check_stop(start)):
                 return True
         return False
 
@@ -46,7 +47,8 @@ class IncrementalDetokenizer:
         if self.backend is not None:
             return self.stream.step(self.backend, token) or ""
         self.token_ids.append(token)  # slow path for tokenizers without a Rust backend
-        full = self.tokenizer.decode(self.token_ids, skip_special_tokens=self.params.skip_special_tokens)
+        full = self.tokenizer.decode(self.token_ids,
+                                     skip_special_tokens=self.params.skip_special_tokens)
         if full.endswith("\ufffd"):
             return ""  # an incomplete UTF-8 sequence: wait for the token that completes it
         return full[len(self.text):]

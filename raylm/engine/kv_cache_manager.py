@@ -1,4 +1,5 @@
-"""Per-request block tables on top of the BlockPool: prefix lookup, allocation, caching, freeing."""
+"""Per-request block tables on top of the BlockPool: prefix lookup, allocation, caching,
+freeing."""
 from __future__ import annotations
 
 from typing import Dict, List, Sequence, Tuple
@@ -20,7 +21,8 @@ class KVCacheManager:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, enable_caching)
         self.req_to_blocks: Dict[str, List[Block]] = {}
-        self.num_registered: Dict[str, int] = {}  # leading blocks of a request already in the cache
+        # leading blocks of a request already in the cache
+        self.num_registered: Dict[str, int] = {}
         self.prefix_queries = 0  # tokens looked up / hit, for the prefix-cache hit rate
         self.prefix_hits = 0
 
@@ -54,16 +56,20 @@ class KVCacheManager:
             hits.append(block)
         return hits, len(hits) * self.block_size
 
-    def _num_new_blocks(self, request: Request, num_new_tokens: int, computed: Sequence[Block]) -> int:
+    def _num_new_blocks(self, request: Request, num_new_tokens: int,
+                        computed: Sequence[Block]) -> int:
         held = len(self.req_to_blocks.get(request.request_id, ())) + len(computed)
         num_computed = request.num_computed_tokens + len(computed) * self.block_size
         return max(0, cdiv(num_computed + num_new_tokens, self.block_size) - held)
 
-    def can_allocate(self, request: Request, num_new_tokens: int, computed: Sequence[Block] = ()) -> bool:
+    def can_allocate(self, request: Request, num_new_tokens: int,
+                     computed: Sequence[Block] = ()) -> bool:
         revived = sum(1 for b in computed if b.ref_cnt == 0)  # hits sitting in the free queue
-        return self._num_new_blocks(request, num_new_tokens, computed) + revived <= self.num_free_blocks
+        return self._num_new_blocks(request, num_new_tokens,
+                                    computed) + revived <= self.num_free_blocks
 
-    def allocate(self, request: Request, num_new_tokens: int, computed: Sequence[Block] = ()) -> List[int]:
+    def allocate(self, request: Request, num_new_tokens: int,
+                 computed: Sequence[Block] = ()) -> List[int]:
         """Give the request room for `num_new_tokens` more tokens; returns the new block ids
         (prefix hits first). Call only after `can_allocate` said yes."""
         num_new = self._num_new_blocks(request, num_new_tokens, computed)

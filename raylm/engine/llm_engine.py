@@ -55,7 +55,8 @@ class LLMEngine:
         self.processor = OutputProcessor(self.tokenizer, config.scheduler.stream_interval)
         self._ids = itertools.count()
         self._grammars: Optional[BaseGrammarBackend] = None  # made at the first structured request
-        self._grammars_lock = threading.Lock()  # compiles may come from threads (AsyncEngine.prepare)
+        # compiles may come from threads (AsyncEngine.prepare)
+        self._grammars_lock = threading.Lock()
         self._compiled: Dict[tuple, object] = {}  # constraint -> compiled grammar, oldest first
 
     def _eos_ids(self) -> List[int]:
@@ -65,7 +66,8 @@ class LLMEngine:
         return list(dict.fromkeys(i for i in ids if i is not None))
 
     def tokenize_prompt(self, prompt: PromptType):
-        """-> (text or None, token ids). Accepts text, token ids, or {'prompt'|'prompt_token_ids': ...}."""
+        """-> (text or None, token ids). Accepts text, token ids, or {'prompt'|'prompt_token_ids':
+        ...}."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
@@ -74,25 +76,32 @@ class LLMEngine:
             return prompt, self.tokenizer.encode(prompt, add_special_tokens=True) if prompt else []
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             return None, list(prompt)
-        raise ValueError(f"prompt must be a string, a list of token ids or a dict (got {type(prompt).__name__})")
+        raise ValueError("prompt must be a string, a list of token ids or a dict (got "
+                         f"{type(prompt).__name__})")
 
     def validate(self, prompt_ids: List[int], params: SamplingParams) -> None:
         if not prompt_ids:
             raise ValueError("prompt must not be empty")
         if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(f"prompt is {len(prompt_ids)} tokens; max_model_len is {self.max_model_len} "
-                             "(the prompt must leave room for at least one generated token)")
+            raise ValueError(f"prompt is {len(prompt_ids)} tokens; max_model_len is "
+                             f"{self.max_model_len} (the prompt must leave room for at least one "
+                             "generated token)")
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"prompt_token_ids out of vocabulary (size {self.vocab_size}): {bad[:5]}")
+            raise ValueError(f"prompt_token_ids out of vocabulary (size {self.vocab_size}): "
+                             f"{bad[:5]}")
         if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling_params must be a SamplingParams (got {type(params).__name__})")
+            raise ValueError("sampling_params must be a SamplingParams (got "
+                             f"{type(params).__name__})")
         bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
-        if bad:  # they index the logits (min_tokens masks them): out of range would fail the whole step
-            raise ValueError(f"stop_token_ids out of vocabulary (size {self.vocab_size}): {bad[:5]}")
+        # they index the logits (min_tokens masks them): out of range would fail the whole step
+        if bad:
+            raise ValueError(f"stop_token_ids out of vocabulary (size {self.vocab_size}): "
+                             f"{bad[:5]}")
         bad = [t for t in params.logit_bias or () if t >= self.vocab_size]
         if bad:
-            raise ValueError(f"logit_bias token ids out of vocabulary (size {self.vocab_size}): {bad[:5]}")
+            raise ValueError(f"logit_bias token ids out of vocabulary (size {self.vocab_size}): "
+                             f"{bad[:5]}")
         if params.structured_outputs is not None:
             self.compile_grammar(params)  # a constraint that does not compile fails here
 
@@ -108,7 +117,8 @@ class LLMEngine:
             return compiled
         with self._grammars_lock:
             if self._grammars is None:
-                self._grammars = create_grammar_backend("xgrammar", self.tokenizer, self.vocab_size)
+                self._grammars = create_grammar_backend("xgrammar", self.tokenizer,
+                                                        self.vocab_size)
         compiled = self._grammars.compile(spec)  # the backend serializes compiles itself
         with self._grammars_lock:
             self._compiled[key] = compiled
@@ -164,6 +174,7 @@ class LLMEngine:
         prompt_len = max(1, min(prompt_len, self.max_model_len - max_tokens - 1))
         ids = [i % self.vocab_size for i in range(100, 100 + prompt_len)]
         self.add_request({"prompt_token_ids": ids},
-                         SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), "raylm-warmup")
+                         SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+                         "raylm-warmup")
         while self.has_unfinished_requests():
             self.step()

@@ -50,12 +50,15 @@ class OutputProcessor:
                     params: SamplingParams, child_params: List[SamplingParams]) -> List[str]:
         """Register a request and its n children; returns the engine-level child ids."""
         completions = [CompletionOutput(i, "", [], 0.0 if params.logprobs is not None else None,
-                                        [] if params.logprobs is not None else None) for i in range(params.n)]
-        self.parents[request_id] = _Parent(RequestOutput(request_id, prompt, prompt_ids, completions), params.n)
+                                        [] if params.logprobs is not None else None)
+                       for i in range(params.n)]
+        self.parents[request_id] = _Parent(RequestOutput(request_id, prompt, prompt_ids,
+                                                         completions), params.n)
         ids = []
         for i, cp in enumerate(child_params):
             cid = child_id(request_id, i, params.n)
-            self.children[cid] = _Child(request_id, i, IncrementalDetokenizer(self.tokenizer, prompt_ids, cp), cp,
+            self.children[cid] = _Child(request_id, i,
+                                        IncrementalDetokenizer(self.tokenizer, prompt_ids, cp), cp,
                                         completions[i])
             self.parents[request_id].children.append(self.children[cid])
             ids.append(cid)
@@ -79,7 +82,8 @@ class OutputProcessor:
             if out.prompt_logprobs is not None and parent.output.prompt_logprobs is None:
                 # every child scores the prompt (none may hit the cache): the first to finish
                 # its prefill fills them in, before its own first token is seen
-                parent.output.prompt_logprobs = [None] + [self._decoded(p) for p in out.prompt_logprobs]
+                parent.output.prompt_logprobs = [None] + [self._decoded(p)
+                                                          for p in out.prompt_logprobs]
             parent.output.num_cached_tokens = out.num_cached_tokens
             child.unsent += len(out.new_token_ids)
             if finish is not None:
@@ -92,7 +96,8 @@ class OutputProcessor:
                 c.unsent = 0
         return [parent.output for parent in updated.values()], to_abort
 
-    def _update_completion(self, child: _Child, out: EngineCoreOutput, finish, stop_reason) -> None:
+    def _update_completion(self, child: _Child, out: EngineCoreOutput, finish,
+                           stop_reason) -> None:
         c = child.completion
         c.token_ids.extend(out.new_token_ids)
         c.text = child.detok.visible_text(finished=finish is not None)
@@ -122,7 +127,8 @@ class OutputProcessor:
             return []
         ids = [cid for cid, c in self.children.items() if c.parent_id == request_id]
         for cid in ids:
-            self.children[cid].completion.finish_reason = self.children[cid].completion.finish_reason or "abort"
+            completion = self.children[cid].completion
+            completion.finish_reason = completion.finish_reason or "abort"
             del self.children[cid]
         parent.output.finished = True
         return ids

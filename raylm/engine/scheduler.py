@@ -17,7 +17,7 @@ from raylm.config import CacheConfig, SchedulerConfig
 from raylm.engine.kv_cache_manager import KVCacheManager
 from raylm.engine.request import Request, RequestStatus
 from raylm.executor.sched_output import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput,
-                                       NewRequestData, SchedulerOutput)
+                                         NewRequestData, SchedulerOutput)
 
 
 class Scheduler:
@@ -25,7 +25,8 @@ class Scheduler:
                  num_blocks: int, max_model_len: int) -> None:
         self.config = scheduler_config
         self.max_model_len = max_model_len
-        self.kv = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
+        self.kv = KVCacheManager(num_blocks, cache_config.block_size,
+                                 cache_config.enable_prefix_caching)
         self.requests: Dict[str, Request] = {}
         self.waiting: Deque[Request] = deque()
         self.running: List[Request] = []
@@ -74,7 +75,8 @@ class Scheduler:
         self._preempted_this_step = False
         budget = self.config.max_num_batched_tokens
         cached, budget = self._schedule_running(budget, num_scheduled)
-        new_reqs = [] if self._preempted_this_step else self._schedule_waiting(budget, num_scheduled)
+        new_reqs = ([] if self._preempted_this_step
+                    else self._schedule_waiting(budget, num_scheduled))
         forget, self._forget = self._forget, set()
         self.in_flight.update(num_scheduled)
         out = SchedulerOutput(new_reqs, cached, num_scheduled, sum(num_scheduled.values()), forget)
@@ -101,7 +103,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0 and len(num_scheduled) < self._limit:
             request = self.running[i]
             if request.request_id in self.in_flight:
-                i += 1  # its last step has not come back (pipeline parallelism): nothing to run yet
+                # its last step has not come back (pipeline parallelism): nothing to run yet
+                i += 1
                 continue
             n = self._num_new_tokens(request, budget)
             if not self._make_room(request, n):
@@ -112,13 +115,15 @@ class Scheduler:
             i += 1
         return cached, budget
 
-    def _schedule_waiting(self, budget: int, num_scheduled: Dict[str, int]) -> List[NewRequestData]:
+    def _schedule_waiting(self, budget: int,
+                          num_scheduled: Dict[str, int]) -> List[NewRequestData]:
         new_reqs: List[NewRequestData] = []
         while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
-               and len(num_scheduled) < self._limit):
+                and len(num_scheduled) < self._limit):
             request = self.waiting[0]
             # a hit would skip the positions that prompt logprobs come from: recompute them
-            computed, num_hit = ([], 0) if request.needs_prompt_logprobs else self.kv.get_computed_blocks(request)
+            computed, num_hit = (([], 0) if request.needs_prompt_logprobs
+                                 else self.kv.get_computed_blocks(request))
             # The KV manager counts the hits itself (request.num_computed_tokens + len(computed) *
             # block_size), so num_computed_tokens stays 0 until the hits are allocated.
             n = self._num_new_tokens(request, budget, num_hit)
@@ -144,7 +149,8 @@ class Scheduler:
         """Preempt the newest running requests until `request` fits; False if it was itself
         preempted, or if the only candidates are in flight (their blocks are being written)."""
         while not self.kv.can_allocate(request, num_new_tokens):
-            victim = next((r for r in reversed(self.running) if r.request_id not in self.in_flight), None)
+            victim = next((r for r in reversed(self.running)
+                           if r.request_id not in self.in_flight), None)
             if victim is None:
                 return False
             self.running.remove(victim)
@@ -169,8 +175,9 @@ class Scheduler:
         params = request.sampling_params
         if params.prompt_logprobs is not None and not request.needs_prompt_logprobs:
             params = dataclasses.replace(params, prompt_logprobs=None)  # resumed: scored already
-        return NewRequestData(request.request_id, request.prompt_token_ids, list(request.output_token_ids),
-                              params, block_ids, request.num_computed_tokens)
+        return NewRequestData(request.request_id, request.prompt_token_ids,
+                              list(request.output_token_ids), params, block_ids,
+                              request.num_computed_tokens)
 
     @staticmethod
     def _add_cached(cached: CachedRequestData, request: Request, block_ids: List[int]) -> None:
@@ -182,7 +189,8 @@ class Scheduler:
 
     # ---- after the forward pass --------------------------------------------------
 
-    def update_from_output(self, sched: SchedulerOutput, output: ModelRunnerOutput) -> List[EngineCoreOutput]:
+    def update_from_output(self, sched: SchedulerOutput,
+                           output: ModelRunnerOutput) -> List[EngineCoreOutput]:
         outputs: List[EngineCoreOutput] = []
         self.in_flight.difference_update(sched.num_scheduled_tokens)
         for req_id, n in sched.num_scheduled_tokens.items():
@@ -203,8 +211,9 @@ class Scheduler:
                 if status is not None:
                     self._finish(request, status)
                     break
-            outputs.append(EngineCoreOutput(req_id, tokens, output.logprobs.get(req_id), request.finish_reason,
-                                            request.stop_reason, max(request.num_cached_tokens, 0),
+            outputs.append(EngineCoreOutput(req_id, tokens, output.logprobs.get(req_id),
+                                            request.finish_reason, request.stop_reason,
+                                            max(request.num_cached_tokens, 0),
                                             self._take_prompt_logprobs(request)))
         return outputs
 

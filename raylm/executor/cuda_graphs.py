@@ -34,7 +34,8 @@ class DecodeGraphs:
         self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
         self.positions = torch.zeros(n, dtype=torch.long, device=device)
         self.slots = torch.full((n,), -1, dtype=torch.long, device=device)
-        self.cu_seqlens = torch.arange(n + 1, dtype=torch.int32, device=device)  # one token each, always
+        # one token each, always
+        self.cu_seqlens = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.block_table = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
         self.graphs: Dict[int, Tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -45,7 +46,8 @@ class DecodeGraphs:
     def can_run(self, step: StepInputs) -> bool:
         meta = step.meta
         return (isinstance(meta, TritonAttentionMetadata) and meta.store_kv and not meta.prefills
-                and self.bucket(meta.num_decodes) is not None and meta.block_table.shape[1] <= self.max_blocks)
+                and self.bucket(meta.num_decodes) is not None
+                and meta.block_table.shape[1] <= self.max_blocks)
 
     def run(self, step: StepInputs, forward: Forward) -> torch.Tensor:
         """The final hidden states of a decode-only step, rows in the step's order."""
@@ -74,9 +76,10 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
 
     def _meta(self, size: int) -> TritonAttentionMetadata:
-        return TritonAttentionMetadata(self.slots[:size], num_decodes=size, cu_seqlens_q=self.cu_seqlens[:size + 1],
-                                       seq_lens=self.seq_lens[:size], block_table=self.block_table[:size],
-                                       max_query_len=1)
+        return TritonAttentionMetadata(self.slots[:size], num_decodes=size,
+                                       cu_seqlens_q=self.cu_seqlens[:size + 1],
+                                       seq_lens=self.seq_lens[:size],
+                                       block_table=self.block_table[:size], max_query_len=1)
 
     def _load(self, step: StepInputs, size: int) -> None:
         meta, n = step.meta, step.meta.num_decodes

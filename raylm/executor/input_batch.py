@@ -52,8 +52,9 @@ class InputBatch:
             self.requests.pop(req_id, None)
         for new in sched.scheduled_new_reqs:
             self.requests[new.req_id] = CachedRequestState(
-                new.req_id, list(new.prompt_token_ids), list(new.prompt_token_ids) + list(new.output_token_ids),
-                new.sampling_params, list(new.block_ids), new.num_computed_tokens)
+                new.req_id, list(new.prompt_token_ids),
+                list(new.prompt_token_ids) + list(new.output_token_ids), new.sampling_params,
+                list(new.block_ids), new.num_computed_tokens)
         c = sched.scheduled_cached_reqs
         for req_id, tokens, blocks, computed in zip(c.req_ids, c.new_token_ids, c.new_block_ids,
                                                     c.num_computed_tokens):
@@ -63,7 +64,8 @@ class InputBatch:
             state.num_computed_tokens = computed
 
     def prepare(self, sched: SchedulerOutput) -> StepInputs:
-        order = sorted(sched.num_scheduled_tokens, key=lambda r: sched.num_scheduled_tokens[r] != 1)
+        order = sorted(sched.num_scheduled_tokens,
+                       key=lambda r: sched.num_scheduled_tokens[r] != 1)
         ids, positions, slots, logits_rows, sample_ids, prompt_rows = [], [], [], [], [], []
         prefills, decode_states = [], []
         for req_id in order:
@@ -75,7 +77,8 @@ class InputBatch:
             if n == 1:
                 decode_states.append(state)
             else:
-                prefills.append(PrefillSeq(row, n, start + n, self._block_ids(state.block_ids, start + n)))
+                prefills.append(PrefillSeq(row, n, start + n,
+                                           self._block_ids(state.block_ids, start + n)))
             targets = self._prompt_targets(state, start, n)
             if targets:
                 prompt_rows.append((req_id, row, targets))
@@ -83,15 +86,16 @@ class InputBatch:
                 logits_rows.append(row + n - 1)
                 sample_ids.append(req_id)
             state.num_computed_tokens = start + n
-        meta = AttentionMetadata(torch.tensor(slots, dtype=torch.long), len(decode_states), prefills=prefills)
+        meta = AttentionMetadata(torch.tensor(slots, dtype=torch.long), len(decode_states),
+                                 prefills=prefills)
         if decode_states:
             meta.decode_block_table, meta.decode_lens = self._decode_tables(decode_states)
         device = self.backend.device
         return StepInputs(to_device(torch.tensor(ids, dtype=torch.long), device),
                           to_device(torch.tensor(positions, dtype=torch.long), device),
                           self.backend.build_metadata(meta, self.block_size), order,
-                          to_device(torch.tensor(logits_rows, dtype=torch.long), device), sample_ids,
-                          prompt_rows)
+                          to_device(torch.tensor(logits_rows, dtype=torch.long), device),
+                          sample_ids, prompt_rows)
 
     @staticmethod
     def _prompt_targets(state: CachedRequestState, start: int, n: int) -> List[int]:

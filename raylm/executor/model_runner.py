@@ -33,13 +33,15 @@ class ModelRunner:
         self.model_path = model_path
         self.hf_config = load_hf_config(model_path)
         self.device = config.model.torch_device()
-        self.dtypes = machine.choose_dtypes(config.model.dtype, self.device, checkpoint_dtype(self.hf_config),
+        self.dtypes = machine.choose_dtypes(config.model.dtype, self.device,
+                                            checkpoint_dtype(self.hf_config),
                                             config.model.cpu_gemm_dtype)
         logger.info("dtype=%s: %s", config.model.dtype, self.dtypes.reason)
         self.dtype = self.dtypes.weights
         self.kv_dtype = config.cache.torch_kv_dtype(self.dtype)
         self.block_size = config.cache.block_size
-        self.backend = create_attention_backend(config.model.attention_backend, self.device, self.kv_dtype)
+        self.backend = create_attention_backend(config.model.attention_backend, self.device,
+                                                self.kv_dtype)
         ops.check_mode(config.model.fused_ops, self.device)
         self.fused_ops = ops.resolve(config.model.fused_ops, self.device)
         self.batch = InputBatch(self.block_size, self.backend)
@@ -47,7 +49,8 @@ class ModelRunner:
         self.model = None
         self.kv_pool: Optional[KVCachePool] = None
         self.graphs: Optional[DecodeGraphs] = None  # CUDA decode graphs (capture_graphs)
-        self.last_step_times: Dict[str, float] = {}  # seconds per phase of the latest step (bench step)
+        # seconds per phase of the latest step (bench step)
+        self.last_step_times: Dict[str, float] = {}
 
     def load_model(self) -> None:
         self.model = load_model(self.model_path, self.hf_config, self.dtype, self.device)
@@ -57,8 +60,8 @@ class ModelRunner:
 
     def kv_bytes_per_block(self) -> int:
         a = self.attn_layers[0]
-        return KVCachePool.bytes_per_block(self.backend, len(self.attn_layers), self.block_size, a.num_kv_heads,
-                                           a.head_dim, self.kv_dtype)
+        return KVCachePool.bytes_per_block(self.backend, len(self.attn_layers), self.block_size,
+                                           a.num_kv_heads, a.head_dim, self.kv_dtype)
 
     def determine_num_blocks(self) -> int:
         """Blocks that fit the budget: `num_blocks` if set, else `kv_cache_memory` (bytes, or a
@@ -88,7 +91,8 @@ class ModelRunner:
         self.init_kv_cache(0)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        tokens = min(self.config.scheduler.max_num_batched_tokens, self.hf_config.max_position_embeddings)
+        tokens = min(self.config.scheduler.max_num_batched_tokens,
+                     self.hf_config.max_position_embeddings)
         ep = get_ep_group()
         group, ep.dp = ep.dp, None
         try:
@@ -103,17 +107,19 @@ class ModelRunner:
         budget = int(total * self.config.cache.gpu_memory_utilization) - peak - others
         if budget <= 0:
             raise ValueError(f"no GPU memory left for the KV cache: gpu_memory_utilization="
-                             f"{self.config.cache.gpu_memory_utilization} of {total >> 20} MiB, this process "
-                             f"peaks at {peak >> 20} MiB, other processes hold {others >> 20} MiB")
+                             f"{self.config.cache.gpu_memory_utilization} of {total >> 20} MiB, "
+                             f"this process peaks at {peak >> 20} MiB, other processes hold "
+                             f"{others >> 20} MiB")
         return budget
 
     def init_kv_cache(self, num_blocks: int) -> None:
         a = self.attn_layers[0]
-        self.kv_pool = KVCachePool(self.backend, len(self.attn_layers), num_blocks, self.block_size,
-                                   a.num_kv_heads, a.head_dim, self.kv_dtype)
+        self.kv_pool = KVCachePool(self.backend, len(self.attn_layers), num_blocks,
+                                   self.block_size, a.num_kv_heads, a.head_dim, self.kv_dtype)
         for i, layer in enumerate(self.attn_layers):
             layer.bind(self.kv_pool, i)
-        if self.device.type == "cpu" and self.fused_ops == "cpu" and hasattr(self.model, "fused_decode"):
+        if (self.device.type == "cpu" and self.fused_ops == "cpu"
+                and hasattr(self.model, "fused_decode")):
             self.model.fused_decode = build_fused_decode(self.model, get_tp_group().size)
 
     def graphs_supported(self) -> bool:
@@ -151,9 +157,11 @@ class ModelRunner:
             busy = ep.begin_step(max(1, sched.total_num_scheduled_tokens), sched.dp_unfinished)
             if busy == 0 or sched.is_empty:
                 if busy:
-                    self._forward(dummy_step(self.device))  # join every collective of the busy ranks' step
-                return ModelRunnerOutput({}, timings={"dummy": clock.since_start(), "comm": CommClock.take()},
-                                         dp_unfinished=busy)
+                    # join every collective of the busy ranks' step
+                    self._forward(dummy_step(self.device))
+                return ModelRunnerOutput({},
+                                         timings={"dummy": clock.since_start(),
+                                                  "comm": CommClock.take()}, dp_unfinished=busy)
         elif sched.is_empty:
             return ModelRunnerOutput({})
         step = self.batch.prepare(sched)
@@ -166,13 +174,15 @@ class ModelRunner:
         logprobs = {}
         prompt_logprobs = self._prompt_logprobs(hidden, step) if step.prompt_rows else {}
         if step.sample_req_ids:
-            logits = self.model.compute_logits(hidden[step.logits_rows])  # a TP collective: every rank
+            # a TP collective: every rank
+            logits = self.model.compute_logits(hidden[step.logits_rows])
             clock.mark("logits")
             if get_tp_group().rank != 0:
                 return ModelRunnerOutput({})  # only TP rank 0 of the last stage samples
             if sched.grammar_req_ids:  # structured outputs: disallowed tokens to -inf
                 rows = {r: i for i, r in enumerate(step.sample_req_ids)}
-                apply_bitmask(logits, sched.grammar_bitmask, [rows[r] for r in sched.grammar_req_ids])
+                apply_bitmask(logits, sched.grammar_bitmask,
+                              [rows[r] for r in sched.grammar_req_ids])
                 clock.mark("grammar")
             result = self.sampler(logits, [self._sampling_input(r) for r in step.sample_req_ids])
             for req_id, token, lp in zip(step.sample_req_ids, result.token_ids, result.logprobs):
@@ -181,8 +191,8 @@ class ModelRunner:
                     logprobs[req_id] = [lp]
             clock.mark("sample")
         self.last_step_times = {**clock.times, "comm": CommClock.take()}
-        return ModelRunnerOutput(sampled, logprobs, self.last_step_times, busy if ep.dp is not None else None,
-                                 prompt_logprobs)
+        return ModelRunnerOutput(sampled, logprobs, self.last_step_times,
+                                 busy if ep.dp is not None else None, prompt_logprobs)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, step) -> Dict[str, List[PositionLogprobs]]:
         """Logprobs of the prompt tokens that this step's rows predict, for the requests that
@@ -194,8 +204,10 @@ class ModelRunner:
             out[req_id] = []
             for j in range(0, len(targets), PROMPT_LOGITS_ROWS):
                 part = targets[j:j + PROMPT_LOGITS_ROWS]
-                logits = self.model.compute_logits(hidden[first + j:first + j + len(part)])  # TP collective
-                out[req_id] += position_logprobs(logits, part, top) if get_tp_group().rank == 0 else []
+                # TP collective
+                logits = self.model.compute_logits(hidden[first + j:first + j + len(part)])
+                out[req_id] += (position_logprobs(logits, part, top) if get_tp_group().rank == 0
+                                else [])
         return out if get_tp_group().rank == 0 else {}
 
     def _forward(self, step) -> Optional[torch.Tensor]:
@@ -227,8 +239,10 @@ def dummy_step(device: torch.device, num_tokens: int = 1) -> StepInputs:
     every collective call a real step makes); with many, the KV-budget profiling forward."""
     ids = torch.arange(num_tokens, device=device) % 2  # any valid token ids
     meta = AttentionMetadata(torch.zeros(num_tokens, dtype=torch.long, device=device),
-                             prefills=[PrefillSeq(0, num_tokens, num_tokens, None)], store_kv=False)
-    return StepInputs(ids, torch.arange(num_tokens, device=device), meta, [], torch.zeros(0, dtype=torch.long), [])
+                             prefills=[PrefillSeq(0, num_tokens, num_tokens, None)],
+                             store_kv=False)
+    return StepInputs(ids, torch.arange(num_tokens, device=device), meta, [],
+                      torch.zeros(0, dtype=torch.long), [])
 
 
 class _PhaseClock:

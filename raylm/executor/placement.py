@@ -29,4 +29,5 @@ def group_strategy(device: str, pipeline_parallel_size: int) -> str:
     """STRICT_PACK keeps a CUDA replica's workers on one node (TP over NCCL wants NVLink/PCIe,
     not the network); PACK otherwise (pipeline stages may span nodes, CPU groups fit where
     they can)."""
-    return "STRICT_PACK" if placement_device(device) == "cuda" and pipeline_parallel_size == 1 else "PACK"
+    return ("STRICT_PACK" if placement_device(device) == "cuda" and pipeline_parallel_size == 1
+            else "PACK")

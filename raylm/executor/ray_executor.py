@@ -59,7 +59,8 @@ class RayExecutor(Executor):
         self.bundle = worker_bundle(par.worker_num_cpus, config.model.device)
         pg, first = self._placement_group()
         self.workers = [self._start_worker(pg, first + rank, rank) for rank in range(self.world)]
-        self.rendezvous = self._wait([self.workers[0].rendezvous_address.remote()], STARTUP_TIMEOUT_S)[0]
+        self.rendezvous = self._wait([self.workers[0].rendezvous_address.remote()],
+                                     STARTUP_TIMEOUT_S)[0]
 
     def init_device_args(self):
         return (self.rendezvous,)
@@ -75,7 +76,8 @@ class RayExecutor(Executor):
         current = get_current_placement_group()
         if current is not None and len(current.bundle_specs) > self.world:
             return current, len(current.bundle_specs) - self.world  # a Serve replica's bundles
-        strategy = group_strategy(self.config.model.device, self.config.parallel.pipeline_parallel_size)
+        strategy = group_strategy(self.config.model.device,
+                                  self.config.parallel.pipeline_parallel_size)
         pg = placement_group([self.bundle] * self.world, strategy=strategy)
         try:
             ray.get(pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
@@ -83,8 +85,9 @@ class RayExecutor(Executor):
             ray.util.remove_placement_group(pg)
             free = {k: ray.available_resources().get(k, 0) for k in self.bundle}
             raise RuntimeError(
-                f"cannot place {self.world} workers x {self.bundle} ({strategy}) within {PLACEMENT_TIMEOUT_S:.0f} s: "
-                f"the cluster has {free} free (lower worker_num_cpus or add nodes)")
+                f"cannot place {self.world} workers x {self.bundle} ({strategy}) within "
+                f"{PLACEMENT_TIMEOUT_S:.0f} s: the cluster has {free} free (lower worker_num_cpus "
+                "or add nodes)")
         self._own_pg = pg
         return pg, 0
 
@@ -93,15 +96,18 @@ class RayExecutor(Executor):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle)
-        # named so operators (and the fault tests) can find a replica's workers in `ray list actors`
-        actor = ray.remote(Worker).options(num_cpus=self.bundle["CPU"], num_gpus=self.bundle.get("GPU", 0),
+        # named so operators (and the fault tests) can find a replica's workers in `ray list
+        # actors`
+        actor = ray.remote(Worker).options(num_cpus=self.bundle["CPU"],
+                                           num_gpus=self.bundle.get("GPU", 0),
                                            scheduling_strategy=strategy, max_restarts=0,
                                            name=f"raylm_worker:{self.group_id}:{rank}")
         return actor.remote(self.config, self.model_path, rank)
 
     # ---- calls ------------------------------------------------------------------------
 
-    def collective_rpc(self, method: str, args: Sequence[Any] = (), timeout: float = None) -> List[Any]:
+    def collective_rpc(self, method: str, args: Sequence[Any] = (),
+                       timeout: float = None) -> List[Any]:
         return self._wait([getattr(w, method).remote(*args) for w in self.workers], timeout)
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
@@ -122,7 +128,8 @@ class RayExecutor(Executor):
         import ray
 
         deadline = None if timeout is None else time.monotonic() + timeout
-        position = {ref: i for i, ref in enumerate(refs)}  # = worker rank when there is one ref per worker
+        # = worker rank when there is one ref per worker
+        position = {ref: i for i, ref in enumerate(refs)}
         values: List[Any] = [None] * len(refs)
         pending = list(refs)
         while pending:
@@ -134,7 +141,9 @@ class RayExecutor(Executor):
                     self._fail(position[ref], exc)
             if deadline is not None and time.monotonic() > deadline and pending:
                 late = sorted(position[r] for r in pending)
-                self._fail(-1, TimeoutError(f"worker(s) {late} did not answer within {timeout:g} s (stuck)"))
+                self._fail(-1,
+                           TimeoutError(f"worker(s) {late} did not answer within {timeout:g} s "
+                                        "(stuck)"))
         return values
 
     def _fail(self, rank: int, exc: BaseException):

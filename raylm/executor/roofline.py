@@ -50,8 +50,9 @@ class ModelShape:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(name or getattr(config, "_name_or_path", "model"), config.num_hidden_layers,
-                   config.hidden_size, heads, getattr(config, "num_key_value_heads", None) or heads,
-                   head_dim, config.intermediate_size, config.vocab_size, dtype_bytes)
+                   config.hidden_size, heads,
+                   getattr(config, "num_key_value_heads", None) or heads, head_dim,
+                   config.intermediate_size, config.vocab_size, dtype_bytes)
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,8 @@ def step_time(model: ModelShape, device: DeviceProfile, seqs: Sequence[SeqStep])
     if tokens == 0:
         return 0.0
     samples = sum(1 for _, _, s in seqs if s)
-    flops = 2 * (model.num_layers * model.layer_params * tokens + model.vocab * model.hidden * samples)
+    flops = 2 * (model.num_layers * model.layer_params * tokens + model.vocab * model.hidden
+                 * samples)
     linear = max(flops / device.gemm_flops(tokens), model.weight_bytes / device.mem_bandwidth)
     pairs = sum(q * (c + (q + 1) / 2) for c, q, _ in seqs)  # causal: query i sees c + i + 1 keys
     attn_flops = 4 * model.num_layers * model.num_heads * model.head_dim * pairs
@@ -118,12 +120,13 @@ def step_time(model: ModelShape, device: DeviceProfile, seqs: Sequence[SeqStep])
     return linear + attention + device.step_overhead_s + model.num_layers * device.layer_overhead_s
 
 
-def kv_blocks(model: ModelShape, device: DeviceProfile, block_size: int, utilization: float = 0.9) -> int:
+def kv_blocks(model: ModelShape, device: DeviceProfile, block_size: int,
+              utilization: float = 0.9) -> int:
     """KV blocks that fit beside the weights in `utilization` of the device's memory."""
     free = device.memory_bytes * utilization - model.weight_bytes
     if free <= 0:
-        raise ValueError(f"{model.name} ({model.weight_bytes / GiB:.1f} GiB of weights) does not fit in "
-                         f"{device.name} ({device.memory_bytes / GiB:.0f} GiB)")
+        raise ValueError(f"{model.name} ({model.weight_bytes / GiB:.1f} GiB of weights) does not "
+                         f"fit in {device.name} ({device.memory_bytes / GiB:.0f} GiB)")
     return int(free // (model.kv_bytes_per_token * block_size))
 
 

@@ -36,7 +36,8 @@ def apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> tor
         bias = row.params.logit_bias
         if bias:
             ids = torch.tensor(list(bias), dtype=torch.long, device=logits.device)
-            logits[i, ids] += torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
+            logits[i, ids] += torch.tensor(list(bias.values()), dtype=logits.dtype,
+                                           device=logits.device)
     return logits
 
 
@@ -46,10 +47,12 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> torc
         p = row.params
         if p.repetition_penalty != 1.0:
             seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
-            seen[torch.tensor(list(row.prompt_token_ids) + list(row.output_token_ids), dtype=torch.long,
-                              device=logits.device)] = True
+            seen[torch.tensor(list(row.prompt_token_ids) + list(row.output_token_ids),
+                              dtype=torch.long, device=logits.device)] = True
             x = logits[i]
-            logits[i] = torch.where(seen, torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty), x)
+            logits[i] = torch.where(seen,
+                                    torch.where(x > 0, x / p.repetition_penalty,
+                                                x * p.repetition_penalty), x)
         if (p.frequency_penalty or p.presence_penalty) and row.output_token_ids:
             ids = torch.tensor(row.output_token_ids, dtype=torch.long, device=logits.device)
             counts = torch.bincount(ids, minlength=vocab)[:vocab]
@@ -78,7 +81,8 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         cum = torch.softmax(sorted_logits, -1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_logits, -1) >= params.top_p  # keep the token that crosses top_p
+        # keep the token that crosses top_p
+        drop = cum - torch.softmax(sorted_logits, -1) >= params.top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return logits
 
@@ -86,7 +90,8 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 def _generator(params: SamplingParams, position: int) -> Optional[torch.Generator]:
     if params.seed is None:
         return None
-    return torch.Generator().manual_seed((params.seed * 1_000_003 + position) & 0x7FFF_FFFF_FFFF_FFFF)
+    return torch.Generator().manual_seed((params.seed * 1_000_003 + position)
+                                         & 0x7FFF_FFFF_FFFF_FFFF)
 
 
 def draw(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> List[int]:
@@ -147,7 +152,8 @@ def compute_logprobs(raw: torch.Tensor, token: int, top_n: int) -> PositionLogpr
     return out
 
 
-def position_logprobs(logits: torch.Tensor, targets: Sequence[int], top_n: int) -> List[PositionLogprobs]:
+def position_logprobs(logits: torch.Tensor, targets: Sequence[int],
+                      top_n: int) -> List[PositionLogprobs]:
     """Batched `compute_logprobs` for prompt positions: row j's logits scored against the
     prompt token that follows it, `targets[j]`."""
     logprobs = torch.log_softmax(logits.float(), -1)
@@ -159,7 +165,8 @@ def position_logprobs(logits: torch.Tensor, targets: Sequence[int], top_n: int) 
     for j, (token, value) in enumerate(zip(targets, chosen.squeeze(1).tolist())):
         position = {token: Logprob(value, ranks[j])}
         if top is not None:
-            for rank, (v, t) in enumerate(zip(top.values[j].tolist(), top.indices[j].tolist()), start=1):
+            for rank, (v, t) in enumerate(zip(top.values[j].tolist(), top.indices[j].tolist()),
+                                          start=1):
                 position.setdefault(t, Logprob(v, rank))
         out.append(position)
     return out
@@ -177,8 +184,8 @@ class Sampler:
         raw = logits.clone() if any(r.params.logprobs is not None for r in rows) else None
         logits = apply_min_tokens(apply_penalties(apply_logit_bias(logits, rows), rows), rows)
         tokens = draw(logits, rows)
-        logprobs = [compute_logprobs(raw[i], tokens[i], row.params.logprobs) if row.params.logprobs is not None
-                    else None for i, row in enumerate(rows)]
+        logprobs = [compute_logprobs(raw[i], tokens[i], row.params.logprobs)
+                    if row.params.logprobs is not None else None for i, row in enumerate(rows)]
         return SamplerOutput(tokens, logprobs)
 
     @classmethod
@@ -186,8 +193,8 @@ class Sampler:
         """CPU logits and every row plain (greedy or temperature only): one C call draws all
         (cpu_ops.sample_rows: the same inverse-CDF draw as `draw`, without six passes of
         torch ops and their 6-12 MB temporaries at batch 32-64)."""
-        return (logits.device.type == "cpu" and logits.dtype in cpu_ops.DTYPES and cpu_ops.available()
-                and all(cls._plain(r, greedy_only=False) for r in rows))
+        return (logits.device.type == "cpu" and logits.dtype in cpu_ops.DTYPES
+                and cpu_ops.available() and all(cls._plain(r, greedy_only=False) for r in rows))
 
     @staticmethod
     def _plain(row: SamplingInput, greedy_only: bool = True) -> bool:

@@ -13,7 +13,8 @@ import time
 from typing import Any, Dict, List, Sequence
 
 from raylm.executor.base import Executor
-from raylm.executor.roofline import DEVICES, MODELS, DeviceProfile, ModelShape, kv_blocks, step_time
+from raylm.executor.roofline import (DEVICES, MODELS, DeviceProfile, ModelShape, kv_blocks,
+                                     step_time)
 from raylm.executor.sched_output import ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -29,11 +30,12 @@ def parse_device(spec: str) -> DeviceProfile:
         if len(parts) < 4 or len(parts) > 6 or min(nums) < 0:
             raise ValueError
     except ValueError:
-        raise ValueError(f"sim_device must be one of {', '.join(DEVICES)} or name:GBps:TFLOPs:GiB[:step_ms"
-                         f"[:layer_us]] (got {spec!r})") from None
+        raise ValueError(f"sim_device must be one of {', '.join(DEVICES)} or "
+                         f"name:GBps:TFLOPs:GiB[:step_ms[:layer_us]] (got {spec!r})") from None
     nums += [0.0] * (5 - len(nums))
     gbps, tflops, gib, step_ms, layer_us = nums
-    return DeviceProfile(parts[0], gbps * 1e9, tflops * 1e12, gib * (1 << 30), step_ms / 1e3, layer_us / 1e6)
+    return DeviceProfile(parts[0], gbps * 1e9, tflops * 1e12, gib * (1 << 30), step_ms / 1e3,
+                         layer_us / 1e6)
 
 
 def model_shape(name: Any, hf_config, dtype_bytes: int = 2) -> ModelShape:
@@ -66,13 +68,14 @@ class SimExecutor(Executor):
     def initialize(self) -> int:
         blocks = self.config.cache.num_blocks
         num_blocks = blocks or kv_blocks(self.model, self.device, self.config.cache.block_size)
-        logger.info("SIMULATION: %s on %s, %d KV blocks; forward passes are sleeps", self.model.name,
-                    self.device.name, num_blocks)
+        logger.info("SIMULATION: %s on %s, %d KV blocks; forward passes are sleeps",
+                    self.model.name, self.device.name, num_blocks)
         return num_blocks
 
     def collective_rpc(self, method: str, args: Sequence[Any] = ()) -> List[Any]:
         answers = {"device_info": (f"simulated {self.device.name}", "sim"), "check_health": True,
-                   "kv_bytes_per_block": self.model.kv_bytes_per_token * self.config.cache.block_size}
+                   "kv_bytes_per_block": self.model.kv_bytes_per_token
+                   * self.config.cache.block_size}
         return [answers.get(method)]
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:

@@ -49,25 +49,29 @@ class Worker:
         if par.world_size > 1:  # the world group (gloo) carries control messages on any device
             init_world("gloo", rendezvous, self.rank, par.world_size)
             init_parallel_groups(device.type, par.tensor_parallel_size, par.pipeline_parallel_size,
-                                 par.pipeline_layer_split, par.cpu_communicator, par.enable_expert_parallel,
-                                 par.expert_placement)
+                                 par.pipeline_layer_split, par.cpu_communicator,
+                                 par.enable_expert_parallel, par.expert_placement)
         if par.expert_dp:
-            self._join_expert_dp(par.data_parallel_rank, par.data_parallel_size, par.data_parallel_store,
-                                 par.data_parallel_group, par.expert_placement)
+            self._join_expert_dp(par.data_parallel_rank, par.data_parallel_size,
+                                 par.data_parallel_store, par.data_parallel_group,
+                                 par.expert_placement)
         self.runner = ModelRunner(self.config, self.model_path)
 
-    def _join_expert_dp(self, dp_rank: int, dp_size: int, store, prefix: str, placement=None) -> None:
+    def _join_expert_dp(self, dp_rank: int, dp_size: int, store, prefix: str,
+                        placement=None) -> None:
         import ray
 
         par = self.config.parallel
         if store is None or par.pipeline_parallel_size > 1:
-            raise ValueError("expert parallelism across DP replicas needs the DP coordinator's group "
-                             "(raylm serve with --dp > 1) and pipeline_parallel_size 1")
+            raise ValueError("expert parallelism across DP replicas needs the DP coordinator's "
+                             "group (raylm serve with --dp > 1) and pipeline_parallel_size 1")
         host = ray.util.get_node_ip_address() if ray.is_initialized() else store[0]
-        init_expert_dp(self.rank % par.tensor_parallel_size, par.tensor_parallel_size, dp_rank, dp_size,
-                       tuple(store), prefix, host, placement, cuda=self.config.model.torch_device().type == "cuda")
+        init_expert_dp(self.rank % par.tensor_parallel_size, par.tensor_parallel_size, dp_rank,
+                       dp_size, tuple(store), prefix, host, placement,
+                       cuda=self.config.model.torch_device().type == "cuda")
 
-    def reform_expert_dp(self, dp_rank: int, dp_size: int, store, prefix: str) -> Dict[str, List[int]]:
+    def reform_expert_dp(self, dp_rank: int, dp_size: int, store,
+                         prefix: str) -> Dict[str, List[int]]:
         """Elastic scaling: join the group's next generation (new size, maybe a new rank) and
         load the experts the contiguous placement now gives this rank. Runs between steps,
         with no request in flight anywhere (the scale drained them). Returns `local_experts()`."""
@@ -101,7 +105,8 @@ class Worker:
         """MoE layer name -> the global ids of the experts this worker holds."""
         from raylm.models.moe import FusedMoE
 
-        return {name: list(m.experts) for name, m in self.runner.model.named_modules() if isinstance(m, FusedMoE)}
+        return {name: list(m.experts) for name, m in self.runner.model.named_modules()
+                if isinstance(m, FusedMoE)}
 
     def ping(self) -> int:
         return self.rank

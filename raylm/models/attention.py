@@ -22,7 +22,8 @@ class PagedAttention(nn.Module):
     def bind(self, pool: KVCachePool, layer_id: int) -> None:
         self.pool, self.layer_id = pool, layer_id
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, Hq, Dh]; k, v: [T, Hkv, Dh] -> [T, Hq * Dh]."""
         if meta.store_kv:
             self.pool.store_kv(self.layer_id, k, v, meta.slot_mapping)

@@ -81,7 +81,8 @@ def _convert_gguf(path: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                 dtype=torch.float32)
     # The dequantized weights are plain tensors; drop the GGUF quantizer so HF will save them.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

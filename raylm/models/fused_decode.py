@@ -41,8 +41,9 @@ class FusedDecodeStack:
     def _describe(layer) -> kernel.DecodeLayer:
         a, mlp = layer.self_attn, layer.mlp
         return kernel.DecodeLayer(
-            ln1=_ptr(layer.input_layernorm.weight), ln2=_ptr(layer.post_attention_layernorm.weight),
-            w_qkv=_ptr(a.qkv_proj.plain), b_qkv=_ptr(a.qkv_proj.bias), w_o=_ptr(a.o_proj.plain),
+            ln1=_ptr(layer.input_layernorm.weight),
+            ln2=_ptr(layer.post_attention_layernorm.weight), w_qkv=_ptr(a.qkv_proj.plain),
+            b_qkv=_ptr(a.qkv_proj.bias), w_o=_ptr(a.o_proj.plain),
             w_gate_up=_ptr(mlp.gate_up_proj.plain), w_down=_ptr(mlp.down_proj.plain),
             cache=_ptr(a.attn.pool.layer(a.attn.layer_id)))
 
@@ -52,13 +53,14 @@ class FusedDecodeStack:
         cache = a.attn.pool.layer(a.attn.layer_id)
         return kernel.DecodeDims(
             hidden=layer.input_layernorm.weight.shape[0], hq=a.num_heads, hkv=a.num_kv_heads,
-            head_dim=a.head_dim, inter=layer.mlp.down_proj.plain.shape[1], num_blocks=cache.shape[2],
-            block_size=cache.shape[3], eps=layer.input_layernorm.eps, scale=a.attn.scale,
-            cos=_ptr(a.rotary.cos), sin=_ptr(a.rotary.sin), neox=int(a.rotary.neox))
+            head_dim=a.head_dim, inter=layer.mlp.down_proj.plain.shape[1],
+            num_blocks=cache.shape[2], block_size=cache.shape[3], eps=layer.input_layernorm.eps,
+            scale=a.attn.scale, cos=_ptr(a.rotary.cos), sin=_ptr(a.rotary.sin),
+            neox=int(a.rotary.neox))
 
     def applies(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
-        return (ops.mode() == "cpu" and x.dtype == torch.bfloat16 and not meta.prefills and meta.store_kv
-                and 0 < x.shape[0] == meta.num_decodes)
+        return (ops.mode() == "cpu" and x.dtype == torch.bfloat16 and not meta.prefills
+                and meta.store_kv and 0 < x.shape[0] == meta.num_decodes)
 
     def __call__(self, positions: torch.Tensor, x: torch.Tensor, residual: Optional[torch.Tensor],
                  meta: AttentionMetadata) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +70,8 @@ class FusedDecodeStack:
             return kernel.decode_stack(self.array, self.dims, x.contiguous(), residual, *index)
         return self._batched(x, residual, index)
 
-    def _batched(self, x: torch.Tensor, residual: Optional[torch.Tensor], index: List[torch.Tensor]):
+    def _batched(self, x: torch.Tensor, residual: Optional[torch.Tensor],
+                 index: List[torch.Tensor]):
         """Bigger decode batches: oneDNN's GEMMs from here, the rest in three C calls a layer
         (add + RMSNorm twice; rotary + KV store + attention + bf16 rounding; SiLU-and-mul),
         the per-op path's kernels in its order, without its module and tensor glue."""
@@ -81,7 +84,8 @@ class FusedDecodeStack:
                 h, residual = cpu_ops.rms_norm(x, ln1.weight, ln1.eps, residual)
             qkv = packed_linear(h, a.qkv_proj.packed, a.qkv_proj.bias)
             attn = kernel.decode_attention(self.array, i, self.dims, qkv, *index)
-            h, residual = cpu_ops.rms_norm(packed_linear(attn, a.o_proj.packed), ln2.weight, ln2.eps, residual)
+            h, residual = cpu_ops.rms_norm(packed_linear(attn, a.o_proj.packed), ln2.weight,
+                                           ln2.eps, residual)
             gate_up = packed_linear(h, mlp.gate_up_proj.packed)
             x = packed_linear(cpu_ops.silu_and_mul(gate_up), mlp.down_proj.packed)
         return x, residual
@@ -95,17 +99,20 @@ def why_not(layers: List[torch.nn.Module], tp_size: int) -> Optional[str]:
         return "the C kernels or AVX512-BF16 are missing"
     if tp_size != 1:
         return "tensor parallel"
-    if not layers or any(not isinstance(l, DecoderLayer) or not isinstance(l.mlp, LlamaMLP) for l in layers):
+    if not layers or any(not isinstance(l, DecoderLayer) or not isinstance(l.mlp, LlamaMLP)
+                         for l in layers):
         return "not a dense Llama-family stack"
     first = layers[0].self_attn
     for layer in layers:
         a, mlp = layer.self_attn, layer.mlp
         linears = (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        if any(lin.plain is None or lin.packed is None for lin in linears) or a.o_proj.bias is not None:
+        if any(lin.plain is None or lin.packed is None
+               for lin in linears) or a.o_proj.bias is not None:
             return "weights not bf16 with plain GEMV copies"
         if a.qk_norm or a.attn.pool is None or a.attn.pool.backend.name != "cpu":
             return "q/k norms or not the cpu attention backend"
-        if a.attn.pool.layer(a.attn.layer_id).dtype != torch.bfloat16 or a.rotary.neox != first.rotary.neox:
+        if (a.attn.pool.layer(a.attn.layer_id).dtype != torch.bfloat16 or a.rotary.neox
+                != first.rotary.neox):
             return "KV cache not bf16"
     return None
 
@@ -117,6 +124,6 @@ def build_fused_decode(model, tp_size: int) -> Optional[FusedDecodeStack]:
     if reason is not None:
         logger.info("CPU fused decode stack off: %s", reason)
         return None
-    logger.info("CPU fused decode stack on for %d layers (decode steps of <= %d rows)", len(layers),
-                cpu_ops.GEMV_MAX_ROWS)
+    logger.info("CPU fused decode stack on for %d layers (decode steps of <= %d rows)",
+                len(layers), cpu_ops.GEMV_MAX_ROWS)
     return FusedDecodeStack(layers)

@@ -17,7 +17,8 @@ def default_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
     """Copy a whole checkpoint tensor (a CheckpointTensor or a tensor; copy_ casts the dtype)."""
     from raylm.models.loader import materialize
 
-    assert param.shape == loaded.shape, f"shape mismatch {tuple(param.shape)} vs {tuple(loaded.shape)}"
+    assert (param.shape == loaded.shape), (f"shape mismatch {tuple(param.shape)} vs "
+                                           f"{tuple(loaded.shape)}")
     param.data.copy_(materialize(loaded))
 
 
@@ -41,12 +42,14 @@ class RMSNorm(nn.Module):
 
 
 def onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
+                                                            "_reorder_linear_weight")
 
 
 def keeps_gemv_weight(weight: torch.Tensor) -> bool:
     """A bf16 CPU weight keeps its plain copy for the C GEMV (decode rows; AVX512-BF16 only)."""
-    return weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and cpu_ops.gemv_available()
+    return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+            and cpu_ops.gemv_available())
 
 
 class PackableLinear(nn.Module):
@@ -69,26 +72,32 @@ class PackableLinear(nn.Module):
         self.weight.data = torch.empty(0, dtype=self.weight.dtype)  # the packed copy replaces it
 
     def linear(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.plain is not None and x.shape[0] <= cpu_ops.GEMV_MAX_ROWS and x.dtype == torch.bfloat16:
+        if (self.plain is not None and x.shape[0] <= cpu_ops.GEMV_MAX_ROWS and x.dtype
+                == torch.bfloat16):
             return cpu_ops.gemv(x, self.plain, bias)
         if self.packed is not None:
             return packed_linear(x, self.packed, bias)
         return F.linear(x, self.weight, bias)
 
 
-def pack_weight(weight: torch.Tensor, batch_hint: int, gemm_dtype: Optional[torch.dtype]) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(gemm_dtype or weight.dtype), batch_hint)
+def pack_weight(weight: torch.Tensor, batch_hint: int,
+                gemm_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(gemm_dtype or weight.dtype),
+                                                   batch_hint)
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def packed_linear(x: torch.Tensor, packed: torch.Tensor,
+                  bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x @ W^T (+ bias) through a oneDNN-packed W; computed in W's dtype, returned in x's."""
     if packed.dtype == x.dtype:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     bias = None if bias is None else bias.to(packed.dtype)
-    return torch.ops.mkldnn._linear_pointwise(x.to(packed.dtype), packed, bias, "none", [], "").to(x.dtype)
+    return torch.ops.mkldnn._linear_pointwise(x.to(packed.dtype), packed, bias, "none", [],
+                                              "").to(x.dtype)
 
 
-def prepack_linears(model: nn.Module, batch_hint: int = 32, gemm_dtype: Optional[torch.dtype] = None) -> int:
+def prepack_linears(model: nn.Module, batch_hint: int = 32,
+                    gemm_dtype: Optional[torch.dtype] = None) -> int:
     """Prepack every PackableLinear for oneDNN (CPU only), computing in `gemm_dtype` (default:
     each weight's); returns how many were packed."""
     if not onednn_available():
@@ -121,7 +130,8 @@ class ColumnParallelLinear(PackableLinear):
         tp = get_tp_group()
         for size in output_sizes:
             if size % tp.size:
-                raise ValueError(f"output size {size} is not divisible by tensor_parallel_size {tp.size}")
+                raise ValueError(f"output size {size} is not divisible by tensor_parallel_size "
+                                 f"{tp.size}")
         self.tp_rank, self.tp_size = tp.rank, tp.size
         self.local_sizes = [s // tp.size for s in output_sizes]
         self.offsets = [sum(self.local_sizes[:i]) for i in range(len(output_sizes))]
@@ -129,7 +139,8 @@ class ColumnParallelLinear(PackableLinear):
         self.weight = _param(out, input_size, loader=self._load)
         self.bias = _param(out, loader=self._load) if bias else None
 
-    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Optional[int] = None) -> None:
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor,
+              shard_id: Optional[int] = None) -> None:
         i = shard_id or 0
         size = self.local_sizes[i]
         piece = loaded.narrow(0, self.tp_rank * size, size)
@@ -146,7 +157,8 @@ class RowParallelLinear(PackableLinear):
         super().__init__()
         tp = get_tp_group()
         if input_size % tp.size:
-            raise ValueError(f"input size {input_size} is not divisible by tensor_parallel_size {tp.size}")
+            raise ValueError(f"input size {input_size} is not divisible by tensor_parallel_size "
+                             f"{tp.size}")
         self.tp = tp
         self.local_in = input_size // tp.size
         self.weight = _param(output_size, self.local_in, loader=self._load)
@@ -181,7 +193,8 @@ class VocabParallelEmbedding(nn.Module):
             return F.embedding(ids, self.weight)
         local = ids - self.start
         mask = (local >= 0) & (local < self.shard)
-        out = F.embedding(local.clamp(0, self.shard - 1), self.weight) * mask.unsqueeze(-1).to(self.weight.dtype)
+        out = F.embedding(local.clamp(0, self.shard - 1),
+                          self.weight) * mask.unsqueeze(-1).to(self.weight.dtype)
         return self.tp.all_reduce(out)
 
 
@@ -195,7 +208,8 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.packed = pack_weight(self.weight, batch_hint, gemm_dtype)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and hidden.shape[0] <= cpu_ops.GEMV_MAX_ROWS and keeps_gemv_weight(hidden):
+        if (self.packed is not None and hidden.shape[0] <= cpu_ops.GEMV_MAX_ROWS
+                and keeps_gemv_weight(hidden)):
             logits = cpu_ops.gemv(hidden, self.weight)
         elif self.packed is not None:
             logits = packed_linear(hidden, self.packed)
@@ -216,8 +230,8 @@ class RotaryEmbedding(nn.Module):
     (2i, 2i + 1). The cos/sin tables are fp32 [max_position, D/2]; the reference applies them
     in the activation dtype, as HF does; the Triton kernel rotates q and k in place."""
 
-    def __init__(self, head_dim: int, inv_freq: torch.Tensor, max_position: int, scaling: float = 1.0,
-                 neox: bool = True) -> None:
+    def __init__(self, head_dim: int, inv_freq: torch.Tensor, max_position: int,
+                 scaling: float = 1.0, neox: bool = True) -> None:
         super().__init__()
         t = torch.arange(max_position, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq.float())
@@ -231,7 +245,8 @@ class RotaryEmbedding(nn.Module):
 
 
 def build_rotary(config, head_dim: int, max_position: int) -> RotaryEmbedding:
-    """Rotary from an HF config, reusing transformers' rope-type table (llama3, yarn, linear, ...)."""
+    """Rotary from an HF config, reusing transformers' rope-type table (llama3, yarn, linear,
+    ...)."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     params = dict(getattr(config, "rope_parameters", None) or {})

@@ -39,7 +39,8 @@ def checkpoint_bytes(model: str) -> Optional[int]:
         name = embedded_name(model)
         if name is not None:
             return weight_bytes(name)
-        return sum(f.stat().st_size for f in Path(model).expanduser().glob("*.safetensors")) or None
+        return sum(f.stat().st_size
+                   for f in Path(model).expanduser().glob("*.safetensors")) or None
     except (OSError, ValueError):
         return None
 
@@ -107,5 +108,6 @@ def load_model(path: str, hf_config, dtype: torch.dtype, device=None) -> torch.n
     loaded = model.load_weights(iter_safetensors(path, keep=getattr(model, "wants_weight", None)))
     missing = sorted(set(n for n, _ in model.named_parameters()) - loaded)
     if missing:
-        raise ValueError(f"checkpoint {path} lacks weights for {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        raise ValueError(f"checkpoint {path} lacks weights for "
+                         f"{missing[:5]}{'...' if len(missing) > 5 else ''}")
     return model.eval()

@@ -22,11 +22,13 @@ from raylm.kernels import ops
 # checkpoint expert-weight names -> (w13 half or w2). Mixtral: w1 gate, w3 up, w2 down.
 _EXPERT_NAMES = {"w1": ("w13", 0), "w3": ("w13", 1), "w2": ("w2", None),
                  "gate_proj": ("w13", 0), "up_proj": ("w13", 1), "down_proj": ("w2", None)}
-_EXPERT_RE = re.compile(r"^(layers\.\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight$")
+_EXPERT_RE = re.compile(
+    r"^(layers\.\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight$")
 
 
 class FusedMoE(nn.Module):
-    def __init__(self, num_experts: int, top_k: int, hidden: int, intermediate: int, renormalize: bool) -> None:
+    def __init__(self, num_experts: int, top_k: int, hidden: int, intermediate: int,
+                 renormalize: bool) -> None:
         super().__init__()
         self.tp, ep = get_tp_group(), get_ep_group()
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
@@ -34,8 +36,10 @@ class FusedMoE(nn.Module):
             self.experts, self.local_i, self.shard = ep.local_experts(num_experts), intermediate, 0
         else:  # a 1/tp slice of every expert
             if intermediate % self.tp.size:
-                raise ValueError(f"moe intermediate size {intermediate} is not divisible by tp {self.tp.size}")
-            self.experts, self.local_i, self.shard = list(range(num_experts)), intermediate // self.tp.size, self.tp.rank
+                raise ValueError(f"moe intermediate size {intermediate} is not divisible by tp "
+                                 f"{self.tp.size}")
+            self.experts, self.local_i, self.shard = (list(range(num_experts)),
+                                                      intermediate // self.tp.size, self.tp.rank)
         self.slot = {e: i for i, e in enumerate(self.experts)}  # global expert id -> row in w13/w2
         self._slot_of: Optional[torch.Tensor] = None  # the same as a device tensor (see _slots)
         self.gate = nn.Linear(hidden, num_experts, bias=False)
@@ -43,7 +47,8 @@ class FusedMoE(nn.Module):
         self.w13 = _param(len(self.experts), 2 * self.local_i, hidden)
         self.w2 = _param(len(self.experts), hidden, self.local_i)
 
-    def load_expert(self, which: str, expert: int, half: Optional[int], loaded: torch.Tensor) -> None:
+    def load_expert(self, which: str, expert: int, half: Optional[int],
+                    loaded: torch.Tensor) -> None:
         if expert not in self.slot:
             return  # another EP rank's expert
         i, size, start = self.slot[expert], self.local_i, self.shard * self.local_i
@@ -66,7 +71,8 @@ class FusedMoE(nn.Module):
         self.experts = list(experts)
         self.slot = {e: i for i, e in enumerate(self.experts)}
         n = len(self.experts)
-        self.w13 = nn.Parameter(torch.empty(n, 2 * self.local_i, hidden, dtype=dtype, device=device),
+        self.w13 = nn.Parameter(torch.empty(n, 2 * self.local_i, hidden, dtype=dtype,
+                                            device=device),
                                 requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(n, hidden, self.local_i, dtype=dtype, device=device),
                                requires_grad=False)
@@ -103,7 +109,8 @@ def _moe_mlp(config, layer_idx: int) -> nn.Module:
     if not sparse:
         return dense_mlp(config, layer_idx)
     return FusedMoE(config.num_experts, config.num_experts_per_tok, config.hidden_size,
-                    config.moe_intermediate_size, renormalize=getattr(config, "norm_topk_prob", False))
+                    config.moe_intermediate_size,
+                    renormalize=getattr(config, "norm_topk_prob", False))
 
 
 class MoEForCausalLM(LlamaForCausalLM):
@@ -146,8 +153,10 @@ class MoEForCausalLM(LlamaForCausalLM):
             m.assign_experts(get_ep_group().local_experts(m.num_experts))
 
         def expert_weight(name: str) -> bool:
-            return _EXPERT_RE.match(name.removeprefix("model.")) is not None and self.wants_weight(name)
+            return (_EXPERT_RE.match(name.removeprefix("model.")) is not None
+                    and self.wants_weight(name))
 
         loaded = self.load_weights(iter_safetensors(path, keep=expert_weight))
         if len(loaded) != 2 * len(moes):
-            raise ValueError(f"checkpoint {path}: expert weights missing after re-placement ({sorted(loaded)})")
+            raise ValueError(f"checkpoint {path}: expert weights missing after re-placement "
+                             f"({sorted(loaded)})")

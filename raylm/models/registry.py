@@ -27,7 +27,8 @@ def get_model_class(hf_config) -> Type[nn.Module]:
         if arch in _MODELS:
             module, name = _MODELS[arch]
             return getattr(importlib.import_module(module), name)
-    raise ValueError(f"model architectures {archs} are not supported; supported: {supported_architectures()}")
+    raise ValueError(f"model architectures {archs} are not supported; supported: "
+                     f"{supported_architectures()}")
 
 
 def is_moe(hf_config) -> bool:

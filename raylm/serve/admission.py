@@ -78,7 +78,8 @@ class Admission:
     def admit(self) -> None:
         """Raise if a new request may not start now."""
         if self.draining:
-            raise EngineUnavailableError("The server is shutting down and accepts no new requests.")
+            raise EngineUnavailableError("The server is shutting down and accepts no new "
+                                         "requests.")
         if self.ongoing >= self.max_ongoing_requests:
             raise EngineOverloadedError(f"{self.ongoing} requests are in flight in the app "
                                         f"(max_ongoing_requests={self.max_ongoing_requests})")

@@ -9,17 +9,20 @@ from typing import Any, AsyncIterator, Dict, List, Optional, Sequence
 from raylm.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from raylm.serve.context import ServingContext, clamp_logprob, prompt_logprobs_field, usage
 from raylm.serve.errors import sse_error_event, to_api_error
-from raylm.serve.protocol import (ChatCompletionChoice, ChatCompletionRequest, ChatCompletionResponse,
-                                  ChatCompletionStreamChoice, ChatCompletionStreamResponse, ChatLogprobs,
-                                  ChatLogprobToken, ChatResponseMessage, ChatTopLogprob, DeltaMessage,
-                                  DeltaToolCall, FunctionCall, ToolCall)
+from raylm.serve.protocol import (ChatCompletionChoice, ChatCompletionRequest,
+                                  ChatCompletionResponse, ChatCompletionStreamChoice,
+                                  ChatCompletionStreamResponse, ChatLogprobs, ChatLogprobToken,
+                                  ChatResponseMessage, ChatTopLogprob, DeltaMessage, DeltaToolCall,
+                                  FunctionCall, ToolCall)
 from raylm.serve.streaming import SSE_DONE, DeltaTracker, EventStreamResponse, sse
 from raylm.serve.tool_parsers import ParsedCall
 from raylm.serve.tools import ToolStream, call_id
 
 
-def chat_logprobs(token_ids: Sequence[int], positions: Sequence[PositionLogprobs], top_n: int) -> ChatLogprobs:
-    """OpenAI chat logprobs: per token its logprob, UTF-8 bytes and the top `top_n` alternatives."""
+def chat_logprobs(token_ids: Sequence[int], positions: Sequence[PositionLogprobs],
+                  top_n: int) -> ChatLogprobs:
+    """OpenAI chat logprobs: per token its logprob, UTF-8 bytes and the top `top_n`
+    alternatives."""
     content = []
     for token, position in zip(token_ids, positions):
         chosen = position[token]
@@ -27,8 +30,10 @@ def chat_logprobs(token_ids: Sequence[int], positions: Sequence[PositionLogprobs
         content.append(ChatLogprobToken(
             token=chosen.decoded_token or "", logprob=clamp_logprob(chosen.logprob),
             bytes=list((chosen.decoded_token or "").encode("utf-8")),
-            top_logprobs=[ChatTopLogprob(token=lp.decoded_token or "", logprob=clamp_logprob(lp.logprob),
-                                         bytes=list((lp.decoded_token or "").encode("utf-8"))) for lp in top]))
+            top_logprobs=[ChatTopLogprob(token=lp.decoded_token or "",
+                                         logprob=clamp_logprob(lp.logprob),
+                                         bytes=list((lp.decoded_token or "").encode("utf-8")))
+                          for lp in top]))
     return ChatLogprobs(content=content)
 
 
@@ -39,7 +44,8 @@ class _Prepared:
         self.plan = req.tool_plan()
         self.parser = ctx.tool_parser
         self.prompt_ids = ctx.apply_chat_template(req.conversation(), req.add_generation_prompt,
-                                                  req.chat_template_kwargs, self.plan.template_tools())
+                                                  req.chat_template_kwargs,
+                                                  self.plan.template_tools())
         self.params = req.to_sampling_params(ctx.max_model_len, len(self.prompt_ids))
         self.top_n = req.top_logprobs or 0
         self.request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -77,7 +83,8 @@ def _finish_reason(prep: _Prepared, reason: Optional[str], made_calls: bool) -> 
 
 
 def _tool_calls(calls: Sequence[ParsedCall]) -> List[ToolCall]:
-    return [ToolCall(id=call_id(), function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
+    return [ToolCall(id=call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
+            for c in calls]
 
 
 def _message(prep: _Prepared, text: str) -> ChatResponseMessage:
@@ -103,12 +110,14 @@ def _response(prep: _Prepared, final: RequestOutput) -> ChatCompletionResponse:
 
 
 def _chunk(prep: _Prepared, choices: List[ChatCompletionStreamChoice], **extra: Any) -> str:
-    chunk = ChatCompletionStreamResponse(id=prep.request_id, object="chat.completion.chunk", created=prep.created,
-                                         model=prep.model, choices=choices, **extra)
+    chunk = ChatCompletionStreamResponse(id=prep.request_id, object="chat.completion.chunk",
+                                         created=prep.created, model=prep.model, choices=choices,
+                                         **extra)
     return sse(chunk.model_dump_json(exclude_unset=True))
 
 
-def _delta_choice(prep: _Prepared, tracker: DeltaTracker, out: CompletionOutput) -> Optional[ChatCompletionStreamChoice]:
+def _delta_choice(prep: _Prepared, tracker: DeltaTracker,
+                  out: CompletionOutput) -> Optional[ChatCompletionStreamChoice]:
     delta = tracker.delta(out.index, out)
     if delta is None:
         return None
@@ -117,26 +126,32 @@ def _delta_choice(prep: _Prepared, tracker: DeltaTracker, out: CompletionOutput)
     text, calls = tools.feed(delta.text, finished=delta.finish_reason is not None)
     message = DeltaMessage(content=text) if text else DeltaMessage()
     if calls:
-        message.tool_calls = [DeltaToolCall(index=tools.num_calls + i, id=call_id(), type="function",
-                                            function=FunctionCall(name=c.name, arguments=c.arguments))
+        message.tool_calls = [DeltaToolCall(index=tools.num_calls + i, id=call_id(),
+                                            type="function",
+                                            function=FunctionCall(name=c.name,
+                                                                  arguments=c.arguments))
                               for i, c in enumerate(calls)]
         tools.num_calls += len(calls)
     logprobs = prep.logprobs(delta.token_ids, delta.logprobs)
     if not (text or calls or logprobs or delta.finish_reason):
         return None  # held back (a tag's start, or a constrained call still growing)
     return ChatCompletionStreamChoice(index=out.index, delta=message, logprobs=logprobs,
-                                      finish_reason=_finish_reason(prep, delta.finish_reason, tools.num_calls > 0),
+                                      finish_reason=_finish_reason(prep, delta.finish_reason,
+                                                                   tools.num_calls > 0),
                                       stop_reason=delta.stop_reason)
 
 
 def _role_chunk(prep: _Prepared, extra: Dict[str, Any]) -> str:
     """The first chunk of every choice carries the role, as OpenAI's does."""
-    choices = [ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""),
-                                          logprobs=None, finish_reason=None) for i in range(prep.params.n)]
+    choices = [ChatCompletionStreamChoice(index=i,
+                                          delta=DeltaMessage(role="assistant", content=""),
+                                          logprobs=None, finish_reason=None)
+               for i in range(prep.params.n)]
     return _chunk(prep, choices, **extra)
 
 
-async def _stream(prep: _Prepared, first: RequestOutput, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
+async def _stream(prep: _Prepared, first: RequestOutput,
+                  outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
     tracker = DeltaTracker()
     usage_field: Dict[str, Any] = {"usage": None} if prep.req.include_usage else {}
     final = first

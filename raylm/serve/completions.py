@@ -9,9 +9,10 @@ from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
 from raylm.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from raylm.serve.context import ServingContext, clamp_logprob, prompt_logprobs_field, usage
 from raylm.serve.errors import sse_error_event, to_api_error
-from raylm.serve.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
-                                  CompletionStreamResponse)
-from raylm.serve.streaming import SSE_DONE, DeltaTracker, EventStreamResponse, merge_async_iterators, sse
+from raylm.serve.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
+                                  CompletionResponse, CompletionStreamResponse)
+from raylm.serve.streaming import (SSE_DONE, DeltaTracker, EventStreamResponse,
+                                   merge_async_iterators, sse)
 
 
 def completion_logprobs(token_ids: Sequence[int], positions: Sequence[PositionLogprobs],
@@ -28,8 +29,9 @@ def completion_logprobs(token_ids: Sequence[int], positions: Sequence[PositionLo
         top_logprobs.append({lp.decoded_token or "": clamp_logprob(lp.logprob) for lp in ranked})
         text_offset.append(offset)
         offset += len(text)
-    out = CompletionLogprobs(tokens=tokens, token_logprobs=token_logprobs, top_logprobs=top_logprobs,
-                             text_offset=text_offset)  # all fields set: streamed chunks dump exclude_unset
+    out = CompletionLogprobs(tokens=tokens, token_logprobs=token_logprobs,
+                             # all fields set: streamed chunks dump exclude_unset
+                             top_logprobs=top_logprobs, text_offset=text_offset)
     return out, offset
 
 
@@ -37,12 +39,15 @@ def echo_logprobs(first_token: str, prompt_ids: Sequence[int],
                   positions: Sequence[Optional[PositionLogprobs]]) -> CompletionLogprobs:
     """The prompt's part of echo + logprobs: its first token has no logprob (None)."""
     rest, _ = completion_logprobs(prompt_ids[1:], positions[1:], len(first_token))
-    return CompletionLogprobs(tokens=[first_token] + rest.tokens, token_logprobs=[None] + rest.token_logprobs,
-                              top_logprobs=[None] + rest.top_logprobs, text_offset=[0] + rest.text_offset)
+    return CompletionLogprobs(tokens=[first_token] + rest.tokens,
+                              token_logprobs=[None] + rest.token_logprobs,
+                              top_logprobs=[None] + rest.top_logprobs,
+                              text_offset=[0] + rest.text_offset)
 
 
 def _join(a: CompletionLogprobs, b: CompletionLogprobs) -> CompletionLogprobs:
-    return CompletionLogprobs(tokens=a.tokens + b.tokens, token_logprobs=a.token_logprobs + b.token_logprobs,
+    return CompletionLogprobs(tokens=a.tokens + b.tokens,
+                              token_logprobs=a.token_logprobs + b.token_logprobs,
                               top_logprobs=a.top_logprobs + b.top_logprobs,
                               text_offset=a.text_offset + b.text_offset)
 
@@ -55,7 +60,8 @@ class _Prepared:
         self.req = req
         prompts = req.prompts()
         self.prompt_ids = [ctx.encode(p) for p in prompts]
-        self.params = [req.to_sampling_params(ctx.max_model_len, len(ids)) for ids in self.prompt_ids]
+        self.params = [req.to_sampling_params(ctx.max_model_len, len(ids))
+                       for ids in self.prompt_ids]
         self.echo_text = ([p if isinstance(p, str) else ctx.tokenizer.decode(p) for p in prompts]
                           if req.echo else [""] * len(prompts))
         self.echo_logprobs = req.echo and req.logprobs is not None
@@ -77,19 +83,21 @@ class _Prepared:
             return text, token_ids, positions, finish_reason
         return "", [], None if positions is None else [], finish_reason and "length"
 
-    def logprobs(self, prompt_index: int, token_ids, positions, offset: int, prompt_positions=None):
+    def logprobs(self, prompt_index: int, token_ids, positions, offset: int,
+                 prompt_positions=None):
         """(logprobs of the sampled tokens from text `offset` on, with the prompt's first when
         `prompt_positions` are given and echo asked for them; the offset after them)."""
         if positions is None:
             return None, offset
         out, offset = completion_logprobs(token_ids, positions, offset)
         if prompt_positions is not None and self.echo_logprobs:
-            out = _join(echo_logprobs(self.first_tokens[prompt_index], self.prompt_ids[prompt_index],
-                                      prompt_positions), out)
+            out = _join(echo_logprobs(self.first_tokens[prompt_index],
+                                      self.prompt_ids[prompt_index], prompt_positions), out)
         return out, offset
 
     def usage(self, finals: Sequence[Optional[RequestOutput]]):
-        completion = sum(len(c.token_ids) for out in finals if out is not None for c in out.outputs)
+        completion = sum(len(c.token_ids) for out in finals if out is not None
+                         for c in out.outputs)
         completion = 0 if self.req.scoring_only else completion
         return usage(sum(len(ids) for ids in self.prompt_ids), completion)
 
@@ -107,8 +115,10 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest):
     return _response(prep, finals)
 
 
-def _choice(prep: _Prepared, prompt_index: int, final: RequestOutput, out: CompletionOutput) -> CompletionChoice:
-    text, ids, positions, finish = prep.visible(out.text, out.token_ids, out.logprobs, out.finish_reason)
+def _choice(prep: _Prepared, prompt_index: int, final: RequestOutput,
+            out: CompletionOutput) -> CompletionChoice:
+    text, ids, positions, finish = prep.visible(out.text, out.token_ids, out.logprobs,
+                                                out.finish_reason)
     choice = CompletionChoice(
         index=prompt_index * prep.n + out.index, text=prep.echo_text[prompt_index] + text,
         logprobs=prep.logprobs(prompt_index, ids, positions, len(prep.echo_text[prompt_index]),
@@ -121,12 +131,14 @@ def _choice(prep: _Prepared, prompt_index: int, final: RequestOutput, out: Compl
 
 def _response(prep: _Prepared, finals: List[Optional[RequestOutput]]) -> CompletionResponse:
     choices = [_choice(prep, i, out, c) for i, out in enumerate(finals) for c in out.outputs]
-    return CompletionResponse(id=prep.request_id, model=prep.model, choices=choices, usage=prep.usage(finals))
+    return CompletionResponse(id=prep.request_id, model=prep.model, choices=choices,
+                              usage=prep.usage(finals))
 
 
 def _chunk(prep: _Prepared, choices: List[CompletionChoice], **extra: Any) -> str:
-    chunk = CompletionStreamResponse(id=prep.request_id, object="text_completion", created=prep.created,
-                                     model=prep.model, choices=choices, **extra)
+    chunk = CompletionStreamResponse(id=prep.request_id, object="text_completion",
+                                     created=prep.created, model=prep.model, choices=choices,
+                                     **extra)
     return sse(chunk.model_dump_json(exclude_unset=True))
 
 
@@ -137,16 +149,19 @@ def _delta_choice(prep: _Prepared, tracker: DeltaTracker, prompt_index: int, fin
     if delta is None:
         return None
     state = tracker.state(key)
-    text, ids, positions, finish = prep.visible(delta.text, delta.token_ids, delta.logprobs, delta.finish_reason)
+    text, ids, positions, finish = prep.visible(delta.text, delta.token_ids, delta.logprobs,
+                                                delta.finish_reason)
     if delta.first:
         text = prep.echo_text[prompt_index] + text
         state.extra["offset"] = len(prep.echo_text[prompt_index])
     # the prompt's logprobs go with the first delta (they come with the first sampled token)
-    logprobs, state.extra["offset"] = prep.logprobs(prompt_index, ids, positions, state.extra["offset"],
+    logprobs, state.extra["offset"] = prep.logprobs(prompt_index, ids, positions,
+                                                    state.extra["offset"],
                                                     final.prompt_logprobs if delta.first else None)
     return CompletionChoice(index=prompt_index * prep.n + out.index, text=text, logprobs=logprobs,
                             finish_reason=finish,
-                            stop_reason=delta.stop_reason if finish == delta.finish_reason else None)
+                            stop_reason=delta.stop_reason if finish == delta.finish_reason
+                            else None)
 
 
 async def _stream(prep: _Prepared, first: Tuple[int, RequestOutput],

@@ -35,15 +35,18 @@ logger = logging.getLogger(__name__)
 POLL_S = 0.2
 
 # the X-data-parallel-rank of the request being handled (None: route by load)
-dp_rank_hint: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("dp_rank_hint", default=None)
+dp_rank_hint: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("dp_rank_hint",
+                                                                             default=None)
 
 
 class ScaleRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    new_data_parallel_size: int = Field(gt=0, strict=True)  # an admin action: "2", 2.0 or true are refused
+    # an admin action: "2", 2.0 or true are refused
+    new_data_parallel_size: int = Field(gt=0, strict=True)
     drain_timeout: float = Field(default=120.0, gt=0)  # expert-parallel apps: in-flight requests
-    timeout: Optional[float] = Field(default=None, gt=0)  # the resize; default: the app's scale_timeout
+    # the resize; default: the app's scale_timeout
+    timeout: Optional[float] = Field(default=None, gt=0)
 
 
 @dataclass
@@ -85,19 +88,22 @@ class ElasticScaler:
         if fits is not None and n > fits[0]:
             raise _too_big(n, f"the cluster holds at most {fits[0]} replicas ({fits[1]})")
         if expert_parallel and n * self.client.tp_size > self.client.num_experts:
-            raise _too_big(n, f"x tp {self.client.tp_size} exceeds the model's {self.client.num_experts} "
-                              f"experts (each EP rank needs one)")
+            raise _too_big(n,
+                           f"x tp {self.client.tp_size} exceeds the model's "
+                           f"{self.client.num_experts} " f"experts (each EP rank needs one)")
 
     async def _run(self, coordinator, req: ScaleRequest, expert_parallel: bool) -> JSONResponse:
         n, old = req.new_data_parallel_size, self.target or len(await self.client.stats())
-        self.progress = {"from": old, "to": n, "phase": "draining" if expert_parallel else "resizing",
-                         "serving": old, "since": time.time()}
+        self.progress = {"from": old, "to": n,
+                         "phase": "draining" if expert_parallel else "resizing", "serving": old,
+                         "since": time.time()}
         self.guarding = expert_parallel
         try:
             if expert_parallel and not await self._drain(coordinator, req.drain_timeout):
-                return error_response(APIError(408, f"requests still in flight after drain_timeout "
-                                                     f"{req.drain_timeout:g} s; the app stays at its old size",
-                                               code="drain_timeout"))
+                return error_response(APIError(408,
+                                               f"requests still in flight after drain_timeout "
+                                               f"{req.drain_timeout:g} s; the app stays at its "
+                                               "old size", code="drain_timeout"))
             await self._resize(coordinator, old, n, req.timeout or self.limits.scale_timeout_s)
             self.target = n
         except APIError as err:
@@ -105,15 +111,17 @@ class ElasticScaler:
         finally:
             self.progress, self.guarding = None, False
             await coordinator.end_scale.remote()
-        return JSONResponse({"message": f"scaled to {n} data-parallel replicas", "new_data_parallel_size": n})
+        return JSONResponse({"message": f"scaled to {n} data-parallel replicas",
+                             "new_data_parallel_size": n})
 
     async def _drain(self, coordinator, timeout_s: float) -> bool:
         """True once nothing is in flight here and every replica reported idle since we started."""
         start, deadline = time.time(), time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             _, table = await coordinator.snapshot.remote(-1, 0.0)
-            idle = all(s.get("num_running", 0) == 0 and s.get("num_waiting", 0) == 0 and not s.get("dp_running")
-                       and s.get("computed_at", 0) >= start for s in table.values())  # lockstep: paused too
+            idle = all(s.get("num_running", 0) == 0 and s.get("num_waiting", 0) == 0
+                       and not s.get("dp_running") and s.get("computed_at", 0) >= start
+                       for s in table.values())  # lockstep: paused too
             if idle and self.client.num_inflight == 0:
                 return True
             await asyncio.sleep(POLL_S)
@@ -130,8 +138,10 @@ class ElasticScaler:
         self.progress["phase"] = "rolling back"
         restored = await self._reach(coordinator, old, timeout_s)
         again = "" if restored else ", not yet serving at that size (still rolling back)"
-        raise APIError(504, f"the scale to {n} did not finish within {timeout_s:g} s ({missing}); the target "
-                            f"is back to {old}{again}", type="server_error", code="scale_timeout")
+        raise APIError(504,
+                       f"the scale to {n} did not finish within {timeout_s:g} s ({missing}); the "
+                       "target " f"is back to {old}{again}", type="server_error",
+                       code="scale_timeout")
 
     async def _reach(self, coordinator, n: int, timeout_s: float) -> bool:
         await self._set_replicas(n)
@@ -141,7 +151,8 @@ class ElasticScaler:
             control = await coordinator.control.remote()
             serving = len(await self.client.stats())
             self.progress.update(serving=serving, group_formed=control["formed"])
-            grouped = control["target"] is None or (control["formed"] and len(control["ranks"]) == n)
+            grouped = control["target"] is None or (control["formed"] and len(control["ranks"])
+                                                    == n)
             if serving == n and grouped:
                 return True
             await coordinator.set_target.remote(n)  # drops members that went silent
@@ -151,7 +162,8 @@ class ElasticScaler:
     def _missing(self, n: int) -> str:
         p = self.progress
         text = f"{p['serving']} of {n} replicas serving; the others were not placed or not ready"
-        return text + ("" if p.get("group_formed", True) else "; the expert-parallel group had not re-formed")
+        return text + ("" if p.get("group_formed", True)
+                       else "; the expert-parallel group had not re-formed")
 
     async def _set_replicas(self, n: int) -> None:
         from ray import serve
@@ -169,7 +181,8 @@ class ElasticScaler:
 
 
 def _too_big(n: int, limit: str) -> APIError:
-    return APIError(400, f"new_data_parallel_size {n} exceeds {limit}", param="new_data_parallel_size")
+    return APIError(400, f"new_data_parallel_size {n} exceeds {limit}",
+                    param="new_data_parallel_size")
 
 
 def cluster_capacity(replica_resources: Dict[str, float]) -> Optional[Tuple[int, str]]:
@@ -234,7 +247,8 @@ class ScaleGuardMiddleware:
         if scope["type"] != "http" or scope["path"] not in self.GUARDED:
             return await self.app(scope, receive, send)
         if self.scaler.guarding:
-            return await error_response(unavailable("The app is scaling; retry shortly.", retry_after=2))(
+            return await error_response(unavailable("The app is scaling; retry shortly.",
+                                                    retry_after=2))(
                 scope, receive, send)
         raw = dict(scope.get("headers") or []).get(b"x-data-parallel-rank")
         token = dp_rank_hint.set(None)
@@ -260,7 +274,8 @@ def _parse_rank(text: str) -> int:
 
 
 def add_elastic_routes(app: FastAPI, scaler: ElasticScaler) -> None:
-    """The two routes; create the app with `middleware=[(ScaleGuardMiddleware, {"scaler": scaler})]`."""
+    """The two routes; create the app with `middleware=[(ScaleGuardMiddleware, {"scaler":
+    scaler})]`."""
 
     @app.post("/scale_elastic_ep")
     async def scale_elastic_ep(body: ScaleRequest) -> Any:

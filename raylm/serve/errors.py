@@ -30,8 +30,9 @@ INVALID_REQUEST = "invalid_request_error"
 class APIError(Exception):
     """An error the HTTP layer answers as-is: status, OpenAI error fields, extra headers."""
 
-    def __init__(self, status: int, message: str, type: str = INVALID_REQUEST, param: Optional[str] = None,
-                 code: Optional[str] = None, headers: Optional[Dict[str, str]] = None) -> None:
+    def __init__(self, status: int, message: str, type: str = INVALID_REQUEST,
+                 param: Optional[str] = None, code: Optional[str] = None,
+                 headers: Optional[Dict[str, str]] = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type = status, message, type
         self.param, self.code, self.headers = param, code, headers or {}
@@ -46,20 +47,24 @@ def bad_request(message: str, param: Optional[str] = None, code: Optional[str] =
 
 
 def model_not_found(model: str) -> APIError:
-    return APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+    return APIError(404, f"The model `{model}` does not exist.", param="model",
+                    code="model_not_found")
 
 
 def unauthorized(kind: str = "") -> APIError:
     """401; `kind` "admin " for the admin routes' key."""
-    return APIError(401, f"Invalid or missing {kind}API key: send 'Authorization: Bearer <{kind}key>'.",
+    return APIError(401,
+                    f"Invalid or missing {kind}API key: send 'Authorization: Bearer <{kind}key>'.",
                     code="invalid_api_key")
 
 
 def body_too_large(limit: int) -> APIError:
-    return APIError(413, f"Request body is larger than the limit of {limit} bytes.", code="request_too_large")
+    return APIError(413, f"Request body is larger than the limit of {limit} bytes.",
+                    code="request_too_large")
 
 
-def overloaded(message: str = "The server is overloaded; retry later.", retry_after: int = 1) -> APIError:
+def overloaded(message: str = "The server is overloaded; retry later.",
+               retry_after: int = 1) -> APIError:
     return APIError(429, message, type="rate_limit_error", code="rate_limit_exceeded",
                     headers={"Retry-After": str(retry_after)})
 
@@ -91,10 +96,10 @@ _OVERLOADED = {"EngineOverloadedError", "BackPressureError"}
 # Fields a ValueError's first word may name (SamplingParams and engine validation messages).
 _KNOWN_PARAMS = {"n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                  "frequency_penalty", "repetition_penalty", "max_tokens", "min_tokens", "stop",
-                 "stop_token_ids", "logprobs", "top_logprobs", "prompt", "prompt_token_ids", "messages",
-                 "tokens", "model", "request_id", "logit_bias", "prompt_logprobs",
-                 "response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
-                 "guided_grammar"}
+                 "stop_token_ids", "logprobs", "top_logprobs", "prompt", "prompt_token_ids",
+                 "messages", "tokens", "model", "request_id", "logit_bias", "prompt_logprobs",
+                 "response_format", "structured_outputs", "guided_json", "guided_regex",
+                 "guided_choice", "guided_grammar"}
 
 
 def _param_from_message(message: str) -> Optional[str]:
@@ -109,7 +114,8 @@ def from_validation_errors(errors: List[Dict[str, Any]]) -> APIError:
     first = errors[0]
     ctx_error = (first.get("ctx") or {}).get("error")
     if first.get("type") == "json_invalid":
-        return bad_request(f"Malformed JSON body: {ctx_error or first.get('msg')}", code="invalid_json")
+        return bad_request(f"Malformed JSON body: {ctx_error or first.get('msg')}",
+                           code="invalid_json")
     if getattr(ctx_error, "param", None) is not None or hasattr(ctx_error, "message"):
         return bad_request(str(ctx_error), getattr(ctx_error, "param", None))
     messages = []
@@ -143,7 +149,8 @@ def api_error_for(exc: BaseException) -> Optional[APIError]:
         return bad_request(message, getattr(exc, "param", None) or _param_from_message(message))
     if isinstance(exc, StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return APIError(exc.status_code, str(exc.detail), code=code, headers=dict(exc.headers or {}))
+        return APIError(exc.status_code, str(exc.detail), code=code,
+                        headers=dict(exc.headers or {}))
     return None
 
 
@@ -163,6 +170,7 @@ def install_exception_handlers(app: FastAPI) -> None:
     async def handle(request, exc):
         return error_response(to_api_error(exc))
 
-    for exc_type in (APIError, RequestValidationError, ValidationError, ValueError, StarletteHTTPException,
-                     EngineOverloadedError, EngineUnavailableError, RequestTimeoutError):
+    for exc_type in (APIError, RequestValidationError, ValidationError, ValueError,
+                     StarletteHTTPException, EngineOverloadedError, EngineUnavailableError,
+                     RequestTimeoutError):
         app.add_exception_handler(exc_type, handle)

@@ -62,8 +62,8 @@ async def _last(queue: asyncio.Queue, done: asyncio.Future):
 class ServeEngineClient(EngineClient):
     """EngineClient over Serve: streams from whichever replica the router picks."""
 
-    def __init__(self, handle, model_name: str, tokenizer, max_model_len: int, sink: Optional[PromSink],
-                 admission: Optional[Admission] = None) -> None:
+    def __init__(self, handle, model_name: str, tokenizer, max_model_len: int,
+                 sink: Optional[PromSink], admission: Optional[Admission] = None) -> None:
         self.unary = handle
         self.outputs = OutputReceiver(ray.util.get_node_ip_address())
         self.model_name, self.tokenizer, self.max_model_len = model_name, tokenizer, max_model_len
@@ -84,7 +84,8 @@ class ServeEngineClient(EngineClient):
             self._coordinator = ray.get_actor(name, namespace=namespace)
         return self._coordinator
 
-    async def generate(self, prompt_token_ids, params, request_id, data_parallel_rank: Optional[int] = None):
+    async def generate(self, prompt_token_ids, params, request_id,
+                       data_parallel_rank: Optional[int] = None):
         """Cumulative outputs (what the OpenAI layer reads), rebuilt from the deltas the
         replica streams: a step then costs each request O(new tokens) to pickle, not O(all).
         `data_parallel_rank` (or the request's X-data-parallel-rank) pins one replica."""
@@ -94,7 +95,8 @@ class ServeEngineClient(EngineClient):
         if rank is not None:
             await self._check_rank(rank)
         wants_delta = params.output_kind == "delta"
-        stream = self._stream(prompt_token_ids, replace(params, output_kind="delta"), request_id, rank, wants_delta)
+        stream = self._stream(prompt_token_ids, replace(params, output_kind="delta"), request_id,
+                              rank, wants_delta)
         async with aclosing(self.admission.guard(stream)) as guarded:
             async for out in guarded:
                 yield out
@@ -105,14 +107,16 @@ class ServeEngineClient(EngineClient):
         ranks = await self._live_ranks()
         most = max(self.max_dp_size, len(ranks))
         if not 0 <= rank < most:
-            raise APIError(400, f"data_parallel_rank {rank} is out of range: the app has at most {most} DP "
-                                "replicas", param="data_parallel_rank")
+            raise APIError(400,
+                           f"data_parallel_rank {rank} is out of range: the app has at most "
+                           f"{most} DP " "replicas", param="data_parallel_rank")
         for _ in range(RANK_WAIT_S * 4):  # a replica that just started may not have reported yet
             if rank in ranks:
                 return
             await asyncio.sleep(0.25)
             ranks = await self._live_ranks()
-        raise EngineUnavailableError(f"DP rank {rank} is not serving right now (live ranks: {sorted(ranks)})")
+        raise EngineUnavailableError(f"DP rank {rank} is not serving right now (live ranks: "
+                                     f"{sorted(ranks)})")
 
     async def _live_ranks(self) -> set:
         return {s.get("dp_rank") for s in await self.stats()}
@@ -123,12 +127,14 @@ class ServeEngineClient(EngineClient):
         sent; an error in it (bad input, a dead replica) ends the stream with that error."""
         channel = await self.outputs.address()
         key, queue = self.outputs.open()
-        call = self.unary.generate.remote(channel, key, prompt_token_ids=prompt_token_ids, params=params,
-                                          request_id=request_id, data_parallel_rank=rank)  # the router reads them
+        call = self.unary.generate.remote(channel, key, prompt_token_ids=prompt_token_ids,
+                                          params=params, request_id=request_id,
+                                          data_parallel_rank=rank)  # the router reads them
         done = asyncio.ensure_future(_result(call))
         done.add_done_callback(lambda _: queue.put_nowait(_CALL_ENDED))
         done.add_done_callback(_retrieve)
-        timer = (RequestTimer(self.sink, self.model_name, len(prompt_token_ids), deltas=wants_delta)
+        timer = (RequestTimer(self.sink, self.model_name, len(prompt_token_ids),
+                              deltas=wants_delta)
                  if self.sink else None)
         acc, finished = None, False
         try:
@@ -144,7 +150,8 @@ class ServeEngineClient(EngineClient):
         finally:
             self.outputs.close(key)
             if not finished and not done.done():
-                call.cancel()  # client gone or error: the replica aborts the request, frees its blocks
+                # client gone or error: the replica aborts the request, frees its blocks
+                call.cancel()
                 done.cancel()
 
     async def check_health(self) -> None:
@@ -185,7 +192,8 @@ def num_experts(model: str) -> int:
     from raylm.models.loader import load_hf_config, resolve_model_path
 
     config = load_hf_config(resolve_model_path(model))
-    return int(getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0)
+    return int(getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+               or 0)
 
 
 class OpenAIIngress:
@@ -193,16 +201,18 @@ class OpenAIIngress:
 
     Besides HTTP, Python callers use it through a Serve handle (see README):
         handle = serve.get_app_handle("raylm")
-        out = await handle.generate.remote("The capital of France is", {"max_tokens": 8, "temperature": 0})
-        async for out in handle.options(stream=True).generate_stream.remote(prompt, params): ...
+        out = await handle.generate.remote("The capital of France is", {"max_tokens": 8,
+        "temperature": 0}) async for out in
+        handle.options(stream=True).generate_stream.remote(prompt, params): ...
     Prompts are text or token ids; params are SamplingParams fields. Outputs are RequestOutputs.
     """
 
     def __init__(self, llm_handle, engine_config: Dict[str, Any], model_name: str, *,
-                 api_key: Optional[str] = None, max_body_bytes: int = 1 << 20, max_ongoing_requests: int = 1024,
-                 request_timeout: Optional[float] = None, open_paths: Sequence[str] = OPEN_PATHS,
-                 admin_api_key: Optional[str] = None, scale_limits: Optional[Dict[str, Any]] = None,
-                 autoscaling: bool = False, tool_call_parser: str = "hermes") -> None:
+                 api_key: Optional[str] = None, max_body_bytes: int = 1 << 20,
+                 max_ongoing_requests: int = 1024, request_timeout: Optional[float] = None,
+                 open_paths: Sequence[str] = OPEN_PATHS, admin_api_key: Optional[str] = None,
+                 scale_limits: Optional[Dict[str, Any]] = None, autoscaling: bool = False,
+                 tool_call_parser: str = "hermes") -> None:
         from ray import serve
 
         from raylm.serve.elastic import ElasticScaler, ScaleLimits
@@ -210,7 +220,8 @@ class OpenAIIngress:
         tokenizer, max_len = tokenizer_and_max_len(engine_config["model"])
         self.sink = PromSink()
         admission = Admission(max_ongoing_requests, request_timeout)
-        self.client = ServeEngineClient(llm_handle, model_name, tokenizer, max_len, self.sink, admission)
+        self.client = ServeEngineClient(llm_handle, model_name, tokenizer, max_len, self.sink,
+                                        admission)
         self.client.tp_size = engine_config["parallel"]["tensor_parallel_size"]
         self.client.max_dp_size = engine_config["parallel"]["data_parallel_size"]
         self.client.num_experts = num_experts(engine_config["model"]["model"])
@@ -230,7 +241,8 @@ class OpenAIIngress:
                          tool_call_parser=self.tool_call_parser,
                          middleware=[(ScaleGuardMiddleware, {"scaler": self.scaler})])
         add_metrics_route(app, self.client, self.sink)
-        if self.admin_api_key:  # admin routes exist only with their own key (README: elastic scaling)
+        # admin routes exist only with their own key (README: elastic scaling)
+        if self.admin_api_key:
             add_elastic_routes(app, self.scaler)
         return app
 
@@ -241,8 +253,8 @@ class OpenAIIngress:
         logger.info("drained for shutdown: %d request(s) cut off after %.0f s", cut, timeout_s)
         return cut
 
-    async def generate(self, prompt, params: Optional[Dict[str, Any]] = None, request_id: Optional[str] = None,
-                       data_parallel_rank: Optional[int] = None):
+    async def generate(self, prompt, params: Optional[Dict[str, Any]] = None,
+                       request_id: Optional[str] = None, data_parallel_rank: Optional[int] = None):
         """The finished RequestOutput for one prompt (text or token ids)."""
         last = None
         async for last in self.generate_stream(prompt, params, request_id, data_parallel_rank):
@@ -250,7 +262,8 @@ class OpenAIIngress:
         return last
 
     async def generate_stream(self, prompt, params: Optional[Dict[str, Any]] = None,
-                              request_id: Optional[str] = None, data_parallel_rank: Optional[int] = None):
+                              request_id: Optional[str] = None,
+                              data_parallel_rank: Optional[int] = None):
         """Cumulative RequestOutputs for one prompt; closing the stream aborts the request.
         `data_parallel_rank` pins the request to one DP replica."""
         import uuid
@@ -260,10 +273,12 @@ class OpenAIIngress:
         ids = self.client.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         sampling = SamplingParams(**(params or {}))
         if not ids or len(ids) >= self.client.max_model_len:
-            raise ValueError(f"prompt must have 1..{self.client.max_model_len - 1} tokens (got {len(ids)})")
+            raise ValueError(f"prompt must have 1..{self.client.max_model_len - 1} tokens (got "
+                             f"{len(ids)})")
         if self.scaler.guarding:
             raise RuntimeError("the app is scaling (POST /scale_elastic_ep); retry shortly")
-        async for out in self.client.generate(ids, sampling, request_id or f"py-{uuid.uuid4().hex}",
+        async for out in self.client.generate(ids, sampling,
+                                              request_id or f"py-{uuid.uuid4().hex}",
                                               data_parallel_rank):
             out.prompt = prompt if isinstance(prompt, str) else None
             yield out

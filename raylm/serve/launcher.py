@@ -34,22 +34,27 @@ def add_serve_parser(sub, add_engine_args) -> None:
     from raylm.deployments.openai import ServeArgs
     from raylm.options import add_field_args, engine_options
 
-    p = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible HTTP endpoint on Ray Serve")
+    p = sub.add_parser("serve",
+                       help="serve a model behind an OpenAI-compatible HTTP endpoint on Ray Serve")
     add_engine_args(p)
-    serving = {n: f for n, f in ServeArgs.model_fields.items() if n not in engine_options() and n not in _NOT_FLAGS}
+    serving = {n: f for n, f in ServeArgs.model_fields.items() if n not in engine_options()
+               and n not in _NOT_FLAGS}
     add_field_args(p, serving, "serving options")
     p.add_argument("--autoscale", default=None, metavar="MIN:MAX",
-                   help="let Serve scale the replica set between MIN and MAX on load (instead of --dp)")
+                   help="let Serve scale the replica set between MIN and MAX on load (instead of "
+                        "--dp)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a new local one)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join (default: $RAY_ADDRESS, else a new local one)")
     p.add_argument("--include-dashboard", action=argparse.BooleanOptionalAction, default=None,
                    help="run Ray's dashboard on a cluster this command starts (default: on; off "
-                        "frees ~1%% of a 2-core machine, and the dashboard UI and Serve's REST API "
-                        "with it: docs/benchmarks.md, session 19)")
+                        "frees ~1%% of a 2-core machine, and the dashboard UI and Serve's REST "
+                        "API with it: docs/benchmarks.md, session 19)")
     p.add_argument("--proxy", action="store_true",
-                   help="serve HTTP through Serve's proxy actor on --port instead of from the ingress "
-                        "replica itself (direct ingress, the default on a cluster this command starts)")
+                   help="serve HTTP through Serve's proxy actor on --port instead of from the "
+                        "ingress replica itself (direct ingress, the default on a cluster this "
+                        "command starts)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -57,7 +62,8 @@ def serve_args(args: argparse.Namespace):
     """The ServeArgs a `raylm serve` command line describes (unset flags: ServeArgs' defaults)."""
     from raylm.deployments.openai import ServeArgs
 
-    fields = {n: getattr(args, n) for n in ServeArgs.model_fields if getattr(args, n, None) is not None}
+    fields = {n: getattr(args, n) for n in ServeArgs.model_fields
+              if getattr(args, n, None) is not None}
     if args.autoscale:
         fields["autoscaling_config"] = parse_autoscale(args.autoscale)
     return ServeArgs(**fields)
@@ -68,7 +74,8 @@ def parse_autoscale(text: str) -> dict:
     try:
         lo, hi = (int(x) for x in text.split(":"))
     except ValueError:
-        raise ValueError(f"--autoscale must be MIN:MAX replicas, like 1:4 (got {text!r})") from None
+        raise ValueError("--autoscale must be MIN:MAX replicas, like 1:4 (got "
+                         f"{text!r})") from None
     return {"min_replicas": lo, "max_replicas": hi}
 
 
@@ -126,8 +133,8 @@ def ray_init_kwargs(args: argparse.Namespace) -> dict:
     if args.include_dashboard is None:
         return {"address": args.address}
     if _joining(args):
-        raise ValueError("--include-dashboard applies to a cluster `raylm serve` starts; a running "
-                         "cluster keeps its own (`ray start --include-dashboard ...`)")
+        raise ValueError("--include-dashboard applies to a cluster `raylm serve` starts; a "
+                         "running cluster keeps its own (`ray start --include-dashboard ...`)")
     return {"address": args.address, "include_dashboard": args.include_dashboard}
 
 
@@ -177,7 +184,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ray.init(**ray_init_kwargs(args))
     serve.start(http_options=options)
     handle = run_app(app_args, blocking=False)
-    logger.info("serving %s on http://%s:%d/v1 (dp=%d)", app_args.model_name, args.host, args.port, app_args.dp)
+    logger.info("serving %s on http://%s:%d/v1 (dp=%d)", app_args.model_name, args.host, args.port,
+                app_args.dp)
     wait_for_stop_signal()
     asyncio.run(stop(handle, app_args.shutdown_timeout))
     return 0

@@ -57,8 +57,9 @@ class _Slot:
 
 
 class LLMServer:
-    def __init__(self, engine_config: Dict[str, Any], model_name: str, engines_per_replica: int = 1,
-                 share_cores: bool = False, prefix_routing: bool = False) -> None:
+    def __init__(self, engine_config: Dict[str, Any], model_name: str,
+                 engines_per_replica: int = 1, share_cores: bool = False,
+                 prefix_routing: bool = False) -> None:
         import ray
         from ray import serve
 
@@ -71,8 +72,10 @@ class LLMServer:
         self.coordinator_identity = tuple(ray.get(self.coordinator.identity.remote()))
         config = EngineConfig(**engine_config)
         self.lockstep: Optional[LockstepMember] = None
-        if config.parallel.expert_dp:  # MoE experts spread over every replica: join the group first
-            self.lockstep = LockstepMember(self.coordinator, self.replica_key, config.parallel.data_parallel_size)
+        # MoE experts spread over every replica: join the group first
+        if config.parallel.expert_dp:
+            self.lockstep = LockstepMember(self.coordinator, self.replica_key,
+                                           config.parallel.data_parallel_size)
             config = config.model_copy(update={"parallel": config.parallel.model_copy(
                 update=self.lockstep.parallel_fields())})
         self.slots = [_Slot(AsyncEngine(config), self._key(i, engines_per_replica), i)
@@ -115,7 +118,8 @@ class LLMServer:
 
         from raylm.executor.cpu_share import NodeCpuShare, table_path
 
-        own_model = config.parallel.world_size == 1 and config.parallel.distributed_executor_backend == "uni"
+        own_model = (config.parallel.world_size == 1
+                     and config.parallel.distributed_executor_backend == "uni")
         if (config.model.torch_device().type != "cpu" or not own_model or len(self.slots) > 1
                 or self.lockstep is not None):
             return None
@@ -145,7 +149,8 @@ class LLMServer:
         return pinned[0] if pinned else min(self.slots, key=lambda s: s.inflight)
 
     async def generate(self, channel: ChannelAddress, key: int, prompt_token_ids: List[int],
-                       params: SamplingParams, request_id: str, data_parallel_rank: Optional[int] = None,
+                       params: SamplingParams, request_id: str,
+                       data_parallel_rank: Optional[int] = None,
                        engine_index: Optional[int] = None) -> None:
         """Run one request, sending its outputs (deltas when `params.output_kind == "delta"`,
         as the ingress asks) to the ingress's output channel under `key`: every step's in one
@@ -172,7 +177,8 @@ class LLMServer:
             slot.inflight -= 1
 
     def _forward(self, conn, key: int, timer, done: asyncio.Future, slot: _Slot, item) -> None:
-        """A request's output sink, on the engine loop: outputs to the channel, the end to `done`."""
+        """A request's output sink, on the engine loop: outputs to the channel, the end to
+        `done`."""
         if done.done():
             return
         if isinstance(item, BaseException):
@@ -196,20 +202,23 @@ class LLMServer:
             # A dead engine (e.g. a TP worker died) is idle and would win every routing
             # decision until Serve replaces it; report it as unreachable instead.
             waiting = DEAD_REPLICA_WAITING
-        return {"dp_rank": self.rank(slot), "replica": self.replica_key, "engine_index": slot.index,
-                "computed_at": time.time(),
+        return {"dp_rank": self.rank(slot), "replica": self.replica_key,
+                "engine_index": slot.index, "computed_at": time.time(),
                 "pid": os.getpid(), "node_ip": self.node_ip, "num_waiting": waiting,
                 "num_running": s.num_running, "kv_cache_usage": s.kv_cache_usage,
                 "num_free_blocks": s.num_free_blocks, "num_blocks": s.num_blocks,
-                "num_preemptions": s.num_preemptions, "prefix_cache_queries": s.prefix_cache_queries,
+                "num_preemptions": s.num_preemptions,
+                "prefix_cache_queries": s.prefix_cache_queries,
                 "prefix_cache_hits": s.prefix_cache_hits, **self._wave_stats()}
 
     def _wave_stats(self) -> Dict[str, Any]:
         waves = self.engine.waves
         if waves is None:
             return {}
-        return {"dp_wave": waves.wave, "dp_running": waves.running, "dp_dummy_steps": waves.dummy_steps,
-                "dp_dummy_seconds": round(waves.dummy_seconds, 4), "dp_experts": self.lockstep.experts}
+        return {"dp_wave": waves.wave, "dp_running": waves.running,
+                "dp_dummy_steps": waves.dummy_steps,
+                "dp_dummy_seconds": round(waves.dummy_seconds, 4),
+                "dp_experts": self.lockstep.experts}
 
     async def record_routing_stats(self) -> Dict[str, Any]:
         """Serve polls this; the router uses it to find the coordinator and as a fallback."""
@@ -233,7 +242,8 @@ class LLMServer:
 
     async def _push_loop(self) -> None:
         while True:
-            reports = {slot.key: stats for slot in self.slots if (stats := self._report(slot)) is not None}
+            reports = {slot.key: stats for slot in self.slots
+                       if (stats := self._report(slot)) is not None}
             if reports:
                 try:
                     held = await self.coordinator.report_many.remote(reports)

@@ -33,7 +33,8 @@ class LockstepMember:
     def parallel_fields(self) -> Dict[str, Any]:
         """ParallelConfig fields that place this replica's workers in the group."""
         return {"data_parallel_rank": self.rank, "data_parallel_size": self.size,
-                "data_parallel_store": tuple(self.group["store"]), "data_parallel_group": f"g{self.generation}"}
+                "data_parallel_store": tuple(self.group["store"]),
+                "data_parallel_group": f"g{self.generation}"}
 
     def attach(self, engine) -> None:
         """Hook the built engine's wave state up to the coordinator and report ready."""
@@ -85,8 +86,9 @@ class LockstepMember:
                 return
             self.generation, self.group = control["generation"], control
             self.rank, self.size = control["ranks"][self.key], len(control["ranks"])
-            held = engine.collective_rpc("reform_expert_dp", (self.rank, self.size, tuple(control["store"]),
-                                                              f"g{self.generation}"))
+            held = engine.collective_rpc("reform_expert_dp",
+                                         (self.rank, self.size, tuple(control["store"]),
+                                          f"g{self.generation}"))
             self.experts = _held(held)
             engine.waves.reset(control["wave"])
             self._reforming = False

@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 from typing import Dict, List, Optional
 
-_LATENCY_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
-                    10.0, 20.0, 40.0, 80.0]
+_LATENCY_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                    5.0, 7.5, 10.0, 20.0, 40.0, 80.0]
 
 HISTOGRAMS = {
     "time_to_first_token_seconds": "Time to first token",
@@ -40,13 +40,18 @@ class PromSink:
 
         self.registry = CollectorRegistry()
         label = ["model_name", "dp_rank"]
-        self.hist = {k: Histogram(f"raylm:{k}", d, label, buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.hist = {k: Histogram(f"raylm:{k}", d, label, buckets=_LATENCY_BUCKETS,
+                                  registry=self.registry)
                      for k, d in HISTOGRAMS.items()}
         self.counters = {k: Counter(f"raylm:{k.removesuffix('_total')}", d,
-                                    label + (["finished_reason"] if k == "request_success_total" else []),
-                                    registry=self.registry) for k, d in COUNTERS.items()}
-        self.gauges = {k: Gauge(f"raylm:{k}", d, label, registry=self.registry) for k, d in GAUGES.items()}
-        self.engine_info = Gauge("raylm:engine_info", "1 per live engine replica: its process and node",
+                                    label
+                                    + (["finished_reason"] if k == "request_success_total"
+                                       else []), registry=self.registry)
+                         for k, d in COUNTERS.items()}
+        self.gauges = {k: Gauge(f"raylm:{k}", d, label, registry=self.registry)
+                       for k, d in GAUGES.items()}
+        self.engine_info = Gauge("raylm:engine_info",
+                                 "1 per live engine replica: its process and node",
                                  label + ["pid", "node_ip"], registry=self.registry)
         from raylm.dp.metrics import DESCRIPTIONS, PER_RANK
 
@@ -72,7 +77,8 @@ class PromSink:
         self.engine_info.clear()
         for s in stats:
             self.engine_info.labels(model_name=model_name, dp_rank=str(s.get("dp_rank", 0)),
-                                    pid=str(s.get("pid", "")), node_ip=str(s.get("node_ip", ""))).set(1)
+                                    pid=str(s.get("pid", "")),
+                                    node_ip=str(s.get("node_ip", ""))).set(1)
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
@@ -90,7 +96,9 @@ class RaySink:
         self.hist = {k: Histogram(f"raylm_{k}", d, boundaries=_LATENCY_BUCKETS, tag_keys=keys)
                      for k, d in HISTOGRAMS.items()}
         self.counters = {k: Counter(f"raylm_{k.removesuffix('_total')}", d,
-                                    tag_keys=keys + (("finished_reason",) if k == "request_success_total" else ()))
+                                    tag_keys=keys
+                                    + (("finished_reason",
+                                       ) if k == "request_success_total" else ()))
                          for k, d in COUNTERS.items()}
         self.gauges = {k: Gauge(f"raylm_{k}", d, tag_keys=keys) for k, d in GAUGES.items()}
 
@@ -112,7 +120,8 @@ class RequestTimer:
     """Feed it each output of one request (cumulative, or deltas when `deltas`); on finish
     it records every metric."""
 
-    def __init__(self, sink, model_name: str, num_prompt_tokens: int, deltas: bool = False) -> None:
+    def __init__(self, sink, model_name: str, num_prompt_tokens: int,
+                 deltas: bool = False) -> None:
         self.sink, self.model_name, self.deltas = sink, model_name, deltas
         self.start = time.monotonic()
         self.last: Optional[float] = None
@@ -122,7 +131,8 @@ class RequestTimer:
     def update(self, output, dp_rank: int) -> None:
         now = time.monotonic()
         tags = {"model_name": self.model_name, "dp_rank": str(dp_rank)}
-        new = sum(len(c.token_ids) - (0 if self.deltas else self.seen.get(c.index, 0)) for c in output.outputs)
+        new = sum(len(c.token_ids) - (0 if self.deltas else self.seen.get(c.index, 0))
+                  for c in output.outputs)
         if new:
             if self.last is None:
                 self.sink.observe("time_to_first_token_seconds", now - self.start, tags)
@@ -135,7 +145,8 @@ class RequestTimer:
             self.sink.observe("e2e_request_latency_seconds", now - self.start, tags)
             self.sink.inc("prompt_tokens_total", self.num_prompt_tokens, tags)
             for c in output.outputs:
-                self.sink.inc("request_success_total", 1, {**tags, "finished_reason": c.finish_reason or "abort"})
+                self.sink.inc("request_success_total", 1,
+                              {**tags, "finished_reason": c.finish_reason or "abort"})
 
 
 def publish_engine_stats(sink, model_name: str, stats: List[Dict], last: Dict[str, Dict]) -> None:

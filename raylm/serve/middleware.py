@@ -58,7 +58,8 @@ class AdminKeyMiddleware:
     then pass through and get what any unknown path gets (401 without the inference key,
     404 with it), so nobody can act through them or learn they are there."""
 
-    def __init__(self, app: ASGIApp, admin_api_key: Optional[str], admin_paths: Iterable[str] = ADMIN_PATHS):
+    def __init__(self, app: ASGIApp, admin_api_key: Optional[str],
+                 admin_paths: Iterable[str] = ADMIN_PATHS):
         self.app = app
         self._key = admin_api_key.encode() if admin_api_key else None
         self.admin_paths = frozenset(admin_paths)

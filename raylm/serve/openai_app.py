@@ -5,8 +5,8 @@ GET /version, POST /tokenize, POST /detokenize. More routers (e.g. /metrics) can
 with `app.include_router(...)`; `app.state.serving` holds the shared ServingContext.
 
 Every non-2xx answer has OpenAI's error shape. Request order: catch-all errors -> API key
-(if set; /health, /ping and /version stay open unless configured otherwise) -> body size limit -> FastAPI
-(validation) -> handler. A client that disconnects cancels its handler or stream, which
+(if set; /health, /ping and /version stay open unless configured otherwise) -> body size limit ->
+FastAPI (validation) -> handler. A client that disconnects cancels its handler or stream, which
 closes the engine iterators and so aborts the requests (their KV blocks are freed).
 """
 from __future__ import annotations
@@ -22,10 +22,11 @@ from raylm.serve.completions import create_completion
 from raylm.serve.context import ServingContext, check_text
 from raylm.serve.engine_client import EngineClient
 from raylm.serve.errors import error_response, install_exception_handlers, unavailable
-from raylm.serve.middleware import (OPEN_PATHS, AdminKeyMiddleware, ApiKeyMiddleware, BodyLimitMiddleware,
-                                    CatchAllMiddleware)
+from raylm.serve.middleware import (OPEN_PATHS, AdminKeyMiddleware, ApiKeyMiddleware,
+                                    BodyLimitMiddleware, CatchAllMiddleware)
 from raylm.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                  DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
+                                  DetokenizeResponse, ModelCard, ModelList, TokenizeRequest,
+                                  TokenizeResponse)
 from raylm.serve.streaming import run_until_disconnect
 
 logger = logging.getLogger(__name__)
@@ -85,9 +86,11 @@ def utility_router(ctx: ServingContext) -> APIRouter:
     async def tokenize(body: TokenizeRequest) -> JSONResponse:
         ctx.resolve_model(body.model)
         if body.messages is not None:
-            ids = ctx.apply_chat_template([m.to_template_dict() for m in body.messages], body.add_generation_prompt)
+            ids = ctx.apply_chat_template([m.to_template_dict() for m in body.messages],
+                                          body.add_generation_prompt)
         else:
-            ids = list(ctx.tokenizer.encode(check_text(body.prompt, "prompt"), add_special_tokens=body.add_special_tokens))
+            ids = list(ctx.tokenizer.encode(check_text(body.prompt, "prompt"),
+                                            add_special_tokens=body.add_special_tokens))
         return _json(TokenizeResponse(tokens=ids, count=len(ids), max_model_len=ctx.max_model_len))
 
     @router.post("/detokenize")
@@ -99,15 +102,15 @@ def utility_router(ctx: ServingContext) -> APIRouter:
     return router
 
 
-def create_app(client: EngineClient, *, api_key: Optional[str] = None, max_body_bytes: int = 1 << 20,
-               served_model_names: Optional[Iterable[str]] = None, middleware: Sequence = (),
-               open_paths: Iterable[str] = OPEN_PATHS, admin_api_key: Optional[str] = None,
-               tool_call_parser: str = "hermes") -> FastAPI:
+def create_app(client: EngineClient, *, api_key: Optional[str] = None,
+               max_body_bytes: int = 1 << 20, served_model_names: Optional[Iterable[str]] = None,
+               middleware: Sequence = (), open_paths: Iterable[str] = OPEN_PATHS,
+               admin_api_key: Optional[str] = None, tool_call_parser: str = "hermes") -> FastAPI:
     """An OpenAI-compatible app over `client`.
 
     api_key: when set, every route but `open_paths` (default /health, /ping, /version)
-    requires `Authorization: Bearer <api_key>` (401 otherwise). max_body_bytes: larger request bodies
-    get 413. served_model_names: extra names (aliases) that requests may use besides
+    requires `Authorization: Bearer <api_key>` (401 otherwise). max_body_bytes: larger request
+    bodies get 413. served_model_names: extra names (aliases) that requests may use besides
     `client.model_name`; any other `model` gets 404. middleware: (class, kwargs) pairs of
     ASGI middleware to run after the API key and body checks (innermost first).
     admin_api_key: the key of the admin routes (ADMIN_PATHS: elastic scaling), which the

@@ -11,11 +11,12 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, ClassVar, Dict, List, Literal, Optional, Union
 
-from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
+from pydantic import (AllowInfNan, BaseModel, ConfigDict, Field, Strict, field_validator,
+                      model_validator)
 
 from raylm.sampling_params import SamplingParams, StructuredOutputsParams
-from raylm.serve.protocol_structured import (ChatTool, MessageToolCall, NamedToolChoice, ResponseFormat,
-                                             StructuredFields, ToolChoice)
+from raylm.serve.protocol_structured import (ChatTool, MessageToolCall, NamedToolChoice,
+                                             ResponseFormat, StructuredFields, ToolChoice)
 from raylm.serve.tools import ToolPlan
 from raylm.serve.protocol_responses import *  # noqa: F401,F403  (one import surface for clients)
 
@@ -74,10 +75,12 @@ class _SamplingRequest(StructuredFields, OpenAIModel):
     @model_validator(mode="after")
     def _check_common(self):
         if self.stream_options is not None and not self.stream:
-            raise InvalidRequestError("stream_options is only allowed when stream is true", "stream_options")
+            raise InvalidRequestError("stream_options is only allowed when stream is true",
+                                      "stream_options")
         if self.prompt_logprobs is not None and self.stream:
-            raise InvalidRequestError("prompt_logprobs is not supported with stream (with echo, completions' "
-                                      "logprobs include the prompt's, streamed)", "prompt_logprobs")
+            raise InvalidRequestError("prompt_logprobs is not supported with stream (with echo, "
+                                      "completions' logprobs include the prompt's, streamed)",
+                                      "prompt_logprobs")
         self.token_bias()  # a bad key or value is a 400 now, not when sampling
         self.constraint()
         return self
@@ -96,10 +99,11 @@ class _SamplingRequest(StructuredFields, OpenAIModel):
         bias = {}
         for key, value in self.logit_bias.items():
             if not (key.isascii() and key.isdigit()):
-                raise InvalidRequestError(f"logit_bias keys must be token ids (got {key!r})", "logit_bias")
+                raise InvalidRequestError(f"logit_bias keys must be token ids (got {key!r})",
+                                          "logit_bias")
             if not -100 <= value <= 100:
-                raise InvalidRequestError(f"logit_bias values must be in [-100, 100] (got {value} for token "
-                                          f"{key})", "logit_bias")
+                raise InvalidRequestError(f"logit_bias values must be in [-100, 100] (got {value} "
+                                          f"for token {key})", "logit_bias")
             bias[int(key)] = value
         return bias
 
@@ -122,16 +126,18 @@ class _SamplingRequest(StructuredFields, OpenAIModel):
         remaining = max_model_len - prompt_len
         if remaining <= 0:
             raise InvalidRequestError(
-                f"This model's maximum context length is {max_model_len} tokens, and the prompt has "
-                f"{prompt_len} tokens: it must leave room for at least one generated token.", self.prompt_field)
+                f"This model's maximum context length is {max_model_len} tokens, and the prompt "
+                f"has {prompt_len} tokens: it must leave room for at least one generated token.",
+                self.prompt_field)
         max_tokens = self._requested_max_tokens()
         if max_tokens is None:
             max_tokens = remaining
         elif max_tokens > remaining:
             raise InvalidRequestError(
                 f"max_tokens is too large: {max_tokens}. This model's maximum context length is "
-                f"{max_model_len} tokens and the prompt has {prompt_len} tokens, so at most {remaining} "
-                "tokens can be generated. Reduce max_tokens or the prompt.", "max_tokens")
+                f"{max_model_len} tokens and the prompt has {prompt_len} tokens, so at most "
+                f"{remaining} tokens can be generated. Reduce max_tokens or the prompt.",
+                "max_tokens")
         return SamplingParams(**self._sampling_kwargs(max_tokens))
 
     def _sampling_kwargs(self, max_tokens: int) -> Dict[str, Any]:
@@ -141,9 +147,10 @@ class _SamplingRequest(StructuredFields, OpenAIModel):
                     "repetition_penalty": self.repetition_penalty}
         kwargs = {k: v for k, v in optional.items() if v is not None}
         kwargs.update(n=self.n, max_tokens=max_tokens, min_tokens=self.min_tokens, seed=self.seed,
-                      stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
-                      logprobs=self._logprobs(), prompt_logprobs=self._prompt_logprobs(),
-                      logit_bias=self.token_bias(), structured_outputs=self.constraint(),
+                      stop=self.stop, stop_token_ids=self.stop_token_ids,
+                      ignore_eos=self.ignore_eos, logprobs=self._logprobs(),
+                      prompt_logprobs=self._prompt_logprobs(), logit_bias=self.token_bias(),
+                      structured_outputs=self.constraint(),
                       skip_special_tokens=self.skip_special_tokens,
                       include_stop_str_in_output=self.include_stop_str_in_output)
         return kwargs
@@ -157,7 +164,8 @@ class CompletionRequest(_SamplingRequest):
 
     prompt: PromptInput
     # None means the rest of the context, as for chat; 0 (with echo) scores the prompt only.
-    max_tokens: Optional[SInt] = Field(default=16, ge=0)  # OpenAI's and vLLM's default for completions
+    # OpenAI's and vLLM's default for completions
+    max_tokens: Optional[SInt] = Field(default=16, ge=0)
     logprobs: Optional[SInt] = Field(default=None, ge=0, le=20)
     echo: SBool = False
     best_of: Optional[SInt] = Field(default=None, ge=1)
@@ -170,7 +178,8 @@ class CompletionRequest(_SamplingRequest):
         if self.suffix:
             raise InvalidRequestError("suffix is not supported by this server", "suffix")
         if self.max_tokens == 0 and not self.echo:
-            raise InvalidRequestError("max_tokens must be at least 1 (0 only with echo, to score a prompt)",
+            raise InvalidRequestError("max_tokens must be at least 1 (0 only with echo, to score "
+                                      "a prompt)",
                                       "max_tokens")
         return self
 
@@ -220,10 +229,11 @@ class ChatMessage(OpenAIModel):
             parts = []
             for part in value:
                 if part.get("type") != "text":
-                    raise InvalidRequestError(f"content part type {part.get('type')!r} is not supported "
-                                              "(only 'text')", "messages")
+                    raise InvalidRequestError(f"content part type {part.get('type')!r} is not "
+                                              "supported (only 'text')", "messages")
                 if not isinstance(part.get("text"), str):
-                    raise InvalidRequestError("a text content part needs a string 'text'", "messages")
+                    raise InvalidRequestError("a text content part needs a string 'text'",
+                                              "messages")
                 parts.append(part["text"])
             return "\n".join(parts)
         return value
@@ -265,12 +275,14 @@ class ChatCompletionRequest(_SamplingRequest):
     def tool_plan(self) -> ToolPlan:
         """What tools and tool_choice ask for (a 400 naming the field when they disagree)."""
         tools = [t.model_dump(exclude_none=True) for t in self.tools or []]
-        choice = self.tool_choice if self.tool_choice is not None else ("auto" if tools else "none")
+        choice = (self.tool_choice if self.tool_choice is not None
+                  else ("auto" if tools else "none"))
         if isinstance(choice, NamedToolChoice):
             names = [t["function"]["name"] for t in tools]
             if choice.function.name not in names:
-                raise InvalidRequestError(f"tool_choice names {choice.function.name!r}, which is not in tools "
-                                          f"({', '.join(names) or 'none given'})", "tool_choice")
+                raise InvalidRequestError(f"tool_choice names {choice.function.name!r}, which is "
+                                          f"not in tools ({', '.join(names) or 'none given'})",
+                                          "tool_choice")
             return ToolPlan("named", tools, choice.function.name)
         if choice in ("auto", "required") and not tools:
             raise InvalidRequestError(f"tool_choice {choice!r} needs tools", "tool_choice")
@@ -280,12 +292,13 @@ class ChatCompletionRequest(_SamplingRequest):
         plan = self.tool_plan()
         own = super().constraint()
         if plan.constrained and own is not None:
-            raise InvalidRequestError(f"tool_choice {plan.mode!r} constrains the output itself: it cannot be "
-                                      f"combined with {own.field}", "tool_choice")
+            raise InvalidRequestError(f"tool_choice {plan.mode!r} constrains the output itself: "
+                                      f"it cannot be combined with {own.field}", "tool_choice")
         return plan.constraint() if plan.constrained else own
 
     def _requested_max_tokens(self) -> Optional[int]:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return (self.max_completion_tokens if self.max_completion_tokens is not None
+                else self.max_tokens)
 
     def _logprobs(self) -> Optional[int]:
         return (self.top_logprobs or 0) if self.logprobs else None

@@ -209,8 +209,8 @@ class DetokenizeResponse(_Out):
 
 __all__ = [
     "UsageInfo", "ErrorInfo", "ErrorResponse", "ModelCard", "ModelList", "CompletionLogprobs",
-    "PromptLogprob", "PromptLogprobs", "CompletionChoice", "CompletionResponse", "CompletionStreamResponse",
-    "ChatTopLogprob",
+    "PromptLogprob", "PromptLogprobs", "CompletionChoice", "CompletionResponse",
+    "CompletionStreamResponse", "ChatTopLogprob",
     "ChatLogprobToken", "ChatLogprobs", "FunctionCall", "ToolCall", "DeltaToolCall",
     "ChatResponseMessage", "ChatCompletionChoice",
     "ChatCompletionResponse", "DeltaMessage", "ChatCompletionStreamChoice",

@@ -80,7 +80,8 @@ class MessageToolCall(_Model):
             args = json.loads(self.function.arguments)
         except ValueError:
             args = self.function.arguments
-        return {"id": self.id, "type": "function", "function": {"name": self.function.name, "arguments": args}}
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.function.name, "arguments": args}}
 
 
 class StructuredOutputsField(_Model):
@@ -111,7 +112,8 @@ class StructuredFields(_Model):
         if response_format is not None and response_format.type != "text":
             found["response_format"] = response_format
         if len(found) > 1:
-            raise ValueError(f"{sorted(found)[0]}: give one output constraint, not {', '.join(sorted(found))}")
+            raise ValueError(f"{sorted(found)[0]}: give one output constraint, not "
+                             f"{', '.join(sorted(found))}")
         if not found:
             return None
         (field, value), = found.items()

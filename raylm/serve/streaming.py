@@ -62,7 +62,8 @@ class EventStreamResponse(StreamingResponse):
 async def _close(iterator: Any) -> None:
     aclose = getattr(iterator, "aclose", None)
     if aclose is not None:
-        with contextlib.suppress(RuntimeError):  # still running in a cancelled task: it aborts itself
+        # still running in a cancelled task: it aborts itself
+        with contextlib.suppress(RuntimeError):
             await aclose()
 
 
@@ -93,7 +94,8 @@ async def _next(iterator: AsyncIterator[Any]) -> Any:
     return await iterator.__anext__()
 
 
-async def merge_async_iterators(iterators: Sequence[AsyncIterator[Any]]) -> AsyncIterator[Tuple[int, Any]]:
+async def merge_async_iterators(
+        iterators: Sequence[AsyncIterator[Any]]) -> AsyncIterator[Tuple[int, Any]]:
     """Yield (source index, item) as items arrive from several async iterators. Closing the
     merged iterator (or an error in one source) cancels and closes every source."""
     pending: Dict[asyncio.Future, int] = {}

@@ -46,7 +46,8 @@ class BaseToolParser(ABC):
         """A parser state for one streamed choice."""
 
     @abstractmethod
-    def render(self, conversation: List[Dict[str, Any]], tools: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    def render(self, conversation: List[Dict[str, Any]],
+               tools: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         """The conversation for a chat template that ignores tools: the tools described in
         the system message, earlier calls and results written as this format's text."""
 
@@ -72,7 +73,8 @@ def _call(payload: str) -> Optional[ParsedCall]:
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
-    return ParsedCall(obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
+    return ParsedCall(obj["name"],
+                      args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
 
 
 @register_tool_parser("hermes")
@@ -91,12 +93,15 @@ class HermesToolParser(BaseToolParser):
     def stream(self) -> BaseToolStream:
         return _HermesStream(self.OPEN, self.CLOSE)
 
-    def render(self, conversation: List[Dict[str, Any]], tools: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    def render(self, conversation: List[Dict[str, Any]],
+               tools: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         specs = "\n".join(json.dumps(t.get("function", t), ensure_ascii=False) for t in tools)
         prompt = ("You can call functions. Their signatures, one JSON object per line, are inside "
                   f"<tools></tools>:\n<tools>\n{specs}\n</tools>\nTo call one, answer with "
-                  f'{self.OPEN}\n{{"name": "<function name>", "arguments": {{<arguments as JSON>}}}}\n'
-                  f"{self.CLOSE}\nOne block per call; the results come back inside <tool_response> tags.")
+                  f'{self.OPEN}\n{{"name": "<function name>", '
+                  f'"arguments": {{<arguments as JSON>}}}}\n'
+                  f"{self.CLOSE}\nOne block per call; the results come back inside "
+                  "<tool_response> tags.")
         out = [dict(m) for m in conversation]
         if tools and out and out[0]["role"] in ("system", "developer"):
             out[0]["content"] = f"{out[0]['content']}\n\n{prompt}"
@@ -104,8 +109,9 @@ class HermesToolParser(BaseToolParser):
             out.insert(0, {"role": "system", "content": prompt})
         for m in out:
             if m.get("tool_calls"):
-                blocks = [f"{self.OPEN}\n{json.dumps(_call_json(c), ensure_ascii=False)}\n{self.CLOSE}"
-                          for c in m.pop("tool_calls")]
+                calls = [json.dumps(_call_json(c), ensure_ascii=False)
+                         for c in m.pop("tool_calls")]
+                blocks = [f"{self.OPEN}\n{call}\n{self.CLOSE}" for call in calls]
                 m["content"] = "\n".join(([m["content"]] if m.get("content") else []) + blocks)
             if m["role"] == "tool":
                 m["content"] = f"<tool_response>\n{m.get('content') or ''}\n</tool_response>"

@@ -24,7 +24,8 @@ def call_id() -> str:
 @dataclass
 class ToolPlan:
     mode: str  # none | auto | required | named
-    tools: List[Dict[str, Any]] = field(default_factory=list)  # OpenAI's {"type": "function", "function": {...}}
+    # OpenAI's {"type": "function", "function": {...}}
+    tools: List[Dict[str, Any]] = field(default_factory=list)
     name: Optional[str] = None  # the named function
 
     @property
@@ -34,13 +35,16 @@ class ToolPlan:
     def constraint(self) -> Optional[StructuredOutputsParams]:
         """The output's grammar for "required" / named; None otherwise."""
         if self.mode == "named":
-            return StructuredOutputsParams(json=_parameters(self._function(self.name)), field="tool_choice")
+            return StructuredOutputsParams(json=_parameters(self._function(self.name)),
+                                           field="tool_choice")
         if self.mode != "required":
             return None
-        calls = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+        calls = [{"type": "object", "additionalProperties": False,
+                  "required": ["name", "arguments"],
                   "properties": {"name": {"const": t["function"]["name"]},
                                  "arguments": _parameters(t["function"])}} for t in self.tools]
-        schema = {"type": "array", "minItems": 1, "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
+        schema = {"type": "array", "minItems": 1,
+                  "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
         return StructuredOutputsParams(json=schema, field="tool_choice")
 
     def template_tools(self) -> Optional[List[Dict[str, Any]]]:
@@ -57,7 +61,8 @@ class ToolPlan:
                 items = json.loads(text)
             except ValueError:  # cut off by max_tokens: not a call
                 return text, []
-            return None, [ParsedCall(c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c in items]
+            return None, [ParsedCall(c["name"], json.dumps(c["arguments"], ensure_ascii=False))
+                          for c in items]
         return text, []
 
     def _function(self, name: str) -> Dict[str, Any]:

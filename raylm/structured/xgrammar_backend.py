@@ -49,7 +49,8 @@ class XGrammarBackend(BaseGrammarBackend):
         except (RuntimeError, ValueError, TypeError, xgr.InvalidJSONError) as exc:
             what = {"json": "JSON schema", "json_object": "JSON grammar", "regex": "regex",
                     "choice": "choice", "grammar": "grammar"}[spec.kind]
-            raise ValueError(f"{spec.field}: the {what} does not compile: {_first_line(exc)}") from None
+            raise ValueError(f"{spec.field}: the {what} does not compile: "
+                             f"{_first_line(exc)}") from None
 
     def _compile(self, spec: StructuredOutputsParams) -> xgr.CompiledGrammar:
         kind = spec.kind
@@ -61,7 +62,8 @@ class XGrammarBackend(BaseGrammarBackend):
         if kind == "regex":
             return self.compiler.compile_regex(spec.regex)
         if kind == "choice":  # EBNF string literals take JSON's escapes
-            return self.compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in spec.choice))
+            return self.compiler.compile_grammar("root ::= "
+                                                 + " | ".join(json.dumps(c) for c in spec.choice))
         return self.compiler.compile_grammar(spec.grammar)
 
     def matcher(self, compiled: xgr.CompiledGrammar) -> BaseGrammar:
