@@ -3,44 +3,24 @@
 Unknown fields are ignored (OpenAI clients send fields we have no use for), but the fields
 we read are typed strictly: a string where a number belongs is a 400, never coerced.
 Ranges mirror `SamplingParams`; `to_sampling_params` builds one and lets it do the final
-validation (its ValueError names the field; the app maps it to a 400). Response models
-live in `raylm.serve.protocol_responses` and are re-exported here.
+validation (its ValueError names the field; the app maps it to a 400). The shared pieces
+(strict scalars, the error, the chat message) live in `raylm.serve.protocol_common`, response
+models in `raylm.serve.protocol_responses`; both are re-exported here.
 """
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, ClassVar, Dict, List, Literal, Optional, Union
+from typing import Any, ClassVar, Dict, List, Optional, Union
 
-from pydantic import (AllowInfNan, BaseModel, ConfigDict, Field, Strict, field_validator,
-                      model_validator)
+from pydantic import Field, model_validator
 
 from raylm.sampling_params import SamplingParams, StructuredOutputsParams
-from raylm.serve.protocol_structured import (ChatTool, MessageToolCall, NamedToolChoice,
-                                             ResponseFormat, StructuredFields, ToolChoice)
+from raylm.serve.protocol_common import (ChatMessage, InvalidRequestError, OpenAIModel, SBool,
+                                         SFloat, SInt, SStr, StreamOptions)
+from raylm.serve.protocol_structured import (ChatTool, NamedToolChoice, ResponseFormat,
+                                             StructuredFields, ToolChoice)
 from raylm.serve.tools import ToolPlan
 from raylm.serve.protocol_responses import *  # noqa: F401,F403  (one import surface for clients)
-
-# Strict scalars: JSON "5" is not an int, 1 is not a bool, NaN and Infinity are not numbers.
-SInt = Annotated[int, Strict()]
-SFloat = Annotated[float, Strict(), AllowInfNan(False)]
-SStr = Annotated[str, Strict()]
-SBool = Annotated[bool, Strict()]
-
-
-class InvalidRequestError(ValueError):
-    """A request the server understood but will not run; `param` names the field."""
-
-    def __init__(self, message: str, param: Optional[str] = None) -> None:
-        super().__init__(message)
-        self.message, self.param = message, param
-
-
-class OpenAIModel(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
-
-
-class StreamOptions(OpenAIModel):
-    include_usage: Optional[SBool] = False
 
 
 class _SamplingRequest(StructuredFields, OpenAIModel):
@@ -210,42 +190,6 @@ class CompletionRequest(_SamplingRequest):
 
     def _logprobs(self) -> Optional[int]:
         return self.logprobs
-
-
-class ChatMessage(OpenAIModel):
-    """One chat turn. `content` may be a string or a list of text parts (joined with newlines);
-    an assistant turn may hold the `tool_calls` it made, a tool turn its `tool_call_id`."""
-
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[None, str, List[Dict[str, Any]]] = None
-    name: Optional[SStr] = None
-    tool_calls: Optional[List[MessageToolCall]] = None
-    tool_call_id: Optional[SStr] = None
-
-    @field_validator("content")
-    @classmethod
-    def _only_text(cls, value):
-        if isinstance(value, list):
-            parts = []
-            for part in value:
-                if part.get("type") != "text":
-                    raise InvalidRequestError(f"content part type {part.get('type')!r} is not "
-                                              "supported (only 'text')", "messages")
-                if not isinstance(part.get("text"), str):
-                    raise InvalidRequestError("a text content part needs a string 'text'",
-                                              "messages")
-                parts.append(part["text"])
-            return "\n".join(parts)
-        return value
-
-    def to_template_dict(self) -> Dict[str, Any]:
-        out = {"role": self.role, "content": self.content or ""}
-        for key in ("name", "tool_call_id"):
-            if getattr(self, key) is not None:
-                out[key] = getattr(self, key)
-        if self.tool_calls:
-            out["tool_calls"] = [c.to_template_dict() for c in self.tool_calls]
-        return out
 
 
 class ChatCompletionRequest(_SamplingRequest):
