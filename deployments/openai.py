@@ -75,7 +75,7 @@ class ServeArgs(EngineArgs):
     prefix_max_imbalance: int = Field(
         2, ge=0,
         description="prefix_aware routing: how far above the lowest load score (waiting*4 + "
-                    "running) " "a replica holding the prompt's prefix may be and still get it")
+                    "running) a replica holding the prompt's prefix may be and still get it")
     engines_per_replica: int = Field(
         1, gt=0,
         description="sim executor only: engines each replica process hosts, each its own DP rank "
@@ -89,7 +89,7 @@ class ServeArgs(EngineArgs):
     max_replicas_per_node: Optional[int] = Field(
         None, gt=0,
         description="engine replicas per node at most, for replicas without TP/PP (Serve's "
-                    "option; " "1: one per node)")
+                    "option; 1: one per node)")
     # Serve autoscaling of the dense DP replica set, in Serve's own shape (min_replicas,
     # max_replicas, target_ongoing_requests, upscale_delay_s, ...); replaces a fixed dp.
     # `raylm serve --autoscale MIN:MAX` fills it.

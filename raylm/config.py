@@ -218,7 +218,7 @@ class ParallelConfig(_Config):
                     "(raylm.executor.sim)")
     sim_device: str = Field("h100",
                             description="sim executor: the device, a preset (h100, h200, a100, "
-                                        "l4) or " "name:GBps:TFLOPs:GiB[:step_ms[:layer_us]]")
+                                        "l4) or name:GBps:TFLOPs:GiB[:step_ms[:layer_us]]")
     sim_model: Optional[str] = Field(None,
                                      description="sim executor: the simulated model's shape, a "
                                                  "preset (llama-3-8b, ...; default: --model's own "

@@ -90,7 +90,7 @@ class ElasticScaler:
         if expert_parallel and n * self.client.tp_size > self.client.num_experts:
             raise _too_big(n,
                            f"x tp {self.client.tp_size} exceeds the model's "
-                           f"{self.client.num_experts} " f"experts (each EP rank needs one)")
+                           f"{self.client.num_experts} experts (each EP rank needs one)")
 
     async def _run(self, coordinator, req: ScaleRequest, expert_parallel: bool) -> JSONResponse:
         n, old = req.new_data_parallel_size, self.target or len(await self.client.stats())
@@ -140,7 +140,7 @@ class ElasticScaler:
         again = "" if restored else ", not yet serving at that size (still rolling back)"
         raise APIError(504,
                        f"the scale to {n} did not finish within {timeout_s:g} s ({missing}); the "
-                       "target " f"is back to {old}{again}", type="server_error",
+                       f"target is back to {old}{again}", type="server_error",
                        code="scale_timeout")
 
     async def _reach(self, coordinator, n: int, timeout_s: float) -> bool:

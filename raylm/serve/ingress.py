@@ -109,7 +109,7 @@ class ServeEngineClient(EngineClient):
         if not 0 <= rank < most:
             raise APIError(400,
                            f"data_parallel_rank {rank} is out of range: the app has at most "
-                           f"{most} DP " "replicas", param="data_parallel_rank")
+                           f"{most} DP replicas", param="data_parallel_rank")
         for _ in range(RANK_WAIT_S * 4):  # a replica that just started may not have reported yet
             if rank in ranks:
                 return
