@@ -83,7 +83,7 @@ def measure(engines: int, per_process: int, seconds: float) -> Dict[str, float]:
     """One fleet size on the running Ray cluster; medians and p99s in us / ms."""
     import ray
 
-    from raylm.bench.serve import latency_stats
+    from raylm.bench.serve_metrics import latency_stats
 
     coordinator = ray.remote(_coordinator_class()).options(num_cpus=0).remote()
     hosts = [ray.remote(_EngineHost).options(num_cpus=0).remote(coordinator, f"replica-{p}",
