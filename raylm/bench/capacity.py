@@ -10,8 +10,8 @@ share of decode steps) is printed beside it: it leaves out that prefill chunks r
 decode steps whose weight reads they share, so it comes out low. Same workload options as
 `raylm bench serve`, so the two draw the same requests:
   raylm bench sim-capacity --sim-device h100 --sim-model llama-3-8b --engines 64 \\
-      --max-num-seqs 8 --load 0.8 --trace ../shared/traces/azure_llm_2023_conv.csv --num-prompts
-      600
+      --max-num-seqs 8 --load 0.8 --num-prompts 600 \\
+      --trace ../shared/traces/azure_llm_2023_conv.csv
 """
 from __future__ import annotations
 
