@@ -122,6 +122,16 @@ def post_stream(http, path, body):
         return sse_events(r)
 
 
+def whole_and_stream(http, path, body):
+    """`body` answered whole and streamed (with a usage event): (whole response, the chunks,
+    the usage event); the stream must end with [DONE]."""
+    whole = http.post(path, json=body).json()
+    events = post_stream(http, path, {**body, "stream": True,
+                                      "stream_options": {"include_usage": True}})
+    assert events[-1] == "[DONE]"
+    return whole, events[:-2], events[-2]
+
+
 def assert_openai_error(r, status, param=None):
     assert r.status_code == status, r.text
     err = r.json()["error"]

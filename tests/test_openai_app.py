@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from raylm import LLM, SamplingParams
-from tests.openai_server import (API_KEY, post_stream, srv, wait_all_free,
+from tests.openai_server import (API_KEY, post_stream, srv, wait_all_free, whole_and_stream,
                                  word_ids)  # noqa: F401 (srv: fixture)
 
 
@@ -60,11 +60,7 @@ def test_completions_equal_offline_and_usage_exact(srv, ref):
 def test_stream_equals_non_stream(srv):
     body = {"model": "tiny", "prompt": "w20 w21 w22", "max_tokens": 10, "temperature": 0,
             "ignore_eos": True}
-    whole = srv.http.post("/v1/completions", json=body).json()
-    events = post_stream(srv.http, "/v1/completions", {**body, "stream": True,
-                                                       "stream_options": {"include_usage": True}})
-    assert events[-1] == "[DONE]"
-    chunks, usage_chunk = events[:-2], events[-2]
+    whole, chunks, usage_chunk = whole_and_stream(srv.http, "/v1/completions", body)
     assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
     assert [c["choices"][0]["finish_reason"] for c in chunks].count("length") == 1
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"

@@ -11,13 +11,26 @@ from raylm.engine.async_engine import AsyncEngine
 from raylm.outputs import merge_delta
 from raylm.sampling_params import SamplingParams
 from tests.conftest import hf_greedy
-from tests.openai_server import post_stream, serving
+from tests.openai_server import serving, whole_and_stream
 
 
 def _config(path, interval):
     return EngineConfig(model=ModelConfig(model=str(path), dtype="float32", max_model_len=128),
                         cache=CacheConfig(num_blocks=64),
                         scheduler=SchedulerConfig(stream_interval=interval))
+
+
+@pytest.fixture
+def make_engine(tiny_llama):
+    """AsyncEngines with a given stream interval, shut down after the test."""
+    engines = []
+
+    def make(interval):
+        engines.append(AsyncEngine(_config(tiny_llama, interval)))
+        return engines[-1]
+    yield make
+    for engine in engines:
+        engine.shutdown()
 
 
 def _stream(engine, params, rid, prompt=(5, 6, 7, 8), sizes=None):
@@ -34,8 +47,9 @@ def _stream(engine, params, rid, prompt=(5, 6, 7, 8), sizes=None):
 
 
 @pytest.mark.parametrize("max_tokens, sizes", [(9, [1, 5, 9]), (10, [1, 5, 9, 10]), (1, [1])])
-def test_updates_come_at_the_first_token_every_interval_and_the_end(tiny_llama, max_tokens, sizes):
-    engine = AsyncEngine(_config(tiny_llama, 4))
+def test_updates_come_at_the_first_token_every_interval_and_the_end(tiny_llama, make_engine,
+                                                                    max_tokens, sizes):
+    engine = make_engine(4)
     seen = []
     outs = _stream(engine, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
                    "a", sizes=seen)
@@ -51,9 +65,9 @@ def test_updates_come_at_the_first_token_every_interval_and_the_end(tiny_llama, 
     # the greedy text repeats " w398": the stop string ends it between two updates
     dict(temperature=0, max_tokens=12, ignore_eos=True, stop=["w398 w398"]),
 ])
-def test_grouped_stream_equals_the_every_token_stream(tiny_llama, params):
-    every = _stream(AsyncEngine(_config(tiny_llama, 1)), SamplingParams(**params), "a")
-    grouped_engine = AsyncEngine(_config(tiny_llama, 3))
+def test_grouped_stream_equals_the_every_token_stream(make_engine, params):
+    every = _stream(make_engine(1), SamplingParams(**params), "a")
+    grouped_engine = make_engine(3)
     grouped = _stream(grouped_engine, SamplingParams(**params), "b")
     deltas = _stream(grouped_engine, SamplingParams(**params, output_kind="delta"), "c")
     assert len(grouped) < len(every)
@@ -81,11 +95,8 @@ def srv4(tiny_llama):
 def test_http_stream_groups_tokens_and_equals_the_whole_response(srv4):
     body = {"model": "tiny", "prompt": "w20 w21 w22", "max_tokens": 10, "temperature": 0,
             "ignore_eos": True}
-    whole = srv4.http.post("/v1/completions", json=body).json()
-    events = post_stream(srv4.http, "/v1/completions", {**body, "stream": True,
-                                                        "stream_options": {"include_usage": True}})
-    chunks, usage = events[:-2], events[-2]
-    assert events[-1] == "[DONE]" and usage["usage"] == whole["usage"]
+    whole, chunks, usage = whole_and_stream(srv4.http, "/v1/completions", body)
+    assert usage["usage"] == whole["usage"]
     assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
     # one word per token in this vocabulary: chunks of 1, 4, 4 and 1 tokens
     assert [len(c["choices"][0]["text"].split()) for c in chunks] == [1, 4, 4, 1]
